@@ -1,0 +1,241 @@
+//! VmSpec → QEMU command line. Pure: the same inputs always give the same argv.
+//!
+//! No user string is spliced into QEMU's comma-separated option syntax: names are DNS-1123
+//! labels (checked in [`crate::spec`]), device ids are generated here, host paths have been
+//! checked for `,` and `=`, and disks go through `-blockdev` JSON, where serde does the quoting.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::accel::Accel;
+use crate::spec::{DiskFormat, NetworkBackend, VmSpec};
+
+/// Files of one VM's QEMU process, all inside the VM's data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmFiles {
+    pub qmp_socket: PathBuf,
+    pub qga_socket: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+impl VmFiles {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            qmp_socket: dir.join("qmp.sock"),
+            qga_socket: dir.join("qga.sock"),
+            serial_log: dir.join("serial.log"),
+        }
+    }
+}
+
+/// Memory hotplug slots reserved when maxMemory is above memory.
+const MEMORY_SLOTS: u32 = 8;
+
+fn mib(bytes: u64) -> String {
+    format!("{}M", bytes >> 20)
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// A stable locally administered MAC for a VM's nth NIC, so the guest sees the same address on
+/// every start and after a migration.
+pub fn mac_address(vm: &str, nic: usize) -> String {
+    // FNV-1a: tiny, stable across releases (unlike std's hasher).
+    let mut h: u32 = 0x811c9dc5;
+    for b in vm.bytes().chain([nic as u8]) {
+        h = (h ^ b as u32).wrapping_mul(0x01000193);
+    }
+    let [_, a, b, c] = h.to_be_bytes();
+    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+}
+
+/// The full argv (without the QEMU binary) for `spec`. Disk formats must already be known.
+pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
+    let mut a: Vec<String> = Vec::with_capacity(64);
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
+    push(&["-no-user-config", "-nodefaults", "-display", "none"]);
+    push(&["-machine", "q35", "-accel", accel.as_str(), "-cpu", "max"]);
+    // QEMU may not spawn helpers, gain privileges or use obsolete syscalls.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
+    push(&["-smp", &format!("{},maxcpus={}", spec.cpus, spec.max_cpus)]);
+    let memory = if spec.max_memory > spec.memory {
+        format!(
+            "size={},slots={MEMORY_SLOTS},maxmem={}",
+            mib(spec.memory),
+            mib(spec.max_memory)
+        )
+    } else {
+        format!("size={}", mib(spec.memory))
+    };
+    push(&["-m", &memory]);
+
+    push(&[
+        "-chardev",
+        &format!("file,id=serial0,path={},append=on", path(&files.serial_log)),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", path(&files.qmp_socket)),
+    ]);
+    push(&[
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        &format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            path(&files.qga_socket)
+        ),
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]);
+
+    push(&["-kernel", &path(&spec.boot.kernel)]);
+    if let Some(initrd) = &spec.boot.initrd {
+        push(&["-initrd", &path(initrd)]);
+    }
+    if !spec.boot.cmdline.is_empty() {
+        push(&["-append", &spec.boot.cmdline]);
+    }
+
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let format = disk.format.unwrap_or(DiskFormat::Raw);
+        let blockdev = json!({
+            "driver": format.as_str(),
+            "node-name": format!("disk{i}"),
+            "read-only": disk.read_only,
+            "discard": "unmap",
+            "file": {
+                "driver": "file",
+                "filename": path(&disk.path),
+                "read-only": disk.read_only,
+            },
+        });
+        push(&["-blockdev", &blockdev.to_string()]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,id=vdisk{i},drive=disk{i}"),
+        ]);
+    }
+
+    for (i, net) in spec.networks.iter().enumerate() {
+        match net.backend {
+            NetworkBackend::User => push(&["-netdev", &format!("user,id=net{i}")]),
+        }
+        push(&[
+            "-device",
+            &format!(
+                "virtio-net-pci,id=nic{i},netdev=net{i},mac={}",
+                mac_address(&spec.name, i)
+            ),
+        ]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Boot, Disk, Network};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "web-1".into(),
+            cpus: 2,
+            max_cpus: 4,
+            memory: 512 << 20,
+            max_memory: 2 << 30,
+            boot: Boot {
+                kernel: "/img/vmlinuz".into(),
+                initrd: Some("/img/initrd.img".into()),
+                cmdline: "console=ttyS0,115200 quiet".into(),
+            },
+            disks: vec![Disk {
+                name: "root".into(),
+                path: "/img/disk \"1\".qcow2".into(),
+                format: Some(DiskFormat::Qcow2),
+                read_only: false,
+            }],
+            networks: vec![Network {
+                name: "default".into(),
+                backend: NetworkBackend::User,
+            }],
+            labels: Default::default(),
+        }
+    }
+
+    fn value_of<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn sizes_and_accelerator() {
+        let files = VmFiles::in_dir(Path::new("/data/vms/web-1"));
+        let argv = build(&spec(), &files, Accel::Tcg);
+        assert_eq!(value_of(&argv, "-smp"), ["2,maxcpus=4"]);
+        assert_eq!(value_of(&argv, "-m"), ["size=512M,slots=8,maxmem=2048M"]);
+        assert_eq!(value_of(&argv, "-accel"), ["tcg"]);
+        let kvm = build(&spec(), &files, Accel::Kvm);
+        assert_eq!(value_of(&kvm, "-accel"), ["kvm"]);
+        // Apart from the accelerator, KVM and TCG runs use the same command line.
+        let differing: Vec<_> = argv.iter().zip(&kvm).filter(|(a, b)| a != b).collect();
+        assert_eq!(differing.len(), 1);
+    }
+
+    #[test]
+    fn fixed_size_vm_has_no_hotplug_slots() {
+        let mut s = spec();
+        s.max_memory = s.memory;
+        let argv = build(&s, &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        assert_eq!(value_of(&argv, "-m"), ["size=512M"]);
+    }
+
+    #[test]
+    fn boot_sockets_and_cmdline_passed_whole() {
+        let argv = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        assert_eq!(value_of(&argv, "-kernel"), ["/img/vmlinuz"]);
+        assert_eq!(value_of(&argv, "-initrd"), ["/img/initrd.img"]);
+        assert_eq!(value_of(&argv, "-append"), ["console=ttyS0,115200 quiet"]);
+        assert_eq!(value_of(&argv, "-qmp"), ["unix:/d/qmp.sock,server=on,wait=off"]);
+        assert!(value_of(&argv, "-chardev").contains(&"socket,id=qga0,path=/d/qga.sock,server=on,wait=off"));
+    }
+
+    #[test]
+    fn disks_are_json_blockdevs() {
+        let argv = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        let bd: serde_json::Value = serde_json::from_str(value_of(&argv, "-blockdev")[0]).unwrap();
+        assert_eq!(bd["driver"], "qcow2");
+        assert_eq!(bd["node-name"], "disk0");
+        assert_eq!(bd["file"]["filename"], "/img/disk \"1\".qcow2");
+        assert!(value_of(&argv, "-device").contains(&"virtio-blk-pci,id=vdisk0,drive=disk0"));
+    }
+
+    #[test]
+    fn user_names_never_become_option_keys() {
+        let argv = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        for (flag, value) in argv.windows(2).map(|w| (&w[0], &w[1])) {
+            if flag == "-device" || flag == "-netdev" {
+                assert!(!value.contains("root") && !value.contains("default"), "{value}");
+            }
+        }
+    }
+
+    #[test]
+    fn mac_is_stable_and_local() {
+        assert_eq!(mac_address("web-1", 0), mac_address("web-1", 0));
+        assert_ne!(mac_address("web-1", 0), mac_address("web-1", 1));
+        assert!(mac_address("x", 0).starts_with("52:54:00:"));
+    }
+}

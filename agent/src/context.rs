@@ -1,0 +1,29 @@
+//! What every VM supervisor of this agent shares.
+
+use std::path::PathBuf;
+
+use hypersdk_proto::agent::v1 as pb;
+use tokio::sync::broadcast;
+
+use crate::accel::Selection;
+use crate::paths::PathPolicy;
+use crate::store::Store;
+
+#[derive(Debug)]
+pub struct Context {
+    pub node_name: String,
+    pub qemu: PathBuf,
+    pub accel: Selection,
+    pub policy: PathPolicy,
+    pub store: Store,
+    /// Every VM status change, for WatchVms.
+    pub events: broadcast::Sender<pb::VmEvent>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

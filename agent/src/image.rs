@@ -1,0 +1,204 @@
+//! Disk image facts read from the file header: its format, and any other host file it refers to.
+//!
+//! A qcow2 image can name a backing file or an external data file, which QEMU opens too. Those
+//! references are checked against the same [`PathPolicy`] as the image itself.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::paths::PathPolicy;
+use crate::spec::{DiskFormat, FieldError};
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// Incompatible feature bit: the guest data lives in an external file.
+const QCOW2_EXTERNAL_DATA_FILE: u64 = 1 << 2;
+const MAX_CHAIN: usize = 16;
+
+/// What the first bytes of an image say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Header {
+    Raw,
+    Qcow2 {
+        backing_file: Option<String>,
+        external_data_file: bool,
+    },
+}
+
+/// Parses an image header (pure). `read_at(offset, len)` supplies bytes past the header buffer.
+pub fn parse_header(
+    head: &[u8],
+    read_at: impl Fn(u64, usize) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Header> {
+    if head.len() < 4 || &head[..4] != QCOW2_MAGIC {
+        return Ok(Header::Raw);
+    }
+    let be64 = |o: usize| head.get(o..o + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+    let be32 = |o: usize| head.get(o..o + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated qcow2 header");
+    let version = be32(4).ok_or_else(bad)?;
+    let backing_offset = be64(8).ok_or_else(bad)?;
+    let backing_len = be32(16).ok_or_else(bad)? as usize;
+    let incompatible = if version >= 3 { be64(72).ok_or_else(bad)? } else { 0 };
+    let backing_file = if backing_offset == 0 || backing_len == 0 {
+        None
+    } else if backing_len > 1023 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "qcow2 backing file name is too long",
+        ));
+    } else {
+        let name = read_at(backing_offset, backing_len)?;
+        Some(String::from_utf8_lossy(&name).into_owned())
+    };
+    Ok(Header::Qcow2 {
+        backing_file,
+        external_data_file: incompatible & QCOW2_EXTERNAL_DATA_FILE != 0,
+    })
+}
+
+fn read_header(path: &Path) -> std::io::Result<Header> {
+    use std::os::unix::fs::FileExt;
+    let mut f = std::fs::File::open(path)?;
+    let mut head = vec![0u8; 512];
+    let n = f.read(&mut head)?;
+    head.truncate(n);
+    parse_header(&head, |offset, len| {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    })
+}
+
+/// Checks a resolved image and its backing chain; returns the format QEMU should open it with.
+pub fn inspect(
+    field: &str,
+    path: &Path,
+    declared: Option<DiskFormat>,
+    policy: &PathPolicy,
+) -> Result<DiskFormat, FieldError> {
+    let io_err = |p: &Path, e: std::io::Error| FieldError::new(field, format!("{}: {e}", p.display()));
+    let header = read_header(path).map_err(|e| io_err(path, e))?;
+    let detected = match header {
+        Header::Raw => DiskFormat::Raw,
+        Header::Qcow2 { .. } => DiskFormat::Qcow2,
+    };
+    let format = match (declared, detected) {
+        (Some(DiskFormat::Qcow2), DiskFormat::Raw) => {
+            return Err(FieldError::new(
+                field,
+                format!("{} is declared qcow2 but has no qcow2 header", path.display()),
+            ));
+        }
+        (Some(f), _) => f,
+        (None, d) => d,
+    };
+    if format == DiskFormat::Raw {
+        return Ok(format);
+    }
+    // Walk the backing chain: each link must stay inside the allowed roots.
+    let mut current: PathBuf = path.to_path_buf();
+    let mut header = header;
+    for _ in 0..MAX_CHAIN {
+        match header {
+            Header::Raw => return Ok(format),
+            Header::Qcow2 {
+                external_data_file: true,
+                ..
+            } => {
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "{} uses an external data file, which is not supported",
+                        current.display()
+                    ),
+                ));
+            }
+            Header::Qcow2 {
+                backing_file: None, ..
+            } => return Ok(format),
+            Header::Qcow2 {
+                backing_file: Some(name),
+                ..
+            } => {
+                let base = current.parent().unwrap_or(Path::new("/"));
+                let next = policy
+                    .resolve_file(field, &base.join(&name))
+                    .map_err(|e| {
+                        FieldError::new(field, format!("backing file of {}: {}", current.display(), e.message))
+                    })?;
+                header = read_header(&next).map_err(|e| io_err(&next, e))?;
+                current = next;
+            }
+        }
+    }
+    Err(FieldError::new(
+        field,
+        format!("{} has a backing chain longer than {MAX_CHAIN}", path.display()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qcow2_header(version: u32, backing: Option<&str>, incompatible: u64) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&version.to_be_bytes());
+        if let Some(b) = backing {
+            h[8..16].copy_from_slice(&200u64.to_be_bytes());
+            h[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
+            h[200..200 + b.len()].copy_from_slice(b.as_bytes());
+        }
+        h[72..80].copy_from_slice(&incompatible.to_be_bytes());
+        h
+    }
+
+    fn parse(h: &[u8]) -> Header {
+        parse_header(h, |o, l| Ok(h[o as usize..o as usize + l].to_vec())).unwrap()
+    }
+
+    #[test]
+    fn reads_format_backing_file_and_data_file_bit() {
+        assert_eq!(parse(b"\0\0\0\0 not an image"), Header::Raw);
+        assert_eq!(
+            parse(&qcow2_header(3, None, 0)),
+            Header::Qcow2 { backing_file: None, external_data_file: false }
+        );
+        assert_eq!(
+            parse(&qcow2_header(3, Some("/etc/shadow"), 0)),
+            Header::Qcow2 { backing_file: Some("/etc/shadow".into()), external_data_file: false }
+        );
+        assert_eq!(
+            parse(&qcow2_header(3, None, QCOW2_EXTERNAL_DATA_FILE)),
+            Header::Qcow2 { backing_file: None, external_data_file: true }
+        );
+        // Version 2 has no feature fields: bytes 72.. are not read as flags.
+        assert_eq!(
+            parse(&qcow2_header(2, None, QCOW2_EXTERNAL_DATA_FILE)),
+            Header::Qcow2 { backing_file: None, external_data_file: false }
+        );
+        assert!(parse_header(&QCOW2_MAGIC[..], |_, _| unreachable!()).is_err());
+    }
+
+    #[test]
+    fn refuses_a_backing_file_outside_the_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let policy = PathPolicy::new([root.path().to_path_buf()]).unwrap();
+        let evil = root.path().join("evil.qcow2");
+        std::fs::write(&evil, qcow2_header(3, Some("/etc/passwd"), 0)).unwrap();
+        let e = inspect("spec.disks[0].path", &evil, None, &policy).unwrap_err();
+        assert!(e.message.contains("outside the allowed"), "{e}");
+
+        let base = root.path().join("base.qcow2");
+        std::fs::write(&base, qcow2_header(3, None, 0)).unwrap();
+        let overlay = root.path().join("overlay.qcow2");
+        std::fs::write(&overlay, qcow2_header(3, Some("base.qcow2"), 0)).unwrap();
+        assert_eq!(inspect("f", &overlay, None, &policy), Ok(DiskFormat::Qcow2));
+
+        let raw = root.path().join("disk.raw");
+        std::fs::write(&raw, vec![0u8; 1024]).unwrap();
+        assert_eq!(inspect("f", &raw, None, &policy), Ok(DiskFormat::Raw));
+        assert!(inspect("f", &raw, Some(DiskFormat::Qcow2), &policy).is_err());
+    }
+}

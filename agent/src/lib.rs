@@ -1,0 +1,28 @@
+//! The HyperSDK node agent: launches QEMU VMs, supervises them through QMP and the guest agent,
+//! and serves the `hypersdk.agent.v1` gRPC API.
+//!
+//! Pure logic (tested without processes): [`spec`], [`quantity`], [`argv`], [`state`], [`accel`],
+//! [`image`] header parsing. I/O at the edges: [`process`], [`qmp`], [`qga`], [`store`], [`kvm`],
+//! [`service`], [`server`]. [`supervisor`] owns one VM's lifecycle; [`vms`] is the registry.
+
+pub mod accel;
+pub mod argv;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod image;
+pub mod kvm;
+pub mod node;
+pub mod paths;
+pub mod process;
+pub mod qga;
+pub mod qmp;
+pub mod quantity;
+pub mod resolve;
+pub mod server;
+pub mod service;
+pub mod spec;
+pub mod state;
+pub mod store;
+pub mod supervisor;
+pub mod vms;

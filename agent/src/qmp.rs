@@ -1,0 +1,238 @@
+//! QMP client: one connection to a QEMU process's monitor socket.
+//!
+//! Lines are read as plain JSON so that an event or enum value newer than the `qapi` schema
+//! cannot break the session; commands and their replies use `qapi`'s typed structs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{Mutex, broadcast, oneshot};
+
+/// How long a command may take before the caller gets [`QmpError::Timeout`].
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP socket: {0}")]
+    Io(String),
+    #[error("QMP connection closed")]
+    Closed,
+    #[error("QMP {command}: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP {command}: unexpected reply: {why}")]
+    Decode { command: String, why: String },
+    #[error("QMP {0}: no reply within {COMMAND_TIMEOUT:?}")]
+    Timeout(String),
+}
+
+/// An asynchronous QMP event, kept raw so unknown events pass through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub name: String,
+    pub data: Value,
+}
+
+type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+
+#[derive(Clone)]
+pub struct Qmp {
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp").finish_non_exhaustive()
+    }
+}
+
+impl Qmp {
+    /// Connects to a QMP socket, reads the greeting and negotiates capabilities.
+    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| QmpError::Io(format!("{}: {e}", path.display())))?;
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = lines
+            .next_line()
+            .await
+            .map_err(|e| QmpError::Io(e.to_string()))?
+            .ok_or(QmpError::Closed)?;
+        if serde_json::from_str::<Value>(&greeting)
+            .ok()
+            .and_then(|v| v.get("QMP").cloned())
+            .is_none()
+        {
+            return Err(QmpError::Decode {
+                command: "greeting".into(),
+                why: greeting,
+            });
+        }
+        let pending: Pending = Default::default();
+        let (events, _) = broadcast::channel(256);
+        tokio::spawn(read_loop(lines, pending.clone(), events.clone()));
+        let qmp = Qmp {
+            writer: Arc::new(Mutex::new(write)),
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+            events,
+        };
+        qmp.execute(qapi::qmp::qmp_capabilities { enable: None })
+            .await?;
+        Ok(qmp)
+    }
+
+    /// Events from now on. The stream ends (RecvError::Closed) when the connection closes.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
+        let arguments = serde_json::to_value(&command).map_err(|e| QmpError::Decode {
+            command: C::NAME.into(),
+            why: e.to_string(),
+        })?;
+        let reply = self.execute_value(C::NAME, arguments).await?;
+        serde_json::from_value(reply).map_err(|e| QmpError::Decode {
+            command: C::NAME.into(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Runs a command by name with JSON arguments; returns its `return` value.
+    pub async fn execute_value(&self, name: &str, arguments: Value) -> Result<Value, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        let mut msg = json!({ "execute": name, "id": id });
+        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+            msg["arguments"] = arguments;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        let written = self.writer.lock().await.write_all(line.as_bytes()).await;
+        if let Err(e) = written {
+            self.pending.lock().unwrap().remove(&id);
+            return Err(QmpError::Io(e.to_string()));
+        }
+        let reply = match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => return Err(QmpError::Closed),
+            Err(_) => {
+                self.pending.lock().unwrap().remove(&id);
+                return Err(QmpError::Timeout(name.into()));
+            }
+        };
+        reply_result(name, reply)
+    }
+}
+
+/// Splits a reply into its `return` value or its error.
+fn reply_result(command: &str, mut reply: Value) -> Result<Value, QmpError> {
+    if let Some(err) = reply.get("error") {
+        let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        return Err(QmpError::Command {
+            command: command.into(),
+            class: field("class"),
+            desc: field("desc"),
+        });
+    }
+    reply
+        .get_mut("return")
+        .map(Value::take)
+        .ok_or_else(|| QmpError::Decode {
+            command: command.into(),
+            why: reply.to_string(),
+        })
+}
+
+async fn read_loop(
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    pending: Pending,
+    events: broadcast::Sender<Event>,
+) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(mut msg) = serde_json::from_str::<Value>(&line) else {
+            tracing::warn!(line, "QMP sent a line that is not JSON");
+            continue;
+        };
+        if let Some(name) = msg.get("event").and_then(Value::as_str) {
+            let event = Event {
+                name: name.to_string(),
+                data: msg.get_mut("data").map(Value::take).unwrap_or(Value::Null),
+            };
+            let _ = events.send(event);
+        } else if let Some(id) = msg.get("id").and_then(Value::as_u64) {
+            if let Some(tx) = pending.lock().unwrap().remove(&id) {
+                let _ = tx.send(msg);
+            }
+        }
+    }
+    // Dropping the senders fails every waiting command with `Closed`.
+    pending.lock().unwrap().clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_replies_and_errors() {
+        let ok = reply_result("query-status", json!({"return": {"status": "running"}, "id": 1}));
+        assert_eq!(ok.unwrap()["status"], "running");
+        let err = reply_result(
+            "cont",
+            json!({"error": {"class": "GenericError", "desc": "no"}, "id": 2}),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "QMP cont: GenericError: no");
+        assert!(matches!(reply_result("x", json!({"id": 3})), Err(QmpError::Decode { .. })));
+    }
+
+    /// A scripted peer on a real socket: greeting, capabilities, an unknown event, a reply.
+    #[tokio::test]
+    async fn talks_to_a_peer_and_keeps_unknown_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let peer = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+            let caps: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            assert_eq!(caps["execute"], "qmp_capabilities");
+            w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]).as_bytes()).await.unwrap();
+            let q: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            w.write_all(b"{\"event\": \"FUTURE_EVENT_FROM_QEMU_99\", \"data\": {\"x\": 1}, \"timestamp\": {}}\n").await.unwrap();
+            w.write_all(
+                format!("{{\"return\": {{\"status\": \"running\", \"running\": true, \"singlestep\": false}}, \"id\": {}}}\n", q["id"]).as_bytes(),
+            )
+            .await
+            .unwrap();
+        });
+        let qmp = Qmp::connect(&path).await.unwrap();
+        let mut events = qmp.events();
+        let status = qmp.execute(qapi::qmp::query_status {}).await.unwrap();
+        assert!(status.running);
+        let ev = events.recv().await.unwrap();
+        assert_eq!(ev.name, "FUTURE_EVENT_FROM_QEMU_99");
+        peer.await.unwrap();
+        // The peer hung up: further commands fail instead of hanging.
+        assert!(qmp.execute(qapi::qmp::query_status {}).await.is_err());
+    }
+}

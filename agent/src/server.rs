@@ -1,0 +1,182 @@
+//! Agent start-up: checks the configuration, probes the node, loads VMs, serves gRPC.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hypersdk_proto::agent::v1::agent_service_server::AgentServiceServer;
+use hypersdk_proto::endpoint::Address;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tracing::info;
+
+use crate::accel;
+use crate::config::Config;
+use crate::context::Context;
+use crate::kvm;
+use crate::node::{self, NodeFacts};
+use crate::paths::PathPolicy;
+use crate::service::Service;
+use crate::store::Store;
+use crate::vms::Vms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("--data-dir {0}: {1}")]
+    DataDir(PathBuf, String),
+    #[error("--image-dir: {0}")]
+    ImageDir(std::io::Error),
+    #[error("--qemu {0}: {1}")]
+    Qemu(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Accel(#[from] accel::AccelError),
+    #[error("--listen {0}: {1}")]
+    Listen(Address, String),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Finds a program on PATH the way a shell would.
+fn find_program(p: &Path) -> Option<PathBuf> {
+    if p.components().count() > 1 {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(p))
+        .find(|c| c.is_file())
+}
+
+fn prepare_data_dir(dir: &Path) -> Result<PathBuf, StartupError> {
+    let err = |m: String| StartupError::DataDir(dir.to_path_buf(), m);
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let dir = dir.canonicalize().map_err(|e| err(e.to_string()))?;
+    // The data dir appears inside QEMU options (-qmp unix:PATH,server=on): no commas.
+    if dir.to_string_lossy().contains(',') {
+        return Err(err("must not contain ','".into()));
+    }
+    Ok(dir)
+}
+
+/// Runs the agent until `shutdown` resolves. VMs keep running after it returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartupError> {
+    let data_dir = prepare_data_dir(&config.data_dir)?;
+    let store = Store::open(&data_dir).map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
+    let policy = PathPolicy::new(std::iter::once(data_dir.clone()).chain(config.image_dirs.iter().cloned()))
+        .map_err(StartupError::ImageDir)?;
+    let qemu = find_program(&config.qemu).ok_or_else(|| {
+        StartupError::Qemu(config.qemu.clone(), std::io::Error::new(std::io::ErrorKind::NotFound, "not found"))
+    })?;
+    let qemu_version = node::qemu_version(&qemu).map_err(|e| StartupError::Qemu(qemu.clone(), e))?;
+    let kvm = kvm::probe(Path::new("/sys/module"));
+    let selection = accel::select(config.accel, &kvm)?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let node_name = config.node_name.clone().unwrap_or_else(|| hostname.clone());
+    info!(
+        node = node_name,
+        qemu = %qemu.display(),
+        version = qemu_version,
+        accel = selection.accel.as_str(),
+        reason = selection.reason,
+        "agent starting"
+    );
+    let facts = NodeFacts {
+        node_name: node_name.clone(),
+        hostname,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        qemu_version,
+        accel: selection.clone(),
+        kvm,
+    };
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let ctx = Arc::new(Context {
+        node_name,
+        qemu,
+        accel: selection,
+        policy,
+        store,
+        events,
+    });
+    let vms = Arc::new(Vms::load(ctx).map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?);
+
+    let listen = if config.listen.is_empty() {
+        vec![Address::Unix(data_dir.join("agent.sock"))]
+    } else {
+        config.listen.clone()
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<Service>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hypersdk_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut servers = tokio::task::JoinSet::new();
+    for addr in listen {
+        let router = router.clone();
+        let mut stop = stop_rx.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &addr {
+            Address::Unix(path) => {
+                remove_stale_socket(path).map_err(|e| StartupError::Listen(addr.clone(), e))?;
+                let listener = UnixListener::bind(path).map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
+                use std::os::unix::fs::PermissionsExt;
+                // Local debugging socket: the agent's user (and group) only.
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+                info!(%addr, "listening");
+                servers.spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped));
+            }
+            Address::Tcp(hostport) => {
+                let listener = TcpListener::bind(hostport)
+                    .await
+                    .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
+                let local = listener.local_addr().map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
+                // Without TLS, anyone who reaches the port controls the VMs: loopback only.
+                if !local.ip().is_loopback() {
+                    return Err(StartupError::Listen(
+                        addr.clone(),
+                        "plain gRPC is only served on loopback addresses".into(),
+                    ));
+                }
+                info!(%addr, %local, "listening");
+                servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped));
+            }
+        }
+    }
+    while let Some(result) = servers.join_next().await {
+        result.map_err(|e| StartupError::Listen(Address::Tcp("?".into()), e.to_string()))??;
+    }
+    info!("agent stopped; VMs keep running");
+    Ok(())
+}
+
+/// A socket file left by an earlier agent is removed; any other file is an error.
+fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| e.to_string()),
+        Ok(_) => Err(format!("{} exists and is not a socket", path.display())),
+        Err(_) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}

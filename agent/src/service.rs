@@ -1,0 +1,144 @@
+//! The gRPC service: a thin layer mapping requests onto the VM registry.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::agent::v1::agent_service_server::AgentService;
+use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tonic::{Request, Response, Status};
+
+use crate::node::NodeFacts;
+use crate::spec::check_name;
+use crate::supervisor::{DEFAULT_STOP_TIMEOUT, Op};
+use crate::vms::Vms;
+
+pub struct Service {
+    vms: Arc<Vms>,
+    node: NodeFacts,
+}
+
+impl Service {
+    pub fn new(vms: Arc<Vms>, node: NodeFacts) -> Self {
+        Self { vms, node }
+    }
+
+    async fn call(&self, name: &str, op: Op) -> Result<Response<pb::Vm>, Status> {
+        check_name("name", name)?;
+        Ok(Response::new(self.vms.call(name, op).await?))
+    }
+}
+
+impl From<crate::spec::FieldError> for Status {
+    fn from(e: crate::spec::FieldError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+fn stop_timeout(seconds: u32) -> Duration {
+    match seconds {
+        0 => DEFAULT_STOP_TIMEOUT,
+        s => Duration::from_secs(s.into()),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Service {
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let allocated = self.vms.allocated().await;
+        Ok(Response::new(self.node.to_proto(&meminfo, allocated)))
+    }
+
+    async fn create_vm(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let req = req.into_inner();
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        Ok(Response::new(self.vms.create(spec, req.start).await?))
+    }
+
+    async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let name = req.into_inner().name;
+        check_name("name", &name)?;
+        Ok(Response::new(self.vms.get(&name).await?))
+    }
+
+    async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: self.vms.list().await,
+        }))
+    }
+
+    async fn delete_vm(&self, req: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let name = req.into_inner().name;
+        check_name("name", &name)?;
+        self.vms.delete(&name).await?;
+        Ok(Response::new(pb::DeleteVmResponse {}))
+    }
+
+    async fn start_vm(&self, req: Request<pb::StartVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        self.call(&req.into_inner().name, Op::Start).await
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let r = req.into_inner();
+        let op = Op::Stop { timeout: stop_timeout(r.timeout_seconds), force: r.force };
+        self.call(&r.name, op).await
+    }
+
+    async fn restart_vm(&self, req: Request<pb::RestartVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let r = req.into_inner();
+        let op = Op::Restart { timeout: stop_timeout(r.timeout_seconds), force: r.force };
+        self.call(&r.name, op).await
+    }
+
+    async fn pause_vm(&self, req: Request<pb::PauseVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        self.call(&req.into_inner().name, Op::Pause).await
+    }
+
+    async fn resume_vm(&self, req: Request<pb::ResumeVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        self.call(&req.into_inner().name, Op::Resume).await
+    }
+
+    type WatchVmsStream = EventStream;
+
+    async fn watch_vms(&self, req: Request<pb::WatchVmsRequest>) -> Result<Response<EventStream>, Status> {
+        let filter = req.into_inner().name;
+        if !filter.is_empty() {
+            check_name("name", &filter)?;
+        }
+        // Subscribe before listing, so no change falls between the list and the stream.
+        let changes = BroadcastStream::new(self.vms.context().events.subscribe());
+        let initial: Vec<_> = self
+            .vms
+            .list()
+            .await
+            .into_iter()
+            .map(|vm| pb::VmEvent {
+                r#type: pb::EventType::Added as i32,
+                vm: Some(vm),
+                reason: "Existing".into(),
+                message: String::new(),
+            })
+            .collect();
+        let matches = move |ev: &pb::VmEvent| {
+            filter.is_empty()
+                || ev.vm.as_ref().and_then(|v| v.spec.as_ref()).is_some_and(|s| s.name == filter)
+        };
+        let changes = changes.filter_map(|r| match r {
+            Ok(ev) => Some(Ok(ev)),
+            // A slow watcher missed events: tell it, so it re-lists rather than trusting a gap.
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Err(Status::data_loss(format!("watch fell behind by {n} events; watch again"))))
+            }
+        });
+        let stream = tokio_stream::iter(initial.into_iter().map(Ok))
+            .chain(changes)
+            .filter(move |r| r.as_ref().map_or(true, &matches));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,478 @@
+//! The VM specification as the agent keeps it: validated from the gRPC request, field by field.
+//!
+//! Everything here is pure: checks on the request's own values. Checks that need the file system
+//! (paths inside allowed directories, disk headers) live in [`crate::paths`] and [`crate::image`].
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use hypersdk_proto::agent::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::{format_bytes, parse_bytes};
+
+/// Highest vCPU count accepted in a spec (QEMU's q35 limit without an IOMMU).
+pub const MAX_VCPUS: u32 = 255;
+/// Smallest memory a VM may have.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Linux's x86 COMMAND_LINE_SIZE.
+pub const MAX_CMDLINE: usize = 2048;
+
+/// A request field that failed validation, named as the request names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSpec {
+    pub name: String,
+    pub cpus: u32,
+    pub max_cpus: u32,
+    pub memory: u64,
+    pub max_memory: u64,
+    pub boot: Boot,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub networks: Vec<Network>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Boot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    pub name: String,
+    pub path: PathBuf,
+    /// `None` until the image header has been read (see [`crate::image`]).
+    pub format: Option<DiskFormat>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    pub name: String,
+    pub backend: NetworkBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkBackend {
+    User,
+}
+
+/// Checks a DNS-1123 label: what Kubernetes accepts as a name, and safe in paths and argv.
+pub fn check_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !name.starts_with('-') && !name.ends_with('-');
+    if name.is_empty() {
+        Err(FieldError::new(field, "must not be empty"))
+    } else if name.len() > 63 {
+        Err(FieldError::new(field, "must be at most 63 characters"))
+    } else if !ok_chars || !ok_ends {
+        Err(FieldError::new(
+            field,
+            format!(
+                "{name:?} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a letter or digit)"
+            ),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks the shape of a host path before it is resolved: absolute, no `..`, and none of the
+/// characters QEMU's option syntax gives a meaning to.
+pub fn check_path_shape(field: &str, path: &str) -> Result<PathBuf, FieldError> {
+    if path.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if let Some(c) = path.chars().find(|c| matches!(c, ',' | '=') || c.is_control()) {
+        return Err(FieldError::new(
+            field,
+            format!("{path:?} contains {c:?}, which is not allowed in paths"),
+        ));
+    }
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(FieldError::new(
+            field,
+            format!("{path:?} must be an absolute path"),
+        ));
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(FieldError::new(
+            field,
+            format!("{path:?} must not contain '..'"),
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// The kernel command line goes to QEMU's `-append`, which takes its value whole (no option
+/// parsing), so `=` and `,` are fine there; control characters and overlong lines are not.
+fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
+    const FIELD: &str = "spec.boot.cmdline";
+    if cmdline.len() > MAX_CMDLINE {
+        return Err(FieldError::new(
+            FIELD,
+            format!("is {} bytes, the limit is {MAX_CMDLINE}", cmdline.len()),
+        ));
+    }
+    if let Some(c) = cmdline.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(FieldError::new(
+            FIELD,
+            format!("contains {c:?}; only printable ASCII is allowed"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_memory(field: &str, value: &str) -> Result<u64, FieldError> {
+    let bytes = parse_bytes(value).map_err(|e| FieldError::new(field, e.to_string()))?;
+    if bytes % (1 << 20) != 0 {
+        return Err(FieldError::new(
+            field,
+            format!("{value:?} must be a whole number of MiB"),
+        ));
+    }
+    if bytes < MIN_MEMORY {
+        return Err(FieldError::new(
+            field,
+            format!("{value:?} is below the minimum of {}", format_bytes(MIN_MEMORY)),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn check_unique<'a>(
+    what: &str,
+    names: impl Iterator<Item = &'a String>,
+) -> Result<(), FieldError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, n) in names.enumerate() {
+        if !seen.insert(n) {
+            return Err(FieldError::new(
+                format!("spec.{what}[{i}].name"),
+                format!("{n:?} is used twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl TryFrom<pb::VmSpec> for VmSpec {
+    type Error = FieldError;
+
+    fn try_from(s: pb::VmSpec) -> Result<Self, FieldError> {
+        check_name("spec.name", &s.name)?;
+        if s.cpus == 0 {
+            return Err(FieldError::new("spec.cpus", "must be at least 1"));
+        }
+        let max_cpus = if s.max_cpus == 0 { s.cpus } else { s.max_cpus };
+        if max_cpus > MAX_VCPUS {
+            return Err(FieldError::new(
+                "spec.maxCpus",
+                format!("{max_cpus} is above the limit of {MAX_VCPUS}"),
+            ));
+        }
+        if s.cpus > max_cpus {
+            return Err(FieldError::new(
+                "spec.cpus",
+                format!("{} is more than maxCpus ({max_cpus})", s.cpus),
+            ));
+        }
+        if s.memory.is_empty() {
+            return Err(FieldError::new("spec.memory", "is required (e.g. 512Mi)"));
+        }
+        let memory = parse_memory("spec.memory", &s.memory)?;
+        let max_memory = if s.max_memory.is_empty() {
+            memory
+        } else {
+            parse_memory("spec.maxMemory", &s.max_memory)?
+        };
+        if memory > max_memory {
+            return Err(FieldError::new(
+                "spec.memory",
+                format!("{} is more than maxMemory ({})", s.memory, s.max_memory),
+            ));
+        }
+
+        let boot = s.boot.unwrap_or_default();
+        if boot.kernel.is_empty() {
+            return Err(FieldError::new(
+                "spec.boot.kernel",
+                "is required (direct kernel boot)",
+            ));
+        }
+        let kernel = check_path_shape("spec.boot.kernel", &boot.kernel)?;
+        let initrd = match boot.initrd.as_str() {
+            "" => None,
+            p => Some(check_path_shape("spec.boot.initrd", p)?),
+        };
+        check_cmdline(&boot.cmdline)?;
+
+        let mut disks = Vec::with_capacity(s.disks.len());
+        for (i, d) in s.disks.into_iter().enumerate() {
+            check_name(&format!("spec.disks[{i}].name"), &d.name)?;
+            let path = check_path_shape(&format!("spec.disks[{i}].path"), &d.path)?;
+            let format = match pb::DiskFormat::try_from(d.format) {
+                Ok(pb::DiskFormat::Unspecified) => None,
+                Ok(pb::DiskFormat::Qcow2) => Some(DiskFormat::Qcow2),
+                Ok(pb::DiskFormat::Raw) => Some(DiskFormat::Raw),
+                Err(_) => {
+                    return Err(FieldError::new(
+                        format!("spec.disks[{i}].format"),
+                        format!("unknown format {}", d.format),
+                    ));
+                }
+            };
+            disks.push(Disk {
+                name: d.name,
+                path,
+                format,
+                read_only: d.read_only,
+            });
+        }
+        check_unique("disks", disks.iter().map(|d| &d.name))?;
+
+        let mut networks = Vec::with_capacity(s.networks.len());
+        for (i, n) in s.networks.into_iter().enumerate() {
+            check_name(&format!("spec.networks[{i}].name"), &n.name)?;
+            let backend = match n.backend {
+                Some(pb::network::Backend::User(_)) | None => NetworkBackend::User,
+            };
+            networks.push(Network {
+                name: n.name,
+                backend,
+            });
+        }
+        check_unique("networks", networks.iter().map(|n| &n.name))?;
+
+        for (k, v) in &s.labels {
+            if k.is_empty() || k.len() > 63 || v.len() > 253 || k.chars().chain(v.chars()).any(char::is_control) {
+                return Err(FieldError::new(
+                    format!("spec.labels[{k:?}]"),
+                    "keys must be 1-63 and values at most 253 printable characters",
+                ));
+            }
+        }
+
+        Ok(VmSpec {
+            name: s.name,
+            cpus: s.cpus,
+            max_cpus,
+            memory,
+            max_memory,
+            boot: Boot {
+                kernel,
+                initrd,
+                cmdline: boot.cmdline,
+            },
+            disks,
+            networks,
+            labels: s.labels.into_iter().collect(),
+        })
+    }
+}
+
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl From<&VmSpec> for pb::VmSpec {
+    fn from(s: &VmSpec) -> Self {
+        pb::VmSpec {
+            name: s.name.clone(),
+            cpus: s.cpus,
+            max_cpus: s.max_cpus,
+            memory: format_bytes(s.memory),
+            max_memory: format_bytes(s.max_memory),
+            boot: Some(pb::Boot {
+                kernel: path_string(&s.boot.kernel),
+                initrd: s.boot.initrd.as_deref().map(path_string).unwrap_or_default(),
+                cmdline: s.boot.cmdline.clone(),
+            }),
+            disks: s
+                .disks
+                .iter()
+                .map(|d| pb::Disk {
+                    name: d.name.clone(),
+                    path: path_string(&d.path),
+                    format: match d.format {
+                        None => pb::DiskFormat::Unspecified,
+                        Some(DiskFormat::Qcow2) => pb::DiskFormat::Qcow2,
+                        Some(DiskFormat::Raw) => pb::DiskFormat::Raw,
+                    } as i32,
+                    read_only: d.read_only,
+                })
+                .collect(),
+            networks: s
+                .networks
+                .iter()
+                .map(|n| pb::Network {
+                    name: n.name.clone(),
+                    backend: Some(match n.backend {
+                        NetworkBackend::User => pb::network::Backend::User(pb::UserNetwork {}),
+                    }),
+                })
+                .collect(),
+            labels: s.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn valid() -> pb::VmSpec {
+        pb::VmSpec {
+            name: "vm-1".into(),
+            cpus: 1,
+            max_cpus: 4,
+            memory: "512Mi".into(),
+            max_memory: "2Gi".into(),
+            boot: Some(pb::Boot {
+                kernel: "/images/vmlinuz".into(),
+                initrd: "/images/initrd.img".into(),
+                cmdline: "console=ttyS0 quiet".into(),
+            }),
+            disks: vec![pb::Disk {
+                name: "root".into(),
+                path: "/images/disk.qcow2".into(),
+                ..Default::default()
+            }],
+            networks: vec![pb::Network {
+                name: "default".into(),
+                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+            }],
+            labels: Default::default(),
+        }
+    }
+
+    fn field_of(mutate: impl FnOnce(&mut pb::VmSpec)) -> String {
+        let mut s = valid();
+        mutate(&mut s);
+        VmSpec::try_from(s).expect_err("should be rejected").field
+    }
+
+    #[test]
+    fn accepts_a_valid_spec_and_round_trips() {
+        let spec = VmSpec::try_from(valid()).unwrap();
+        assert_eq!(spec.memory, 512 << 20);
+        assert_eq!(spec.max_memory, 2 << 30);
+        assert_eq!(spec.max_cpus, 4);
+        let again = VmSpec::try_from(pb::VmSpec::from(&spec)).unwrap();
+        assert_eq!(spec, again);
+    }
+
+    #[test]
+    fn defaults_max_to_the_current_size() {
+        let mut s = valid();
+        s.max_cpus = 0;
+        s.max_memory = String::new();
+        let spec = VmSpec::try_from(s).unwrap();
+        assert_eq!((spec.max_cpus, spec.max_memory), (1, 512 << 20));
+    }
+
+    #[test]
+    fn names_the_field_that_is_wrong() {
+        assert_eq!(field_of(|s| s.name = "My_VM".into()), "spec.name");
+        assert_eq!(field_of(|s| s.name = "-a".into()), "spec.name");
+        assert_eq!(field_of(|s| s.name = "a".repeat(64)), "spec.name");
+        assert_eq!(field_of(|s| s.name = String::new()), "spec.name");
+        assert_eq!(field_of(|s| s.cpus = 0), "spec.cpus");
+        assert_eq!(field_of(|s| s.cpus = 5), "spec.cpus");
+        assert_eq!(field_of(|s| s.max_cpus = 1000), "spec.maxCpus");
+        assert_eq!(field_of(|s| s.memory = "8XB".into()), "spec.memory");
+        assert_eq!(field_of(|s| s.memory = "".into()), "spec.memory");
+        assert_eq!(field_of(|s| s.memory = "1000000".into()), "spec.memory");
+        assert_eq!(field_of(|s| s.memory = "4Gi".into()), "spec.memory");
+        assert_eq!(field_of(|s| s.memory = "1Mi".into()), "spec.memory");
+        assert_eq!(field_of(|s| s.max_memory = "lots".into()), "spec.maxMemory");
+        assert_eq!(
+            field_of(|s| s.boot.as_mut().unwrap().kernel = "vmlinuz".into()),
+            "spec.boot.kernel"
+        );
+        assert_eq!(
+            field_of(|s| s.boot.as_mut().unwrap().kernel = "/images/../etc/shadow".into()),
+            "spec.boot.kernel"
+        );
+        assert_eq!(
+            field_of(|s| s.boot.as_mut().unwrap().kernel = "/images/a,b".into()),
+            "spec.boot.kernel"
+        );
+        assert_eq!(field_of(|s| s.boot = None), "spec.boot.kernel");
+        assert_eq!(
+            field_of(|s| s.boot.as_mut().unwrap().initrd = "/i/x=y".into()),
+            "spec.boot.initrd"
+        );
+        assert_eq!(
+            field_of(|s| s.boot.as_mut().unwrap().cmdline = "a\nb".into()),
+            "spec.boot.cmdline"
+        );
+        assert_eq!(
+            field_of(|s| s.disks[0].path = "/images/../../etc/passwd".into()),
+            "spec.disks[0].path"
+        );
+        assert_eq!(
+            field_of(|s| s.disks[0].path = "/images/d,file=x".into()),
+            "spec.disks[0].path"
+        );
+        assert_eq!(field_of(|s| s.disks[0].name = "Root".into()), "spec.disks[0].name");
+        assert_eq!(field_of(|s| s.disks[0].format = 7), "spec.disks[0].format");
+        assert_eq!(
+            field_of(|s| s.disks.push(s.disks[0].clone())),
+            "spec.disks[1].name"
+        );
+    }
+
+    #[test]
+    fn kernel_cmdline_may_hold_equals_and_commas() {
+        let mut s = valid();
+        s.boot.as_mut().unwrap().cmdline = "console=ttyS0,115200 root=/dev/vda".into();
+        assert!(VmSpec::try_from(s).is_ok());
+    }
+}

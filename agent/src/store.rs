@@ -1,0 +1,163 @@
+//! The agent's on-disk state: one directory per VM under `<data-dir>/vms/`, holding the spec
+//! and the last known status, each written atomically (temp file, fsync, rename, fsync dir).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::spec::VmSpec;
+use crate::state::Phase;
+
+pub const SPEC_FILE: &str = "spec.json";
+pub const STATE_FILE: &str = "state.json";
+
+/// What survives an agent restart about a VM's process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedState {
+    pub phase: Phase,
+    pub message: String,
+    pub pid: u32,
+    pub started_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    vms_dir: PathBuf,
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> std::io::Result<Store> {
+        let vms_dir = data_dir.join("vms");
+        std::fs::create_dir_all(&vms_dir)?;
+        Ok(Store { vms_dir })
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.vms_dir.join(name)
+    }
+
+    /// Creates the VM's directory and spec; fails with `AlreadyExists` if the VM exists.
+    pub fn create(&self, spec: &VmSpec) -> std::io::Result<PathBuf> {
+        let dir = self.vm_dir(&spec.name);
+        std::fs::create_dir(&dir)?;
+        if let Err(e) = write_json(&dir.join(SPEC_FILE), spec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    pub fn save_state(&self, name: &str, state: &SavedState) -> std::io::Result<()> {
+        write_json(&self.vm_dir(name).join(STATE_FILE), state)
+    }
+
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.vm_dir(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every VM directory: its spec and state, or why they could not be read.
+    pub fn load_all(&self) -> std::io::Result<Vec<(String, std::io::Result<(VmSpec, Option<SavedState>)>)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.vms_dir)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let dir = entry.path();
+            let loaded = read_json::<VmSpec>(&dir.join(SPEC_FILE)).map(|spec| {
+                let state = read_json::<SavedState>(&dir.join(STATE_FILE)).ok();
+                (spec, state)
+            });
+            out.push((name, loaded));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// Writes JSON so that a crash leaves either the old or the new file, never a torn one.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile_in(dir, path)?;
+    let bytes = serde_json::to_vec_pretty(value)?;
+    tmp.1.write_all(&bytes)?;
+    tmp.1.sync_all()?;
+    std::fs::rename(&tmp.0, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let file = std::fs::File::create(&tmp)?;
+    Ok((tmp, file))
+}
+
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Boot;
+
+    fn spec(name: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            cpus: 1,
+            max_cpus: 1,
+            memory: 64 << 20,
+            max_memory: 64 << 20,
+            boot: Boot {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            disks: vec![],
+            networks: vec![],
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn create_load_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create(&spec("a")).unwrap();
+        store.create(&spec("b")).unwrap();
+        let dup = store.create(&spec("a")).unwrap_err();
+        assert_eq!(dup.kind(), std::io::ErrorKind::AlreadyExists);
+        let state = SavedState {
+            phase: Phase::Running,
+            message: String::new(),
+            pid: 42,
+            started_at_ms: 1,
+        };
+        store.save_state("a", &state).unwrap();
+        std::fs::write(store.vm_dir("b").join(SPEC_FILE), b"{torn").unwrap();
+
+        let all = store.load_all().unwrap();
+        assert_eq!(all.len(), 2);
+        let (spec_a, state_a) = all[0].1.as_ref().unwrap();
+        assert_eq!(spec_a, &spec("a"));
+        assert_eq!(state_a.as_ref(), Some(&state));
+        assert!(all[1].1.is_err(), "a torn spec is reported, not fatal");
+
+        store.remove("a").unwrap();
+        store.remove("a").unwrap();
+        assert_eq!(store.load_all().unwrap().len(), 1);
+    }
+}

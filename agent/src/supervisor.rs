@@ -1,0 +1,663 @@
+//! One task per VM: owns its QEMU process and state machine, carries out requests one at a
+//! time, and publishes every status change.
+//!
+//! Reads (GetVm, ListVms) never wait for the task: they read the last published status.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use serde_json::{Value, json};
+use tokio::process::Child;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::argv::{self, VmFiles};
+use crate::context::{Context, now_ms};
+use crate::error::AgentError;
+use crate::process;
+use crate::qga::Qga;
+use crate::qmp::{self, Qmp};
+use crate::resolve::resolve_spec;
+use crate::spec::VmSpec;
+use crate::state::{self, Action, Exit, Phase};
+use crate::store::SavedState;
+
+/// How long QEMU may take from launch to answering QMP.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Guest agent polling: quickly while it is not up yet, slowly once it is.
+const QGA_RETRY: Duration = Duration::from_millis(100);
+const QGA_HEALTHY_INTERVAL: Duration = Duration::from_secs(5);
+/// A healthy guest agent answers in milliseconds; while waiting for one to appear, a short
+/// timeout keeps detection quick (a late reply is skipped by the next sync).
+const QGA_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+const QGA_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub type Reply = oneshot::Sender<Result<pb::Vm, AgentError>>;
+
+#[derive(Debug)]
+pub enum Op {
+    Start,
+    Stop { timeout: Duration, force: bool },
+    Restart { timeout: Duration, force: bool },
+    Pause,
+    Resume,
+    Delete,
+}
+
+#[derive(Debug)]
+pub struct Request {
+    pub op: Op,
+    pub reply: Reply,
+}
+
+/// The handle the registry keeps for a VM.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    requests: mpsc::Sender<Request>,
+    status: watch::Receiver<pb::Vm>,
+}
+
+impl VmHandle {
+    pub fn current(&self) -> pb::Vm {
+        self.status.borrow().clone()
+    }
+
+    pub async fn call(&self, name: &str, op: Op) -> Result<pb::Vm, AgentError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || AgentError::NotFound(name.to_string());
+        self.requests
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// What the supervisor knows about the VM, published as `pb::VmStatus`.
+#[derive(Debug, Clone)]
+struct Status {
+    phase: Phase,
+    message: String,
+    qemu_status: String,
+    cpus: u32,
+    memory_bytes: u64,
+    agent_connected: bool,
+    started_at_ms: i64,
+    phase_changed_at_ms: i64,
+    revision: u64,
+    timings: pb::StartupTimings,
+}
+
+/// A live QEMU process and the connections to it.
+struct Running {
+    child: Child,
+    pid: u32,
+    launched: Instant,
+    stderr_from: u64,
+    qmp: Qmp,
+    events: broadcast::Receiver<qmp::Event>,
+    qmp_closed: bool,
+    guest_shutdown: Option<String>,
+    qga_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.qga_task.abort();
+    }
+}
+
+/// A stop in progress: when the process ends, these callers get their answer.
+struct Stopping {
+    deadline: tokio::time::Instant,
+    waiters: Vec<Reply>,
+    restart: bool,
+}
+
+enum GuestAgent {
+    Up,
+    Down,
+}
+
+pub struct Supervisor {
+    ctx: Arc<Context>,
+    spec: VmSpec,
+    files: VmFiles,
+    dir: PathBuf,
+    status: Status,
+    running: Option<Running>,
+    stopping: Option<Stopping>,
+    publish: watch::Sender<pb::Vm>,
+    requests: mpsc::Receiver<Request>,
+    qga_tx: mpsc::Sender<GuestAgent>,
+    qga_rx: mpsc::Receiver<GuestAgent>,
+}
+
+/// Starts the task for a VM whose directory and spec exist; returns its handle.
+pub fn spawn(ctx: Arc<Context>, spec: VmSpec, phase: Phase, message: String) -> VmHandle {
+    let dir = ctx.store.vm_dir(&spec.name);
+    let (req_tx, req_rx) = mpsc::channel(16);
+    let (qga_tx, qga_rx) = mpsc::channel(4);
+    let status = Status {
+        phase,
+        message,
+        qemu_status: String::new(),
+        cpus: 0,
+        memory_bytes: 0,
+        agent_connected: false,
+        started_at_ms: 0,
+        phase_changed_at_ms: now_ms(),
+        revision: 1,
+        timings: Default::default(),
+    };
+    let (publish, status_rx) = watch::channel(pb::Vm::default());
+    let span = info_span!("vm", name = %spec.name);
+    let sup = Supervisor {
+        files: VmFiles::in_dir(&dir),
+        dir,
+        ctx,
+        spec,
+        status,
+        running: None,
+        stopping: None,
+        publish,
+        requests: req_rx,
+        qga_tx,
+        qga_rx,
+    };
+    sup.publish.send_replace(sup.snapshot());
+    tokio::spawn(async move { sup.run().await }.instrument(span));
+    VmHandle {
+        requests: req_tx,
+        status: status_rx,
+    }
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        loop {
+            let deadline = self.stopping.as_ref().map(|s| s.deadline);
+            tokio::select! {
+                req = self.requests.recv() => match req {
+                    Some(Request { op: Op::Delete, reply }) => {
+                        let _ = reply.send(self.delete().await);
+                        return;
+                    }
+                    Some(req) => self.handle(req).await,
+                    None => return,
+                },
+                event = watch_process(&mut self.running) => match event {
+                    ProcessEvent::Exited(status) => self.on_exit(status).await,
+                    ProcessEvent::Qmp(event) => self.on_event(event).await,
+                },
+                Some(agent) = self.qga_rx.recv() => self.on_guest_agent(agent),
+                _ = sleep_until(deadline) => self.on_stop_timeout().await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, Request { op, reply }: Request) {
+        let result = match op {
+            Op::Start => self.start().await,
+            Op::Pause => self.pause().await,
+            Op::Resume => self.resume().await,
+            Op::Stop { timeout, force } => return self.stop(timeout, force, false, reply).await,
+            Op::Restart { timeout, force } => {
+                return self.stop(timeout, force, true, reply).await;
+            }
+            Op::Delete => unreachable!("handled in run"),
+        };
+        let _ = reply.send(result);
+    }
+
+    // ----- requests -------------------------------------------------------------------------
+
+    fn check(&self, action: Action) -> Result<(), AgentError> {
+        state::check(self.status.phase, action).map_err(|why| self.conflict(why))
+    }
+
+    async fn start(&mut self) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Start)?;
+        let resolved = resolve_spec(&self.spec, &self.ctx.policy)?;
+        let argv = argv::build(&resolved, &self.files, self.ctx.accel.accel);
+        for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
+            let _ = std::fs::remove_file(sock);
+        }
+        let stderr_from = process::stderr_len(&self.dir);
+        let launched = Instant::now();
+        let mut child = process::spawn(&self.ctx.qemu, &argv, &self.dir)
+            .map_err(|e| self.qemu_error(format!("cannot run {}: {e}", self.ctx.qemu.display())))?;
+        let pid = child.id().unwrap_or(0);
+        info!(pid, accel = self.ctx.accel.accel.as_str(), "QEMU launched");
+        self.status.started_at_ms = now_ms();
+        self.status.timings = Default::default();
+        self.status.qemu_status.clear();
+        self.set_phase(Phase::Starting, "QEMU launched", "Starting");
+
+        let qmp = match self.connect_qmp(&mut child).await {
+            Ok(qmp) => qmp,
+            Err(why) => {
+                let _ = child.start_kill();
+                let status = child.wait().await.ok();
+                let tail = process::stderr_tail(&self.dir, stderr_from, 600);
+                let why = match (tail.is_empty(), status) {
+                    (false, _) => format!("{why}: {tail}"),
+                    (true, Some(s)) => format!("{why} ({s})"),
+                    (true, None) => why,
+                };
+                self.status.started_at_ms = 0;
+                self.set_phase(Phase::Failed, &why, "StartFailed");
+                return Err(self.qemu_error(why));
+            }
+        };
+        self.status.timings.qmp_ready_ms = launched.elapsed().as_millis() as u32;
+        let events = qmp.events();
+        let qga_task = tokio::spawn(
+            poll_guest_agent(self.files.qga_socket.clone(), self.qga_tx.clone())
+                .instrument(tracing::Span::current()),
+        );
+        self.running = Some(Running {
+            child,
+            pid,
+            launched,
+            stderr_from,
+            qmp,
+            events,
+            qmp_closed: false,
+            guest_shutdown: None,
+            qga_task,
+        });
+        self.refresh_from_qemu().await;
+        Ok(self.snapshot())
+    }
+
+    /// Connects to QMP as soon as QEMU has created the socket; fails early if QEMU exits.
+    async fn connect_qmp(&self, child: &mut Child) -> Result<Qmp, String> {
+        let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("QEMU exited during start ({status})"));
+            }
+            if self.files.qmp_socket.exists() {
+                match Qmp::connect(&self.files.qmp_socket).await {
+                    Ok(qmp) => return Ok(qmp),
+                    Err(e) if Instant::now() > deadline => return Err(e.to_string()),
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("QMP did not answer within {QMP_CONNECT_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads run state and actual size from QEMU into the status.
+    async fn refresh_from_qemu(&mut self) {
+        let Some(run) = &self.running else { return };
+        let qmp = run.qmp.clone();
+        let launched = run.launched;
+        match qmp.execute(qapi::qmp::query_status {}).await {
+            Ok(s) => {
+                self.status.qemu_status = enum_name(&s.status);
+                let next = state::on_run_state(self.status.phase, s.running);
+                if s.running && self.status.timings.running_ms == 0 {
+                    self.status.timings.running_ms = launched.elapsed().as_millis() as u32;
+                }
+                if next != self.status.phase {
+                    self.set_phase(next, "", phase_reason(next));
+                }
+            }
+            Err(e) => warn!("query-status: {e}"),
+        }
+        if let Ok(cpus) = qmp.execute_value("query-cpus-fast", json!({})).await {
+            self.status.cpus = cpus.as_array().map_or(0, |a| a.len() as u32);
+        }
+        if let Ok(mem) = qmp.execute_value("query-memory-size-summary", json!({})).await {
+            let get = |k: &str| mem.get(k).and_then(Value::as_u64).unwrap_or(0);
+            self.status.memory_bytes = get("base-memory") + get("plugged-memory");
+        }
+        self.publish("Refreshed", "");
+    }
+
+    async fn pause(&mut self) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Pause)?;
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await }).await?;
+        self.status.qemu_status = "paused".into();
+        self.set_phase(Phase::Paused, "paused", "Paused");
+        Ok(self.snapshot())
+    }
+
+    async fn resume(&mut self) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Resume)?;
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await }).await?;
+        self.status.qemu_status = "running".into();
+        self.set_phase(Phase::Running, "resumed", "Resumed");
+        Ok(self.snapshot())
+    }
+
+    /// Begins a stop; `reply` is answered when QEMU has exited (and, for a restart, started again).
+    async fn stop(&mut self, timeout: Duration, force: bool, restart: bool, reply: Reply) {
+        let action = if restart { Action::Restart } else { Action::Stop };
+        if let Err(e) = self.check(action) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if let Some(stopping) = &mut self.stopping {
+            // Already stopping: join the wait; a forced stop cuts the grace period short.
+            stopping.waiters.push(reply);
+            stopping.restart |= restart;
+            if force {
+                self.kill();
+            }
+            return;
+        }
+        // A paused guest cannot react to ACPI, and a starting one may not listen yet.
+        let graceful = !force && self.status.phase == Phase::Running;
+        self.stopping = Some(Stopping {
+            deadline: tokio::time::Instant::now() + if graceful { timeout } else { Duration::ZERO },
+            waiters: vec![reply],
+            restart,
+        });
+        self.set_phase(
+            Phase::Stopping,
+            if graceful { "ACPI power-down sent" } else { "stopping" },
+            "Stopping",
+        );
+        if graceful {
+            if let Err(e) = self.qmp_call(|q| async move { q.execute(qapi::qmp::system_powerdown {}).await }).await {
+                warn!("system_powerdown failed, ending QEMU: {e}");
+                self.kill();
+            }
+        } else {
+            self.kill();
+        }
+    }
+
+    async fn on_stop_timeout(&mut self) {
+        if let Some(s) = &mut self.stopping {
+            // Only once: the process exit ends the stop.
+            s.deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+            warn!("guest did not power off in time; ending QEMU");
+            self.status.message = "guest did not power off in time; QEMU ended".into();
+            self.kill();
+        }
+    }
+
+    async fn delete(&mut self) -> Result<pb::Vm, AgentError> {
+        if let Some(mut run) = self.running.take() {
+            let _ = run.child.start_kill();
+            let _ = run.child.wait().await;
+        }
+        for waiter in self.stopping.take().into_iter().flat_map(|s| s.waiters) {
+            let _ = waiter.send(Err(AgentError::NotFound(self.spec.name.clone())));
+        }
+        self.ctx
+            .store
+            .remove(&self.spec.name)
+            .map_err(|e| AgentError::Internal(format!("removing {}: {e}", self.dir.display())))?;
+        info!("deleted");
+        let vm = self.snapshot();
+        let _ = self.ctx.events.send(pb::VmEvent {
+            r#type: pb::EventType::Deleted as i32,
+            vm: Some(vm.clone()),
+            reason: "Deleted".into(),
+            message: String::new(),
+        });
+        Ok(vm)
+    }
+
+    // ----- observations ---------------------------------------------------------------------
+
+    async fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
+        let Some(run) = self.running.take() else { return };
+        use std::os::unix::process::ExitStatusExt;
+        let status = status.ok();
+        let exit = Exit {
+            guest_shutdown: run.guest_shutdown.clone(),
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stderr_tail: process::stderr_tail(&self.dir, run.stderr_from, 600),
+        };
+        drop(run);
+        let (phase, mut message) = state::on_exit(self.status.phase, &exit);
+        if phase == Phase::Stopped && self.status.message.contains("did not power off") {
+            message = self.status.message.clone();
+        }
+        info!(?phase, message, "QEMU exited");
+        self.status.agent_connected = false;
+        self.status.qemu_status.clear();
+        self.status.started_at_ms = 0;
+        let reason = if phase == Phase::Failed { "ProcessExited" } else { "Stopped" };
+        self.set_phase(phase, &message, reason);
+        for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
+            let _ = std::fs::remove_file(sock);
+        }
+        if let Some(stopping) = self.stopping.take() {
+            let result = if stopping.restart {
+                self.start().await
+            } else {
+                Ok(self.snapshot())
+            };
+            for w in stopping.waiters {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: qmp::Event) {
+        tracing::debug!(event = event.name, data = %event.data, "QMP event");
+        match event.name.as_str() {
+            "STOP" | "RESUME" => {
+                let running = event.name == "RESUME";
+                self.status.qemu_status = if running { "running" } else { "paused" }.into();
+                let next = state::on_run_state(self.status.phase, running);
+                if next != self.status.phase {
+                    let msg = if running { "resumed by QEMU" } else { "paused by QEMU" };
+                    self.set_phase(next, msg, phase_reason(next));
+                }
+            }
+            "SHUTDOWN" => {
+                let reason = event.data.get("reason").and_then(Value::as_str).unwrap_or("shutdown");
+                if let Some(run) = &mut self.running {
+                    run.guest_shutdown = Some(reason.to_string());
+                }
+                self.publish("Shutdown", reason);
+            }
+            "RESET" => self.publish("Reset", "the guest reset"),
+            "GUEST_PANICKED" => self.publish("GuestPanicked", &event.data.to_string()),
+            _ => {}
+        }
+    }
+
+    fn on_guest_agent(&mut self, agent: GuestAgent) {
+        let up = matches!(agent, GuestAgent::Up);
+        if up == self.status.agent_connected {
+            return;
+        }
+        self.status.agent_connected = up;
+        if let (true, Some(run)) = (up, &self.running) {
+            if self.status.timings.agent_connected_ms == 0 {
+                self.status.timings.agent_connected_ms = run.launched.elapsed().as_millis() as u32;
+            }
+        }
+        let reason = if up { "GuestAgentConnected" } else { "GuestAgentDisconnected" };
+        self.publish(reason, "");
+    }
+
+    // ----- helpers --------------------------------------------------------------------------
+
+    /// Runs a QMP command on the live process.
+    async fn qmp_call<T, F, Fut>(&self, f: F) -> Result<T, AgentError>
+    where
+        F: FnOnce(Qmp) -> Fut,
+        Fut: Future<Output = Result<T, qmp::QmpError>>,
+    {
+        let run = self
+            .running
+            .as_ref()
+            .ok_or_else(|| self.conflict("no QEMU process".into()))?;
+        f(run.qmp.clone()).await.map_err(|e| self.qemu_error(e.to_string()))
+    }
+
+    fn kill(&mut self) {
+        if let Some(run) = &mut self.running {
+            let _ = run.child.start_kill();
+        }
+    }
+
+    fn conflict(&self, why: String) -> AgentError {
+        AgentError::Conflict {
+            name: self.spec.name.clone(),
+            why,
+        }
+    }
+
+    fn qemu_error(&self, why: String) -> AgentError {
+        AgentError::Qemu {
+            name: self.spec.name.clone(),
+            why,
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase, message: &str, reason: &str) {
+        if phase != self.status.phase {
+            self.status.phase_changed_at_ms = now_ms();
+        }
+        self.status.phase = phase;
+        self.status.message = message.to_string();
+        let saved = SavedState {
+            phase,
+            message: message.to_string(),
+            pid: self.running.as_ref().map_or(0, |r| r.pid),
+            started_at_ms: self.status.started_at_ms,
+        };
+        if let Err(e) = self.ctx.store.save_state(&self.spec.name, &saved) {
+            warn!("saving state: {e}");
+        }
+        self.publish(reason, message);
+    }
+
+    fn publish(&mut self, reason: &str, message: &str) {
+        self.status.revision += 1;
+        let vm = self.snapshot();
+        self.publish.send_replace(vm.clone());
+        let _ = self.ctx.events.send(pb::VmEvent {
+            r#type: pb::EventType::Modified as i32,
+            vm: Some(vm),
+            reason: reason.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    fn snapshot(&self) -> pb::Vm {
+        let s = &self.status;
+        pb::Vm {
+            spec: Some(pb::VmSpec::from(&self.spec)),
+            status: Some(pb::VmStatus {
+                phase: pb::VmPhase::from(s.phase) as i32,
+                message: s.message.clone(),
+                pid: self.running.as_ref().map_or(0, |r| r.pid),
+                cpus: s.cpus,
+                memory_bytes: s.memory_bytes,
+                agent_connected: s.agent_connected,
+                qemu_status: s.qemu_status.clone(),
+                accelerator: self.ctx.accel.accel.as_str().into(),
+                node_name: self.ctx.node_name.clone(),
+                started_at_ms: s.started_at_ms,
+                phase_changed_at_ms: s.phase_changed_at_ms,
+                serial_log: self.files.serial_log.to_string_lossy().into(),
+                data_dir: self.dir.to_string_lossy().into(),
+                revision: s.revision,
+                startup: Some(s.timings),
+            }),
+        }
+    }
+}
+
+fn phase_reason(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Running => "Running",
+        Phase::Paused => "Paused",
+        _ => "PhaseChanged",
+    }
+}
+
+/// QAPI enums serialise as their QMP string ("running").
+fn enum_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+enum ProcessEvent {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Qmp(qmp::Event),
+}
+
+/// The next thing the QEMU process does: an event on QMP, or its exit.
+async fn watch_process(running: &mut Option<Running>) -> ProcessEvent {
+    let Some(run) = running else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            status = run.child.wait() => return ProcessEvent::Exited(status),
+            event = run.events.recv(), if !run.qmp_closed => match event {
+                Ok(ev) => return ProcessEvent::Qmp(ev),
+                Err(broadcast::error::RecvError::Lagged(n)) => warn!("missed {n} QMP events"),
+                // QMP is gone; the exit follows.
+                Err(broadcast::error::RecvError::Closed) => run.qmp_closed = true,
+            },
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches the guest agent for the life of one QEMU process, reporting when it comes and goes.
+async fn poll_guest_agent(socket: PathBuf, tx: mpsc::Sender<GuestAgent>) {
+    let mut conn: Option<Qga> = None;
+    let mut was_up = false;
+    loop {
+        if conn.is_none() {
+            conn = Qga::connect(&socket).await.ok();
+        }
+        let up = match &mut conn {
+            Some(qga) => match qga
+                .sync(if was_up { QGA_TIMEOUT } else { QGA_PROBE_TIMEOUT })
+                .await
+            {
+                Ok(()) => qga
+                    .execute(qapi::qga::guest_ping {}, QGA_TIMEOUT)
+                    .await
+                    .is_ok(),
+                Err(crate::qga::QgaError::Timeout(_)) => false,
+                Err(_) => {
+                    conn = None;
+                    false
+                }
+            },
+            None => false,
+        };
+        if up != was_up {
+            was_up = up;
+            let msg = if up { GuestAgent::Up } else { GuestAgent::Down };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(if up { QGA_HEALTHY_INTERVAL } else { QGA_RETRY }).await;
+    }
+}

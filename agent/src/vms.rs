@@ -1,0 +1,127 @@
+//! The registry of this agent's VMs: creation (validation, duplicate names), lookup, deletion.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hypersdk_proto::agent::v1 as pb;
+use tokio::sync::RwLock;
+use tracing::{info, warn};
+
+use crate::context::Context;
+use crate::error::AgentError;
+use crate::resolve::resolve_spec;
+use crate::spec::VmSpec;
+use crate::state::Phase;
+use crate::supervisor::{self, Op, VmHandle};
+
+pub struct Vms {
+    ctx: Arc<Context>,
+    vms: RwLock<BTreeMap<String, VmHandle>>,
+}
+
+impl Vms {
+    /// Loads every VM from the data dir. VMs whose files cannot be read are reported and skipped;
+    /// they never stop the agent.
+    pub fn load(ctx: Arc<Context>) -> std::io::Result<Vms> {
+        let mut vms = BTreeMap::new();
+        for (name, loaded) in ctx.store.load_all()? {
+            match loaded {
+                Ok((spec, saved)) => {
+                    let (phase, message) = match saved {
+                        None => (Phase::Pending, String::new()),
+                        Some(s) if s.phase.has_process() => (
+                            Phase::Stopped,
+                            format!("agent restarted while the VM was {}", s.phase.name()),
+                        ),
+                        Some(s) => (s.phase, s.message),
+                    };
+                    info!(vm = %name, ?phase, "loaded");
+                    let handle = supervisor::spawn(ctx.clone(), spec, phase, message);
+                    vms.insert(name, handle);
+                }
+                Err(e) => warn!(vm = %name, "cannot load VM, skipped: {e}"),
+            }
+        }
+        Ok(Vms {
+            ctx,
+            vms: RwLock::new(vms),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    pub async fn create(&self, spec: pb::VmSpec, start: bool) -> Result<pb::Vm, AgentError> {
+        let spec = VmSpec::try_from(spec)?;
+        resolve_spec(&spec, &self.ctx.policy)?;
+        let name = spec.name.clone();
+        let handle = {
+            let mut vms = self.vms.write().await;
+            if vms.contains_key(&name) {
+                return Err(AgentError::AlreadyExists(name));
+            }
+            self.ctx.store.create(&spec).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => AgentError::AlreadyExists(name.clone()),
+                _ => AgentError::Internal(format!("creating VM directory: {e}")),
+            })?;
+            let handle = supervisor::spawn(self.ctx.clone(), spec, Phase::Pending, String::new());
+            vms.insert(name.clone(), handle.clone());
+            handle
+        };
+        info!(vm = %name, "created");
+        let _ = self.ctx.events.send(pb::VmEvent {
+            r#type: pb::EventType::Added as i32,
+            vm: Some(handle.current()),
+            reason: "Created".into(),
+            message: String::new(),
+        });
+        if start {
+            handle.call(&name, Op::Start).await
+        } else {
+            Ok(handle.current())
+        }
+    }
+
+    async fn handle(&self, name: &str) -> Result<VmHandle, AgentError> {
+        self.vms
+            .read()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(name.to_string()))
+    }
+
+    pub async fn get(&self, name: &str) -> Result<pb::Vm, AgentError> {
+        Ok(self.handle(name).await?.current())
+    }
+
+    pub async fn list(&self) -> Vec<pb::Vm> {
+        self.vms.read().await.values().map(VmHandle::current).collect()
+    }
+
+    pub async fn call(&self, name: &str, op: Op) -> Result<pb::Vm, AgentError> {
+        self.handle(name).await?.call(name, op).await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), AgentError> {
+        let handle = self.handle(name).await?;
+        handle.call(name, Op::Delete).await?;
+        self.vms.write().await.remove(name);
+        Ok(())
+    }
+
+    /// Sum of configured cpus and memory of all VMs, and their count.
+    pub async fn allocated(&self) -> (u32, u64, u32) {
+        let vms = self.vms.read().await;
+        let mut cpus = 0;
+        let mut memory = 0;
+        for vm in vms.values().map(VmHandle::current) {
+            if let Some(spec) = vm.spec {
+                cpus += spec.cpus;
+                memory += crate::quantity::parse_bytes(&spec.memory).unwrap_or(0);
+            }
+        }
+        (cpus, memory, vms.len() as u32)
+    }
+}

@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# Builds the HyperSDK test guest from Debian packages only:
+#   OUTDIR/vmlinuz     Debian's cloud kernel (linux-image-cloud-amd64, resolved to the real package)
+#   OUTDIR/initrd.img  newc cpio: busybox-static, qemu-ga and its shared libraries, a few kernel
+#                      modules, /init (images/guest/init) and /sbin/shutdown (images/guest/shutdown)
+#   OUTDIR/disk.qcow2  a 64 MiB ext4 data disk (made without root: mkfs.ext4 -d + qemu-img convert)
+# Usage: images/guest/build.sh [OUTDIR]     (default: <repo>/target/guest)
+# Packages are fetched with `apt-get download` into OUTDIR/cache/debs and unpacked with `dpkg -x`;
+# nothing is installed on the host and no host binary ends up in the guest.
+# The build is cached: a second run with the same build.sh/init/shutdown is a no-op.
+# Needs: apt-get, apt-cache, dpkg, cpio, gzip, zstd (only for .ko.zst modules), mkfs.ext4, qemu-img.
+set -euo pipefail
+export LC_ALL=C
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+OUT=${1:-$REPO/target/guest}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+CACHE=$OUT/cache
+STAMP=$OUT/.stamp
+INPUTS=(build.sh init shutdown)
+ARCH_TRIPLET=x86_64-linux-gnu
+
+# Initramfs compression: "none" boots fastest under TCG (the kernel only copies the files; see
+# README.md for the measurement), "gzip" makes the file ~2.5x smaller.
+INITRD_COMPRESSION=${HYPERSDK_INITRD_COMPRESSION:-none}
+DISK_MIB=64
+
+# Kernel modules the guest loads (only those that are modular in this kernel end up in the
+# initramfs, with their dependencies, in load order).
+REQUIRED_MODULES=(virtio_pci virtio_blk virtio_console)
+OPTIONAL_MODULES=(virtio_net virtio_mem virtio_balloon evdev button ext4 jbd2 mbcache crc16 crc32c_generic)
+
+log() { echo "guest: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+input_hash() {
+  (cd "$HERE" && for f in "${INPUTS[@]}"; do echo "== $f"; cat "$f"; done
+   echo "compression=$INITRD_COMPRESSION disk=$DISK_MIB") | sha256sum | cut -d' ' -f1
+}
+
+is_fresh() {
+  [[ -f $STAMP && "$(cat "$STAMP")" == "$1" && -s $OUT/vmlinuz && -s $OUT/initrd.img && -s $OUT/disk.qcow2 ]]
+}
+
+HASH=$(input_hash)
+if is_fresh "$HASH"; then
+  echo "guest: cached in $OUT ($(cat "$OUT/.summary" 2>/dev/null || echo "vmlinuz initrd.img disk.qcow2"))"
+  exit 0
+fi
+
+# One build at a time per OUTDIR (tests may race to build).
+exec 9>"$OUT/.lock"
+flock 9
+if is_fresh "$HASH"; then
+  echo "guest: cached in $OUT (built concurrently)"
+  exit 0
+fi
+
+T0=$(date +%s%N)
+SUDO=""
+[[ $(id -u) -eq 0 ]] || SUDO="sudo"
+
+# ---------------------------------------------------------------------------------------------
+# Debian packages
+# ---------------------------------------------------------------------------------------------
+if ! apt-cache show --no-all-versions linux-image-cloud-amd64 >/dev/null 2>&1; then
+  log "no apt lists for linux-image-cloud-amd64: running apt-get update"
+  $SUDO apt-get update -qq
+fi
+
+# linux-image-cloud-amd64 is a metapackage: find the real linux-image-<version>-cloud-amd64.
+KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+  | awk '$1 ~ /^\|?Depends:$/ && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ { print $2; exit }')
+[[ -n $KPKG ]] || die "cannot resolve linux-image-cloud-amd64 to a kernel package"
+
+# qemu-guest-agent plus the closure of its library dependencies (only lib* packages: the rest,
+# e.g. init-system-helpers, is packaging glue the guest does not need).
+deps_of() {
+  apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
+    --no-enhances "$1" 2>/dev/null | awk '$1 ~ /^\|?(Pre)?Depends:$/ && $2 !~ /^</ { print $2 }'
+}
+declare -A SEEN=()
+LIBPKGS=()
+queue=(qemu-guest-agent)
+while ((${#queue[@]})); do
+  p=${queue[0]}
+  queue=("${queue[@]:1}")
+  for d in $(deps_of "$p"); do
+    d=${d%%:*}
+    [[ $d == lib* && -z ${SEEN[$d]:-} ]] || continue
+    SEEN[$d]=1
+    LIBPKGS+=("$d")
+    queue+=("$d")
+  done
+done
+PKGS=("$KPKG" busybox-static qemu-guest-agent "${LIBPKGS[@]}")
+
+DEBS=$CACHE/debs
+mkdir -p "$DEBS"
+# Path of the cached .deb for the candidate version of $1 (empty if not downloaded yet).
+deb_for() {
+  local ver arch
+  ver=$(apt-cache show --no-all-versions "$1" 2>/dev/null | awk '/^Version:/ { print $2; exit }')
+  arch=$(apt-cache show --no-all-versions "$1" 2>/dev/null | awk '/^Architecture:/ { print $2; exit }')
+  [[ -n $ver ]] || die "package $1 not found"
+  ver=${ver#*:} # apt-get download writes the epoch as %3a
+  compgen -G "$DEBS/${1}_*${ver}_${arch}.deb" | head -n1 || true
+}
+missing=()
+for p in "${PKGS[@]}"; do
+  [[ -n $(deb_for "$p") ]] || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "downloading ${missing[*]}"
+  dl() { (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "${missing[@]}" >/dev/null); }
+  if ! dl; then
+    log "apt-get download failed: running apt-get update and retrying"
+    $SUDO apt-get update -qq
+    dl
+  fi
+fi
+
+WORK=$CACHE/work
+rm -rf "$WORK"
+TREE=$WORK/tree
+mkdir -p "$TREE"
+declare -A USED=()
+for p in "${PKGS[@]}"; do
+  f=$(deb_for "$p")
+  [[ -n $f ]] || die "download of $p did not produce a .deb"
+  USED[$f]=1
+  dpkg -x "$f" "$TREE"
+done
+for f in "$DEBS"/*.deb; do # drop superseded versions
+  [[ -n ${USED[$f]:-} ]] || rm -f "$f"
+done
+
+KVER=$(cd "$TREE/lib/modules" && ls | head -n1)
+[[ -n $KVER && -f $TREE/boot/vmlinuz-$KVER ]] || die "no kernel in $KPKG"
+KDIR=$TREE/lib/modules/$KVER
+
+# ---------------------------------------------------------------------------------------------
+# initramfs staging tree
+# ---------------------------------------------------------------------------------------------
+ST=$WORK/initrd
+mkdir -p "$ST"/{bin,sbin,usr/bin,usr/sbin,etc,dev,proc,sys,run,tmp,root,mnt/disk,var,lib64} \
+  "$ST/lib/$ARCH_TRIPLET" "$ST/lib/modules/$KVER"
+chmod 1777 "$ST/tmp"
+ln -s /run "$ST/var/run"
+ln -s /tmp "$ST/var/tmp"
+
+# busybox and its applets
+install -m 0755 "$TREE/bin/busybox" "$ST/bin/busybox"
+while read -r applet; do
+  case $applet in bin/busybox | linuxrc | */linuxrc) continue ;; esac
+  [[ -e $ST/$applet || -L $ST/$applet ]] || ln -s /bin/busybox "$ST/$applet"
+done < <("$TREE/bin/busybox" --list-full)
+
+# qemu-ga and every shared library it needs (resolved by the Debian loader against the tree)
+install -m 0755 "$TREE/usr/sbin/qemu-ga" "$ST/usr/sbin/qemu-ga"
+LDSO=$TREE/lib/$ARCH_TRIPLET/ld-linux-x86-64.so.2
+[[ -x $LDSO ]] || die "no dynamic loader in libc6"
+LIBPATH=$TREE/lib/$ARCH_TRIPLET:$TREE/usr/lib/$ARCH_TRIPLET
+"$LDSO" --inhibit-cache --library-path "$LIBPATH" --list "$TREE/usr/sbin/qemu-ga" >"$WORK/ldd.txt" \
+  || die "loader could not resolve qemu-ga: $(cat "$WORK/ldd.txt")"
+NLIBS=0
+while read -r name arrow path _; do
+  [[ $arrow == "=>" ]] || continue
+  [[ $path == "$TREE"/* ]] || die "qemu-ga needs $name, not provided by ${LIBPKGS[*]} ($path)"
+  if [[ $name == /* ]]; then dest=$ST$name; else dest=$ST/lib/$ARCH_TRIPLET/$name; fi
+  mkdir -p "$(dirname "$dest")"
+  cp -L "$path" "$dest"
+  NLIBS=$((NLIBS + 1))
+done <"$WORK/ldd.txt"
+[[ -e $ST/lib64/ld-linux-x86-64.so.2 ]] || die "dynamic loader missing from the initramfs"
+
+# kernel modules: only the modular ones, with dependencies (from each module's modinfo), in order
+declare -A MODFILE=() BUILTIN=() ADDED=()
+while read -r f; do
+  b=${f##*/}; b=${b%%.ko*}; MODFILE[${b//-/_}]=$f
+done < <(find "$KDIR/kernel" -name '*.ko*')
+while read -r f; do
+  b=${f##*/}; b=${b%%.ko*}; BUILTIN[${b//-/_}]=1
+done <"$KDIR/modules.builtin"
+MODORDER=()
+add_module() { # name required(0/1)
+  local m=${1//-/_} f dest deps d
+  [[ -z ${ADDED[$m]:-} && -z ${BUILTIN[$m]:-} ]] || return 0
+  f=${MODFILE[$m]:-}
+  if [[ -z $f ]]; then
+    [[ $2 == 1 ]] && die "kernel $KVER has no module $m and it is not built in"
+    log "note: kernel $KVER has no module $m (skipped)"
+    return 0
+  fi
+  ADDED[$m]=1
+  dest=$ST/lib/modules/$KVER/$m.ko
+  case $f in # busybox insmod wants plain .ko
+    *.ko) cp "$f" "$dest" ;;
+    *.ko.xz) "$TREE/bin/busybox" xzcat "$f" >"$dest" ;;
+    *.ko.zst) zstd -q -d -c "$f" >"$dest" ;;
+    *.ko.gz) gzip -d -c "$f" >"$dest" ;;
+    *) die "unknown module format $f" ;;
+  esac
+  deps=$(tr '\0' '\n' <"$dest" | sed -n 's/^depends=//p' | head -n1)
+  for d in ${deps//,/ }; do add_module "$d" 1; done
+  MODORDER+=("$m")
+}
+for m in "${REQUIRED_MODULES[@]}"; do add_module "$m" 1; done
+for m in "${OPTIONAL_MODULES[@]}"; do add_module "$m" 0; done
+printf '%s\n' "${MODORDER[@]}" >"$ST/lib/modules/load-order"
+
+# guest scripts and config
+install -m 0755 "$HERE/init" "$ST/init"
+install -m 0755 "$HERE/shutdown" "$ST/sbin/shutdown"
+mkdir -p "$ST/etc/acpi/PWRF"
+printf '#!/bin/sh\necho HYPERSDK-POWER-BUTTON >/dev/console\nexec /sbin/shutdown -P +0 "power button"\n' \
+  >"$ST/etc/acpi/PWRF/00000080"
+chmod 0755 "$ST/etc/acpi/PWRF/00000080"
+cat >"$ST/etc/fstab" <<'EOF'
+devtmpfs /dev devtmpfs mode=0755,nosuid 0 0
+proc /proc proc nosuid,nodev,noexec 0 0
+sysfs /sys sysfs nosuid,nodev,noexec 0 0
+tmpfs /run tmpfs mode=0755,nosuid,nodev 0 0
+tmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0
+EOF
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ST/etc/passwd"
+printf 'root:x:0:\n' >"$ST/etc/group"
+echo hypersdk-guest >"$ST/etc/hostname"
+echo "$KVER" >"$ST/etc/hypersdk-kernel"
+
+# newc cpio, owned by root, deterministic order
+(cd "$ST" && find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 --reproducible --quiet) >"$WORK/initrd.cpio"
+case $INITRD_COMPRESSION in
+  none) mv "$WORK/initrd.cpio" "$WORK/initrd.img" ;;
+  gzip) gzip -n -9 -c "$WORK/initrd.cpio" >"$WORK/initrd.img" ;;
+  *) die "unknown INITRD_COMPRESSION $INITRD_COMPRESSION" ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+# data disk: ext4 made from a staging dir (no root, no loop device), converted to qcow2
+# ---------------------------------------------------------------------------------------------
+DS=$WORK/disk
+mkdir -p "$DS"
+echo "HyperSDK test guest data disk. The guest keeps its counter in ./counter." >"$DS/README"
+rm -f "$WORK/disk.raw"
+mkfs.ext4 -q -F -b 4096 -L hypersdk -d "$DS" \
+  -E root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0 "$WORK/disk.raw" "${DISK_MIB}M"
+qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
+
+# ---------------------------------------------------------------------------------------------
+# publish atomically, stamp last
+# ---------------------------------------------------------------------------------------------
+rm -f "$STAMP"
+cp "$TREE/boot/vmlinuz-$KVER" "$OUT/vmlinuz.tmp" && mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+mv -f "$WORK/initrd.img" "$OUT/initrd.img"
+mv -f "$WORK/disk.qcow2" "$OUT/disk.qcow2"
+rm -rf "$WORK"
+SUMMARY="kernel $KVER, initrd $(($(stat -c %s "$OUT/initrd.img") / 1024)) KiB ($INITRD_COMPRESSION; busybox, qemu-ga + $NLIBS libs, ${#MODORDER[@]} modules), disk ${DISK_MIB} MiB"
+echo "$SUMMARY" >"$OUT/.summary"
+echo "$HASH" >"$STAMP"
+MS=$((($(date +%s%N) - T0) / 1000000))
+printf 'guest: built %s in %d.%ds: %s\n' "$OUT" $((MS / 1000)) $((MS % 1000 / 100)) "$SUMMARY"

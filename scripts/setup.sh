@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need on a Debian machine, only when missing:
+# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, cargo-nextest, and the test guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+
+need_pkgs=()
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
+major=$(qemu_major || true)
+if [ -z "$major" ] || [ "$major" -lt 9 ]; then need_pkgs+=(qemu-system-x86); fi
+command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+command -v cpio >/dev/null || need_pkgs+=(cpio)
+command -v zstd >/dev/null || need_pkgs+=(zstd)
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+  list=/etc/apt/sources.list.d/hypersdk-backports.list
+  if [ "$codename" = bookworm ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "setup: enabling bookworm-backports for QEMU 10"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee "$list" >/dev/null
+  fi
+  echo "setup: installing ${need_pkgs[*]}"
+  $SUDO apt-get update -qq
+  target=()
+  [ "$codename" = bookworm ] && target=(-t bookworm-backports)
+  $SUDO apt-get install -y -qq --no-install-recommends "${target[@]}" "${need_pkgs[@]}" >/dev/null
+fi
+echo "setup: $(qemu-system-x86_64 --version | head -n1)"
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+images/guest/build.sh target/guest
