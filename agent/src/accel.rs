@@ -37,11 +37,18 @@ pub struct AccelError(String);
 
 /// Picks the accelerator. Pure: decides from facts already read.
 pub fn select(mode: AccelMode, kvm: &KvmFacts) -> Result<Selection, AccelError> {
-    let pick = |accel, reason: &str| Ok(Selection { accel, reason: reason.to_string() });
+    let pick = |accel, reason: &str| {
+        Ok(Selection {
+            accel,
+            reason: reason.to_string(),
+        })
+    };
     match mode {
         AccelMode::Tcg => pick(Accel::Tcg, "requested with --accel tcg"),
         AccelMode::Kvm if !kvm.present => Err(AccelError(
-            kvm.open_error.clone().unwrap_or_else(|| "/dev/kvm is not available".into()),
+            kvm.open_error
+                .clone()
+                .unwrap_or_else(|| "/dev/kvm is not available".into()),
         )),
         AccelMode::Kvm => pick(Accel::Kvm, "requested with --accel kvm"),
         AccelMode::Auto => match (&kvm.open_error, &kvm.self_test) {
@@ -51,7 +58,11 @@ pub fn select(mode: AccelMode, kvm: &KvmFacts) -> Result<Selection, AccelError> 
                 Accel::Tcg,
                 &format!(
                     "/dev/kvm is provided by {} only, which cannot run standard guest kernels",
-                    if kvm.modules.is_empty() { "an unknown module".to_string() } else { kvm.modules.join(", ") }
+                    if kvm.modules.is_empty() {
+                        "an unknown module".to_string()
+                    } else {
+                        kvm.modules.join(", ")
+                    }
                 ),
             ),
             (None, Err(e)) => pick(Accel::Tcg, &format!("KVM self-test failed: {e}")),
@@ -99,6 +110,11 @@ mod tests {
         };
         assert_eq!(select(AccelMode::Auto, &none).unwrap().accel, Accel::Tcg);
         assert!(select(AccelMode::Kvm, &none).is_err());
-        assert_eq!(select(AccelMode::Tcg, &facts(&["kvm_intel"], Ok(()))).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            select(AccelMode::Tcg, &facts(&["kvm_intel"], Ok(())))
+                .unwrap()
+                .accel,
+            Accel::Tcg
+        );
     }
 }

@@ -208,8 +208,14 @@ mod tests {
         assert_eq!(value_of(&argv, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(value_of(&argv, "-initrd"), ["/img/initrd.img"]);
         assert_eq!(value_of(&argv, "-append"), ["console=ttyS0,115200 quiet"]);
-        assert_eq!(value_of(&argv, "-qmp"), ["unix:/d/qmp.sock,server=on,wait=off"]);
-        assert!(value_of(&argv, "-chardev").contains(&"socket,id=qga0,path=/d/qga.sock,server=on,wait=off"));
+        assert_eq!(
+            value_of(&argv, "-qmp"),
+            ["unix:/d/qmp.sock,server=on,wait=off"]
+        );
+        assert!(
+            value_of(&argv, "-chardev")
+                .contains(&"socket,id=qga0,path=/d/qga.sock,server=on,wait=off")
+        );
     }
 
     #[test]
@@ -227,7 +233,10 @@ mod tests {
         let argv = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
         for (flag, value) in argv.windows(2).map(|w| (&w[0], &w[1])) {
             if flag == "-device" || flag == "-netdev" {
-                assert!(!value.contains("root") && !value.contains("default"), "{value}");
+                assert!(
+                    !value.contains("root") && !value.contains("default"),
+                    "{value}"
+                );
             }
         }
     }

@@ -8,7 +8,11 @@ use hypersdk_proto::endpoint::Address;
 use crate::accel::AccelMode;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "hypersdk-agent", version, about = "HyperSDK node agent: runs QEMU VMs on this node")]
+#[command(
+    name = "hypersdk-agent",
+    version,
+    about = "HyperSDK node agent: runs QEMU VMs on this node"
+)]
 pub struct Config {
     /// Name of this node (defaults to the hostname).
     #[arg(long, env = "HYPERSDK_NODE_NAME")]

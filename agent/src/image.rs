@@ -32,13 +32,23 @@ pub fn parse_header(
     if head.len() < 4 || &head[..4] != QCOW2_MAGIC {
         return Ok(Header::Raw);
     }
-    let be64 = |o: usize| head.get(o..o + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
-    let be32 = |o: usize| head.get(o..o + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+    let be64 = |o: usize| {
+        head.get(o..o + 8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    };
+    let be32 = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    };
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated qcow2 header");
     let version = be32(4).ok_or_else(bad)?;
     let backing_offset = be64(8).ok_or_else(bad)?;
     let backing_len = be32(16).ok_or_else(bad)? as usize;
-    let incompatible = if version >= 3 { be64(72).ok_or_else(bad)? } else { 0 };
+    let incompatible = if version >= 3 {
+        be64(72).ok_or_else(bad)?
+    } else {
+        0
+    };
     let backing_file = if backing_offset == 0 || backing_len == 0 {
         None
     } else if backing_len > 1023 {
@@ -76,7 +86,8 @@ pub fn inspect(
     declared: Option<DiskFormat>,
     policy: &PathPolicy,
 ) -> Result<DiskFormat, FieldError> {
-    let io_err = |p: &Path, e: std::io::Error| FieldError::new(field, format!("{}: {e}", p.display()));
+    let io_err =
+        |p: &Path, e: std::io::Error| FieldError::new(field, format!("{}: {e}", p.display()));
     let header = read_header(path).map_err(|e| io_err(path, e))?;
     let detected = match header {
         Header::Raw => DiskFormat::Raw,
@@ -86,7 +97,10 @@ pub fn inspect(
         (Some(DiskFormat::Qcow2), DiskFormat::Raw) => {
             return Err(FieldError::new(
                 field,
-                format!("{} is declared qcow2 but has no qcow2 header", path.display()),
+                format!(
+                    "{} is declared qcow2 but has no qcow2 header",
+                    path.display()
+                ),
             ));
         }
         (Some(f), _) => f,
@@ -121,11 +135,12 @@ pub fn inspect(
                 ..
             } => {
                 let base = current.parent().unwrap_or(Path::new("/"));
-                let next = policy
-                    .resolve_file(field, &base.join(&name))
-                    .map_err(|e| {
-                        FieldError::new(field, format!("backing file of {}: {}", current.display(), e.message))
-                    })?;
+                let next = policy.resolve_file(field, &base.join(&name)).map_err(|e| {
+                    FieldError::new(
+                        field,
+                        format!("backing file of {}: {}", current.display(), e.message),
+                    )
+                })?;
                 header = read_header(&next).map_err(|e| io_err(&next, e))?;
                 current = next;
             }
@@ -133,7 +148,10 @@ pub fn inspect(
     }
     Err(FieldError::new(
         field,
-        format!("{} has a backing chain longer than {MAX_CHAIN}", path.display()),
+        format!(
+            "{} has a backing chain longer than {MAX_CHAIN}",
+            path.display()
+        ),
     ))
 }
 
@@ -163,20 +181,32 @@ mod tests {
         assert_eq!(parse(b"\0\0\0\0 not an image"), Header::Raw);
         assert_eq!(
             parse(&qcow2_header(3, None, 0)),
-            Header::Qcow2 { backing_file: None, external_data_file: false }
+            Header::Qcow2 {
+                backing_file: None,
+                external_data_file: false
+            }
         );
         assert_eq!(
             parse(&qcow2_header(3, Some("/etc/shadow"), 0)),
-            Header::Qcow2 { backing_file: Some("/etc/shadow".into()), external_data_file: false }
+            Header::Qcow2 {
+                backing_file: Some("/etc/shadow".into()),
+                external_data_file: false
+            }
         );
         assert_eq!(
             parse(&qcow2_header(3, None, QCOW2_EXTERNAL_DATA_FILE)),
-            Header::Qcow2 { backing_file: None, external_data_file: true }
+            Header::Qcow2 {
+                backing_file: None,
+                external_data_file: true
+            }
         );
         // Version 2 has no feature fields: bytes 72.. are not read as flags.
         assert_eq!(
             parse(&qcow2_header(2, None, QCOW2_EXTERNAL_DATA_FILE)),
-            Header::Qcow2 { backing_file: None, external_data_file: false }
+            Header::Qcow2 {
+                backing_file: None,
+                external_data_file: false
+            }
         );
         assert!(parse_header(&QCOW2_MAGIC[..], |_, _| unreachable!()).is_err());
     }

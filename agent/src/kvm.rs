@@ -137,7 +137,10 @@ fn self_test() -> Result<(), String> {
     }
     let mapping = Mapping(mem);
     // SAFETY: the mapping is MEM_SIZE bytes, writable, and owned by `mapping`.
-    unsafe { std::slice::from_raw_parts_mut(mem as *mut u8, MEM_SIZE)[..CODE.len()].copy_from_slice(&CODE) };
+    unsafe {
+        std::slice::from_raw_parts_mut(mem as *mut u8, MEM_SIZE)[..CODE.len()]
+            .copy_from_slice(&CODE)
+    };
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: GUEST_ADDR,

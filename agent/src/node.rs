@@ -23,7 +23,13 @@ pub fn parse_meminfo(text: &str) -> (u64, u64) {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(0, |kib| kib * 1024)
     };
     (field("MemTotal:"), field("MemAvailable:"))
@@ -65,7 +71,11 @@ impl NodeFacts {
                 api_version: k.api_version,
                 max_vcpus: k.max_vcpus,
                 recommended_vcpus: k.recommended_vcpus,
-                extensions: k.extensions.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+                extensions: k
+                    .extensions
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), *v))
+                    .collect(),
                 usable: k.self_test.is_ok(),
             }),
             agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -18,9 +18,8 @@ impl PathPolicy {
         let roots = roots
             .into_iter()
             .map(|r| {
-                r.canonicalize().map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("{}: {e}", r.display()))
-                })
+                r.canonicalize()
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", r.display())))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { roots })
@@ -32,9 +31,9 @@ impl PathPolicy {
 
     /// Resolves `path` to a regular file inside one of the roots.
     pub fn resolve_file(&self, field: &str, path: &Path) -> Result<PathBuf, FieldError> {
-        let real = path.canonicalize().map_err(|e| {
-            FieldError::new(field, format!("{}: {e}", path.display()))
-        })?;
+        let real = path
+            .canonicalize()
+            .map_err(|e| FieldError::new(field, format!("{}: {e}", path.display())))?;
         if !self.roots.iter().any(|r| real.starts_with(r)) {
             return Err(FieldError::new(
                 field,
@@ -75,12 +74,17 @@ mod tests {
         let policy = PathPolicy::new([root.path().to_path_buf()]).unwrap();
 
         assert!(policy.resolve_file("f", &inside).is_ok());
-        let e = policy.resolve_file("f", Path::new("/etc/shadow")).unwrap_err();
+        let e = policy
+            .resolve_file("f", Path::new("/etc/shadow"))
+            .unwrap_err();
         assert!(e.message.contains("outside the allowed"), "{e}");
         let e = policy
             .resolve_file("f", &root.path().join("link"))
             .unwrap_err();
-        assert!(e.message.contains("outside the allowed"), "symlink escape: {e}");
+        assert!(
+            e.message.contains("outside the allowed"),
+            "symlink escape: {e}"
+        );
         let e = policy.resolve_file("f", root.path()).unwrap_err();
         assert!(e.message.contains("not a regular file"), "{e}");
         let e = policy

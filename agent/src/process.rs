@@ -24,7 +24,11 @@ pub fn spawn(qemu: &Path, argv: &[String], vm_dir: &Path) -> std::io::Result<Chi
         .kill_on_drop(false);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
     cmd.spawn()
 }
@@ -37,7 +41,9 @@ pub fn stderr_tail(vm_dir: &Path, from: u64, max: usize) -> String {
     };
     let new = &bytes[(from as usize).min(bytes.len())..];
     let start = new.len().saturating_sub(max);
-    String::from_utf8_lossy(&new[start..]).trim().replace('\n', "; ")
+    String::from_utf8_lossy(&new[start..])
+        .trim()
+        .replace('\n', "; ")
 }
 
 pub fn stderr_len(vm_dir: &Path) -> u64 {

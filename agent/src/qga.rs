@@ -88,7 +88,10 @@ impl Qga {
                     desc: err.get("desc").and_then(Value::as_str).unwrap_or("").into(),
                 });
             }
-            let ret = reply.get_mut("return").map(Value::take).unwrap_or(Value::Null);
+            let ret = reply
+                .get_mut("return")
+                .map(Value::take)
+                .unwrap_or(Value::Null);
             serde_json::from_value(ret).map_err(|e| QgaError::Decode {
                 command: C::NAME.into(),
                 why: e.to_string(),

@@ -176,10 +176,10 @@ async fn read_loop(
                 data: msg.get_mut("data").map(Value::take).unwrap_or(Value::Null),
             };
             let _ = events.send(event);
-        } else if let Some(id) = msg.get("id").and_then(Value::as_u64) {
-            if let Some(tx) = pending.lock().unwrap().remove(&id) {
-                let _ = tx.send(msg);
-            }
+        } else if let Some(id) = msg.get("id").and_then(Value::as_u64)
+            && let Some(tx) = pending.lock().unwrap().remove(&id)
+        {
+            let _ = tx.send(msg);
         }
     }
     // Dropping the senders fails every waiting command with `Closed`.
@@ -192,7 +192,10 @@ mod tests {
 
     #[test]
     fn splits_replies_and_errors() {
-        let ok = reply_result("query-status", json!({"return": {"status": "running"}, "id": 1}));
+        let ok = reply_result(
+            "query-status",
+            json!({"return": {"status": "running"}, "id": 1}),
+        );
         assert_eq!(ok.unwrap()["status"], "running");
         let err = reply_result(
             "cont",
@@ -200,7 +203,10 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "QMP cont: GenericError: no");
-        assert!(matches!(reply_result("x", json!({"id": 3})), Err(QmpError::Decode { .. })));
+        assert!(matches!(
+            reply_result("x", json!({"id": 3})),
+            Err(QmpError::Decode { .. })
+        ));
     }
 
     /// A scripted peer on a real socket: greeting, capabilities, an unknown event, a reply.
@@ -213,11 +219,17 @@ mod tests {
             let (s, _) = listener.accept().await.unwrap();
             let (r, mut w) = s.into_split();
             let mut lines = BufReader::new(r).lines();
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
-            let caps: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let caps: Value =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(caps["execute"], "qmp_capabilities");
-            w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]).as_bytes()).await.unwrap();
-            let q: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]).as_bytes())
+                .await
+                .unwrap();
+            let q: Value =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             w.write_all(b"{\"event\": \"FUTURE_EVENT_FROM_QEMU_99\", \"data\": {\"x\": 1}, \"timestamp\": {}}\n").await.unwrap();
             w.write_all(
                 format!("{{\"return\": {{\"status\": \"running\", \"running\": true, \"singlestep\": false}}, \"id\": {}}}\n", q["id"]).as_bytes(),

@@ -112,7 +112,16 @@ mod tests {
     #[test]
     fn rejects_what_is_not_a_quantity() {
         for bad in [
-            "", "8XB", "Gi", "-1Gi", "1..5Gi", "1.5", "0.3", "1e3", "1 Gi", "99999999999Ei",
+            "",
+            "8XB",
+            "Gi",
+            "-1Gi",
+            "1..5Gi",
+            "1.5",
+            "0.3",
+            "1e3",
+            "1 Gi",
+            "99999999999Ei",
         ] {
             assert!(parse_bytes(bad).is_err(), "{bad:?} should be rejected");
         }

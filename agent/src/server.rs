@@ -61,15 +61,24 @@ fn prepare_data_dir(dir: &Path) -> Result<PathBuf, StartupError> {
 }
 
 /// Runs the agent until `shutdown` resolves. VMs keep running after it returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartupError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
     let data_dir = prepare_data_dir(&config.data_dir)?;
-    let store = Store::open(&data_dir).map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
-    let policy = PathPolicy::new(std::iter::once(data_dir.clone()).chain(config.image_dirs.iter().cloned()))
-        .map_err(StartupError::ImageDir)?;
+    let store = Store::open(&data_dir)
+        .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
+    let policy =
+        PathPolicy::new(std::iter::once(data_dir.clone()).chain(config.image_dirs.iter().cloned()))
+            .map_err(StartupError::ImageDir)?;
     let qemu = find_program(&config.qemu).ok_or_else(|| {
-        StartupError::Qemu(config.qemu.clone(), std::io::Error::new(std::io::ErrorKind::NotFound, "not found"))
+        StartupError::Qemu(
+            config.qemu.clone(),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
+        )
     })?;
-    let qemu_version = node::qemu_version(&qemu).map_err(|e| StartupError::Qemu(qemu.clone(), e))?;
+    let qemu_version =
+        node::qemu_version(&qemu).map_err(|e| StartupError::Qemu(qemu.clone(), e))?;
     let kvm = kvm::probe(Path::new("/sys/module"));
     let selection = accel::select(config.accel, &kvm)?;
     let hostname = nix::unistd::gethostname()
@@ -101,7 +110,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         store,
         events,
     });
-    let vms = Arc::new(Vms::load(ctx).map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?);
+    let vms = Arc::new(
+        Vms::load(ctx).map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?,
+    );
 
     let listen = if config.listen.is_empty() {
         vec![Address::Unix(data_dir.join("agent.sock"))]
@@ -114,7 +125,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .register_encoded_file_descriptor_set(hypersdk_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
+    let service =
+        AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -135,18 +147,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         match &addr {
             Address::Unix(path) => {
                 remove_stale_socket(path).map_err(|e| StartupError::Listen(addr.clone(), e))?;
-                let listener = UnixListener::bind(path).map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
+                let listener = UnixListener::bind(path)
+                    .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
                 use std::os::unix::fs::PermissionsExt;
                 // Local debugging socket: the agent's user (and group) only.
                 let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
                 info!(%addr, "listening");
-                servers.spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped));
+                servers.spawn(
+                    router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped),
+                );
             }
             Address::Tcp(hostport) => {
                 let listener = TcpListener::bind(hostport)
                     .await
                     .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
-                let local = listener.local_addr().map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
                 // Without TLS, anyone who reaches the port controls the VMs: loopback only.
                 if !local.ip().is_loopback() {
                     return Err(StartupError::Listen(
@@ -155,7 +172,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                     ));
                 }
                 info!(%addr, %local, "listening");
-                servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped));
+                servers.spawn(
+                    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
+                );
             }
         }
     }

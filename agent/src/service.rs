@@ -53,7 +53,10 @@ impl AgentService for Service {
         Ok(Response::new(self.node.to_proto(&meminfo, allocated)))
     }
 
-    async fn create_vm(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
         let req = req.into_inner();
         let spec = req
             .spec
@@ -67,13 +70,19 @@ impl AgentService for Service {
         Ok(Response::new(self.vms.get(&name).await?))
     }
 
-    async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+    async fn list_vms(
+        &self,
+        _: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
         Ok(Response::new(pb::ListVmsResponse {
             vms: self.vms.list().await,
         }))
     }
 
-    async fn delete_vm(&self, req: Request<pb::DeleteVmRequest>) -> Result<Response<pb::DeleteVmResponse>, Status> {
+    async fn delete_vm(
+        &self,
+        req: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let name = req.into_inner().name;
         check_name("name", &name)?;
         self.vms.delete(&name).await?;
@@ -86,13 +95,22 @@ impl AgentService for Service {
 
     async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let r = req.into_inner();
-        let op = Op::Stop { timeout: stop_timeout(r.timeout_seconds), force: r.force };
+        let op = Op::Stop {
+            timeout: stop_timeout(r.timeout_seconds),
+            force: r.force,
+        };
         self.call(&r.name, op).await
     }
 
-    async fn restart_vm(&self, req: Request<pb::RestartVmRequest>) -> Result<Response<pb::Vm>, Status> {
+    async fn restart_vm(
+        &self,
+        req: Request<pb::RestartVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
         let r = req.into_inner();
-        let op = Op::Restart { timeout: stop_timeout(r.timeout_seconds), force: r.force };
+        let op = Op::Restart {
+            timeout: stop_timeout(r.timeout_seconds),
+            force: r.force,
+        };
         self.call(&r.name, op).await
     }
 
@@ -100,13 +118,19 @@ impl AgentService for Service {
         self.call(&req.into_inner().name, Op::Pause).await
     }
 
-    async fn resume_vm(&self, req: Request<pb::ResumeVmRequest>) -> Result<Response<pb::Vm>, Status> {
+    async fn resume_vm(
+        &self,
+        req: Request<pb::ResumeVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
         self.call(&req.into_inner().name, Op::Resume).await
     }
 
     type WatchVmsStream = EventStream;
 
-    async fn watch_vms(&self, req: Request<pb::WatchVmsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_vms(
+        &self,
+        req: Request<pb::WatchVmsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let filter = req.into_inner().name;
         if !filter.is_empty() {
             check_name("name", &filter)?;
@@ -127,14 +151,18 @@ impl AgentService for Service {
             .collect();
         let matches = move |ev: &pb::VmEvent| {
             filter.is_empty()
-                || ev.vm.as_ref().and_then(|v| v.spec.as_ref()).is_some_and(|s| s.name == filter)
+                || ev
+                    .vm
+                    .as_ref()
+                    .and_then(|v| v.spec.as_ref())
+                    .is_some_and(|s| s.name == filter)
         };
         let changes = changes.filter_map(|r| match r {
             Ok(ev) => Some(Ok(ev)),
             // A slow watcher missed events: tell it, so it re-lists rather than trusting a gap.
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(Err(Status::data_loss(format!("watch fell behind by {n} events; watch again"))))
-            }
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Some(Err(
+                Status::data_loss(format!("watch fell behind by {n} events; watch again")),
+            )),
         });
         let stream = tokio_stream::iter(initial.into_iter().map(Ok))
             .chain(changes)

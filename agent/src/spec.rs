@@ -128,7 +128,10 @@ pub fn check_path_shape(field: &str, path: &str) -> Result<PathBuf, FieldError> 
     if path.is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
     }
-    if let Some(c) = path.chars().find(|c| matches!(c, ',' | '=') || c.is_control()) {
+    if let Some(c) = path
+        .chars()
+        .find(|c| matches!(c, ',' | '=') || c.is_control())
+    {
         return Err(FieldError::new(
             field,
             format!("{path:?} contains {c:?}, which is not allowed in paths"),
@@ -180,16 +183,16 @@ fn parse_memory(field: &str, value: &str) -> Result<u64, FieldError> {
     if bytes < MIN_MEMORY {
         return Err(FieldError::new(
             field,
-            format!("{value:?} is below the minimum of {}", format_bytes(MIN_MEMORY)),
+            format!(
+                "{value:?} is below the minimum of {}",
+                format_bytes(MIN_MEMORY)
+            ),
         ));
     }
     Ok(bytes)
 }
 
-fn check_unique<'a>(
-    what: &str,
-    names: impl Iterator<Item = &'a String>,
-) -> Result<(), FieldError> {
+fn check_unique<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Result<(), FieldError> {
     let mut seen = std::collections::BTreeSet::new();
     for (i, n) in names.enumerate() {
         if !seen.insert(n) {
@@ -291,7 +294,11 @@ impl TryFrom<pb::VmSpec> for VmSpec {
         check_unique("networks", networks.iter().map(|n| &n.name))?;
 
         for (k, v) in &s.labels {
-            if k.is_empty() || k.len() > 63 || v.len() > 253 || k.chars().chain(v.chars()).any(char::is_control) {
+            if k.is_empty()
+                || k.len() > 63
+                || v.len() > 253
+                || k.chars().chain(v.chars()).any(char::is_control)
+            {
                 return Err(FieldError::new(
                     format!("spec.labels[{k:?}]"),
                     "keys must be 1-63 and values at most 253 printable characters",
@@ -331,7 +338,12 @@ impl From<&VmSpec> for pb::VmSpec {
             max_memory: format_bytes(s.max_memory),
             boot: Some(pb::Boot {
                 kernel: path_string(&s.boot.kernel),
-                initrd: s.boot.initrd.as_deref().map(path_string).unwrap_or_default(),
+                initrd: s
+                    .boot
+                    .initrd
+                    .as_deref()
+                    .map(path_string)
+                    .unwrap_or_default(),
                 cmdline: s.boot.cmdline.clone(),
             }),
             disks: s
@@ -461,7 +473,10 @@ pub(crate) mod tests {
             field_of(|s| s.disks[0].path = "/images/d,file=x".into()),
             "spec.disks[0].path"
         );
-        assert_eq!(field_of(|s| s.disks[0].name = "Root".into()), "spec.disks[0].name");
+        assert_eq!(
+            field_of(|s| s.disks[0].name = "Root".into()),
+            "spec.disks[0].name"
+        );
         assert_eq!(field_of(|s| s.disks[0].format = 7), "spec.disks[0].format");
         assert_eq!(
             field_of(|s| s.disks.push(s.disks[0].clone())),

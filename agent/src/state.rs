@@ -82,7 +82,11 @@ pub fn check(phase: Phase, action: Action) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("cannot {} a VM that is {}", action.verb(), phase.name()))
+        Err(format!(
+            "cannot {} a VM that is {}",
+            action.verb(),
+            phase.name()
+        ))
     }
 }
 
@@ -112,10 +116,10 @@ pub fn on_exit(phase: Phase, exit: &Exit) -> (Phase, String) {
     if phase == Phase::Stopping {
         return (Phase::Stopped, "stopped".into());
     }
-    if let Some(reason) = &exit.guest_shutdown {
-        if exit.code == Some(0) {
-            return (Phase::Stopped, format!("guest powered off ({reason})"));
-        }
+    if let Some(reason) = &exit.guest_shutdown
+        && exit.code == Some(0)
+    {
+        return (Phase::Stopped, format!("guest powered off ({reason})"));
     }
     let how = match (exit.code, exit.signal) {
         (Some(c), _) => format!("QEMU exited with status {c}"),
@@ -183,17 +187,26 @@ mod tests {
 
     #[test]
     fn exits_are_stops_or_failures() {
-        assert_eq!(on_exit(Phase::Stopping, &exit(None, None, Some(9))).0, Phase::Stopped);
+        assert_eq!(
+            on_exit(Phase::Stopping, &exit(None, None, Some(9))).0,
+            Phase::Stopped
+        );
         let (p, m) = on_exit(Phase::Running, &exit(Some("guest-shutdown"), Some(0), None));
         assert_eq!(p, Phase::Stopped);
         assert!(m.contains("guest-shutdown"));
         let (p, m) = on_exit(Phase::Running, &exit(None, None, Some(9)));
-        assert_eq!((p, m.as_str()), (Phase::Failed, "QEMU was killed by signal 9"));
+        assert_eq!(
+            (p, m.as_str()),
+            (Phase::Failed, "QEMU was killed by signal 9")
+        );
         let mut e = exit(None, Some(1), None);
         e.stderr_tail = "qemu: could not load kernel\n".into();
         assert_eq!(
             on_exit(Phase::Starting, &e),
-            (Phase::Failed, "QEMU exited with status 1: qemu: could not load kernel".into())
+            (
+                Phase::Failed,
+                "QEMU exited with status 1: qemu: could not load kernel".into()
+            )
         );
     }
 }

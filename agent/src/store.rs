@@ -22,6 +22,9 @@ pub struct SavedState {
     pub started_at_ms: i64,
 }
 
+/// A VM as read back from disk: its spec and, if one was saved, its last state.
+pub type Loaded = (VmSpec, Option<SavedState>);
+
 #[derive(Debug, Clone)]
 pub struct Store {
     vms_dir: PathBuf,
@@ -61,7 +64,7 @@ impl Store {
     }
 
     /// Every VM directory: its spec and state, or why they could not be read.
-    pub fn load_all(&self) -> std::io::Result<Vec<(String, std::io::Result<(VmSpec, Option<SavedState>)>)>> {
+    pub fn load_all(&self) -> std::io::Result<Vec<(String, std::io::Result<Loaded>)>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.vms_dir)? {
             let entry = entry?;

@@ -318,7 +318,10 @@ impl Supervisor {
         if let Ok(cpus) = qmp.execute_value("query-cpus-fast", json!({})).await {
             self.status.cpus = cpus.as_array().map_or(0, |a| a.len() as u32);
         }
-        if let Ok(mem) = qmp.execute_value("query-memory-size-summary", json!({})).await {
+        if let Ok(mem) = qmp
+            .execute_value("query-memory-size-summary", json!({}))
+            .await
+        {
             let get = |k: &str| mem.get(k).and_then(Value::as_u64).unwrap_or(0);
             self.status.memory_bytes = get("base-memory") + get("plugged-memory");
         }
@@ -327,7 +330,8 @@ impl Supervisor {
 
     async fn pause(&mut self) -> Result<pb::Vm, AgentError> {
         self.check(Action::Pause)?;
-        self.qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await }).await?;
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
+            .await?;
         self.status.qemu_status = "paused".into();
         self.set_phase(Phase::Paused, "paused", "Paused");
         Ok(self.snapshot())
@@ -335,7 +339,8 @@ impl Supervisor {
 
     async fn resume(&mut self) -> Result<pb::Vm, AgentError> {
         self.check(Action::Resume)?;
-        self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await }).await?;
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
+            .await?;
         self.status.qemu_status = "running".into();
         self.set_phase(Phase::Running, "resumed", "Resumed");
         Ok(self.snapshot())
@@ -343,7 +348,11 @@ impl Supervisor {
 
     /// Begins a stop; `reply` is answered when QEMU has exited (and, for a restart, started again).
     async fn stop(&mut self, timeout: Duration, force: bool, restart: bool, reply: Reply) {
-        let action = if restart { Action::Restart } else { Action::Stop };
+        let action = if restart {
+            Action::Restart
+        } else {
+            Action::Stop
+        };
         if let Err(e) = self.check(action) {
             let _ = reply.send(Err(e));
             return;
@@ -366,11 +375,18 @@ impl Supervisor {
         });
         self.set_phase(
             Phase::Stopping,
-            if graceful { "ACPI power-down sent" } else { "stopping" },
+            if graceful {
+                "ACPI power-down sent"
+            } else {
+                "stopping"
+            },
             "Stopping",
         );
         if graceful {
-            if let Err(e) = self.qmp_call(|q| async move { q.execute(qapi::qmp::system_powerdown {}).await }).await {
+            if let Err(e) = self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::system_powerdown {}).await })
+                .await
+            {
                 warn!("system_powerdown failed, ending QEMU: {e}");
                 self.kill();
             }
@@ -415,7 +431,9 @@ impl Supervisor {
     // ----- observations ---------------------------------------------------------------------
 
     async fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
-        let Some(run) = self.running.take() else { return };
+        let Some(run) = self.running.take() else {
+            return;
+        };
         use std::os::unix::process::ExitStatusExt;
         let status = status.ok();
         let exit = Exit {
@@ -433,7 +451,11 @@ impl Supervisor {
         self.status.agent_connected = false;
         self.status.qemu_status.clear();
         self.status.started_at_ms = 0;
-        let reason = if phase == Phase::Failed { "ProcessExited" } else { "Stopped" };
+        let reason = if phase == Phase::Failed {
+            "ProcessExited"
+        } else {
+            "Stopped"
+        };
         self.set_phase(phase, &message, reason);
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
             let _ = std::fs::remove_file(sock);
@@ -458,12 +480,20 @@ impl Supervisor {
                 self.status.qemu_status = if running { "running" } else { "paused" }.into();
                 let next = state::on_run_state(self.status.phase, running);
                 if next != self.status.phase {
-                    let msg = if running { "resumed by QEMU" } else { "paused by QEMU" };
+                    let msg = if running {
+                        "resumed by QEMU"
+                    } else {
+                        "paused by QEMU"
+                    };
                     self.set_phase(next, msg, phase_reason(next));
                 }
             }
             "SHUTDOWN" => {
-                let reason = event.data.get("reason").and_then(Value::as_str).unwrap_or("shutdown");
+                let reason = event
+                    .data
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("shutdown");
                 if let Some(run) = &mut self.running {
                     run.guest_shutdown = Some(reason.to_string());
                 }
@@ -481,12 +511,16 @@ impl Supervisor {
             return;
         }
         self.status.agent_connected = up;
-        if let (true, Some(run)) = (up, &self.running) {
-            if self.status.timings.agent_connected_ms == 0 {
-                self.status.timings.agent_connected_ms = run.launched.elapsed().as_millis() as u32;
-            }
+        if let (true, Some(run)) = (up, &self.running)
+            && self.status.timings.agent_connected_ms == 0
+        {
+            self.status.timings.agent_connected_ms = run.launched.elapsed().as_millis() as u32;
         }
-        let reason = if up { "GuestAgentConnected" } else { "GuestAgentDisconnected" };
+        let reason = if up {
+            "GuestAgentConnected"
+        } else {
+            "GuestAgentDisconnected"
+        };
         self.publish(reason, "");
     }
 
@@ -502,7 +536,9 @@ impl Supervisor {
             .running
             .as_ref()
             .ok_or_else(|| self.conflict("no QEMU process".into()))?;
-        f(run.qmp.clone()).await.map_err(|e| self.qemu_error(e.to_string()))
+        f(run.qmp.clone())
+            .await
+            .map_err(|e| self.qemu_error(e.to_string()))
     }
 
     fn kill(&mut self) {
@@ -636,7 +672,11 @@ async fn poll_guest_agent(socket: PathBuf, tx: mpsc::Sender<GuestAgent>) {
         }
         let up = match &mut conn {
             Some(qga) => match qga
-                .sync(if was_up { QGA_TIMEOUT } else { QGA_PROBE_TIMEOUT })
+                .sync(if was_up {
+                    QGA_TIMEOUT
+                } else {
+                    QGA_PROBE_TIMEOUT
+                })
                 .await
             {
                 Ok(()) => qga

@@ -97,7 +97,12 @@ impl Vms {
     }
 
     pub async fn list(&self) -> Vec<pb::Vm> {
-        self.vms.read().await.values().map(VmHandle::current).collect()
+        self.vms
+            .read()
+            .await
+            .values()
+            .map(VmHandle::current)
+            .collect()
     }
 
     pub async fn call(&self, name: &str, op: Op) -> Result<pb::Vm, AgentError> {

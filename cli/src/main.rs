@@ -1,1 +1,282 @@
-fn main() {}
+//! hyperctl: the HyperSDK debug client. Talks gRPC to one node agent.
+
+mod manifest;
+mod output;
+mod view;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::{self, Address};
+use tokio_stream::StreamExt;
+
+use output::Format;
+use view::{EventView, NodeView, VmView};
+
+#[derive(Parser)]
+#[command(
+    name = "hyperctl",
+    version,
+    about = "HyperSDK debug client for node agents"
+)]
+struct Cli {
+    /// Agent address: unix:///path/agent.sock or http://127.0.0.1:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "HYPERSDK_AGENT",
+        default_value = "unix:///var/lib/hypersdk/agent.sock"
+    )]
+    agent: Address,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Node facts.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        command: Box<VmCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Capacity, QEMU version, accelerator and KVM facts.
+    Info,
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    List,
+    Get {
+        name: String,
+    },
+    Create(CreateArgs),
+    Start {
+        name: String,
+    },
+    Stop(StopArgs),
+    Restart(StopArgs),
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Stream VM changes (all VMs, or one).
+    Watch {
+        name: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// VM name (a DNS-1123 label); not used with -f.
+    #[arg(required_unless_present = "file")]
+    name: Option<String>,
+    /// A VirtualMachine manifest (YAML); `-` reads standard input.
+    #[arg(short, long, conflicts_with_all = ["name", "cpus", "memory"])]
+    file: Option<PathBuf>,
+    #[arg(long, required_unless_present = "file")]
+    cpus: Option<u32>,
+    #[arg(long, required_unless_present = "file")]
+    memory: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    max_cpus: u32,
+    #[arg(long, default_value = "")]
+    max_memory: String,
+    #[arg(long, default_value = "")]
+    kernel: String,
+    #[arg(long, default_value = "")]
+    initrd: String,
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Disk image path; repeatable. Named disk0, disk1, ... in order.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// Without a user-mode NIC.
+    #[arg(long)]
+    no_network: bool,
+    /// Start the VM once created.
+    #[arg(long)]
+    start: bool,
+}
+
+#[derive(Args)]
+struct StopArgs {
+    name: String,
+    /// Seconds to wait for the guest to power off before QEMU is ended.
+    #[arg(long, default_value_t = 30)]
+    timeout: u32,
+    /// End QEMU at once, without asking the guest.
+    #[arg(long)]
+    force: bool,
+}
+
+fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
+    pb::VmSpec {
+        name: a.name.unwrap_or_default(),
+        cpus: a.cpus.unwrap_or_default(),
+        max_cpus: a.max_cpus,
+        memory: a.memory.unwrap_or_default(),
+        max_memory: a.max_memory,
+        boot: Some(pb::Boot {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+        }),
+        disks: a
+            .disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, path)| pb::Disk {
+                name: format!("disk{i}"),
+                path,
+                ..Default::default()
+            })
+            .collect(),
+        networks: if a.no_network {
+            vec![]
+        } else {
+            vec![pb::Network {
+                name: "default".into(),
+                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+            }]
+        },
+        labels: Default::default(),
+    }
+}
+
+fn read_manifest(path: &PathBuf) -> anyhow::Result<(pb::VmSpec, bool)> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    manifest::parse(&text).with_context(|| format!("{}", path.display()))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        // gRPC errors carry the agent's message (which names the field); print that alone.
+        match e.downcast_ref::<tonic::Status>() {
+            Some(s) => eprintln!("error: {} ({:?})", s.message(), s.code()),
+            None => eprintln!("error: {e:#}"),
+        }
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut client = endpoint::connect(&cli.agent)
+        .await
+        .with_context(|| format!("cannot reach the agent at {}", cli.agent))?;
+    let out = cli.output;
+    let print_vm = |vm: pb::Vm| output::vm(out, &VmView::from(&vm));
+    match cli.command {
+        Command::Node {
+            command: NodeCommand::Info,
+        } => {
+            let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
+            output::node(out, &NodeView::from(node))?;
+        }
+        Command::Vm { command } => match *command {
+            VmCommand::List => {
+                let vms = client
+                    .list_vms(pb::ListVmsRequest {})
+                    .await?
+                    .into_inner()
+                    .vms;
+                output::vms(out, &vms.iter().map(VmView::from).collect::<Vec<_>>())?;
+            }
+            VmCommand::Get { name } => {
+                print_vm(client.get_vm(pb::GetVmRequest { name }).await?.into_inner())?
+            }
+            VmCommand::Create(args) => {
+                let (spec, start) = match &args.file {
+                    Some(path) => read_manifest(path)?,
+                    None => {
+                        let start = args.start;
+                        (spec_from_flags(args), start)
+                    }
+                };
+                let vm = client
+                    .create_vm(pb::CreateVmRequest {
+                        spec: Some(spec),
+                        start,
+                    })
+                    .await?;
+                print_vm(vm.into_inner())?;
+            }
+            VmCommand::Start { name } => print_vm(
+                client
+                    .start_vm(pb::StartVmRequest { name })
+                    .await?
+                    .into_inner(),
+            )?,
+            VmCommand::Stop(a) => {
+                let req = pb::StopVmRequest {
+                    name: a.name,
+                    timeout_seconds: a.timeout,
+                    force: a.force,
+                };
+                print_vm(client.stop_vm(req).await?.into_inner())?;
+            }
+            VmCommand::Restart(a) => {
+                let req = pb::RestartVmRequest {
+                    name: a.name,
+                    timeout_seconds: a.timeout,
+                    force: a.force,
+                };
+                print_vm(client.restart_vm(req).await?.into_inner())?;
+            }
+            VmCommand::Pause { name } => print_vm(
+                client
+                    .pause_vm(pb::PauseVmRequest { name })
+                    .await?
+                    .into_inner(),
+            )?,
+            VmCommand::Resume { name } => print_vm(
+                client
+                    .resume_vm(pb::ResumeVmRequest { name })
+                    .await?
+                    .into_inner(),
+            )?,
+            VmCommand::Delete { name } => {
+                client
+                    .delete_vm(pb::DeleteVmRequest { name: name.clone() })
+                    .await?;
+                if !output::structured(out, &serde_json::json!({"deleted": name}))? {
+                    println!("vm {name} deleted");
+                }
+            }
+            VmCommand::Watch { name } => {
+                let req = pb::WatchVmsRequest {
+                    name: name.unwrap_or_default(),
+                };
+                let mut stream = client.watch_vms(req).await?.into_inner();
+                while let Some(event) = stream.next().await {
+                    output::event(out, &EventView::from(&event?))?;
+                }
+            }
+        },
+    }
+    Ok(())
+}

@@ -37,7 +37,10 @@ impl std::str::FromStr for Address {
         if s.starts_with("https://") {
             return Err(AddressError::TlsUnsupported(s.to_string()));
         }
-        let hostport = s.strip_prefix("http://").ok_or_else(bad)?.trim_end_matches('/');
+        let hostport = s
+            .strip_prefix("http://")
+            .ok_or_else(bad)?
+            .trim_end_matches('/');
         let (host, port) = hostport.rsplit_once(':').ok_or_else(bad)?;
         if host.is_empty() || port.parse::<u16>().is_err() || hostport.contains('/') {
             return Err(bad());
@@ -56,9 +59,15 @@ impl std::fmt::Display for Address {
 }
 
 /// Connects a client. Unix sockets need a custom connector; the URI is then only a placeholder.
-pub async fn connect(addr: &Address) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
+pub async fn connect(
+    addr: &Address,
+) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
     let channel = match addr {
-        Address::Tcp(hp) => Endpoint::from_shared(format!("http://{hp}"))?.connect().await?,
+        Address::Tcp(hp) => {
+            Endpoint::from_shared(format!("http://{hp}"))?
+                .connect()
+                .await?
+        }
         Address::Unix(path) => {
             let path = path.clone();
             Endpoint::from_static("http://agent.local")
@@ -82,11 +91,30 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!("unix:///run/a.sock".parse(), Ok(Address::Unix("/run/a.sock".into())));
-        assert_eq!("http://127.0.0.1:7443".parse(), Ok(Address::Tcp("127.0.0.1:7443".into())));
-        assert_eq!("http://[::1]:7443/".parse(), Ok(Address::Tcp("[::1]:7443".into())));
-        assert!(matches!("https://h:1".parse::<Address>(), Err(AddressError::TlsUnsupported(_))));
-        for bad in ["unix://rel.sock", "unix://", "127.0.0.1:80", "http://h", "http://h:x", "http://h:1/p"] {
+        assert_eq!(
+            "unix:///run/a.sock".parse(),
+            Ok(Address::Unix("/run/a.sock".into()))
+        );
+        assert_eq!(
+            "http://127.0.0.1:7443".parse(),
+            Ok(Address::Tcp("127.0.0.1:7443".into()))
+        );
+        assert_eq!(
+            "http://[::1]:7443/".parse(),
+            Ok(Address::Tcp("[::1]:7443".into()))
+        );
+        assert!(matches!(
+            "https://h:1".parse::<Address>(),
+            Err(AddressError::TlsUnsupported(_))
+        ));
+        for bad in [
+            "unix://rel.sock",
+            "unix://",
+            "127.0.0.1:80",
+            "http://h",
+            "http://h:x",
+            "http://h:1/p",
+        ] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
         }
         assert_eq!(Address::Unix("/a".into()).to_string(), "unix:///a");

@@ -1,0 +1,325 @@
+//! Test support: the test guest, agents started as real processes, and waiting helpers.
+//!
+//! Everything here drives real binaries: `hypersdk-agent` and `hyperctl` from this workspace's
+//! target directory, QEMU from the system, the guest built by `images/guest/build.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
+use hypersdk_proto::endpoint::{self, Address};
+use tonic::transport::Channel;
+
+pub type Client = AgentServiceClient<Channel>;
+
+/// Printed by the test guest once userspace runs.
+pub const READY_MARKER: &str = "HYPERSDK-GUEST-READY";
+/// Printed by the test guest once a second: `HYPERSDK-COUNTER <n>`.
+pub const COUNTER_MARKER: &str = "HYPERSDK-COUNTER ";
+/// Kernel command line the test guest boots with.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet memhp_default_state=online_movable";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The workspace's binary `name`, built by `cargo build --bins` (the README's test command).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> or target/<profile>/<bench>
+    let candidates = exe.ancestors().skip(1).take(2).map(|d| d.join(name));
+    for c in candidates {
+        if c.is_file() {
+            return c;
+        }
+    }
+    panic!("{name} not built: run `cargo build --workspace --bins` first");
+}
+
+/// The test guest: kernel, initrd and a pristine disk image.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+}
+
+/// Builds the guest if needed (cached by the build script; serialised across test processes).
+pub fn guest() -> Guest {
+    let out = repo_root().join("target/guest");
+    let lock_path = repo_root().join("target/guest.lock");
+    std::fs::create_dir_all(repo_root().join("target")).unwrap();
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map(|guard| {
+            let status = Command::new(repo_root().join("images/guest/build.sh"))
+                .arg(&out)
+                .stdout(Stdio::null())
+                .status()
+                .expect("running images/guest/build.sh");
+            assert!(status.success(), "images/guest/build.sh failed");
+            drop(guard);
+        })
+        .map_err(|(_, e)| e)
+        .expect("locking the guest build");
+    Guest {
+        kernel: out.join("vmlinuz"),
+        initrd: out.join("initrd.img"),
+        disk: out.join("disk.qcow2"),
+    }
+}
+
+/// A `hypersdk-agent` process with its own data and image directories. On drop, the agent and
+/// every QEMU it started are ended, so a failing test leaks nothing.
+pub struct Agent {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub address: Address,
+    pub guest: Guest,
+    process: Option<Child>,
+}
+
+impl Agent {
+    pub async fn start(name: &str) -> Agent {
+        let guest = guest();
+        let dir = tempfile::Builder::new()
+            .prefix("hs-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        // The guest files are read-only inputs; each agent gets its own copies to keep tests apart.
+        let local = Guest {
+            kernel: images.join("vmlinuz"),
+            initrd: images.join("initrd.img"),
+            disk: images.join("disk.qcow2"),
+        };
+        for (from, to) in [
+            (&guest.kernel, &local.kernel),
+            (&guest.initrd, &local.initrd),
+            (&guest.disk, &local.disk),
+        ] {
+            std::fs::copy(from, to).unwrap();
+        }
+        let mut agent = Agent {
+            name: name.to_string(),
+            address: Address::Unix(dir.path().join("agent.sock")),
+            dir,
+            guest: local,
+            process: None,
+        };
+        agent.spawn();
+        let node = agent
+            .client()
+            .await
+            .get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        println!(
+            "agent {name}: accelerator {} ({})",
+            node.accelerator, node.accelerator_reason
+        );
+        agent
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let accel = std::env::var("HYPERSDK_TEST_ACCEL").unwrap_or_else(|_| "auto".into());
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let child = Command::new(bin("hypersdk-agent"))
+            .args(["--node-name", &self.name, "--accel", &accel])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.address.to_string())
+            .arg("--image-dir")
+            .arg(self.dir.path().join("images"))
+            .env("HYPERSDK_LOG", "info,hypersdk_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning hypersdk-agent");
+        self.process = Some(child);
+        let Address::Unix(sock) = &self.address else {
+            unreachable!()
+        };
+        wait_until(Duration::from_secs(20), "agent socket", || sock.exists());
+    }
+
+    pub async fn client(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match endpoint::connect(&self.address).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("connecting to agent: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// A spec for the test guest with a private copy of its disk.
+    pub fn guest_spec(&self, name: &str) -> pb::VmSpec {
+        let disk = self.dir.path().join("images").join(format!("{name}.qcow2"));
+        std::fs::copy(&self.guest.disk, &disk).unwrap();
+        pb::VmSpec {
+            name: name.into(),
+            cpus: 1,
+            max_cpus: 2,
+            memory: "256Mi".into(),
+            max_memory: "512Mi".into(),
+            boot: Some(pb::Boot {
+                kernel: self.guest.kernel.to_string_lossy().into(),
+                initrd: self.guest.initrd.to_string_lossy().into(),
+                cmdline: GUEST_CMDLINE.into(),
+            }),
+            disks: vec![pb::Disk {
+                name: "root".into(),
+                path: disk.to_string_lossy().into(),
+                ..Default::default()
+            }],
+            networks: vec![pb::Network {
+                name: "default".into(),
+                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+            }],
+            labels: Default::default(),
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Pids of QEMU processes recorded in the agent's state files.
+    pub fn recorded_pids(&self) -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir(self.data_dir().join("vms")) else {
+            return vec![];
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("state.json")).ok())
+            .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .filter_map(|v| v["pid"].as_i64())
+            .filter(|p| *p > 0)
+            .map(|p| p as i32)
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        for pid in self.recorded_pids() {
+            if is_qemu(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent {} log ---\n{}", self.name, self.agent_log());
+        }
+    }
+}
+
+/// True while `pid` is a live QEMU process (not a zombie, not a recycled pid).
+pub fn is_qemu(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    state != Some('Z') && comm.starts_with("qemu-system")
+}
+
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls GetVm until `pred` holds; returns that VM.
+pub async fn wait_vm(
+    client: &mut Client,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&pb::VmStatus) -> bool,
+) -> pb::Vm {
+    let deadline = Instant::now() + limit;
+    loop {
+        let vm = client
+            .get_vm(pb::GetVmRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if pred(vm.status.as_ref().unwrap()) {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {name}: {what}; last status {:?}",
+            vm.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn phase(vm: &pb::Vm) -> pb::VmPhase {
+    pb::VmPhase::try_from(vm.status.as_ref().unwrap().phase).unwrap()
+}
+
+/// The serial console log of a VM so far.
+pub fn serial(vm: &pb::Vm) -> String {
+    let path = &vm.status.as_ref().unwrap().serial_log;
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+pub fn count_markers(serial: &str, marker: &str) -> usize {
+    serial.matches(marker).count()
+}
+
+/// The last counter value the guest printed.
+pub fn last_counter(serial: &str) -> Option<u64> {
+    serial.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix(COUNTER_MARKER.trim_end())
+            .and_then(|n| n.trim().parse().ok())
+    })
+}
+
+/// Waits until the serial log has `n` ready markers (one per boot).
+pub async fn wait_boots(vm: &pb::Vm, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while count_markers(&serial(vm), READY_MARKER) < n {
+        assert!(
+            Instant::now() < deadline,
+            "guest did not reach boot #{n} within {limit:?}; serial:\n{}",
+            serial(vm)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    is_qemu(pid as i32)
+}
