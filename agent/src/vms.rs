@@ -10,7 +10,10 @@ use tracing::{info, warn};
 use crate::context::Context;
 use crate::error::AgentError;
 use crate::resolve::resolve_spec;
-use crate::spec::VmSpec;
+use crate::spec::{FieldError, VmSpec};
+
+/// Longest unix socket path Linux accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
 use crate::state::Phase;
 use crate::supervisor::{self, Op, VmHandle};
 
@@ -53,8 +56,23 @@ impl Vms {
     }
 
     pub async fn create(&self, spec: pb::VmSpec, start: bool) -> Result<pb::Vm, AgentError> {
-        let spec = VmSpec::try_from(spec)?;
-        resolve_spec(&spec, &self.ctx.policy)?;
+        let mut spec = VmSpec::try_from(spec)?;
+        let resolved = resolve_spec(&spec, &self.ctx.policy)?;
+        // Keep the paths as the user wrote them, with the format read from each image.
+        for (disk, seen) in spec.disks.iter_mut().zip(&resolved.disks) {
+            disk.format = seen.format;
+        }
+        let sock = self.ctx.store.vm_dir(&spec.name).join("qmp.sock");
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(FieldError::new(
+                "spec.name",
+                format!(
+                    "too long for this agent's data dir: {} exceeds {MAX_SOCKET_PATH} bytes",
+                    sock.display()
+                ),
+            )
+            .into());
+        }
         let name = spec.name.clone();
         let handle = {
             let mut vms = self.vms.write().await;

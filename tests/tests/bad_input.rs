@@ -276,7 +276,7 @@ async fn a_disk_image_may_not_smuggle_in_a_host_file() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut spec = agent.guest_spec("evil");
+    let mut spec = agent.guest_spec("smuggler");
     spec.disks[0].path = evil.to_string_lossy().into();
     let err = c
         .create_vm(pb::CreateVmRequest {
