@@ -58,11 +58,18 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// Connects a client. Unix sockets need a custom connector; the URI is then only a placeholder.
+/// Connects an agent client.
 pub async fn connect(
     addr: &Address,
 ) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
-    let channel = match addr {
+    // VM lists with many specs can exceed tonic's 4 MiB default.
+    Ok(AgentServiceClient::new(channel(addr).await?).max_decoding_message_size(64 << 20))
+}
+
+/// Opens a channel to any service the agent serves (health, reflection, the agent API).
+/// Unix sockets need a custom connector; the URI is then only a placeholder.
+pub async fn channel(addr: &Address) -> Result<Channel, tonic::transport::Error> {
+    Ok(match addr {
         Address::Tcp(hp) => {
             Endpoint::from_shared(format!("http://{hp}"))?
                 .connect()
@@ -80,9 +87,7 @@ pub async fn connect(
                 }))
                 .await?
         }
-    };
-    // VM lists with many specs can exceed tonic's 4 MiB default.
-    Ok(AgentServiceClient::new(channel).max_decoding_message_size(64 << 20))
+    })
 }
 
 #[cfg(test)]
