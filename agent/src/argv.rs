@@ -52,6 +52,11 @@ pub fn mac_address(vm: &str, nic: usize) -> String {
     format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
 }
 
+/// The `-qmp` value; also how an adopted process is recognised as this VM's QEMU.
+pub fn qmp_arg(files: &VmFiles) -> String {
+    format!("unix:{},server=on,wait=off", path(&files.qmp_socket))
+}
+
 /// The full argv (without the QEMU binary) for `spec`. Disk formats must already be known.
 pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
     let mut a: Vec<String> = Vec::with_capacity(64);
@@ -83,10 +88,7 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
         "-serial",
         "chardev:serial0",
     ]);
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", path(&files.qmp_socket)),
-    ]);
+    push(&["-qmp", &qmp_arg(files)]);
     push(&[
         "-device",
         "virtio-serial-pci,id=vser0",

@@ -111,7 +111,9 @@ pub async fn run(
         events,
     });
     let vms = Arc::new(
-        Vms::load(ctx).map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?,
+        Vms::load(ctx)
+            .await
+            .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?,
     );
 
     let listen = if config.listen.is_empty() {

@@ -12,6 +12,8 @@
 use hypersdk_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
+use crate::process::ExitInfo;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     Pending,
@@ -109,6 +111,17 @@ pub struct Exit {
     pub signal: Option<i32>,
     /// The last lines QEMU wrote to stderr.
     pub stderr_tail: String,
+}
+
+impl Exit {
+    pub fn of(guest_shutdown: Option<String>, info: ExitInfo, stderr_tail: String) -> Exit {
+        Exit {
+            guest_shutdown,
+            code: info.code,
+            signal: info.signal,
+            stderr_tail,
+        }
+    }
 }
 
 /// The phase and message after the QEMU process is gone.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
-use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -93,9 +92,10 @@ struct Status {
 
 /// A live QEMU process and the connections to it.
 struct Running {
-    child: Child,
+    qemu: process::Qemu,
     pid: u32,
-    launched: Instant,
+    /// When this agent launched it; None for a process adopted after a restart.
+    launched: Option<Instant>,
     stderr_from: u64,
     qmp: Qmp,
     events: broadcast::Receiver<qmp::Event>,
@@ -136,8 +136,24 @@ pub struct Supervisor {
     qga_rx: mpsc::Receiver<GuestAgent>,
 }
 
-/// Starts the task for a VM whose directory and spec exist; returns its handle.
-pub fn spawn(ctx: Arc<Context>, spec: VmSpec, phase: Phase, message: String) -> VmHandle {
+/// How a supervisor begins.
+pub enum Init {
+    /// No process: the VM is in this phase.
+    Idle { phase: Phase, message: String },
+    /// A QEMU left running by an earlier agent process.
+    Adopt {
+        qemu: process::Qemu,
+        saved: SavedState,
+    },
+}
+
+/// Starts the task for a VM whose directory and spec exist; returns its handle once the VM's
+/// status is known (for an adopted QEMU: after QMP has answered).
+pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
+    let (phase, message, adopt) = match init {
+        Init::Idle { phase, message } => (phase, message, None),
+        Init::Adopt { qemu, saved } => (saved.phase, String::new(), Some((qemu, saved))),
+    };
     let dir = ctx.store.vm_dir(&spec.name);
     let (req_tx, req_rx) = mpsc::channel(16);
     let (qga_tx, qga_rx) = mpsc::channel(4);
@@ -155,7 +171,7 @@ pub fn spawn(ctx: Arc<Context>, spec: VmSpec, phase: Phase, message: String) -> 
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
     let span = info_span!("vm", name = %spec.name);
-    let sup = Supervisor {
+    let mut sup = Supervisor {
         files: VmFiles::in_dir(&dir),
         dir,
         ctx,
@@ -168,8 +184,11 @@ pub fn spawn(ctx: Arc<Context>, spec: VmSpec, phase: Phase, message: String) -> 
         qga_tx,
         qga_rx,
     };
+    if let Some((qemu, saved)) = adopt {
+        sup.adopt(qemu, saved).instrument(span.clone()).await;
+    }
     sup.publish.send_replace(sup.snapshot());
-    tokio::spawn(async move { sup.run().await }.instrument(span));
+    tokio::spawn(sup.run().instrument(span));
     VmHandle {
         requests: req_tx,
         status: status_rx,
@@ -228,40 +247,69 @@ impl Supervisor {
         }
         let stderr_from = process::stderr_len(&self.dir);
         let launched = Instant::now();
-        let mut child = process::spawn(&self.ctx.qemu, &argv, &self.dir)
+        let qemu = process::spawn(&self.ctx.qemu, &argv, &self.dir)
             .map_err(|e| self.qemu_error(format!("cannot run {}: {e}", self.ctx.qemu.display())))?;
-        let pid = child.id().unwrap_or(0);
-        info!(pid, accel = self.ctx.accel.accel.as_str(), "QEMU launched");
+        info!(
+            pid = qemu.pid(),
+            accel = self.ctx.accel.accel.as_str(),
+            "QEMU launched"
+        );
         self.status.started_at_ms = now_ms();
         self.status.timings = Default::default();
         self.status.qemu_status.clear();
         self.set_phase(Phase::Starting, "QEMU launched", "Starting");
+        self.attach(qemu, Some(launched), stderr_from).await?;
+        Ok(self.snapshot())
+    }
 
-        let qmp = match self.connect_qmp(&mut child).await {
+    /// Takes over a QEMU left running by an earlier agent process.
+    async fn adopt(&mut self, qemu: process::Qemu, saved: SavedState) {
+        info!(pid = qemu.pid(), "adopting running QEMU");
+        self.status.started_at_ms = saved.started_at_ms;
+        self.status.phase = saved.phase;
+        let from = process::stderr_len(&self.dir);
+        if self.attach(qemu, None, from).await.is_ok() {
+            self.publish("Adopted", "QEMU kept running while the agent restarted");
+        }
+    }
+
+    /// Connects QMP and the guest agent to a live QEMU and makes it the VM's process. On
+    /// failure the process is ended and the VM is Failed with QEMU's own words.
+    async fn attach(
+        &mut self,
+        mut qemu: process::Qemu,
+        launched: Option<Instant>,
+        stderr_from: u64,
+    ) -> Result<(), AgentError> {
+        let qmp = match self.connect_qmp(&mut qemu).await {
             Ok(qmp) => qmp,
             Err(why) => {
-                let _ = child.start_kill();
-                let status = child.wait().await.ok();
+                qemu.kill();
+                let exit = qemu.wait().await;
+                let (_, how) =
+                    state::on_exit(Phase::Starting, &Exit::of(None, exit, String::new()));
                 let tail = process::stderr_tail(&self.dir, stderr_from, 600);
-                let why = match (tail.is_empty(), status) {
-                    (false, _) => format!("{why}: {tail}"),
-                    (true, Some(s)) => format!("{why} ({s})"),
-                    (true, None) => why,
+                let why = if tail.is_empty() {
+                    format!("{why} ({how})")
+                } else {
+                    format!("{why}: {tail}")
                 };
                 self.status.started_at_ms = 0;
                 self.set_phase(Phase::Failed, &why, "StartFailed");
                 return Err(self.qemu_error(why));
             }
         };
-        self.status.timings.qmp_ready_ms = launched.elapsed().as_millis() as u32;
+        if let Some(launched) = launched {
+            self.status.timings.qmp_ready_ms = launched.elapsed().as_millis() as u32;
+        }
         let events = qmp.events();
         let qga_task = tokio::spawn(
             poll_guest_agent(self.files.qga_socket.clone(), self.qga_tx.clone())
                 .instrument(tracing::Span::current()),
         );
         self.running = Some(Running {
-            child,
-            pid,
+            pid: qemu.pid(),
+            qemu,
             launched,
             stderr_from,
             qmp,
@@ -271,16 +319,16 @@ impl Supervisor {
             qga_task,
         });
         self.refresh_from_qemu().await;
-        Ok(self.snapshot())
+        Ok(())
     }
 
     /// Connects to QMP as soon as QEMU has created the socket; fails early if QEMU exits.
-    async fn connect_qmp(&self, child: &mut Child) -> Result<Qmp, String> {
+    async fn connect_qmp(&self, qemu: &mut process::Qemu) -> Result<Qmp, String> {
         let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
         let mut delay = Duration::from_millis(1);
         loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("QEMU exited during start ({status})"));
+            if qemu.has_exited() {
+                return Err("QEMU exited during start".into());
             }
             if self.files.qmp_socket.exists() {
                 match Qmp::connect(&self.files.qmp_socket).await {
@@ -306,7 +354,9 @@ impl Supervisor {
             Ok(s) => {
                 self.status.qemu_status = enum_name(&s.status);
                 let next = state::on_run_state(self.status.phase, s.running);
-                if s.running && self.status.timings.running_ms == 0 {
+                if let (true, Some(launched)) = (s.running, launched)
+                    && self.status.timings.running_ms == 0
+                {
                     self.status.timings.running_ms = launched.elapsed().as_millis() as u32;
                 }
                 if next != self.status.phase {
@@ -407,8 +457,8 @@ impl Supervisor {
 
     async fn delete(&mut self) -> Result<pb::Vm, AgentError> {
         if let Some(mut run) = self.running.take() {
-            let _ = run.child.start_kill();
-            let _ = run.child.wait().await;
+            let _ = run.qemu.kill();
+            run.qemu.wait().await;
         }
         for waiter in self.stopping.take().into_iter().flat_map(|s| s.waiters) {
             let _ = waiter.send(Err(AgentError::NotFound(self.spec.name.clone())));
@@ -430,18 +480,12 @@ impl Supervisor {
 
     // ----- observations ---------------------------------------------------------------------
 
-    async fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
+    async fn on_exit(&mut self, info: process::ExitInfo) {
         let Some(run) = self.running.take() else {
             return;
         };
-        use std::os::unix::process::ExitStatusExt;
-        let status = status.ok();
-        let exit = Exit {
-            guest_shutdown: run.guest_shutdown.clone(),
-            code: status.and_then(|s| s.code()),
-            signal: status.and_then(|s| s.signal()),
-            stderr_tail: process::stderr_tail(&self.dir, run.stderr_from, 600),
-        };
+        let tail = process::stderr_tail(&self.dir, run.stderr_from, 600);
+        let exit = Exit::of(run.guest_shutdown.clone(), info, tail);
         drop(run);
         let (phase, mut message) = state::on_exit(self.status.phase, &exit);
         if phase == Phase::Stopped && self.status.message.contains("did not power off") {
@@ -511,10 +555,10 @@ impl Supervisor {
             return;
         }
         self.status.agent_connected = up;
-        if let (true, Some(run)) = (up, &self.running)
+        if let (true, Some(Some(launched))) = (up, self.running.as_ref().map(|r| r.launched))
             && self.status.timings.agent_connected_ms == 0
         {
-            self.status.timings.agent_connected_ms = run.launched.elapsed().as_millis() as u32;
+            self.status.timings.agent_connected_ms = launched.elapsed().as_millis() as u32;
         }
         let reason = if up {
             "GuestAgentConnected"
@@ -543,7 +587,7 @@ impl Supervisor {
 
     fn kill(&mut self) {
         if let Some(run) = &mut self.running {
-            let _ = run.child.start_kill();
+            run.qemu.kill();
         }
     }
 
@@ -633,7 +677,7 @@ fn enum_name<T: serde::Serialize>(v: &T) -> String {
 }
 
 enum ProcessEvent {
-    Exited(std::io::Result<std::process::ExitStatus>),
+    Exited(process::ExitInfo),
     Qmp(qmp::Event),
 }
 
@@ -644,7 +688,7 @@ async fn watch_process(running: &mut Option<Running>) -> ProcessEvent {
     };
     loop {
         tokio::select! {
-            status = run.child.wait() => return ProcessEvent::Exited(status),
+            info = run.qemu.wait() => return ProcessEvent::Exited(info),
             event = run.events.recv(), if !run.qmp_closed => match event {
                 Ok(ev) => return ProcessEvent::Qmp(ev),
                 Err(broadcast::error::RecvError::Lagged(n)) => warn!("missed {n} QMP events"),

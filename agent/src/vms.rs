@@ -14,8 +14,11 @@ use crate::spec::{FieldError, VmSpec};
 
 /// Longest unix socket path Linux accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+use crate::argv::{self, VmFiles};
+use crate::process;
 use crate::state::Phase;
-use crate::supervisor::{self, Op, VmHandle};
+use crate::store::SavedState;
+use crate::supervisor::{self, Init, Op, VmHandle};
 
 pub struct Vms {
     ctx: Arc<Context>,
@@ -25,26 +28,23 @@ pub struct Vms {
 impl Vms {
     /// Loads every VM from the data dir. VMs whose files cannot be read are reported and skipped;
     /// they never stop the agent.
-    pub fn load(ctx: Arc<Context>) -> std::io::Result<Vms> {
-        let mut vms = BTreeMap::new();
+    pub async fn load(ctx: Arc<Context>) -> std::io::Result<Vms> {
+        let mut starting = Vec::new();
         for (name, loaded) in ctx.store.load_all()? {
             match loaded {
                 Ok((spec, saved)) => {
-                    let (phase, message) = match saved {
-                        None => (Phase::Pending, String::new()),
-                        Some(s) if s.phase.has_process() => (
-                            Phase::Stopped,
-                            format!("agent restarted while the VM was {}", s.phase.name()),
-                        ),
-                        Some(s) => (s.phase, s.message),
-                    };
-                    info!(vm = %name, ?phase, "loaded");
-                    let handle = supervisor::spawn(ctx.clone(), spec, phase, message);
-                    vms.insert(name, handle);
+                    let init = initial_state(&ctx, &name, saved);
+                    let ctx = ctx.clone();
+                    // Adoptions talk to QMP: run them side by side.
+                    starting.push(async move { (name, supervisor::spawn(ctx, spec, init).await) });
                 }
                 Err(e) => warn!(vm = %name, "cannot load VM, skipped: {e}"),
             }
         }
+        let vms = futures::future::join_all(starting)
+            .await
+            .into_iter()
+            .collect();
         Ok(Vms {
             ctx,
             vms: RwLock::new(vms),
@@ -83,7 +83,11 @@ impl Vms {
                 std::io::ErrorKind::AlreadyExists => AgentError::AlreadyExists(name.clone()),
                 _ => AgentError::Internal(format!("creating VM directory: {e}")),
             })?;
-            let handle = supervisor::spawn(self.ctx.clone(), spec, Phase::Pending, String::new());
+            let init = Init::Idle {
+                phase: Phase::Pending,
+                message: String::new(),
+            };
+            let handle = supervisor::spawn(self.ctx.clone(), spec, init).await;
             vms.insert(name.clone(), handle.clone());
             handle
         };
@@ -146,5 +150,41 @@ impl Vms {
             }
         }
         (cpus, memory, vms.len() as u32)
+    }
+}
+
+/// Where a VM found on disk begins: its live QEMU adopted, or the phase it was left in.
+fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
+    let Some(saved) = saved else {
+        return Init::Idle {
+            phase: Phase::Pending,
+            message: String::new(),
+        };
+    };
+    if !saved.phase.has_process() {
+        return Init::Idle {
+            phase: saved.phase,
+            message: saved.message,
+        };
+    }
+    let files = VmFiles::in_dir(&ctx.store.vm_dir(name));
+    match process::adopt(saved.pid, &argv::qmp_arg(&files)) {
+        Ok(qemu) => Init::Adopt { qemu, saved },
+        Err(e) => {
+            info!(vm = %name, pid = saved.pid, "QEMU not adoptable: {e}");
+            // A stop that was under way has finished; anything else ended unexpectedly.
+            let (phase, message) = if saved.phase == Phase::Stopping {
+                (
+                    Phase::Stopped,
+                    "stopped while the agent was down".to_string(),
+                )
+            } else {
+                (
+                    Phase::Failed,
+                    format!("QEMU (pid {}) ended while the agent was down", saved.pid),
+                )
+            };
+            Init::Idle { phase, message }
+        }
     }
 }

@@ -193,15 +193,16 @@ while read -r name arrow path _; do
 done <"$WORK/ldd.txt"
 [[ -e $ST/lib64/ld-linux-x86-64.so.2 ]] || die "dynamic loader missing from the initramfs"
 
-# kernel modules: only the modular ones, with dependencies (from each module's modinfo), in order
-declare -A MODFILE=() BUILTIN=() ADDED=()
+# kernel modules: only the modular ones, with their dependencies (read from each module's
+# modinfo), decompressed, plus a modules.dep in depmod's format for busybox modprobe
+declare -A MODFILE=() BUILTIN=() ADDED=() MODDEPS=()
 while read -r f; do
   b=${f##*/}; b=${b%%.ko*}; MODFILE[${b//-/_}]=$f
 done < <(find "$KDIR/kernel" -name '*.ko*')
 while read -r f; do
   b=${f##*/}; b=${b%%.ko*}; BUILTIN[${b//-/_}]=1
 done <"$KDIR/modules.builtin"
-MODORDER=()
+MODORDER=() # dependencies first
 add_module() { # name required(0/1)
   local m=${1//-/_} f dest deps d
   [[ -z ${ADDED[$m]:-} && -z ${BUILTIN[$m]:-} ]] || return 0
@@ -213,7 +214,7 @@ add_module() { # name required(0/1)
   fi
   ADDED[$m]=1
   dest=$ST/lib/modules/$KVER/$m.ko
-  case $f in # busybox insmod wants plain .ko
+  case $f in # busybox insmod/modprobe want plain .ko
     *.ko) cp "$f" "$dest" ;;
     *.ko.xz) "$TREE/bin/busybox" xzcat "$f" >"$dest" ;;
     *.ko.zst) zstd -q -d -c "$f" >"$dest" ;;
@@ -221,12 +222,36 @@ add_module() { # name required(0/1)
     *) die "unknown module format $f" ;;
   esac
   deps=$(tr '\0' '\n' <"$dest" | sed -n 's/^depends=//p' | head -n1)
-  for d in ${deps//,/ }; do add_module "$d" 1; done
+  MODDEPS[$m]=""
+  for d in ${deps//,/ }; do
+    d=${d//-/_}
+    add_module "$d" 1
+    [[ -n ${BUILTIN[$d]:-} ]] || MODDEPS[$m]+=" $d"
+  done
   MODORDER+=("$m")
 }
 for m in "${REQUIRED_MODULES[@]}"; do add_module "$m" 1; done
 for m in "${OPTIONAL_MODULES[@]}"; do add_module "$m" 0; done
-printf '%s\n' "${MODORDER[@]}" >"$ST/lib/modules/load-order"
+closure() { # module -> CLOSURE[] (transitive dependencies)
+  local d
+  for d in ${MODDEPS[$1]}; do
+    [[ -z ${CLOSURE[$d]:-} ]] || continue
+    CLOSURE[$d]=1
+    closure "$d"
+  done
+}
+for m in "${MODORDER[@]}"; do # depmod order: "m.ko: <dependent ... base>" (loaded right to left)
+  declare -A CLOSURE=()
+  closure "$m"
+  line="$m.ko:"
+  for ((i = ${#MODORDER[@]} - 1; i >= 0; i--)); do
+    d=${MODORDER[i]}
+    [[ -n ${CLOSURE[$d]:-} ]] && line+=" $d.ko"
+  done
+  echo "$line"
+  unset CLOSURE
+done >"$ST/lib/modules/$KVER/modules.dep"
+cp "$KDIR/modules.builtin" "$ST/lib/modules/$KVER/modules.builtin"
 
 # guest scripts and config
 install -m 0755 "$HERE/init" "$ST/init"
@@ -245,7 +270,8 @@ EOF
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ST/etc/passwd"
 printf 'root:x:0:\n' >"$ST/etc/group"
 echo hypersdk-guest >"$ST/etc/hostname"
-echo "$KVER" >"$ST/etc/hypersdk-kernel"
+printf 'ID=hypersdk-guest\nNAME="HyperSDK test guest"\nPRETTY_NAME="HyperSDK test guest (Debian %s)"\nVERSION_ID=1\n' \
+  "$KVER" >"$ST/etc/os-release"
 
 # newc cpio, owned by root, deterministic order
 (cd "$ST" && find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 --reproducible --quiet) >"$WORK/initrd.cpio"

@@ -134,7 +134,11 @@ impl Agent {
 
     fn spawn(&mut self) {
         let accel = std::env::var("HYPERSDK_TEST_ACCEL").unwrap_or_else(|_| "auto".into());
-        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
         let child = Command::new(bin("hypersdk-agent"))
             .args(["--node-name", &self.name, "--accel", &accel])
             .arg("--data-dir")
@@ -152,7 +156,10 @@ impl Agent {
         let Address::Unix(sock) = &self.address else {
             unreachable!()
         };
-        wait_until(Duration::from_secs(20), "agent socket", || sock.exists());
+        // A restarted agent replaces the old socket file: wait until it answers.
+        wait_until(Duration::from_secs(20), "agent socket", || {
+            std::os::unix::net::UnixStream::connect(sock).is_ok()
+        });
     }
 
     pub async fn client(&self) -> Client {
@@ -192,6 +199,20 @@ impl Agent {
             }],
             labels: Default::default(),
         }
+    }
+
+    /// Ends the agent process with `signal` (its VMs are left alone) and waits for it.
+    pub fn kill_agent(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut p) = self.process.take() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), signal).unwrap();
+            p.wait().unwrap();
+        }
+    }
+
+    /// Starts a new agent process on the same data directory.
+    pub fn respawn(&mut self) {
+        assert!(self.process.is_none(), "the agent is still running");
+        self.spawn();
     }
 
     /// The agent's process id.
@@ -305,11 +326,28 @@ pub fn count_markers(serial: &str, marker: &str) -> usize {
 
 /// The last counter value the guest printed.
 pub fn last_counter(serial: &str) -> Option<u64> {
-    serial.lines().rev().find_map(|l| {
-        l.trim()
-            .strip_prefix(COUNTER_MARKER.trim_end())
-            .and_then(|n| n.trim().parse().ok())
-    })
+    all_counters(serial).last().copied()
+}
+
+/// Every counter value the guest printed, in order.
+pub fn all_counters(serial: &str) -> Vec<u64> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(COUNTER_MARKER.trim_end()))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Waits until the guest's counter passes `n`.
+pub async fn wait_counter_above(vm: &pb::Vm, n: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while last_counter(&serial(vm)).unwrap_or(0) <= n {
+        assert!(
+            Instant::now() < deadline,
+            "counter stuck at {n} for {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the serial log has `n` ready markers (one per boot).

@@ -243,13 +243,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
         .collect();
     assert_eq!(dirs, vec![std::ffi::OsString::from("good")]);
     let counter = last_counter(&serial(&now)).unwrap_or(0);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while last_counter(&serial(&now)).unwrap_or(0) <= counter {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the running guest keeps counting");
+    wait_counter_above(&now, counter, Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(outside);
 }
 

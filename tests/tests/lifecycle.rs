@@ -59,13 +59,7 @@ async fn create_pause_resume_stop_start_restart_delete() {
         .into_inner();
     assert_eq!(phase(&resumed), pb::VmPhase::Running);
     let from = last_counter(&serial(&vm)).unwrap_or(0);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while last_counter(&serial(&vm)).unwrap_or(0) <= from {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("counter advances after resume");
+    wait_counter_above(&vm, from, Duration::from_secs(10)).await;
 
     // graceful stop: the guest powers itself off (ACPI), QEMU exits, nothing is killed
     let stopped = c

@@ -1,0 +1,173 @@
+//! VMs outlive their agent: killing or stopping the agent leaves every QEMU running, and the
+//! next agent process adopts them unchanged.
+
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::*;
+use nix::sys::signal::Signal;
+
+const VMS: [&str; 3] = ["keep-0", "keep-1", "keep-2"];
+
+async fn pids(c: &mut Client) -> Vec<u32> {
+    let mut out = vec![];
+    for name in VMS {
+        let vm = c
+            .get_vm(pb::GetVmRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(phase(&vm), pb::VmPhase::Running, "{name}: {:?}", vm.status);
+        out.push(vm.status.unwrap().pid);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_survive_twenty_agent_restarts() {
+    let mut agent = Agent::start("node-r").await;
+    let mut c = agent.client().await;
+    let mut vms = vec![];
+    for name in VMS {
+        let mut spec = agent.guest_spec(name);
+        spec.memory = "128Mi".into();
+        spec.max_memory = "128Mi".into();
+        let vm = c
+            .create_vm(pb::CreateVmRequest {
+                spec: Some(spec),
+                start: true,
+            })
+            .await
+            .unwrap();
+        vms.push(vm.into_inner());
+    }
+    for vm in &vms {
+        wait_boots(vm, 1, Duration::from_secs(90)).await;
+    }
+    let before = pids(&mut c).await;
+    let counters: Vec<_> = vms
+        .iter()
+        .map(|vm| last_counter(&serial(vm)).unwrap_or(0))
+        .collect();
+
+    let started = Instant::now();
+    for round in 0..20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "restarts too slow (round {round})"
+        );
+        // Alternate a crash (SIGKILL) and an orderly stop (SIGTERM).
+        let signal = if round % 2 == 0 {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
+        agent.kill_agent(signal);
+        for pid in &before {
+            assert!(
+                pid_alive(*pid),
+                "round {round}: QEMU {pid} died with the agent ({signal})"
+            );
+        }
+        agent.respawn();
+        c = agent.client().await;
+        assert_eq!(
+            pids(&mut c).await,
+            before,
+            "round {round}: same QEMU processes adopted"
+        );
+    }
+    println!("20 agent restarts in {:?}", started.elapsed());
+
+    // The guests never noticed: still on their first boot, counting on without a gap.
+    for (vm, n) in vms.iter().zip(counters) {
+        wait_counter_above(vm, n, Duration::from_secs(30)).await;
+        let text = serial(vm);
+        assert_eq!(count_markers(&text, READY_MARKER), 1, "no reboot");
+        let seen = all_counters(&text);
+        assert!(
+            seen.windows(2).all(|w| w[1] == w[0] + 1),
+            "counter sequence broken: {seen:?}"
+        );
+    }
+    // Adopted VMs are fully managed: the guest agent is seen again, and they stop on request.
+    let name = VMS[0];
+    wait_vm(
+        &mut c,
+        name,
+        Duration::from_secs(60),
+        "guest agent after adoption",
+        |s| s.agent_connected,
+    )
+    .await;
+    let stopped = c
+        .stop_vm(pb::StopVmRequest {
+            name: name.into(),
+            timeout_seconds: 30,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&stopped), pb::VmPhase::Stopped);
+    assert!(!pid_alive(before[0]));
+    assert!(
+        serial(&vms[0]).contains("reboot: Power down"),
+        "graceful stop of an adopted VM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_that_died_while_the_agent_was_down_is_reported() {
+    let mut agent = Agent::start("node-r2").await;
+    let mut c = agent.client().await;
+    let vm = c
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(agent.guest_spec("lost")),
+            start: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pid = vm.status.unwrap().pid;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(agent.guest_spec("idle")),
+        start: false,
+    })
+    .await
+    .unwrap();
+
+    agent.kill_agent(Signal::SIGKILL);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(5), "QEMU gone", || !pid_alive(pid));
+    agent.respawn();
+    let mut c = agent.client().await;
+
+    let lost = c
+        .get_vm(pb::GetVmRequest {
+            name: "lost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&lost), pb::VmPhase::Failed);
+    let msg = &lost.status.as_ref().unwrap().message;
+    assert!(msg.contains("ended while the agent was down"), "{msg}");
+    let idle = c
+        .get_vm(pb::GetVmRequest {
+            name: "idle".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&idle), pb::VmPhase::Pending, "untouched");
+    // And it can be started again.
+    let again = c
+        .start_vm(pb::StartVmRequest {
+            name: "lost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&again), pb::VmPhase::Running);
+}
