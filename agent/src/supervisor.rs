@@ -152,7 +152,7 @@ pub enum Init {
 pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
     let (phase, message, adopt) = match init {
         Init::Idle { phase, message } => (phase, message, None),
-        Init::Adopt { qemu, saved } => (saved.phase, String::new(), Some((qemu, saved))),
+        Init::Adopt { qemu, saved } => (saved.phase, String::new(), Some((*qemu, saved))),
     };
     let dir = ctx.store.vm_dir(&spec.name);
     let (req_tx, req_rx) = mpsc::channel(16);
@@ -457,7 +457,7 @@ impl Supervisor {
 
     async fn delete(&mut self) -> Result<pb::Vm, AgentError> {
         if let Some(mut run) = self.running.take() {
-            let _ = run.qemu.kill();
+            run.qemu.kill();
             run.qemu.wait().await;
         }
         for waiter in self.stopping.take().into_iter().flat_map(|s| s.waiters) {

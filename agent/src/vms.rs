@@ -169,7 +169,10 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
     }
     let files = VmFiles::in_dir(&ctx.store.vm_dir(name));
     match process::adopt(saved.pid, &argv::qmp_arg(&files)) {
-        Ok(qemu) => Init::Adopt { qemu, saved },
+        Ok(qemu) => Init::Adopt {
+            qemu: Box::new(qemu),
+            saved,
+        },
         Err(e) => {
             info!(vm = %name, pid = saved.pid, "QEMU not adoptable: {e}");
             // A stop that was under way has finished; anything else ended unexpectedly.
