@@ -142,7 +142,7 @@ pub enum Init {
     Idle { phase: Phase, message: String },
     /// A QEMU left running by an earlier agent process.
     Adopt {
-        qemu: process::Qemu,
+        qemu: Box<process::Qemu>,
         saved: SavedState,
     },
 }
