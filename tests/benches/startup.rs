@@ -160,12 +160,7 @@ async fn main() {
     );
 
     let spec_pb = agent.guest_spec("bench-vm");
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(spec_pb.clone()),
-        start: false,
-    })
-    .await
-    .unwrap();
+    create(&mut c, spec_pb.clone(), false).await;
     // Raw QEMU gets the very argv the agent builds, for a VM in a directory of its own.
     let mut raw_spec = VmSpec::try_from(spec_pb).unwrap();
     raw_spec.disks[0].format = Some(hypersdk_agent::spec::DiskFormat::Qcow2);
@@ -214,17 +209,8 @@ async fn main() {
     let rss0 = rss_kib(agent_pid);
     let mut pids = vec![];
     for i in 0..10 {
-        let mut spec = agent.guest_spec(&format!("idle-{i}"));
-        spec.memory = "128Mi".into();
-        spec.max_memory = "128Mi".into();
-        let vm = c
-            .create_vm(pb::CreateVmRequest {
-                spec: Some(spec),
-                start: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let spec = agent.small_spec(&format!("idle-{i}"));
+        let vm = create(&mut c, spec, true).await;
         pids.push(vm.status.unwrap().pid);
     }
     for i in 0..10 {

@@ -173,6 +173,14 @@ impl Agent {
         }
     }
 
+    /// A fixed-size 128 MiB guest, for tests that run several at once.
+    pub fn small_spec(&self, name: &str) -> pb::VmSpec {
+        let mut spec = self.guest_spec(name);
+        spec.memory = "128Mi".into();
+        spec.max_memory = "128Mi".into();
+        spec
+    }
+
     /// A spec for the test guest with a private copy of its disk.
     pub fn guest_spec(&self, name: &str) -> pb::VmSpec {
         let disk = self.dir.path().join("images").join(format!("{name}.qcow2"));
@@ -281,6 +289,19 @@ pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Creates a VM (and starts it, with `start`); panics on an error.
+pub async fn create(client: &mut Client, spec: pb::VmSpec, start: bool) -> pb::Vm {
+    let name = spec.name.clone();
+    client
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(spec),
+            start,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("creating {name}: {e}"))
+        .into_inner()
 }
 
 /// Polls GetVm until `pred` holds; returns that VM.

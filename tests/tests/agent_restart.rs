@@ -29,17 +29,9 @@ async fn vms_survive_twenty_agent_restarts() {
     let mut c = agent.client().await;
     let mut vms = vec![];
     for name in VMS {
-        let mut spec = agent.guest_spec(name);
-        spec.memory = "128Mi".into();
-        spec.max_memory = "128Mi".into();
-        let vm = c
-            .create_vm(pb::CreateVmRequest {
-                spec: Some(spec),
-                start: true,
-            })
-            .await
-            .unwrap();
-        vms.push(vm.into_inner());
+        let spec = agent.small_spec(name);
+        let vm = create(&mut c, spec, true).await;
+        vms.push(vm);
     }
     for vm in &vms {
         wait_boots(vm, 1, Duration::from_secs(90)).await;
@@ -121,21 +113,9 @@ async fn vms_survive_twenty_agent_restarts() {
 async fn qemu_that_died_while_the_agent_was_down_is_reported() {
     let mut agent = Agent::start("node-r2").await;
     let mut c = agent.client().await;
-    let vm = c
-        .create_vm(pb::CreateVmRequest {
-            spec: Some(agent.guest_spec("lost")),
-            start: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = create(&mut c, agent.guest_spec("lost"), true).await;
     let pid = vm.status.unwrap().pid;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(agent.guest_spec("idle")),
-        start: false,
-    })
-    .await
-    .unwrap();
+    create(&mut c, agent.guest_spec("idle"), false).await;
 
     agent.kill_agent(Signal::SIGKILL);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();

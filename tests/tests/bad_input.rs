@@ -11,14 +11,7 @@ use tonic::Code;
 async fn bad_requests_are_refused_and_change_nothing() {
     let agent = Agent::start("node-bad").await;
     let mut c = agent.client().await;
-    let good = c
-        .create_vm(pb::CreateVmRequest {
-            spec: Some(agent.guest_spec("good")),
-            start: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let good = create(&mut c, agent.guest_spec("good"), true).await;
     let pid = good.status.as_ref().unwrap().pid;
     wait_boots(&good, 1, Duration::from_secs(60)).await;
 

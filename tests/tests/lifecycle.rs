@@ -13,14 +13,7 @@ async fn create_pause_resume_stop_start_restart_delete() {
     let mut c = agent.client().await;
 
     // create → Running, guest up, guest agent answering
-    let vm = c
-        .create_vm(pb::CreateVmRequest {
-            spec: Some(agent.guest_spec("life")),
-            start: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = create(&mut c, agent.guest_spec("life"), true).await;
     assert_eq!(phase(&vm), pb::VmPhase::Running, "{:?}", vm.status);
     let st = vm.status.clone().unwrap();
     let first_pid = st.pid;
@@ -147,14 +140,7 @@ async fn create_pause_resume_stop_start_restart_delete() {
 async fn forced_stop_and_unexpected_exit() {
     let agent = Agent::start("node-b").await;
     let mut c = agent.client().await;
-    let vm = c
-        .create_vm(pb::CreateVmRequest {
-            spec: Some(agent.guest_spec("crashy")),
-            start: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = create(&mut c, agent.guest_spec("crashy"), true).await;
     let pid = vm.status.as_ref().unwrap().pid;
 
     // QEMU killed behind the agent's back: noticed, reported as Failed with the cause
@@ -200,12 +186,7 @@ async fn watch_streams_existing_vms_then_changes() {
     use tokio_stream::StreamExt;
     let agent = Agent::start("node-w").await;
     let mut c = agent.client().await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(agent.guest_spec("before")),
-        start: false,
-    })
-    .await
-    .unwrap();
+    create(&mut c, agent.guest_spec("before"), false).await;
     let mut stream = c
         .watch_vms(pb::WatchVmsRequest::default())
         .await
