@@ -70,6 +70,9 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
+    // A guest kernel panic reaches QEMU (pvpanic), which then exits with a failure status: the
+    // supervisor sees GUEST_PANICKED and the restart policy decides.
+    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
     push(&["-smp", &format!("{},maxcpus={}", spec.cpus, spec.max_cpus)]);
     let memory = if spec.max_memory > spec.memory {
         format!(
@@ -172,6 +175,7 @@ mod tests {
                 backend: NetworkBackend::User,
             }],
             labels: Default::default(),
+            restart_policy: Default::default(),
         }
     }
 
@@ -189,6 +193,7 @@ mod tests {
         assert_eq!(value_of(&argv, "-smp"), ["2,maxcpus=4"]);
         assert_eq!(value_of(&argv, "-m"), ["size=512M,slots=8,maxmem=2048M"]);
         assert_eq!(value_of(&argv, "-accel"), ["tcg"]);
+        assert_eq!(value_of(&argv, "-action"), ["panic=exit-failure"]);
         let kvm = build(&spec(), &files, Accel::Kvm);
         assert_eq!(value_of(&kvm, "-accel"), ["kvm"]);
         // Apart from the accelerator, KVM and TCG runs use the same command line.

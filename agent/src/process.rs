@@ -137,6 +137,22 @@ pub fn adopt(pid: u32, expected_arg: &str) -> std::io::Result<Qemu> {
     Ok(Qemu::Adopted { pid, pidfd })
 }
 
+/// The pid of a live process whose command line holds `expected_arg`, found by scanning /proc:
+/// how a VM's QEMU is found when its state file was lost.
+pub fn find(expected_arg: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == expected_arg.as_bytes())
+                .then_some(pid)
+        })
+}
+
 fn pid_alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
@@ -170,6 +186,11 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
+        // Until exec completes, /proc shows the forked test binary's command line.
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep"))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(adopt(pid, "unix:/nowhere/qmp.sock,server=on,wait=off").is_err());
         let mut adopted = adopt(pid, "30").unwrap();
         assert_eq!(adopted.pid(), pid);

@@ -50,6 +50,16 @@ pub struct VmSpec {
     pub networks: Vec<Network>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    #[default]
+    Never,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,7 +316,19 @@ impl TryFrom<pb::VmSpec> for VmSpec {
             }
         }
 
+        let restart_policy = match pb::RestartPolicy::try_from(s.restart_policy) {
+            Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
+            Ok(pb::RestartPolicy::OnFailure) => RestartPolicy::OnFailure,
+            Ok(pb::RestartPolicy::Never | pb::RestartPolicy::Unspecified) => RestartPolicy::Never,
+            Err(_) => {
+                return Err(FieldError::new(
+                    "spec.restartPolicy",
+                    format!("unknown policy {}", s.restart_policy),
+                ));
+            }
+        };
         Ok(VmSpec {
+            restart_policy,
             name: s.name,
             cpus: s.cpus,
             max_cpus,
@@ -371,6 +393,11 @@ impl From<&VmSpec> for pb::VmSpec {
                 })
                 .collect(),
             labels: s.labels.clone().into_iter().collect(),
+            restart_policy: match s.restart_policy {
+                RestartPolicy::Always => pb::RestartPolicy::Always,
+                RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
+                RestartPolicy::Never => pb::RestartPolicy::Never,
+            } as i32,
         }
     }
 }
@@ -401,6 +428,7 @@ pub(crate) mod tests {
                 backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
             }],
             labels: Default::default(),
+            restart_policy: pb::RestartPolicy::Always as i32,
         }
     }
 
@@ -478,6 +506,7 @@ pub(crate) mod tests {
             "spec.disks[0].name"
         );
         assert_eq!(field_of(|s| s.disks[0].format = 7), "spec.disks[0].format");
+        assert_eq!(field_of(|s| s.restart_policy = 9), "spec.restartPolicy");
         assert_eq!(
             field_of(|s| s.disks.push(s.disks[0].clone())),
             "spec.disks[1].name"

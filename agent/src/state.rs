@@ -12,7 +12,9 @@
 use hypersdk_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::process::ExitInfo;
+use std::time::Duration;
+
+use crate::spec::RestartPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
@@ -106,6 +108,8 @@ pub fn on_run_state(phase: Phase, running: bool) -> Phase {
 pub struct Exit {
     /// A SHUTDOWN event said the guest powered itself off (not a crash).
     pub guest_shutdown: Option<String>,
+    /// A GUEST_PANICKED event came first.
+    pub guest_panicked: bool,
     /// Exit code, or None when a signal ended it.
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -113,14 +117,12 @@ pub struct Exit {
     pub stderr_tail: String,
 }
 
-impl Exit {
-    pub fn of(guest_shutdown: Option<String>, info: ExitInfo, stderr_tail: String) -> Exit {
-        Exit {
-            guest_shutdown,
-            code: info.code,
-            signal: info.signal,
-            stderr_tail,
-        }
+/// "QEMU exited with status 1", "QEMU was killed by signal 9".
+pub fn how_it_ended(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(c), _) => format!("QEMU exited with status {c}"),
+        (None, Some(s)) => format!("QEMU was killed by signal {s}"),
+        (None, None) => "QEMU ended".to_string(),
     }
 }
 
@@ -134,11 +136,10 @@ pub fn on_exit(phase: Phase, exit: &Exit) -> (Phase, String) {
     {
         return (Phase::Stopped, format!("guest powered off ({reason})"));
     }
-    let how = match (exit.code, exit.signal) {
-        (Some(c), _) => format!("QEMU exited with status {c}"),
-        (None, Some(s)) => format!("QEMU was killed by signal {s}"),
-        (None, None) => "QEMU ended".to_string(),
-    };
+    if exit.guest_panicked {
+        return (Phase::Failed, "the guest kernel panicked".into());
+    }
+    let how = how_it_ended(exit.code, exit.signal);
     let tail = exit.stderr_tail.trim();
     if tail.is_empty() {
         (Phase::Failed, how)
@@ -146,6 +147,25 @@ pub fn on_exit(phase: Phase, exit: &Exit) -> (Phase, String) {
         (Phase::Failed, format!("{how}: {tail}"))
     }
 }
+
+/// Delay before the restart policy starts a VM again after QEMU ended on its own (not through
+/// a stop request), given the phase that exit left it in and the restarts made so far; `None`
+/// when it stays down. Back-off: at once, then 1 s, 2 s, 4 s … up to 5 minutes.
+pub fn restart_delay(policy: RestartPolicy, after_exit: Phase, restarts: u32) -> Option<Duration> {
+    let restart = match policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::OnFailure => after_exit == Phase::Failed,
+        RestartPolicy::Always => matches!(after_exit, Phase::Failed | Phase::Stopped),
+    };
+    restart.then(|| match restarts {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 1).min(9)).min(MAX_BACKOFF),
+    })
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// A VM that ran this long since its last (re)start counts as healthy again: back-off resets.
+pub const STEADY_RUN: Duration = Duration::from_secs(60);
 
 impl From<Phase> for pb::VmPhase {
     fn from(p: Phase) -> Self {
@@ -192,10 +212,34 @@ mod tests {
     fn exit(guest: Option<&str>, code: Option<i32>, signal: Option<i32>) -> Exit {
         Exit {
             guest_shutdown: guest.map(String::from),
+            guest_panicked: false,
             code,
             signal,
             stderr_tail: String::new(),
         }
+    }
+
+    #[test]
+    fn restart_policy_and_back_off() {
+        use RestartPolicy::*;
+        assert_eq!(restart_delay(Never, Phase::Failed, 0), None);
+        assert_eq!(
+            restart_delay(OnFailure, Phase::Stopped, 0),
+            None,
+            "guest power-off"
+        );
+        assert_eq!(
+            restart_delay(OnFailure, Phase::Failed, 0),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            restart_delay(Always, Phase::Stopped, 0),
+            Some(Duration::ZERO)
+        );
+        let delays: Vec<_> = (0..12)
+            .map(|n| restart_delay(Always, Phase::Failed, n).unwrap().as_secs())
+            .collect();
+        assert_eq!(delays, [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
     }
 
     #[test]

@@ -22,8 +22,15 @@ pub struct SavedState {
     pub started_at_ms: i64,
 }
 
-/// A VM as read back from disk: its spec and, if one was saved, its last state.
-pub type Loaded = (VmSpec, Option<SavedState>);
+/// A VM as read back from disk.
+#[derive(Debug)]
+pub struct Loaded {
+    pub spec: VmSpec,
+    /// Its last saved state, if one was saved and could be read.
+    pub state: Option<SavedState>,
+    /// Why the state file could not be read.
+    pub problem: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -63,8 +70,10 @@ impl Store {
         }
     }
 
-    /// Every VM directory: its spec and state, or why they could not be read.
-    pub fn load_all(&self) -> std::io::Result<Vec<(String, std::io::Result<Loaded>)>> {
+    /// Every VM directory: its spec and state, or why the spec could not be read. A file that
+    /// cannot be read is renamed aside (`*.corrupt`), so the next write starts clean and the
+    /// evidence is kept.
+    pub fn load_all(&self) -> std::io::Result<Vec<(String, Result<Loaded, String>)>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.vms_dir)? {
             let entry = entry?;
@@ -73,14 +82,34 @@ impl Store {
             }
             let name = entry.file_name().to_string_lossy().into_owned();
             let dir = entry.path();
-            let loaded = read_json::<VmSpec>(&dir.join(SPEC_FILE)).map(|spec| {
-                let state = read_json::<SavedState>(&dir.join(STATE_FILE)).ok();
-                (spec, state)
-            });
+            let loaded = match read_json::<VmSpec>(&dir.join(SPEC_FILE)) {
+                Err(e) => Err(set_aside(&dir.join(SPEC_FILE), e)),
+                Ok(spec) => {
+                    let (state, problem) = match read_json::<SavedState>(&dir.join(STATE_FILE)) {
+                        Ok(state) => (Some(state), None),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
+                        Err(e) => (None, Some(set_aside(&dir.join(STATE_FILE), e))),
+                    };
+                    Ok(Loaded {
+                        spec,
+                        state,
+                        problem,
+                    })
+                }
+            };
             out.push((name, loaded));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+}
+
+/// Renames an unreadable file to `NAME.corrupt`; returns a description for status messages.
+fn set_aside(path: &Path, err: std::io::Error) -> String {
+    let aside = path.with_extension("json.corrupt");
+    match std::fs::rename(path, &aside) {
+        Ok(()) => format!("{err} (set aside as {})", aside.display()),
+        Err(_) => err.to_string(),
     }
 }
 
@@ -132,6 +161,7 @@ mod tests {
             disks: vec![],
             networks: vec![],
             labels: Default::default(),
+            restart_policy: Default::default(),
         }
     }
 
@@ -154,10 +184,20 @@ mod tests {
 
         let all = store.load_all().unwrap();
         assert_eq!(all.len(), 2);
-        let (spec_a, state_a) = all[0].1.as_ref().unwrap();
-        assert_eq!(spec_a, &spec("a"));
-        assert_eq!(state_a.as_ref(), Some(&state));
-        assert!(all[1].1.is_err(), "a torn spec is reported, not fatal");
+        let a = all[0].1.as_ref().unwrap();
+        assert_eq!(a.spec, spec("a"));
+        assert_eq!(a.state.as_ref(), Some(&state));
+        let err = all[1].1.as_ref().unwrap_err();
+        assert!(
+            err.contains("set aside"),
+            "a torn spec is reported, not fatal: {err}"
+        );
+        assert!(store.vm_dir("b").join("spec.json.corrupt").exists());
+
+        std::fs::write(store.vm_dir("a").join(STATE_FILE), b"\0\0garbage").unwrap();
+        let all = store.load_all().unwrap();
+        let a = all[0].1.as_ref().unwrap();
+        assert!(a.state.is_none() && a.problem.is_some());
 
         store.remove("a").unwrap();
         store.remove("a").unwrap();

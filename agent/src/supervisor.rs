@@ -88,6 +88,9 @@ struct Status {
     phase_changed_at_ms: i64,
     revision: u64,
     timings: pb::StartupTimings,
+    restart_count: u32,
+    /// When the restart policy starts the VM again.
+    restart_at: Option<(tokio::time::Instant, i64)>,
 }
 
 /// A live QEMU process and the connections to it.
@@ -101,6 +104,7 @@ struct Running {
     events: broadcast::Receiver<qmp::Event>,
     qmp_closed: bool,
     guest_shutdown: Option<String>,
+    guest_panicked: bool,
     qga_task: tokio::task::JoinHandle<()>,
 }
 
@@ -140,6 +144,8 @@ pub struct Supervisor {
 pub enum Init {
     /// No process: the VM is in this phase.
     Idle { phase: Phase, message: String },
+    /// Its QEMU ended while no agent watched it: the restart policy applies.
+    Lost { phase: Phase, message: String },
     /// A QEMU left running by an earlier agent process.
     Adopt {
         qemu: Box<process::Qemu>,
@@ -150,8 +156,9 @@ pub enum Init {
 /// Starts the task for a VM whose directory and spec exist; returns its handle once the VM's
 /// status is known (for an adopted QEMU: after QMP has answered).
 pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
+    let lost = matches!(init, Init::Lost { .. });
     let (phase, message, adopt) = match init {
-        Init::Idle { phase, message } => (phase, message, None),
+        Init::Idle { phase, message } | Init::Lost { phase, message } => (phase, message, None),
         Init::Adopt { qemu, saved } => (saved.phase, String::new(), Some((*qemu, saved))),
     };
     let dir = ctx.store.vm_dir(&spec.name);
@@ -168,6 +175,8 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         phase_changed_at_ms: now_ms(),
         revision: 1,
         timings: Default::default(),
+        restart_count: 0,
+        restart_at: None,
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
     let span = info_span!("vm", name = %spec.name);
@@ -187,6 +196,9 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
     if let Some((qemu, saved)) = adopt {
         sup.adopt(qemu, saved).instrument(span.clone()).await;
     }
+    if lost {
+        sup.schedule_restart(Duration::ZERO);
+    }
     sup.publish.send_replace(sup.snapshot());
     tokio::spawn(sup.run().instrument(span));
     VmHandle {
@@ -199,6 +211,7 @@ impl Supervisor {
     async fn run(mut self) {
         loop {
             let deadline = self.stopping.as_ref().map(|s| s.deadline);
+            let restart_at = self.status.restart_at.map(|(at, _)| at);
             tokio::select! {
                 req = self.requests.recv() => match req {
                     Some(Request { op: Op::Delete, reply }) => {
@@ -214,6 +227,7 @@ impl Supervisor {
                 },
                 Some(agent) = self.qga_rx.recv() => self.on_guest_agent(agent),
                 _ = sleep_until(deadline) => self.on_stop_timeout().await,
+                _ = sleep_until(restart_at) => self.auto_restart().await,
             }
         }
     }
@@ -240,6 +254,7 @@ impl Supervisor {
 
     async fn start(&mut self) -> Result<pb::Vm, AgentError> {
         self.check(Action::Start)?;
+        self.status.restart_at = None;
         let resolved = resolve_spec(&self.spec, &self.ctx.policy)?;
         let argv = argv::build(&resolved, &self.files, self.ctx.accel.accel);
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
@@ -270,6 +285,12 @@ impl Supervisor {
         let from = process::stderr_len(&self.dir);
         if self.attach(qemu, None, from).await.is_ok() {
             self.publish("Adopted", "QEMU kept running while the agent restarted");
+            if saved.phase == Phase::Stopping {
+                // A stop was under way when the agent went down: see it through.
+                let (reply, _) = oneshot::channel();
+                self.status.phase = Phase::Running;
+                self.stop(DEFAULT_STOP_TIMEOUT, false, false, reply).await;
+            }
         }
     }
 
@@ -286,8 +307,7 @@ impl Supervisor {
             Err(why) => {
                 qemu.kill();
                 let exit = qemu.wait().await;
-                let (_, how) =
-                    state::on_exit(Phase::Starting, &Exit::of(None, exit, String::new()));
+                let how = state::how_it_ended(exit.code, exit.signal);
                 let tail = process::stderr_tail(&self.dir, stderr_from, 600);
                 let why = if tail.is_empty() {
                     format!("{why} ({how})")
@@ -316,6 +336,7 @@ impl Supervisor {
             events,
             qmp_closed: false,
             guest_shutdown: None,
+            guest_panicked: false,
             qga_task,
         });
         self.refresh_from_qemu().await;
@@ -403,6 +424,16 @@ impl Supervisor {
         } else {
             Action::Stop
         };
+        if !restart && self.status.restart_at.take().is_some() {
+            // Stopping a VM that waits for its restart policy cancels the restart.
+            self.set_phase(
+                Phase::Stopped,
+                "restart cancelled by a stop request",
+                "Stopped",
+            );
+            let _ = reply.send(Ok(self.snapshot()));
+            return;
+        }
         if let Err(e) = self.check(action) {
             let _ = reply.send(Err(e));
             return;
@@ -485,13 +516,20 @@ impl Supervisor {
             return;
         };
         let tail = process::stderr_tail(&self.dir, run.stderr_from, 600);
-        let exit = Exit::of(run.guest_shutdown.clone(), info, tail);
+        let exit = Exit {
+            guest_shutdown: run.guest_shutdown.clone(),
+            guest_panicked: run.guest_panicked,
+            code: info.code,
+            signal: info.signal,
+            stderr_tail: tail,
+        };
         drop(run);
         let (phase, mut message) = state::on_exit(self.status.phase, &exit);
         if phase == Phase::Stopped && self.status.message.contains("did not power off") {
             message = self.status.message.clone();
         }
         info!(?phase, message, "QEMU exited");
+        let ran_for = Duration::from_millis((now_ms() - self.status.started_at_ms).max(0) as u64);
         self.status.agent_connected = false;
         self.status.qemu_status.clear();
         self.status.started_at_ms = 0;
@@ -504,15 +542,51 @@ impl Supervisor {
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
             let _ = std::fs::remove_file(sock);
         }
-        if let Some(stopping) = self.stopping.take() {
-            let result = if stopping.restart {
-                self.start().await
-            } else {
-                Ok(self.snapshot())
-            };
-            for w in stopping.waiters {
-                let _ = w.send(result.clone());
+        match self.stopping.take() {
+            Some(stopping) => {
+                let result = if stopping.restart {
+                    self.start().await
+                } else {
+                    Ok(self.snapshot())
+                };
+                for w in stopping.waiters {
+                    let _ = w.send(result.clone());
+                }
             }
+            None => self.schedule_restart(ran_for),
+        }
+    }
+
+    /// Applies the restart policy after QEMU ended without being asked to.
+    fn schedule_restart(&mut self, ran_for: Duration) {
+        if ran_for >= state::STEADY_RUN {
+            self.status.restart_count = 0;
+        }
+        let policy = self.spec.restart_policy;
+        let Some(delay) =
+            state::restart_delay(policy, self.status.phase, self.status.restart_count)
+        else {
+            return;
+        };
+        let at_ms = now_ms() + delay.as_millis() as i64;
+        self.status.restart_at = Some((tokio::time::Instant::now() + delay, at_ms));
+        let message = format!(
+            "{}; restarting in {delay:?} (restart policy {policy:?})",
+            self.status.message
+        );
+        info!(?delay, "restart scheduled");
+        self.status.message = message.clone();
+        self.publish("RestartScheduled", &message);
+    }
+
+    async fn auto_restart(&mut self) {
+        self.status.restart_at = None;
+        self.status.restart_count += 1;
+        info!(attempt = self.status.restart_count, "restarting by policy");
+        if let Err(e) = self.start().await {
+            warn!("restart failed: {e}");
+            // A launch that fails counts like a crash: back off and try again.
+            self.schedule_restart(Duration::ZERO);
         }
     }
 
@@ -544,7 +618,12 @@ impl Supervisor {
                 self.publish("Shutdown", reason);
             }
             "RESET" => self.publish("Reset", "the guest reset"),
-            "GUEST_PANICKED" => self.publish("GuestPanicked", &event.data.to_string()),
+            "GUEST_PANICKED" => {
+                if let Some(run) = &mut self.running {
+                    run.guest_panicked = true;
+                }
+                self.publish("GuestPanicked", &event.data.to_string());
+            }
             _ => {}
         }
     }
@@ -655,6 +734,8 @@ impl Supervisor {
                 data_dir: self.dir.to_string_lossy().into(),
                 revision: s.revision,
                 startup: Some(s.timings),
+                restart_count: s.restart_count,
+                next_restart_at_ms: s.restart_at.map_or(0, |(_, ms)| ms),
             }),
         }
     }

@@ -23,22 +23,32 @@ use crate::supervisor::{self, Init, Op, VmHandle};
 pub struct Vms {
     ctx: Arc<Context>,
     vms: RwLock<BTreeMap<String, VmHandle>>,
+    /// VM directories whose spec could not be read: listed as Failed, deletable, nothing else.
+    broken: RwLock<BTreeMap<String, String>>,
 }
 
 impl Vms {
-    /// Loads every VM from the data dir. VMs whose files cannot be read are reported and skipped;
-    /// they never stop the agent.
+    /// Loads every VM from the data dir. A VM whose files cannot be read is reported as broken;
+    /// it never stops the agent or affects the others.
     pub async fn load(ctx: Arc<Context>) -> std::io::Result<Vms> {
         let mut starting = Vec::new();
+        let mut broken = BTreeMap::new();
         for (name, loaded) in ctx.store.load_all()? {
             match loaded {
-                Ok((spec, saved)) => {
-                    let init = initial_state(&ctx, &name, saved);
+                Ok(loaded) => {
+                    if let Some(problem) = &loaded.problem {
+                        warn!(vm = %name, "state file unreadable: {problem}");
+                    }
+                    let init = initial_state(&ctx, &name, loaded.state);
                     let ctx = ctx.clone();
+                    let spec = loaded.spec;
                     // Adoptions talk to QMP: run them side by side.
                     starting.push(async move { (name, supervisor::spawn(ctx, spec, init).await) });
                 }
-                Err(e) => warn!(vm = %name, "cannot load VM, skipped: {e}"),
+                Err(e) => {
+                    warn!(vm = %name, "VM cannot be loaded: {e}");
+                    broken.insert(name, e);
+                }
             }
         }
         let vms = futures::future::join_all(starting)
@@ -48,6 +58,7 @@ impl Vms {
         Ok(Vms {
             ctx,
             vms: RwLock::new(vms),
+            broken: RwLock::new(broken),
         })
     }
 
@@ -76,7 +87,7 @@ impl Vms {
         let name = spec.name.clone();
         let handle = {
             let mut vms = self.vms.write().await;
-            if vms.contains_key(&name) {
+            if vms.contains_key(&name) || self.broken.read().await.contains_key(&name) {
                 return Err(AgentError::AlreadyExists(name));
             }
             self.ctx.store.create(&spec).map_err(|e| match e.kind() {
@@ -106,6 +117,12 @@ impl Vms {
     }
 
     async fn handle(&self, name: &str) -> Result<VmHandle, AgentError> {
+        if let Some(why) = self.broken.read().await.get(name) {
+            return Err(AgentError::Conflict {
+                name: name.to_string(),
+                why: format!("its files cannot be read ({why}); it can only be deleted"),
+            });
+        }
         self.vms
             .read()
             .await
@@ -115,16 +132,27 @@ impl Vms {
     }
 
     pub async fn get(&self, name: &str) -> Result<pb::Vm, AgentError> {
+        if let Some(why) = self.broken.read().await.get(name) {
+            return Ok(broken_vm(&self.ctx, name, why));
+        }
         Ok(self.handle(name).await?.current())
     }
 
     pub async fn list(&self) -> Vec<pb::Vm> {
-        self.vms
+        let mut all: Vec<_> = self
+            .vms
             .read()
             .await
             .values()
             .map(VmHandle::current)
-            .collect()
+            .collect();
+        let broken = self.broken.read().await;
+        all.extend(
+            broken
+                .iter()
+                .map(|(name, why)| broken_vm(&self.ctx, name, why)),
+        );
+        all
     }
 
     pub async fn call(&self, name: &str, op: Op) -> Result<pb::Vm, AgentError> {
@@ -132,6 +160,14 @@ impl Vms {
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), AgentError> {
+        if self.broken.read().await.contains_key(name) {
+            self.ctx
+                .store
+                .remove(name)
+                .map_err(|e| AgentError::Internal(format!("removing {name}: {e}")))?;
+            self.broken.write().await.remove(name);
+            return Ok(());
+        }
         let handle = self.handle(name).await?;
         handle.call(name, Op::Delete).await?;
         self.vms.write().await.remove(name);
@@ -153,12 +189,43 @@ impl Vms {
     }
 }
 
+/// How a VM whose spec cannot be read is shown: Failed, with the reason.
+fn broken_vm(ctx: &Context, name: &str, why: &str) -> pb::Vm {
+    pb::Vm {
+        spec: Some(pb::VmSpec {
+            name: name.to_string(),
+            ..Default::default()
+        }),
+        status: Some(pb::VmStatus {
+            phase: pb::VmPhase::Failed as i32,
+            message: format!("cannot load the VM: {why}"),
+            node_name: ctx.node_name.clone(),
+            data_dir: ctx.store.vm_dir(name).to_string_lossy().into(),
+            ..Default::default()
+        }),
+    }
+}
+
 /// Where a VM found on disk begins: its live QEMU adopted, or the phase it was left in.
 fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
+    let files = VmFiles::in_dir(&ctx.store.vm_dir(name));
+    let qmp_arg = argv::qmp_arg(&files);
     let Some(saved) = saved else {
-        return Init::Idle {
-            phase: Phase::Pending,
-            message: String::new(),
+        // No readable state: a QEMU of this VM may still run. Find it by its command line.
+        return match process::find(&qmp_arg).map(|pid| (pid, process::adopt(pid, &qmp_arg))) {
+            Some((pid, Ok(qemu))) => Init::Adopt {
+                qemu: Box::new(qemu),
+                saved: SavedState {
+                    phase: Phase::Running,
+                    message: String::new(),
+                    pid,
+                    started_at_ms: 0,
+                },
+            },
+            _ => Init::Idle {
+                phase: Phase::Pending,
+                message: String::new(),
+            },
         };
     };
     if !saved.phase.has_process() {
@@ -167,8 +234,7 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
             message: saved.message,
         };
     }
-    let files = VmFiles::in_dir(&ctx.store.vm_dir(name));
-    match process::adopt(saved.pid, &argv::qmp_arg(&files)) {
+    match process::adopt(saved.pid, &qmp_arg) {
         Ok(qemu) => Init::Adopt {
             qemu: Box::new(qemu),
             saved,
@@ -176,18 +242,17 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
         Err(e) => {
             info!(vm = %name, pid = saved.pid, "QEMU not adoptable: {e}");
             // A stop that was under way has finished; anything else ended unexpectedly.
-            let (phase, message) = if saved.phase == Phase::Stopping {
-                (
-                    Phase::Stopped,
-                    "stopped while the agent was down".to_string(),
-                )
+            if saved.phase == Phase::Stopping {
+                Init::Idle {
+                    phase: Phase::Stopped,
+                    message: "stopped while the agent was down".into(),
+                }
             } else {
-                (
-                    Phase::Failed,
-                    format!("QEMU (pid {}) ended while the agent was down", saved.pid),
-                )
-            };
-            Init::Idle { phase, message }
+                Init::Lost {
+                    phase: Phase::Failed,
+                    message: format!("QEMU (pid {}) ended while the agent was down", saved.pid),
+                }
+            }
         }
     }
 }

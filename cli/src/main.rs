@@ -115,6 +115,9 @@ struct CreateArgs {
     /// Start the VM once created.
     #[arg(long)]
     start: bool,
+    /// What the agent does when QEMU ends on its own.
+    #[arg(long, value_enum, default_value = "never")]
+    restart_policy: manifest::RestartPolicy,
 }
 
 #[derive(Args)]
@@ -159,6 +162,7 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
             }]
         },
         labels: Default::default(),
+        restart_policy: a.restart_policy.to_proto() as i32,
     }
 }
 

@@ -36,9 +36,37 @@ struct Metadata {
     labels: BTreeMap<String, String>,
 }
 
+/// `spec.highAvailability.restartPolicy`, as the seeds spell it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    #[default]
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn to_proto(self) -> pb::RestartPolicy {
+        match self {
+            RestartPolicy::Always => pb::RestartPolicy::Always,
+            RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
+            RestartPolicy::Never => pb::RestartPolicy::Never,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HighAvailability {
+    #[serde(default)]
+    restart_policy: RestartPolicy,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Spec {
+    #[serde(default)]
+    high_availability: HighAvailability,
     cpus: Option<u32>,
     memory: Option<String>,
     #[serde(default)]
@@ -148,6 +176,7 @@ pub fn parse(yaml: &str) -> Result<(pb::VmSpec, bool), ManifestError> {
             })
             .collect(),
         labels: m.metadata.labels.into_iter().collect(),
+        restart_policy: m.spec.high_availability.restart_policy.to_proto() as i32,
     };
     Ok((spec, m.spec.running))
 }
@@ -183,6 +212,10 @@ spec:
       type: pod-network
   carbonAware:
     enabled: true
+  highAvailability:
+    enabled: true
+    restartPolicy: Always
+    evictionStrategy: LiveMigrate
 "#;
         let (spec, running) = parse(yaml).unwrap();
         assert!(running);
@@ -193,6 +226,7 @@ spec:
         assert_eq!(spec.boot.unwrap().kernel, "/images/vmlinuz");
         assert_eq!(spec.disks[0].path, "/images/disk.qcow2");
         assert_eq!(spec.networks[0].name, "default");
+        assert_eq!(spec.restart_policy, pb::RestartPolicy::Always as i32);
     }
 
     #[test]

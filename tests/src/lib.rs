@@ -206,6 +206,7 @@ impl Agent {
                 backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
             }],
             labels: Default::default(),
+            restart_policy: pb::RestartPolicy::Never as i32,
         }
     }
 

@@ -1,0 +1,202 @@
+//! QEMU crashes and damaged state files are expected events: noticed at once, reported with
+//! their cause, handled by the VM's restart policy, and never allowed to hurt other VMs.
+
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio_stream::StreamExt;
+
+fn sigkill(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+}
+
+/// Kills the VM's QEMU and returns how long the agent took to report it, with that event.
+async fn kill_and_time_report(c: &mut Client, name: &str, pid: u32) -> (Duration, pb::VmEvent) {
+    let mut events = c
+        .watch_vms(pb::WatchVmsRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    events.next().await.unwrap().unwrap(); // the current state
+    let killed = Instant::now();
+    sigkill(pid);
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event after the kill")
+            .unwrap()
+            .unwrap();
+        if ev.reason == "ProcessExited" {
+            return (killed.elapsed(), ev);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crashed_qemu_is_restarted_under_always() {
+    let agent = Agent::start("node-crash-a").await;
+    let mut c = agent.client().await;
+    let mut spec = agent.small_spec("phoenix");
+    spec.restart_policy = pb::RestartPolicy::Always as i32;
+    let vm = create(&mut c, spec, true).await;
+    wait_boots(&vm, 1, Duration::from_secs(60)).await;
+    let pid = vm.status.as_ref().unwrap().pid;
+
+    let (noticed, event) = kill_and_time_report(&mut c, "phoenix", pid).await;
+    println!("crash noticed after {noticed:?}");
+    assert!(
+        noticed < Duration::from_secs(1),
+        "noticed after {noticed:?}"
+    );
+    let st = event.vm.unwrap().status.unwrap();
+    assert_eq!(st.phase, pb::VmPhase::Failed as i32);
+    assert!(st.message.contains("killed by signal 9"), "{}", st.message);
+
+    let back = wait_vm(
+        &mut c,
+        "phoenix",
+        Duration::from_secs(10),
+        "restarted",
+        |s| s.phase == pb::VmPhase::Running as i32 && s.pid != pid && s.pid != 0,
+    )
+    .await;
+    assert_eq!(back.status.as_ref().unwrap().restart_count, 1);
+    wait_boots(&vm, 2, Duration::from_secs(60)).await;
+
+    // A stop request is a stop, not a crash: no restart follows.
+    c.stop_vm(pb::StopVmRequest {
+        name: "phoenix".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = c
+        .get_vm(pb::GetVmRequest {
+            name: "phoenix".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&after), pb::VmPhase::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crashed_qemu_stays_failed_under_never() {
+    let agent = Agent::start("node-crash-n").await;
+    let mut c = agent.client().await;
+    let mut spec = agent.small_spec("mortal");
+    spec.restart_policy = pb::RestartPolicy::Never as i32;
+    let vm = create(&mut c, spec, true).await;
+    let pid = vm.status.as_ref().unwrap().pid;
+    let (noticed, _) = kill_and_time_report(&mut c, "mortal", pid).await;
+    assert!(
+        noticed < Duration::from_secs(1),
+        "noticed after {noticed:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let vm = c
+        .get_vm(pb::GetVmRequest {
+            name: "mortal".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let st = vm.status.unwrap();
+    assert_eq!(st.phase, pb::VmPhase::Failed as i32);
+    assert!(st.message.contains("killed by signal 9"), "{}", st.message);
+    assert_eq!((st.pid, st.restart_count, st.next_restart_at_ms), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_state_files_are_reported_and_set_aside() {
+    let mut agent = Agent::start("node-torn").await;
+    let mut c = agent.client().await;
+    let runner = create(&mut c, agent.small_spec("runner"), true).await;
+    let runner_pid = runner.status.as_ref().unwrap().pid;
+    create(&mut c, agent.small_spec("torn-spec"), false).await;
+    create(&mut c, agent.small_spec("fine"), false).await;
+    agent.kill_agent(Signal::SIGKILL);
+
+    let vms = agent.data_dir().join("vms");
+    std::fs::write(vms.join("torn-spec/spec.json"), b"{\"name\": \"torn-sp").unwrap();
+    // The running VM loses its state file: the agent must still find and adopt its QEMU.
+    std::fs::write(vms.join("runner/state.json"), b"\0\0\0\0").unwrap();
+    agent.respawn();
+    let mut c = agent.client().await;
+
+    let list = c
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(list.len(), 3, "no VM lost");
+    let torn = c
+        .get_vm(pb::GetVmRequest {
+            name: "torn-spec".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&torn), pb::VmPhase::Failed);
+    let msg = &torn.status.as_ref().unwrap().message;
+    assert!(
+        msg.contains("cannot load") && msg.contains("set aside"),
+        "{msg}"
+    );
+    assert!(
+        vms.join("torn-spec/spec.json.corrupt").exists(),
+        "the evidence is kept"
+    );
+    let err = c
+        .start_vm(pb::StartVmRequest {
+            name: "torn-spec".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+
+    let runner = c
+        .get_vm(pb::GetVmRequest {
+            name: "runner".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&runner), pb::VmPhase::Running);
+    assert_eq!(
+        runner.status.as_ref().unwrap().pid,
+        runner_pid,
+        "adopted without its state file"
+    );
+    assert!(vms.join("runner/state.json.corrupt").exists());
+    let fine = c
+        .get_vm(pb::GetVmRequest {
+            name: "fine".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&fine), pb::VmPhase::Pending);
+
+    c.delete_vm(pb::DeleteVmRequest {
+        name: "torn-spec".into(),
+    })
+    .await
+    .unwrap();
+    assert!(!vms.join("torn-spec").exists());
+    assert_eq!(
+        c.list_vms(pb::ListVmsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+            .len(),
+        2
+    );
+}
