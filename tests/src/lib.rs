@@ -181,10 +181,13 @@ impl Agent {
         spec
     }
 
-    /// A spec for the test guest with a private copy of its disk.
+    /// A spec for the test guest with a private copy of its disk (made on first use).
     pub fn guest_spec(&self, name: &str) -> pb::VmSpec {
         let disk = self.dir.path().join("images").join(format!("{name}.qcow2"));
-        std::fs::copy(&self.guest.disk, &disk).unwrap();
+        // Once per name: a VM created again (or still running) keeps its disk.
+        if !disk.exists() {
+            std::fs::copy(&self.guest.disk, &disk).unwrap();
+        }
         pb::VmSpec {
             name: name.into(),
             cpus: 1,

@@ -151,3 +151,53 @@ async fn qemu_that_died_while_the_agent_was_down_is_reported() {
         .into_inner();
     assert_eq!(phase(&again), pb::VmPhase::Running);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_interrupted_by_an_agent_crash_completes() {
+    let mut agent = Agent::start("node-r3").await;
+    let mut c = agent.client().await;
+    let vm = create(&mut c, agent.small_spec("halting"), true).await;
+    wait_vm(
+        &mut c,
+        "halting",
+        Duration::from_secs(60),
+        "guest agent",
+        |s| s.agent_connected,
+    )
+    .await;
+    let pid = vm.status.as_ref().unwrap().pid;
+
+    // Ask for a graceful stop, and kill the agent before the guest has powered off.
+    let mut c2 = agent.client().await;
+    let stop = tokio::spawn(async move {
+        c2.stop_vm(pb::StopVmRequest {
+            name: "halting".into(),
+            timeout_seconds: 30,
+            force: false,
+        })
+        .await
+    });
+    wait_vm(&mut c, "halting", Duration::from_secs(5), "Stopping", |s| {
+        s.phase == pb::VmPhase::Stopping as i32
+    })
+    .await;
+    agent.kill_agent(Signal::SIGKILL);
+    assert!(
+        stop.await.unwrap().is_err(),
+        "the caller sees the agent go away"
+    );
+    agent.respawn();
+    let mut c = agent.client().await;
+
+    // Whether QEMU ended before or after the new agent came up, the stop is seen through.
+    let done = wait_vm(&mut c, "halting", Duration::from_secs(40), "Stopped", |s| {
+        s.phase == pb::VmPhase::Stopped as i32
+    })
+    .await;
+    println!("after restart: {:?}", done.status.as_ref().unwrap().message);
+    assert!(!pid_alive(pid));
+    assert!(
+        serial(&vm).contains("reboot: Power down"),
+        "the guest powered off by itself"
+    );
+}

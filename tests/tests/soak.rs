@@ -1,0 +1,186 @@
+//! Soak: several clients issue random lifecycle calls at once. Afterwards the agent's report
+//! must match reality: the QEMU processes that exist, their run state, and the directories.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::*;
+use tonic::Code;
+
+const NAMES: [&str; 4] = ["soak-0", "soak-1", "soak-2", "soak-3"];
+const CLIENTS: usize = 3;
+const OPS_PER_CLIENT: usize = 60;
+
+/// xorshift64*: enough randomness for picking calls, reproducible from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545F4914F6CDD1D) >> 33) as usize % n
+    }
+}
+
+async fn random_call(c: &mut Client, agent: &Agent, rng: &mut Rng) -> Result<(), tonic::Status> {
+    let name = NAMES[rng.next(NAMES.len())].to_string();
+    match rng.next(8) {
+        0 | 1 => c
+            .create_vm(pb::CreateVmRequest {
+                spec: Some(agent.small_spec(&name)),
+                start: rng.next(2) == 0,
+            })
+            .await
+            .map(drop),
+        2 => c.start_vm(pb::StartVmRequest { name }).await.map(drop),
+        3 => c
+            .stop_vm(pb::StopVmRequest {
+                name,
+                timeout_seconds: 10,
+                force: rng.next(2) == 0,
+            })
+            .await
+            .map(drop),
+        4 => c.pause_vm(pb::PauseVmRequest { name }).await.map(drop),
+        5 => c.resume_vm(pb::ResumeVmRequest { name }).await.map(drop),
+        6 => c
+            .restart_vm(pb::RestartVmRequest {
+                name,
+                timeout_seconds: 10,
+                force: true,
+            })
+            .await
+            .map(drop),
+        _ => c.delete_vm(pb::DeleteVmRequest { name }).await.map(drop),
+    }
+}
+
+/// Live QEMU processes whose command line points into `dir`.
+fn qemu_pids_under(dir: &std::path::Path) -> BTreeSet<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| is_qemu(*pid as i32))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_random_calls_leave_a_true_report() {
+    let agent = std::sync::Arc::new(Agent::start("node-soak").await);
+    let seed = std::env::var("SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("soak seed {seed} (SOAK_SEED={seed} repeats this run)");
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for i in 0..CLIENTS {
+        let agent = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = agent.client().await;
+            let mut rng = Rng(seed.wrapping_add((i as u64).wrapping_mul(0x9E3779B97F4A7C15)) | 1);
+            let mut done = 0;
+            for _ in 0..OPS_PER_CLIENT {
+                if started.elapsed() > Duration::from_secs(150) {
+                    break;
+                }
+                match random_call(&mut c, &agent, &mut rng).await {
+                    Ok(()) => done += 1,
+                    // Refusals for the wrong state or a missing/existing name are expected.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            Code::FailedPrecondition | Code::NotFound | Code::AlreadyExists
+                        ) => {}
+                    Err(s) => panic!("unexpected error: {s:?}"),
+                }
+            }
+            done
+        }));
+    }
+    let mut succeeded = 0;
+    for t in tasks {
+        succeeded += t.await.unwrap();
+    }
+    println!("{succeeded} calls succeeded in {:?}", started.elapsed());
+
+    let mut c = agent.client().await;
+    // Let transitional phases settle.
+    let vms = loop {
+        let vms = c
+            .list_vms(pb::ListVmsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vms;
+        let settled = vms
+            .iter()
+            .all(|vm| !matches!(phase(vm), pb::VmPhase::Starting | pb::VmPhase::Stopping));
+        if settled || started.elapsed() > Duration::from_secs(200) {
+            break vms;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Processes: exactly those of VMs that are Running or Paused, with the pids reported.
+    let reported: BTreeSet<u32> = vms
+        .iter()
+        .filter(|vm| matches!(phase(vm), pb::VmPhase::Running | pb::VmPhase::Paused))
+        .map(|vm| vm.status.as_ref().unwrap().pid)
+        .collect();
+    for vm in &vms {
+        if !matches!(phase(vm), pb::VmPhase::Running | pb::VmPhase::Paused) {
+            assert_eq!(vm.status.as_ref().unwrap().pid, 0, "{:?}", vm.status);
+        }
+    }
+    assert_eq!(
+        qemu_pids_under(agent.dir.path()),
+        reported,
+        "no orphaned or missing QEMU"
+    );
+
+    // Directories: exactly the listed VMs.
+    let dirs: BTreeSet<String> = std::fs::read_dir(agent.data_dir().join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let names: BTreeSet<String> = vms
+        .iter()
+        .map(|vm| vm.spec.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(dirs, names, "no orphaned data dir");
+
+    // Run state: a Running guest counts, a Paused one does not.
+    for vm in &vms {
+        match phase(vm) {
+            pb::VmPhase::Running => {
+                let from = last_counter(&serial(vm)).unwrap_or(0);
+                wait_counter_above(vm, from, Duration::from_secs(90)).await;
+            }
+            pb::VmPhase::Paused => {
+                let before = serial(vm);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                assert_eq!(
+                    last_counter(&serial(vm)),
+                    last_counter(&before),
+                    "paused guest counted"
+                );
+            }
+            _ => {}
+        }
+    }
+}
