@@ -35,6 +35,10 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_ACCEL", value_enum, default_value = "auto")]
     pub accel: AccelMode,
 
+    /// cgroup (under the cgroup2 mount) that holds one child cgroup per VM; empty disables.
+    #[arg(long, env = "HYPERSDK_CGROUP_PARENT", default_value = "hypersdk")]
+    pub cgroup_parent: String,
+
     /// QEMU binary.
     #[arg(long, env = "HYPERSDK_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,

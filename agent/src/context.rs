@@ -6,6 +6,7 @@ use hypersdk_proto::agent::v1 as pb;
 use tokio::sync::broadcast;
 
 use crate::accel::Selection;
+use crate::cgroup::Cgroups;
 use crate::paths::PathPolicy;
 use crate::store::Store;
 
@@ -16,6 +17,8 @@ pub struct Context {
     pub accel: Selection,
     pub policy: PathPolicy,
     pub store: Store,
+    /// Per-VM cgroups, or why there are none on this node.
+    pub cgroups: Result<Cgroups, String>,
     /// Every VM status change, for WatchVms.
     pub events: broadcast::Sender<pb::VmEvent>,
 }

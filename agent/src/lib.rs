@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod cgroup;
 pub mod config;
 pub mod context;
 pub mod error;

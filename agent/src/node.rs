@@ -16,6 +16,8 @@ pub struct NodeFacts {
     pub qemu_version: String,
     pub accel: Selection,
     pub kvm: KvmFacts,
+    /// Per-VM cgroups: where, or why none.
+    pub cgroups: String,
 }
 
 /// `MemTotal` and `MemAvailable` from /proc/meminfo text, in bytes.
@@ -82,6 +84,7 @@ impl NodeFacts {
             allocated_cpus: allocated.0,
             allocated_memory_bytes: allocated.1,
             vm_count: allocated.2,
+            cgroups: self.cgroups.clone(),
         }
     }
 }

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::info;
 
 use crate::accel;
+use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::context::Context;
 use crate::kvm;
@@ -93,6 +94,15 @@ pub async fn run(
         reason = selection.reason,
         "agent starting"
     );
+    let cgroups = match config.cgroup_parent.as_str() {
+        "" => Err("disabled with --cgroup-parent \"\"".to_string()),
+        parent => Cgroups::detect(parent),
+    };
+    let cgroups_facts = match &cgroups {
+        Ok(cg) => format!("per VM, under {}", cg.path("").display()),
+        Err(why) => format!("none: {why}"),
+    };
+    info!(cgroups = cgroups_facts);
     let facts = NodeFacts {
         node_name: node_name.clone(),
         hostname,
@@ -100,6 +110,7 @@ pub async fn run(
         qemu_version,
         accel: selection.clone(),
         kvm,
+        cgroups: cgroups_facts,
     };
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let ctx = Arc::new(Context {
@@ -108,6 +119,7 @@ pub async fn run(
         accel: selection,
         policy,
         store,
+        cgroups,
         events,
     });
     let vms = Arc::new(

@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::argv::{self, VmFiles};
+use crate::cgroup;
 use crate::context::{Context, now_ms};
 use crate::error::AgentError;
 use crate::process;
@@ -269,6 +270,11 @@ impl Supervisor {
             accel = self.ctx.accel.accel.as_str(),
             "QEMU launched"
         );
+        if let Ok(cg) = &self.ctx.cgroups
+            && let Err(e) = cg.place(&self.spec.name, qemu.pid(), &cgroup::limits(&resolved))
+        {
+            warn!("cannot place QEMU in its cgroup: {e}");
+        }
         self.status.started_at_ms = now_ms();
         self.status.timings = Default::default();
         self.status.qemu_status.clear();
@@ -541,6 +547,9 @@ impl Supervisor {
         self.set_phase(phase, &message, reason);
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
             let _ = std::fs::remove_file(sock);
+        }
+        if let Ok(cg) = &self.ctx.cgroups {
+            cg.remove(&self.spec.name);
         }
         match self.stopping.take() {
             Some(stopping) => {

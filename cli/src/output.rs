@@ -179,6 +179,7 @@ pub fn node(format: Format, n: &NodeView) -> anyhow::Result<()> {
             "Accelerator",
             format!("{} ({})", n.accelerator, n.accelerator_reason),
         ),
+        ("cgroups", n.cgroups.clone()),
         ("KVM modules", n.kvm.modules.join(", ")),
         ("KVM usable", n.kvm.usable.to_string()),
         (

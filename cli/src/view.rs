@@ -156,6 +156,7 @@ pub struct NodeView {
     pub allocated_cpus: u32,
     pub allocated_memory_bytes: u64,
     pub vm_count: u32,
+    pub cgroups: String,
     pub kvm: KvmView,
 }
 
@@ -187,6 +188,7 @@ impl From<pb::Node> for NodeView {
             allocated_cpus: n.allocated_cpus,
             allocated_memory_bytes: n.allocated_memory_bytes,
             vm_count: n.vm_count,
+            cgroups: n.cgroups,
             kvm: KvmView {
                 present: k.present,
                 usable: k.usable,
