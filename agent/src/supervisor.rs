@@ -290,7 +290,13 @@ impl Supervisor {
         self.status.phase = saved.phase;
         let from = process::stderr_len(&self.dir);
         if self.attach(qemu, None, from).await.is_ok() {
-            self.publish("Adopted", "QEMU kept running while the agent restarted");
+            // Saves the state afresh (its file may have been the damaged part).
+            let phase = self.status.phase;
+            self.set_phase(
+                phase,
+                "QEMU kept running while the agent restarted",
+                "Adopted",
+            );
             if saved.phase == Phase::Stopping {
                 // A stop was under way when the agent went down: see it through.
                 let (reply, _) = oneshot::channel();

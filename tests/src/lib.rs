@@ -235,21 +235,6 @@ impl Agent {
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
-
-    /// Pids of QEMU processes recorded in the agent's state files.
-    pub fn recorded_pids(&self) -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir(self.data_dir().join("vms")) else {
-            return vec![];
-        };
-        entries
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("state.json")).ok())
-            .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .filter_map(|v| v["pid"].as_i64())
-            .filter(|p| *p > 0)
-            .map(|p| p as i32)
-            .collect()
-    }
 }
 
 impl Drop for Agent {
@@ -258,18 +243,33 @@ impl Drop for Agent {
             let _ = p.kill();
             let _ = p.wait();
         }
-        for pid in self.recorded_pids() {
-            if is_qemu(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        // Every QEMU started for this agent, found by its command line: state files may be
+        // exactly what a test damaged.
+        for pid in qemu_pids_under(self.dir.path()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if std::thread::panicking() {
             eprintln!("--- agent {} log ---\n{}", self.name, self.agent_log());
         }
     }
+}
+
+/// Live QEMU processes whose command line points into `dir`.
+pub fn qemu_pids_under(dir: &Path) -> std::collections::BTreeSet<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| is_qemu(*pid as i32))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
 }
 
 /// True while `pid` is a live QEMU process (not a zombie, not a recycled pid).

@@ -2,6 +2,7 @@
 //! must match reality: the QEMU processes that exist, their run state, and the directories.
 
 use std::collections::BTreeSet;
+
 use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
@@ -54,21 +55,6 @@ async fn random_call(c: &mut Client, agent: &Agent, rng: &mut Rng) -> Result<(),
             .map(drop),
         _ => c.delete_vm(pb::DeleteVmRequest { name }).await.map(drop),
     }
-}
-
-/// Live QEMU processes whose command line points into `dir`.
-fn qemu_pids_under(dir: &std::path::Path) -> BTreeSet<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| is_qemu(*pid as i32))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
