@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::accel::Accel;
+use crate::hotplug::VMEM_ID;
 use crate::spec::{DiskFormat, NetworkBackend, VmSpec};
 
 /// Files of one VM's QEMU process, all inside the VM's data directory.
@@ -84,6 +85,18 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
         format!("size={}", mib(spec.memory))
     };
     push(&["-m", &memory]);
+    if spec.max_memory > spec.memory {
+        // Hotplug memory: one virtio-mem device spanning maxMemory - memory, empty at boot.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-ram,id={VMEM_ID}-mem,size={}",
+                mib(spec.max_memory - spec.memory)
+            ),
+            "-device",
+            &format!("virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,requested-size=0"),
+        ]);
+    }
 
     push(&[
         "-chardev",
@@ -192,6 +205,14 @@ mod tests {
         let argv = build(&spec(), &files, Accel::Tcg);
         assert_eq!(value_of(&argv, "-smp"), ["2,maxcpus=4"]);
         assert_eq!(value_of(&argv, "-m"), ["size=512M,slots=8,maxmem=2048M"]);
+        assert_eq!(
+            value_of(&argv, "-object"),
+            ["memory-backend-ram,id=vmem0-mem,size=1536M"]
+        );
+        assert!(
+            value_of(&argv, "-device")
+                .contains(&"virtio-mem-pci,id=vmem0,memdev=vmem0-mem,requested-size=0")
+        );
         assert_eq!(value_of(&argv, "-accel"), ["tcg"]);
         assert_eq!(value_of(&argv, "-action"), ["panic=exit-failure"]);
         let kvm = build(&spec(), &files, Accel::Kvm);
@@ -207,6 +228,7 @@ mod tests {
         s.max_memory = s.memory;
         let argv = build(&s, &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
         assert_eq!(value_of(&argv, "-m"), ["size=512M"]);
+        assert!(value_of(&argv, "-object").is_empty());
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod cgroup;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod guest;
+pub mod hotplug;
 pub mod image;
 pub mod kvm;
 pub mod node;

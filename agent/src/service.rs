@@ -125,6 +125,28 @@ impl AgentService for Service {
         self.call(&req.into_inner().name, Op::Resume).await
     }
 
+    async fn resize_vm(
+        &self,
+        req: Request<pb::ResizeVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let r = req.into_inner();
+        let memory = match r.memory.as_deref() {
+            None => None,
+            Some(q) => Some(crate::spec::parse_memory("memory", q)?),
+        };
+        if r.cpus.is_none() && memory.is_none() {
+            return Err(Status::invalid_argument("cpus, memory: give at least one"));
+        }
+        self.call(
+            &r.name,
+            Op::Resize {
+                cpus: r.cpus,
+                memory,
+            },
+        )
+        .await
+    }
+
     type WatchVmsStream = EventStream;
 
     async fn watch_vms(

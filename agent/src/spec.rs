@@ -182,7 +182,8 @@ fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn parse_memory(field: &str, value: &str) -> Result<u64, FieldError> {
+/// Parses a memory quantity that must be a whole number of MiB and at least [`MIN_MEMORY`].
+pub fn parse_memory(field: &str, value: &str) -> Result<u64, FieldError> {
     let bytes = parse_bytes(value).map_err(|e| FieldError::new(field, e.to_string()))?;
     if bytes % (1 << 20) != 0 {
         return Err(FieldError::new(
@@ -245,6 +246,12 @@ impl TryFrom<pb::VmSpec> for VmSpec {
         } else {
             parse_memory("spec.maxMemory", &s.max_memory)?
         };
+        if (max_memory - memory.min(max_memory)) % crate::hotplug::VMEM_BLOCK != 0 {
+            return Err(FieldError::new(
+                "spec.maxMemory",
+                "must exceed memory by a multiple of 2Mi (the hotplug block size)",
+            ));
+        }
         if memory > max_memory {
             return Err(FieldError::new(
                 "spec.memory",

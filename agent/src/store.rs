@@ -59,6 +59,11 @@ impl Store {
         Ok(dir)
     }
 
+    /// Replaces the spec (after a resize, say) atomically.
+    pub fn save_spec(&self, spec: &VmSpec) -> std::io::Result<()> {
+        write_json(&self.vm_dir(&spec.name).join(SPEC_FILE), spec)
+    }
+
     pub fn save_state(&self, name: &str, state: &SavedState) -> std::io::Result<()> {
         write_json(&self.vm_dir(name).join(STATE_FILE), state)
     }

@@ -16,34 +16,45 @@ use crate::argv::{self, VmFiles};
 use crate::cgroup;
 use crate::context::{Context, now_ms};
 use crate::error::AgentError;
+use crate::guest::{self, GuestView};
+use crate::hotplug;
 use crate::process;
-use crate::qga::Qga;
 use crate::qmp::{self, Qmp};
+use crate::quantity::format_bytes;
 use crate::resolve::resolve_spec;
 use crate::spec::VmSpec;
+use crate::spec::{FieldError, MIN_MEMORY};
 use crate::state::{self, Action, Exit, Phase};
 use crate::store::SavedState;
 
 /// How long QEMU may take from launch to answering QMP.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Guest agent polling: quickly while it is not up yet, slowly once it is.
-const QGA_RETRY: Duration = Duration::from_millis(100);
-const QGA_HEALTHY_INTERVAL: Duration = Duration::from_secs(5);
-/// A healthy guest agent answers in milliseconds; while waiting for one to appear, a short
-/// timeout keeps detection quick (a late reply is skipped by the next sync).
-const QGA_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
-const QGA_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a guest may take to bring resized vCPUs and memory online.
+const GUEST_RESIZE_TIMEOUT: Duration = Duration::from_secs(20);
+/// x86 Linux memory block size: the unit the guest agent reports memory in.
+const GUEST_MEMORY_BLOCK: u64 = 128 << 20;
 
 pub type Reply = oneshot::Sender<Result<pb::Vm, AgentError>>;
 
 #[derive(Debug)]
 pub enum Op {
     Start,
-    Stop { timeout: Duration, force: bool },
-    Restart { timeout: Duration, force: bool },
+    Stop {
+        timeout: Duration,
+        force: bool,
+    },
+    Restart {
+        timeout: Duration,
+        force: bool,
+    },
     Pause,
     Resume,
+    /// New vCPUs and/or memory in bytes; checked against the spec's limits here.
+    Resize {
+        cpus: Option<u32>,
+        memory: Option<u64>,
+    },
     Delete,
 }
 
@@ -90,6 +101,8 @@ struct Status {
     revision: u64,
     timings: pb::StartupTimings,
     restart_count: u32,
+    /// What the guest agent reports.
+    guest: GuestView,
     /// When the restart policy starts the VM again.
     restart_at: Option<(tokio::time::Instant, i64)>,
 }
@@ -107,6 +120,7 @@ struct Running {
     guest_shutdown: Option<String>,
     guest_panicked: bool,
     qga_task: tokio::task::JoinHandle<()>,
+    refresh: guest::Refresh,
 }
 
 impl Drop for Running {
@@ -122,11 +136,6 @@ struct Stopping {
     restart: bool,
 }
 
-enum GuestAgent {
-    Up,
-    Down,
-}
-
 pub struct Supervisor {
     ctx: Arc<Context>,
     spec: VmSpec,
@@ -137,8 +146,8 @@ pub struct Supervisor {
     stopping: Option<Stopping>,
     publish: watch::Sender<pb::Vm>,
     requests: mpsc::Receiver<Request>,
-    qga_tx: mpsc::Sender<GuestAgent>,
-    qga_rx: mpsc::Receiver<GuestAgent>,
+    qga_tx: mpsc::Sender<GuestView>,
+    qga_rx: mpsc::Receiver<GuestView>,
 }
 
 /// How a supervisor begins.
@@ -177,6 +186,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         revision: 1,
         timings: Default::default(),
         restart_count: 0,
+        guest: GuestView::default(),
         restart_at: None,
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
@@ -226,7 +236,7 @@ impl Supervisor {
                     ProcessEvent::Exited(status) => self.on_exit(status).await,
                     ProcessEvent::Qmp(event) => self.on_event(event).await,
                 },
-                Some(agent) = self.qga_rx.recv() => self.on_guest_agent(agent),
+                Some(view) = self.qga_rx.recv() => self.on_guest_view(view),
                 _ = sleep_until(deadline) => self.on_stop_timeout().await,
                 _ = sleep_until(restart_at) => self.auto_restart().await,
             }
@@ -238,6 +248,7 @@ impl Supervisor {
             Op::Start => self.start().await,
             Op::Pause => self.pause().await,
             Op::Resume => self.resume().await,
+            Op::Resize { cpus, memory } => self.resize(cpus, memory).await,
             Op::Stop { timeout, force } => return self.stop(timeout, force, false, reply).await,
             Op::Restart { timeout, force } => {
                 return self.stop(timeout, force, true, reply).await;
@@ -335,9 +346,14 @@ impl Supervisor {
             self.status.timings.qmp_ready_ms = launched.elapsed().as_millis() as u32;
         }
         let events = qmp.events();
+        let refresh = guest::Refresh::default();
         let qga_task = tokio::spawn(
-            poll_guest_agent(self.files.qga_socket.clone(), self.qga_tx.clone())
-                .instrument(tracing::Span::current()),
+            guest::watch(
+                self.files.qga_socket.clone(),
+                refresh.clone(),
+                self.qga_tx.clone(),
+            )
+            .instrument(tracing::Span::current()),
         );
         self.running = Some(Running {
             pid: qemu.pid(),
@@ -350,6 +366,7 @@ impl Supervisor {
             guest_shutdown: None,
             guest_panicked: false,
             qga_task,
+            refresh,
         });
         self.refresh_from_qemu().await;
         Ok(())
@@ -409,6 +426,134 @@ impl Supervisor {
             self.status.memory_bytes = get("base-memory") + get("plugged-memory");
         }
         self.publish("Refreshed", "");
+    }
+
+    /// Resizes in place by hotplug when running, in the spec when stopped. Limits are checked
+    /// before anything is touched; a step the guest refuses leaves the VM running at its real
+    /// size, which the status shows.
+    async fn resize(
+        &mut self,
+        cpus: Option<u32>,
+        memory: Option<u64>,
+    ) -> Result<pb::Vm, AgentError> {
+        let want_cpus = cpus.unwrap_or(self.spec.cpus);
+        let want_memory = memory.unwrap_or(self.spec.memory);
+        if want_cpus == 0 {
+            return Err(FieldError::new("cpus", "must be at least 1").into());
+        }
+        if want_cpus > self.spec.max_cpus {
+            let msg = format!("{want_cpus} is above maxCpus ({})", self.spec.max_cpus);
+            return Err(FieldError::new("cpus", msg).into());
+        }
+        if want_memory > self.spec.max_memory {
+            let msg = format!(
+                "{} is above maxMemory ({})",
+                format_bytes(want_memory),
+                format_bytes(self.spec.max_memory)
+            );
+            return Err(FieldError::new("memory", msg).into());
+        }
+        if want_memory < MIN_MEMORY {
+            let msg = format!(
+                "{} is below the minimum of {}",
+                format_bytes(want_memory),
+                format_bytes(MIN_MEMORY)
+            );
+            return Err(FieldError::new("memory", msg).into());
+        }
+        let growth = want_memory.saturating_sub(self.spec.memory);
+        let available = crate::node::parse_meminfo(
+            &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+        )
+        .1;
+        if growth > available {
+            let msg = format!(
+                "the node has only {} of memory available",
+                format_bytes(available)
+            );
+            return Err(FieldError::new("memory", msg).into());
+        }
+        match self.status.phase {
+            Phase::Running => {}
+            Phase::Pending | Phase::Stopped | Phase::Failed => {
+                // Takes effect at the next start.
+                self.spec.cpus = want_cpus;
+                self.spec.memory = want_memory;
+                self.save_spec()?;
+                self.publish("Resized", "new size applies at the next start");
+                return Ok(self.snapshot());
+            }
+            other => {
+                return Err(self.conflict(format!("cannot resize a VM that is {}", other.name())));
+            }
+        }
+        let qmp = self
+            .running
+            .as_ref()
+            .map(|r| r.qmp.clone())
+            .expect("Running has a process");
+        let mut result = Ok(());
+        if want_cpus != self.spec.cpus {
+            result = hotplug::set_cpus(&qmp, want_cpus).await;
+            if result.is_ok() {
+                self.spec.cpus = want_cpus;
+            }
+        }
+        if result.is_ok() && want_memory != self.spec.memory {
+            result = hotplug::set_memory(&qmp, want_memory).await;
+            if result.is_ok() {
+                self.spec.memory = want_memory;
+            }
+        }
+        self.save_spec()?;
+        self.refresh_from_qemu().await;
+        if result.is_ok() && self.status.agent_connected {
+            result = self.await_guest_size(want_cpus, want_memory).await;
+        }
+        match result {
+            Ok(()) => {
+                info!(cpus = want_cpus, memory = want_memory, "resized");
+                self.publish("Resized", "");
+                Ok(self.snapshot())
+            }
+            Err(why) => {
+                warn!("resize: {why}");
+                self.publish("ResizeFailed", &why);
+                Err(self.qemu_error(format!("resize: {why}")))
+            }
+        }
+    }
+
+    /// Waits until the guest agent reports the new vCPU count and memory. The guest counts
+    /// memory in blocks (128 MiB on x86), so memory matches to within one block.
+    async fn await_guest_size(&mut self, cpus: u32, memory: u64) -> Result<(), String> {
+        if let Some(run) = &self.running {
+            run.refresh.now();
+        }
+        let deadline = tokio::time::Instant::now() + GUEST_RESIZE_TIMEOUT;
+        loop {
+            let g = self.status.guest;
+            if g.cpus == cpus && g.memory_bytes.abs_diff(memory) < GUEST_MEMORY_BLOCK {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, self.qga_rx.recv()).await {
+                Ok(Some(view)) => self.on_guest_view(view),
+                _ => {
+                    return Err(format!(
+                        "after {GUEST_RESIZE_TIMEOUT:?} the guest reports {} vCPUs and {}",
+                        g.cpus,
+                        format_bytes(g.memory_bytes)
+                    ));
+                }
+            }
+        }
+    }
+
+    fn save_spec(&self) -> Result<(), AgentError> {
+        self.ctx
+            .store
+            .save_spec(&self.spec)
+            .map_err(|e| AgentError::Internal(format!("saving the spec: {e}")))
     }
 
     async fn pause(&mut self) -> Result<pb::Vm, AgentError> {
@@ -543,6 +688,7 @@ impl Supervisor {
         info!(?phase, message, "QEMU exited");
         let ran_for = Duration::from_millis((now_ms() - self.status.started_at_ms).max(0) as u64);
         self.status.agent_connected = false;
+        self.status.guest = GuestView::default();
         self.status.qemu_status.clear();
         self.status.started_at_ms = 0;
         let reason = if phase == Phase::Failed {
@@ -643,21 +789,20 @@ impl Supervisor {
         }
     }
 
-    fn on_guest_agent(&mut self, agent: GuestAgent) {
-        let up = matches!(agent, GuestAgent::Up);
-        if up == self.status.agent_connected {
-            return;
-        }
-        self.status.agent_connected = up;
-        if let (true, Some(Some(launched))) = (up, self.running.as_ref().map(|r| r.launched))
+    fn on_guest_view(&mut self, view: GuestView) {
+        let was = self.status.guest;
+        self.status.guest = view;
+        self.status.agent_connected = view.connected;
+        if let (true, Some(Some(launched))) =
+            (view.connected, self.running.as_ref().map(|r| r.launched))
             && self.status.timings.agent_connected_ms == 0
         {
             self.status.timings.agent_connected_ms = launched.elapsed().as_millis() as u32;
         }
-        let reason = if up {
-            "GuestAgentConnected"
-        } else {
-            "GuestAgentDisconnected"
+        let reason = match (was.connected, view.connected) {
+            (false, true) => "GuestAgentConnected",
+            (true, false) => "GuestAgentDisconnected",
+            _ => "GuestChanged",
         };
         self.publish(reason, "");
     }
@@ -751,6 +896,8 @@ impl Supervisor {
                 startup: Some(s.timings),
                 restart_count: s.restart_count,
                 next_restart_at_ms: s.restart_at.map_or(0, |(_, ms)| ms),
+                guest_cpus: s.guest.cpus,
+                guest_memory_bytes: s.guest.memory_bytes,
             }),
         }
     }
@@ -799,45 +946,5 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Watches the guest agent for the life of one QEMU process, reporting when it comes and goes.
-async fn poll_guest_agent(socket: PathBuf, tx: mpsc::Sender<GuestAgent>) {
-    let mut conn: Option<Qga> = None;
-    let mut was_up = false;
-    loop {
-        if conn.is_none() {
-            conn = Qga::connect(&socket).await.ok();
-        }
-        let up = match &mut conn {
-            Some(qga) => match qga
-                .sync(if was_up {
-                    QGA_TIMEOUT
-                } else {
-                    QGA_PROBE_TIMEOUT
-                })
-                .await
-            {
-                Ok(()) => qga
-                    .execute(qapi::qga::guest_ping {}, QGA_TIMEOUT)
-                    .await
-                    .is_ok(),
-                Err(crate::qga::QgaError::Timeout(_)) => false,
-                Err(_) => {
-                    conn = None;
-                    false
-                }
-            },
-            None => false,
-        };
-        if up != was_up {
-            was_up = up;
-            let msg = if up { GuestAgent::Up } else { GuestAgent::Down };
-            if tx.send(msg).await.is_err() {
-                return;
-            }
-        }
-        tokio::time::sleep(if up { QGA_HEALTHY_INTERVAL } else { QGA_RETRY }).await;
     }
 }

@@ -69,6 +69,14 @@ enum VmCommand {
     },
     Stop(StopArgs),
     Restart(StopArgs),
+    /// Change vCPUs and/or memory (in place while running, up to maxCpus/maxMemory).
+    Resize {
+        name: String,
+        #[arg(long, required_unless_present = "memory")]
+        cpus: Option<u32>,
+        #[arg(long)]
+        memory: Option<String>,
+    },
     Pause {
         name: String,
     },
@@ -177,6 +185,9 @@ fn read_manifest(path: &PathBuf) -> anyhow::Result<(pb::VmSpec, bool)> {
 
 #[tokio::main]
 async fn main() {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
+    // SAFETY: signal(2) only resets the disposition to the default; no handler code is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         // gRPC errors carry the agent's message (which names the field); print that alone.
@@ -250,6 +261,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     force: a.force,
                 };
                 print_vm(client.restart_vm(req).await?.into_inner())?;
+            }
+            VmCommand::Resize { name, cpus, memory } => {
+                let req = pb::ResizeVmRequest { name, cpus, memory };
+                print_vm(client.resize_vm(req).await?.into_inner())?
             }
             VmCommand::Pause { name } => print_vm(
                 client

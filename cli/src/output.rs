@@ -105,6 +105,10 @@ pub fn vm(format: Format, vm: &VmView) -> anyhow::Result<()> {
             ),
         ),
         (
+            "Guest sees (cpus/memory)",
+            format!("{}/{}", s.guest_cpus, mib(s.guest_memory_bytes)),
+        ),
+        (
             "Guest agent",
             if s.agent_connected {
                 "connected".into()

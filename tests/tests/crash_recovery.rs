@@ -175,7 +175,10 @@ async fn damaged_state_files_are_reported_and_set_aside() {
         "adopted without its state file"
     );
     assert!(vms.join("runner/state.json.corrupt").exists());
-    assert!(vms.join("runner/state.json").exists(), "state written afresh after adoption");
+    assert!(
+        vms.join("runner/state.json").exists(),
+        "state written afresh after adoption"
+    );
     let fine = c
         .get_vm(pb::GetVmRequest {
             name: "fine".into(),

@@ -1,0 +1,102 @@
+//! The guest agent of one running VM: whether it answers, and what the guest says it has.
+//!
+//! One watcher task per QEMU process keeps a single connection (the virtio-serial channel takes
+//! one client), pings it, and reports the guest's online vCPUs and memory to the supervisor.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::qga::{Qga, QgaError};
+
+/// Quickly while the guest agent is not up yet, slowly once it is.
+const RETRY: Duration = Duration::from_millis(100);
+const HEALTHY_INTERVAL: Duration = Duration::from_secs(5);
+/// A healthy guest agent answers in milliseconds; while waiting for one to appear, a short
+/// timeout keeps detection quick (a late reply is skipped by the next sync).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the guest agent said last.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestView {
+    pub connected: bool,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// Asks the watcher to look often for a while: the guest is expected to change (a resize).
+#[derive(Debug, Clone, Default)]
+pub struct Refresh(Arc<Notify>);
+
+/// How long the watcher keeps looking often after [`Refresh::now`].
+const ATTENTIVE_FOR: Duration = Duration::from_secs(30);
+
+impl Refresh {
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+async fn view(qga: &mut Qga, probe: bool) -> Result<GuestView, QgaError> {
+    qga.sync(if probe { PROBE_TIMEOUT } else { TIMEOUT })
+        .await?;
+    qga.execute(qapi::qga::guest_ping {}, TIMEOUT).await?;
+    let cpus = qga.execute(qapi::qga::guest_get_vcpus {}, TIMEOUT).await?;
+    let blocks = qga
+        .execute(qapi::qga::guest_get_memory_blocks {}, TIMEOUT)
+        .await;
+    let block_size = qga
+        .execute(qapi::qga::guest_get_memory_block_info {}, TIMEOUT)
+        .await;
+    let memory_bytes = match (blocks, block_size) {
+        (Ok(blocks), Ok(info)) => blocks.iter().filter(|b| b.online).count() as u64 * info.size,
+        _ => 0,
+    };
+    Ok(GuestView {
+        connected: true,
+        cpus: cpus.iter().filter(|c| c.online).count() as u32,
+        memory_bytes,
+    })
+}
+
+/// Watches the guest agent for the life of one QEMU process; sends each change of view.
+pub async fn watch(socket: PathBuf, refresh: Refresh, tx: mpsc::Sender<GuestView>) {
+    let mut conn: Option<Qga> = None;
+    let mut last = GuestView::default();
+    let mut attentive_until = tokio::time::Instant::now();
+    loop {
+        if conn.is_none() {
+            conn = Qga::connect(&socket).await.ok();
+        }
+        let now = match &mut conn {
+            Some(qga) => match view(qga, !last.connected).await {
+                Ok(v) => v,
+                Err(QgaError::Timeout(_) | QgaError::Command { .. }) => GuestView::default(),
+                Err(_) => {
+                    conn = None;
+                    GuestView::default()
+                }
+            },
+            None => GuestView::default(),
+        };
+        if now != last {
+            last = now;
+            if tx.send(now).await.is_err() {
+                return;
+            }
+        }
+        let attentive = tokio::time::Instant::now() < attentive_until;
+        let pause = if now.connected && !attentive {
+            HEALTHY_INTERVAL
+        } else {
+            RETRY
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = refresh.0.notified() => attentive_until = tokio::time::Instant::now() + ATTENTIVE_FOR,
+        }
+    }
+}
