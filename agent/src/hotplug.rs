@@ -127,7 +127,7 @@ pub fn virtio_mem_size(base: u64, region: u64, want: u64) -> Result<u64, String>
             format_bytes(size - region)
         ));
     }
-    if size % VMEM_BLOCK != 0 {
+    if !size.is_multiple_of(VMEM_BLOCK) {
         return Err(format!(
             "must change in steps of {}",
             format_bytes(VMEM_BLOCK)
