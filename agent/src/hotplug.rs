@@ -152,7 +152,24 @@ pub async fn set_cpus(qmp: &Qmp, want: u32) -> Result<(), String> {
             CpuChange::Remove { id } => remove_cpu(qmp, &id).await?,
         }
     }
-    Ok(())
+    // The vCPU threads come and go a moment after the slots change.
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let running = qmp
+            .execute_value("query-cpus-fast", json!({}))
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = running.as_array().map_or(0, Vec::len) as u32;
+        if n == want {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "QEMU runs {n} vCPUs after {GUEST_TIMEOUT:?}, {want} were asked"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// `device_del`, then wait until the slot is free: the guest must agree to the unplug. (QEMU

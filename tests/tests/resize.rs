@@ -1,0 +1,166 @@
+//! Hotplug resize of a running VM, verified from inside the guest (its agent's report), with
+//! the guest counting on throughout; resizing a stopped VM changes its next start.
+
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::*;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+
+async fn resize(
+    c: &mut Client,
+    cpus: Option<u32>,
+    memory: Option<&str>,
+) -> Result<pb::Vm, tonic::Status> {
+    c.resize_vm(pb::ResizeVmRequest {
+        name: "elastic".into(),
+        cpus,
+        memory: memory.map(String::from),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+fn sizes(vm: &pb::Vm) -> (u32, u64, u32, u64) {
+    let s = vm.status.as_ref().unwrap();
+    (
+        s.cpus,
+        s.memory_bytes / MIB,
+        s.guest_cpus,
+        s.guest_memory_bytes / MIB,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cpus_and_memory_grow_and_shrink_while_running() {
+    let agent = Agent::start("node-resize").await;
+    let mut c = agent.client().await;
+    let mut spec = agent.guest_spec("elastic");
+    spec.cpus = 1;
+    spec.max_cpus = 3;
+    spec.memory = "512Mi".into();
+    spec.max_memory = "1Gi".into();
+    let vm = create(&mut c, spec, true).await;
+    wait_vm(
+        &mut c,
+        "elastic",
+        Duration::from_secs(60),
+        "guest agent",
+        |s| s.guest_cpus == 1,
+    )
+    .await;
+    let counter = last_counter(&serial(&vm)).unwrap_or(0);
+
+    // (cpus, memory) asked → (QEMU cpus, QEMU MiB, guest cpus, guest MiB) seen
+    let steps: [(Option<u32>, Option<&str>, (u32, u64, u32, u64)); 4] = [
+        (Some(3), None, (3, 512, 3, 512)),
+        (Some(2), None, (2, 512, 2, 512)),
+        (None, Some("1Gi"), (2, 1024, 2, 1024)),
+        (None, Some("768Mi"), (2, 768, 2, 768)),
+    ];
+    for (cpus, memory, expected) in steps {
+        let t = Instant::now();
+        let vm = resize(&mut c, cpus, memory)
+            .await
+            .unwrap_or_else(|e| panic!("{cpus:?} {memory:?}: {e}"));
+        println!(
+            "resize cpus={cpus:?} memory={memory:?}: {:?}, guest sees {:?}",
+            t.elapsed(),
+            sizes(&vm)
+        );
+        assert_eq!(sizes(&vm), expected);
+        assert_eq!(phase(&vm), pb::VmPhase::Running);
+    }
+    // The guest never stopped: same boot, counter moved on.
+    wait_counter_above(&vm, counter, Duration::from_secs(10)).await;
+    assert_eq!(count_markers(&serial(&vm), READY_MARKER), 1);
+
+    // Bad input: refused before anything is touched.
+    for (cpus, memory, code, needle) in [
+        (Some(4), None, Code::InvalidArgument, "maxCpus"),
+        (
+            Some(0),
+            None,
+            Code::InvalidArgument,
+            "cpus: must be at least 1",
+        ),
+        (None, Some("2Gi"), Code::InvalidArgument, "maxMemory"),
+        (None, Some("lots"), Code::InvalidArgument, "memory"),
+        (
+            None,
+            Some("256Mi"),
+            Code::Aborted,
+            "cannot go below the 512Mi",
+        ),
+        (None, None, Code::InvalidArgument, "give at least one"),
+    ] {
+        let e = resize(&mut c, cpus, memory).await.unwrap_err();
+        assert_eq!(e.code(), code, "{cpus:?} {memory:?}: {}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{cpus:?} {memory:?}: {}",
+            e.message()
+        );
+    }
+    let e = c
+        .resize_vm(pb::ResizeVmRequest {
+            name: "ghost".into(),
+            cpus: Some(2),
+            memory: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let now = c
+        .get_vm(pb::GetVmRequest {
+            name: "elastic".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sizes(&now),
+        (2, 768, 2, 768),
+        "unchanged by refused requests"
+    );
+
+    // The size persists across a stop and start: the VM now boots with it.
+    c.stop_vm(pb::StopVmRequest {
+        name: "elastic".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stopped = resize(&mut c, Some(3), None).await.unwrap();
+    assert_eq!(
+        stopped.spec.as_ref().unwrap().cpus,
+        3,
+        "a stopped VM's spec changes"
+    );
+    let started = c
+        .start_vm(pb::StartVmRequest {
+            name: "elastic".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            started.status.as_ref().unwrap().cpus,
+            started.status.as_ref().unwrap().memory_bytes / MIB
+        ),
+        (3, 768)
+    );
+    let seen = wait_vm(
+        &mut c,
+        "elastic",
+        Duration::from_secs(60),
+        "guest sees its size",
+        |s| s.guest_cpus == 3,
+    )
+    .await;
+    assert_eq!(sizes(&seen), (3, 768, 3, 768));
+}
