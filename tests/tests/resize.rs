@@ -23,7 +23,10 @@ async fn resize(
     .map(|r| r.into_inner())
 }
 
-fn sizes(vm: &pb::Vm) -> (u32, u64, u32, u64) {
+/// (QEMU vCPUs, QEMU MiB, guest vCPUs, guest MiB)
+type Sizes = (u32, u64, u32, u64);
+
+fn sizes(vm: &pb::Vm) -> Sizes {
     let s = vm.status.as_ref().unwrap();
     (
         s.cpus,
@@ -54,7 +57,7 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
     let counter = last_counter(&serial(&vm)).unwrap_or(0);
 
     // (cpus, memory) asked → (QEMU cpus, QEMU MiB, guest cpus, guest MiB) seen
-    let steps: [(Option<u32>, Option<&str>, (u32, u64, u32, u64)); 4] = [
+    let steps: [(Option<u32>, Option<&str>, Sizes); 4] = [
         (Some(3), None, (3, 512, 3, 512)),
         (Some(2), None, (2, 512, 2, 512)),
         (None, Some("1Gi"), (2, 1024, 2, 1024)),
