@@ -31,6 +31,8 @@ pub struct GuestView {
 #[derive(Debug, Clone, Default)]
 pub struct Refresh(Arc<Notify>);
 
+/// How often the watcher looks while the guest is expected to change.
+const ATTENTIVE_INTERVAL: Duration = Duration::from_millis(20);
 /// How long the watcher keeps looking often after [`Refresh::now`].
 const ATTENTIVE_FOR: Duration = Duration::from_secs(30);
 
@@ -89,10 +91,10 @@ pub async fn watch(socket: PathBuf, refresh: Refresh, tx: mpsc::Sender<GuestView
             }
         }
         let attentive = tokio::time::Instant::now() < attentive_until;
-        let pause = if now.connected && !attentive {
-            HEALTHY_INTERVAL
-        } else {
-            RETRY
+        let pause = match (now.connected, attentive) {
+            (true, true) => ATTENTIVE_INTERVAL,
+            (true, false) => HEALTHY_INTERVAL,
+            (false, _) => RETRY,
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}

@@ -1,0 +1,157 @@
+//! Resize benchmark: time from asking for a new size to the guest reporting it (through its
+//! guest agent), for vCPUs and memory, through the agent and by raw QMP on a raw QEMU with the
+//! same command line, in the same run. Prints medians and ratios.
+//!
+//! Run with `scripts/bench.sh resize`. `BENCH_N` sets the rounds (default 5).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hypersdk_agent::accel::Accel;
+use hypersdk_agent::argv::{self, VmFiles};
+use hypersdk_agent::hotplug;
+use hypersdk_agent::qga::Qga;
+use hypersdk_agent::qmp::Qmp;
+use hypersdk_agent::spec::{DiskFormat, VmSpec};
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A raw QEMU and direct QMP and guest-agent connections to it.
+struct Raw {
+    child: tokio::process::Child,
+    qmp: Qmp,
+    qga: Qga,
+}
+
+impl Raw {
+    async fn start(spec: &VmSpec, dir: &Path, accel: Accel) -> Raw {
+        std::fs::create_dir_all(dir).unwrap();
+        let files = VmFiles::in_dir(dir);
+        let child = tokio::process::Command::new("qemu-system-x86_64")
+            .args(argv::build(spec, &files, accel))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let qmp = loop {
+            if let Ok(q) = Qmp::connect(&files.qmp_socket).await {
+                break q;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let mut qga = Qga::connect(&files.qga_socket).await.unwrap();
+        while qga.sync(Duration::from_millis(300)).await.is_err() {}
+        Raw { child, qmp, qga }
+    }
+
+    /// Polls the guest agent until the guest has `cpus` online vCPUs and `memory` MiB in blocks.
+    async fn until_guest_has(&mut self, cpus: u32, memory: u64) {
+        loop {
+            let v = self
+                .qga
+                .execute(qapi::qga::guest_get_vcpus {}, Duration::from_secs(2))
+                .await
+                .unwrap();
+            let b = self
+                .qga
+                .execute(
+                    qapi::qga::guest_get_memory_blocks {},
+                    Duration::from_secs(2),
+                )
+                .await
+                .unwrap();
+            let online_cpus = v.iter().filter(|c| c.online).count() as u32;
+            let online_mib = b.iter().filter(|b| b.online).count() as u64 * 128;
+            if online_cpus == cpus && online_mib == memory {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let agent = Agent::start("bench-resize").await;
+    let mut c = agent.client().await;
+    let node = c
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let accel = if node.accelerator == "kvm" {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    println!("resize benchmark: N={n}, accelerator {}", node.accelerator);
+
+    let mut spec = agent.guest_spec("flex");
+    spec.max_cpus = 2;
+    spec.memory = "512Mi".into();
+    spec.max_memory = "1Gi".into();
+    create(&mut c, spec.clone(), true).await;
+    wait_vm(
+        &mut c,
+        "flex",
+        Duration::from_secs(120),
+        "guest view",
+        |s| s.guest_cpus == 1,
+    )
+    .await;
+    let mut raw_spec = VmSpec::try_from(agent.guest_spec("flex-raw")).unwrap();
+    raw_spec.max_cpus = 2;
+    raw_spec.memory = 512 * MIB;
+    raw_spec.max_memory = 1024 * MIB;
+    raw_spec.disks[0].format = Some(DiskFormat::Qcow2);
+    let mut raw = Raw::start(&raw_spec, &agent.dir.path().join("raw"), accel).await;
+    raw.until_guest_has(1, 512).await;
+
+    // (label, cpus, memory MiB) in order; each round goes up and back down.
+    let steps: [(&str, u32, u64); 4] = [
+        ("vCPU 1 → 2", 2, 512),
+        ("vCPU 2 → 1", 1, 512),
+        ("memory 512Mi → 1Gi", 1, 1024),
+        ("memory 1Gi → 512Mi", 1, 512),
+    ];
+    let mut ours = vec![vec![]; steps.len()];
+    let mut theirs = vec![vec![]; steps.len()];
+    for _ in 0..n {
+        for (i, (_, cpus, mib)) in steps.iter().enumerate() {
+            let t = Instant::now();
+            let req = pb::ResizeVmRequest {
+                name: "flex".into(),
+                cpus: Some(*cpus),
+                memory: Some(format!("{mib}Mi")),
+            };
+            c.resize_vm(req).await.unwrap();
+            ours[i].push(t.elapsed());
+
+            let t = Instant::now();
+            hotplug::set_cpus(&raw.qmp, *cpus).await.unwrap();
+            hotplug::set_memory(&raw.qmp, mib * MIB).await.unwrap();
+            raw.until_guest_has(*cpus, *mib).await;
+            theirs[i].push(t.elapsed());
+        }
+    }
+    println!(
+        "\n{:<22} {:>12} {:>12} {:>8}",
+        "median (ms)", "raw QMP", "agent", "ratio"
+    );
+    for (i, (label, _, _)) in steps.iter().enumerate() {
+        let (r, a) = (median(theirs[i].clone()), median(ours[i].clone()));
+        println!("{label:<22} {r:>12.1} {a:>12.1} {:>8.2}", a / r);
+    }
+    let _ = raw.qmp.execute(qapi::qmp::quit {}).await;
+    let _ = raw.child.wait().await;
+}
