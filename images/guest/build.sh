@@ -2,12 +2,13 @@
 # Builds the HyperSDK test guest from Debian packages only:
 #   OUTDIR/vmlinuz     Debian's cloud kernel (linux-image-cloud-amd64, resolved to the real package)
 #   OUTDIR/initrd.img  newc cpio: busybox-static, qemu-ga and its shared libraries, a few kernel
-#                      modules, /init (images/guest/init) and /sbin/shutdown (images/guest/shutdown)
+#                      modules, /init (images/guest/init), /sbin/shutdown (images/guest/shutdown) and
+#                      /sbin/hypersdk-uevent (images/guest/uevent)
 #   OUTDIR/disk.qcow2  a 64 MiB ext4 data disk (made without root: mkfs.ext4 -d + qemu-img convert)
 # Usage: images/guest/build.sh [OUTDIR]     (default: <repo>/target/guest)
 # Packages are fetched with `apt-get download` into OUTDIR/cache/debs and unpacked with `dpkg -x`;
 # nothing is installed on the host and no host binary ends up in the guest.
-# The build is cached: a second run with the same build.sh/init/shutdown is a no-op.
+# The build is cached: a second run with the same build.sh/init/shutdown/uevent is a no-op.
 # Needs: apt-get, apt-cache, dpkg, cpio, gzip, zstd (only for .ko.zst modules), mkfs.ext4, qemu-img.
 set -euo pipefail
 export LC_ALL=C
@@ -19,7 +20,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 CACHE=$OUT/cache
 STAMP=$OUT/.stamp
-INPUTS=(build.sh init shutdown)
+INPUTS=(build.sh init shutdown uevent)
 ARCH_TRIPLET=x86_64-linux-gnu
 
 # Initramfs compression: "none" boots fastest under TCG (the kernel only copies the files; see
@@ -37,7 +38,7 @@ die() { log "error: $*"; exit 1; }
 
 input_hash() {
   (cd "$HERE" && for f in "${INPUTS[@]}"; do echo "== $f"; cat "$f"; done
-   echo "compression=$INITRD_COMPRESSION disk=$DISK_MIB") | sha256sum | cut -d' ' -f1
+   echo "compression=$INITRD_COMPRESSION disk=$DISK_MIB kernel=${HYPERSDK_GUEST_KERNEL_PKG:-}") | sha256sum | cut -d' ' -f1
 }
 
 is_fresh() {
@@ -76,58 +77,67 @@ dep_graph() {
            $1 ~ /^\|?(Pre)?Depends:$/ && $2 !~ /^</ { printf " %s", $2 }
            END { print "" }'
 }
-GRAPH=$(dep_graph)
-if ! grep -q '^linux-image-cloud-amd64:' <<<"$GRAPH"; then
-  log "no apt lists for linux-image-cloud-amd64: running apt-get update"
-  $SUDO apt-get update -qq
-  GRAPH=$(dep_graph)
-fi
-
-# linux-image-cloud-amd64 is a metapackage: its candidate depends on linux-image-<ver>-cloud-amd64.
-KPKG=$(grep '^linux-image-cloud-amd64:' <<<"$GRAPH" | tr ' ' '\n' | grep -m1 -E '^linux-image-[0-9].*-cloud-amd64$' || true)
-[[ -n $KPKG ]] || die "cannot resolve linux-image-cloud-amd64 to a kernel package"
-
-# The closure of qemu-guest-agent's dependencies through lib* packages only (the rest, e.g.
-# init-system-helpers, is packaging glue the guest does not need). The loader check further down
-# proves the set is complete.
-declare -A DEPS=() SEEN=()
-while IFS=: read -r p ds; do
-  [[ -n $p ]] && DEPS[${p%%:*}]=$ds
-done <<<"$GRAPH"
-LIBPKGS=()
-queue=(qemu-guest-agent)
-while ((${#queue[@]})); do
-  p=${queue[0]}
-  queue=("${queue[@]:1}")
-  for d in ${DEPS[$p]:-}; do
-    d=${d%%:*}
-    [[ $d == lib* && -z ${SEEN[$d]:-} ]] || continue
-    SEEN[$d]=1
-    LIBPKGS+=("$d")
-    queue+=("$d")
-  done
-done
-PKGS=("$KPKG" busybox-static qemu-guest-agent "${LIBPKGS[@]}")
-
 DEBS=$CACHE/debs
 mkdir -p "$DEBS"
-# "'URI' file size hash" per package: the file name apt-get download will write.
-URIS=$(apt-get download --print-uris "${PKGS[@]}" 2>/dev/null) || die "apt-get download --print-uris ${PKGS[*]} failed"
-declare -A DEBFILE=()
-missing=()
-while read -r _uri file size _; do
-  pkg=${file%%_*}
-  DEBFILE[$pkg]=$DEBS/$file
-  [[ -f $DEBS/$file && $(stat -c %s "$DEBS/$file") == "$size" ]] || missing+=("$pkg")
-done <<<"$URIS"
-if ((${#missing[@]})); then
-  log "downloading ${missing[*]}"
-  dl() { (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "${missing[@]}" >/dev/null); }
-  if ! dl; then
-    log "apt-get download failed: running apt-get update and retrying"
-    $SUDO apt-get update -qq
-    dl
+
+# Resolves the package set and downloads what the cache lacks. Returns 1 (instead of dying) when
+# the apt lists are missing or stale, so that the caller can run apt-get update and retry.
+fetch_packages() {
+  local GRAPH p d ds queue file size _uri pkg
+  GRAPH=$(dep_graph)
+  grep -q '^linux-image-cloud-amd64:' <<<"$GRAPH" || return 1
+
+  # linux-image-cloud-amd64 is a metapackage: its candidate depends on
+  # linux-image-<ver>-cloud-amd64. HYPERSDK_GUEST_KERNEL_PKG overrides it (e.g.
+  # linux-image-6.12.<n>+deb12-cloud-amd64 from bookworm-backports).
+  KPKG=${HYPERSDK_GUEST_KERNEL_PKG:-}
+  [[ -n $KPKG ]] ||
+    KPKG=$(grep '^linux-image-cloud-amd64:' <<<"$GRAPH" | tr ' ' '\n' | grep -m1 -E '^linux-image-[0-9].*-cloud-amd64$')
+  [[ -n $KPKG ]] || return 1
+
+  # The closure of qemu-guest-agent's dependencies through lib* packages only (the rest, e.g.
+  # init-system-helpers, is packaging glue the guest does not need). The loader check further
+  # down proves the set is complete.
+  declare -A DEPS=() SEEN=()
+  while IFS=: read -r p ds; do
+    [[ -n $p ]] && DEPS[${p%%:*}]=$ds
+  done <<<"$GRAPH"
+  LIBPKGS=()
+  queue=(qemu-guest-agent)
+  while ((${#queue[@]})); do
+    p=${queue[0]}
+    queue=("${queue[@]:1}")
+    for d in ${DEPS[$p]:-}; do
+      d=${d%%:*}
+      [[ $d == lib* && -z ${SEEN[$d]:-} ]] || continue
+      SEEN[$d]=1
+      LIBPKGS+=("$d")
+      queue+=("$d")
+    done
+  done
+  PKGS=("$KPKG" busybox-static qemu-guest-agent "${LIBPKGS[@]}")
+
+  # "'URI' file size hash" per package: the file name apt-get download will write.
+  URIS=$(apt-get download --print-uris "${PKGS[@]}" 2>/dev/null) || return 1
+  DEBFILE=()
+  MISSING=()
+  while read -r _uri file size _; do
+    pkg=${file%%_*}
+    DEBFILE[$pkg]=$DEBS/$file
+    [[ -f $DEBS/$file && $(stat -c %s "$DEBS/$file") == "$size" ]] || MISSING+=("$pkg")
+  done <<<"$URIS"
+  for p in "${PKGS[@]}"; do [[ -n ${DEBFILE[$p]:-} ]] || return 1; done
+  if ((${#MISSING[@]})); then
+    log "downloading ${MISSING[*]}"
+    (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "${MISSING[@]}" >/dev/null) || return 1
   fi
+  return 0
+}
+declare -A DEBFILE=()
+if ! fetch_packages; then
+  log "apt lists missing or stale: running apt-get update"
+  $SUDO apt-get update -qq
+  fetch_packages || die "cannot resolve or download the guest's Debian packages"
 fi
 
 WORK=$CACHE/work
@@ -256,6 +266,7 @@ cp "$KDIR/modules.builtin" "$ST/lib/modules/$KVER/modules.builtin"
 # guest scripts and config
 install -m 0755 "$HERE/init" "$ST/init"
 install -m 0755 "$HERE/shutdown" "$ST/sbin/shutdown"
+install -m 0755 "$HERE/uevent" "$ST/sbin/hypersdk-uevent"
 mkdir -p "$ST/etc/acpi/PWRF"
 printf '#!/bin/sh\necho HYPERSDK-POWER-BUTTON >/dev/console\nexec /sbin/shutdown -P +0 "power button"\n' \
   >"$ST/etc/acpi/PWRF/00000080"
