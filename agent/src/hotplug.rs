@@ -112,6 +112,21 @@ pub fn plan_cpus(slots: &[CpuSlot], want: u32) -> Result<Vec<CpuChange>, String>
         .collect())
 }
 
+/// Refuses a plan that would start more vCPUs than the process can (see [`set_cpus`]).
+pub fn check_adds(plan: &[CpuChange], adds_left: Option<u32>) -> Result<(), String> {
+    let adds = plan
+        .iter()
+        .filter(|c| matches!(c, CpuChange::Add { .. }))
+        .count() as u32;
+    match adds_left {
+        Some(left) if adds > left => Err(format!(
+            "under TCG this QEMU process can start only {left} more vCPU(s): QEMU does not reuse \
+             the translation context of an unplugged vCPU; stop and start the VM to reset"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// virtio-mem `requested-size` for `want` bytes in all, given boot memory and the device's region.
 pub fn virtio_mem_size(base: u64, region: u64, want: u64) -> Result<u64, String> {
     if want < base {
@@ -137,17 +152,26 @@ pub fn virtio_mem_size(base: u64, region: u64, want: u64) -> Result<u64, String>
 }
 
 /// Sets the vCPU count of a running VM. A vCPU removal waits for the guest to release it.
-pub async fn set_cpus(qmp: &Qmp, want: u32) -> Result<(), String> {
+///
+/// `adds_left` is the number of vCPUs this QEMU process can still start, where that is limited:
+/// under TCG, QEMU gives every vCPU thread it ever starts a translation context of its own and
+/// never reuses one after an unplug; past `maxCpus` starts it aborts. `None`: no limit (KVM).
+pub async fn set_cpus(qmp: &Qmp, want: u32, adds_left: &mut Option<u32>) -> Result<(), String> {
     let slots = qmp
         .execute_value("query-hotpluggable-cpus", json!({}))
         .await
         .map_err(|e| e.to_string())?;
-    for change in plan_cpus(&parse_slots(&slots), want)? {
+    let plan = plan_cpus(&parse_slots(&slots), want)?;
+    check_adds(&plan, *adds_left)?;
+    for change in plan {
         match change {
             CpuChange::Add { args } => {
                 qmp.execute_value("device_add", args)
                     .await
                     .map_err(|e| e.to_string())?;
+                if let Some(left) = adds_left {
+                    *left -= 1;
+                }
             }
             CpuChange::Remove { id } => remove_cpu(qmp, &id).await?,
         }
@@ -297,6 +321,22 @@ mod tests {
         );
         let e = plan_cpus(&slots(), 0).unwrap_err();
         assert!(e.contains("cannot go below the 1 vCPUs"), "{e}");
+    }
+
+    #[test]
+    fn tcg_limits_vcpu_starts_per_process() {
+        let plan = plan_cpus(&slots(), 3).unwrap();
+        assert!(check_adds(&plan, None).is_ok());
+        assert!(check_adds(&plan, Some(1)).is_ok());
+        assert!(
+            check_adds(&plan, Some(0))
+                .unwrap_err()
+                .contains("under TCG")
+        );
+        assert!(
+            check_adds(&plan_cpus(&slots(), 1).unwrap(), Some(0)).is_ok(),
+            "removing is free"
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct SavedState {
     pub message: String,
     pub pid: u32,
     pub started_at_ms: i64,
+    /// vCPUs the QEMU process can still hot-add, where that is limited (TCG).
+    #[serde(default)]
+    pub cpu_adds_left: Option<u32>,
 }
 
 /// A VM as read back from disk.
@@ -183,6 +186,7 @@ mod tests {
             message: String::new(),
             pid: 42,
             started_at_ms: 1,
+            cpu_adds_left: None,
         };
         store.save_state("a", &state).unwrap();
         std::fs::write(store.vm_dir("b").join(SPEC_FILE), b"{torn").unwrap();

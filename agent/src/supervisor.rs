@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::accel::Accel;
 use crate::argv::{self, VmFiles};
 use crate::cgroup;
 use crate::context::{Context, now_ms};
@@ -114,6 +115,8 @@ struct Running {
     /// When this agent launched it; None for a process adopted after a restart.
     launched: Option<Instant>,
     stderr_from: u64,
+    /// See [`hotplug::set_cpus`].
+    cpu_adds_left: Option<u32>,
     qmp: Qmp,
     events: broadcast::Receiver<qmp::Event>,
     qmp_closed: bool,
@@ -290,7 +293,10 @@ impl Supervisor {
         self.status.timings = Default::default();
         self.status.qemu_status.clear();
         self.set_phase(Phase::Starting, "QEMU launched", "Starting");
-        self.attach(qemu, Some(launched), stderr_from).await?;
+        let cpu_adds_left =
+            (self.ctx.accel.accel == Accel::Tcg).then_some(resolved.max_cpus - resolved.cpus);
+        self.attach(qemu, Some(launched), stderr_from, cpu_adds_left)
+            .await?;
         Ok(self.snapshot())
     }
 
@@ -300,7 +306,12 @@ impl Supervisor {
         self.status.started_at_ms = saved.started_at_ms;
         self.status.phase = saved.phase;
         let from = process::stderr_len(&self.dir);
-        if self.attach(qemu, None, from).await.is_ok() {
+        // Under TCG an adopted process with no record of its vCPU starts gets no more.
+        let cpu_adds_left = match self.ctx.accel.accel {
+            Accel::Tcg => Some(saved.cpu_adds_left.unwrap_or(0)),
+            Accel::Kvm => None,
+        };
+        if self.attach(qemu, None, from, cpu_adds_left).await.is_ok() {
             // Saves the state afresh (its file may have been the damaged part).
             let phase = self.status.phase;
             self.set_phase(
@@ -324,6 +335,7 @@ impl Supervisor {
         mut qemu: process::Qemu,
         launched: Option<Instant>,
         stderr_from: u64,
+        cpu_adds_left: Option<u32>,
     ) -> Result<(), AgentError> {
         let qmp = match self.connect_qmp(&mut qemu).await {
             Ok(qmp) => qmp,
@@ -360,6 +372,7 @@ impl Supervisor {
             qemu,
             launched,
             stderr_from,
+            cpu_adds_left,
             qmp,
             events,
             qmp_closed: false,
@@ -494,7 +507,11 @@ impl Supervisor {
             .expect("Running has a process");
         let mut result = Ok(());
         if want_cpus != self.spec.cpus {
-            result = hotplug::set_cpus(&qmp, want_cpus).await;
+            let mut adds_left = self.running.as_ref().and_then(|r| r.cpu_adds_left);
+            result = hotplug::set_cpus(&qmp, want_cpus, &mut adds_left).await;
+            if let Some(run) = &mut self.running {
+                run.cpu_adds_left = adds_left;
+            }
             if result.is_ok() {
                 self.spec.cpus = want_cpus;
             }
@@ -506,6 +523,7 @@ impl Supervisor {
             }
         }
         self.save_spec()?;
+        self.save_state();
         self.refresh_from_qemu().await;
         if result.is_ok() && self.status.agent_connected {
             result = self.await_guest_size(want_cpus, want_memory).await;
@@ -850,16 +868,22 @@ impl Supervisor {
         }
         self.status.phase = phase;
         self.status.message = message.to_string();
+        self.save_state();
+        self.publish(reason, message);
+    }
+
+    /// Writes what survives an agent restart about the process.
+    fn save_state(&self) {
         let saved = SavedState {
-            phase,
-            message: message.to_string(),
+            phase: self.status.phase,
+            message: self.status.message.clone(),
             pid: self.running.as_ref().map_or(0, |r| r.pid),
             started_at_ms: self.status.started_at_ms,
+            cpu_adds_left: self.running.as_ref().and_then(|r| r.cpu_adds_left),
         };
         if let Err(e) = self.ctx.store.save_state(&self.spec.name, &saved) {
             warn!("saving state: {e}");
         }
-        self.publish(reason, message);
     }
 
     fn publish(&mut self, reason: &str, message: &str) {

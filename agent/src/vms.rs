@@ -220,6 +220,7 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
                     message: String::new(),
                     pid,
                     started_at_ms: 0,
+                    cpu_adds_left: None,
                 },
             },
             _ => Init::Idle {

@@ -97,7 +97,8 @@ async fn main() {
     println!("resize benchmark: N={n}, accelerator {}", node.accelerator);
 
     let mut spec = agent.guest_spec("flex");
-    spec.max_cpus = 2;
+    // Under TCG a QEMU process can start only maxCpus vCPUs in its life: one per round, plus one.
+    spec.max_cpus = n as u32 + 1;
     spec.memory = "512Mi".into();
     spec.max_memory = "1Gi".into();
     create(&mut c, spec.clone(), true).await;
@@ -110,7 +111,7 @@ async fn main() {
     )
     .await;
     let mut raw_spec = VmSpec::try_from(agent.guest_spec("flex-raw")).unwrap();
-    raw_spec.max_cpus = 2;
+    raw_spec.max_cpus = n as u32 + 1;
     raw_spec.memory = 512 * MIB;
     raw_spec.max_memory = 1024 * MIB;
     raw_spec.disks[0].format = Some(DiskFormat::Qcow2);
@@ -138,7 +139,7 @@ async fn main() {
             ours[i].push(t.elapsed());
 
             let t = Instant::now();
-            hotplug::set_cpus(&raw.qmp, *cpus).await.unwrap();
+            hotplug::set_cpus(&raw.qmp, *cpus, &mut None).await.unwrap();
             hotplug::set_memory(&raw.qmp, mib * MIB).await.unwrap();
             raw.until_guest_has(*cpus, *mib).await;
             theirs[i].push(t.elapsed());
