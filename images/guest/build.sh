@@ -31,7 +31,7 @@ DISK_MIB=64
 # Kernel modules the guest loads (only those that are modular in this kernel end up in the
 # initramfs, with their dependencies, in load order).
 REQUIRED_MODULES=(virtio_pci virtio_blk virtio_console)
-OPTIONAL_MODULES=(virtio_net virtio_mem virtio_balloon evdev button ext4 jbd2 mbcache crc16 crc32c_generic)
+OPTIONAL_MODULES=(virtio_net virtio_mem virtio_balloon evdev button ext4 jbd2 mbcache crc16 crc32c_generic pvpanic_mmio)
 
 log() { echo "guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }

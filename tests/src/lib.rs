@@ -19,7 +19,10 @@ pub const READY_MARKER: &str = "HYPERSDK-GUEST-READY";
 /// Printed by the test guest once a second: `HYPERSDK-COUNTER <n>`.
 pub const COUNTER_MARKER: &str = "HYPERSDK-COUNTER ";
 /// Kernel command line the test guest boots with.
-pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet memhp_default_state=online_movable";
+/// `tsc=reliable` keeps the TSC clock under TCG with several vCPUs (HPET is far slower);
+/// `cryptomgr.notests` skips crypto self-tests at boot.
+pub const GUEST_CMDLINE: &str =
+    "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable cryptomgr.notests";
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

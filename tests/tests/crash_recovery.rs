@@ -204,3 +204,72 @@ async fn damaged_state_files_are_reported_and_set_aside() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_kernel_panic_is_reported_and_handled_by_policy() {
+    let agent = Agent::start("node-panic").await;
+    let mut c = agent.client().await;
+    let mut spec = agent.small_spec("panicky");
+    spec.boot
+        .as_mut()
+        .unwrap()
+        .cmdline
+        .push_str(" hypersdk.panic_after=2");
+    spec.restart_policy = pb::RestartPolicy::OnFailure as i32;
+    let mut events = c
+        .watch_vms(pb::WatchVmsRequest {
+            name: "panicky".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let vm = create(&mut c, spec, true).await;
+    let first_pid = vm.status.as_ref().unwrap().pid;
+
+    // The panic reaches QEMU through pvpanic: reported as such, not as a mere exit.
+    let failed = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(90), events.next())
+            .await
+            .expect("the guest panics")
+            .unwrap()
+            .unwrap();
+        if ev.reason == "ProcessExited" {
+            break ev.vm.unwrap().status.unwrap();
+        }
+    };
+    assert!(serial(&vm).contains("HYPERSDK-PANIC"));
+    assert_eq!(failed.phase, pb::VmPhase::Failed as i32);
+    assert!(
+        failed.message.contains("the guest kernel panicked"),
+        "{}",
+        failed.message
+    );
+
+    // OnFailure: started again in a new QEMU.
+    let again = wait_vm(
+        &mut c,
+        "panicky",
+        Duration::from_secs(30),
+        "restarted",
+        |s| s.restart_count >= 1 && s.pid != 0 && s.pid != first_pid,
+    )
+    .await;
+    println!("restarted: {:?}", again.status.as_ref().unwrap().message);
+    // Stopping cancels further restarts.
+    c.stop_vm(pb::StopVmRequest {
+        name: "panicky".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end = c
+        .get_vm(pb::GetVmRequest {
+            name: "panicky".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&end), pb::VmPhase::Stopped);
+}
