@@ -135,9 +135,22 @@ impl Drop for Running {
 /// A stop in progress: when the process ends, these callers get their answer.
 struct Stopping {
     deadline: tokio::time::Instant,
+    /// When the ACPI power button is pressed again (graceful stops only).
+    next_powerdown: Option<tokio::time::Instant>,
     waiters: Vec<Reply>,
     restart: bool,
 }
+
+impl Stopping {
+    fn next_tick(&self) -> tokio::time::Instant {
+        self.next_powerdown
+            .map_or(self.deadline, |p| p.min(self.deadline))
+    }
+}
+
+/// A guest may miss the power button (it is pressed before its ACPI button driver loads):
+/// press it again at this interval until the stop timeout.
+const POWERDOWN_REPEAT: Duration = Duration::from_secs(1);
 
 pub struct Supervisor {
     ctx: Arc<Context>,
@@ -224,7 +237,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
 impl Supervisor {
     async fn run(mut self) {
         loop {
-            let deadline = self.stopping.as_ref().map(|s| s.deadline);
+            let deadline = self.stopping.as_ref().map(Stopping::next_tick);
             let restart_at = self.status.restart_at.map(|(at, _)| at);
             tokio::select! {
                 req = self.requests.recv() => match req {
@@ -240,7 +253,7 @@ impl Supervisor {
                     ProcessEvent::Qmp(event) => self.on_event(event).await,
                 },
                 Some(view) = self.qga_rx.recv() => self.on_guest_view(view),
-                _ = sleep_until(deadline) => self.on_stop_timeout().await,
+                _ = sleep_until(deadline) => self.on_stop_tick().await,
                 _ = sleep_until(restart_at) => self.auto_restart().await,
             }
         }
@@ -626,6 +639,7 @@ impl Supervisor {
         let graceful = !force && self.status.phase == Phase::Running;
         self.stopping = Some(Stopping {
             deadline: tokio::time::Instant::now() + if graceful { timeout } else { Duration::ZERO },
+            next_powerdown: graceful.then(|| tokio::time::Instant::now() + POWERDOWN_REPEAT),
             waiters: vec![reply],
             restart,
         });
@@ -651,10 +665,20 @@ impl Supervisor {
         }
     }
 
-    async fn on_stop_timeout(&mut self) {
+    async fn on_stop_tick(&mut self) {
+        let Some(s) = &mut self.stopping else { return };
+        let now = tokio::time::Instant::now();
+        if now < s.deadline {
+            s.next_powerdown = Some(now + POWERDOWN_REPEAT);
+            let _ = self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::system_powerdown {}).await })
+                .await;
+            return;
+        }
         if let Some(s) = &mut self.stopping {
             // Only once: the process exit ends the stop.
-            s.deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+            s.next_powerdown = None;
+            s.deadline = now + Duration::from_secs(3600);
             warn!("guest did not power off in time; ending QEMU");
             self.status.message = "guest did not power off in time; QEMU ended".into();
             self.kill();

@@ -228,3 +228,27 @@ async fn watch_streams_existing_vms_then_changes() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_right_after_start_is_still_graceful() {
+    let agent = Agent::start("node-early").await;
+    let mut c = agent.client().await;
+    let vm = create(&mut c, agent.small_spec("early"), true).await;
+    // The guest has not booted yet: its ACPI button driver is not listening. The agent keeps
+    // pressing the button until the guest answers, within the timeout.
+    let stopped = c
+        .stop_vm(pb::StopVmRequest {
+            name: "early".into(),
+            timeout_seconds: 60,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(&stopped), pb::VmPhase::Stopped);
+    assert_eq!(stopped.status.as_ref().unwrap().message, "stopped");
+    assert!(
+        serial(&vm).contains("reboot: Power down"),
+        "the guest powered off by itself"
+    );
+}
