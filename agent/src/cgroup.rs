@@ -104,24 +104,14 @@ impl Cgroups {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Boot;
 
     fn spec() -> VmSpec {
         VmSpec {
-            name: "v".into(),
             cpus: 2,
             max_cpus: 4,
             memory: 1 << 30,
             max_memory: 2 << 30,
-            boot: Boot {
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: String::new(),
-            },
-            disks: vec![],
-            networks: vec![],
-            labels: Default::default(),
-            restart_policy: Default::default(),
+            ..crate::spec::tests::minimal("v")
         }
     }
 

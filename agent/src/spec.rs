@@ -413,6 +413,26 @@ impl From<&VmSpec> for pb::VmSpec {
 pub(crate) mod tests {
     use super::*;
 
+    /// The smallest valid spec, for other modules' unit tests.
+    pub fn minimal(name: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            cpus: 1,
+            max_cpus: 1,
+            memory: 64 << 20,
+            max_memory: 64 << 20,
+            boot: Boot {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            disks: vec![],
+            networks: vec![],
+            labels: Default::default(),
+            restart_policy: Default::default(),
+        }
+    }
+
     pub fn valid() -> pb::VmSpec {
         pb::VmSpec {
             name: "vm-1".into(),

@@ -152,25 +152,9 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Boot;
 
     fn spec(name: &str) -> VmSpec {
-        VmSpec {
-            name: name.into(),
-            cpus: 1,
-            max_cpus: 1,
-            memory: 64 << 20,
-            max_memory: 64 << 20,
-            boot: Boot {
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: String::new(),
-            },
-            disks: vec![],
-            networks: vec![],
-            labels: Default::default(),
-            restart_policy: Default::default(),
-        }
+        crate::spec::tests::minimal(name)
     }
 
     #[test]

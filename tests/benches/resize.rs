@@ -78,22 +78,10 @@ fn median(mut v: Vec<Duration>) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let n = bench_rounds(5);
     let agent = Agent::start("bench-resize").await;
     let mut c = agent.client().await;
-    let node = c
-        .get_node(pb::GetNodeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let accel = if node.accelerator == "kvm" {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    };
+    let (accel, node) = agent_accel(&mut c).await;
     println!("resize benchmark: N={n}, accelerator {}", node.accelerator);
 
     let mut spec = agent.guest_spec("flex");

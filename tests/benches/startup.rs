@@ -138,22 +138,10 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let n = bench_rounds(7);
     let agent = Agent::start("bench").await;
     let mut c = agent.client().await;
-    let node = c
-        .get_node(pb::GetNodeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let accel = if node.accelerator == "kvm" {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    };
+    let (accel, node) = agent_accel(&mut c).await;
     println!(
         "startup benchmark: N={n}, accelerator {} ({})",
         node.accelerator, node.accelerator_reason

@@ -298,6 +298,28 @@ pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Benchmark rounds: `BENCH_N` from the environment, else `default`.
+pub fn bench_rounds(default: usize) -> usize {
+    std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The accelerator the agent runs VMs with, so a baseline QEMU can use the same.
+pub async fn agent_accel(c: &mut Client) -> (hypersdk_agent::accel::Accel, pb::Node) {
+    let node = c
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let accel = match node.accelerator.as_str() {
+        "kvm" => hypersdk_agent::accel::Accel::Kvm,
+        _ => hypersdk_agent::accel::Accel::Tcg,
+    };
+    (accel, node)
+}
+
 /// Creates a VM (and starts it, with `start`); panics on an error.
 pub async fn create(client: &mut Client, spec: pb::VmSpec, start: bool) -> pb::Vm {
     let name = spec.name.clone();
