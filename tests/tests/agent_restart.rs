@@ -201,3 +201,43 @@ async fn a_stop_interrupted_by_an_agent_crash_completes() {
         "the guest powered off by itself"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_calls_in_flight_finish() {
+    let mut agent = Agent::start("node-drain").await;
+    let mut c = agent.client().await;
+    create(&mut c, agent.small_spec("draining"), true).await;
+    wait_vm(
+        &mut c,
+        "draining",
+        Duration::from_secs(60),
+        "guest agent",
+        |s| s.agent_connected,
+    )
+    .await;
+
+    // A graceful stop takes as long as the guest needs to power off; SIGTERM arrives meanwhile.
+    let mut c2 = agent.client().await;
+    let call = tokio::spawn(async move {
+        c2.stop_vm(pb::StopVmRequest {
+            name: "draining".into(),
+            timeout_seconds: 30,
+            force: false,
+        })
+        .await
+    });
+    wait_vm(
+        &mut c,
+        "draining",
+        Duration::from_secs(5),
+        "Stopping",
+        |s| s.phase == pb::VmPhase::Stopping as i32,
+    )
+    .await;
+    agent.kill_agent(Signal::SIGTERM);
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the call in flight is answered, not cut off");
+    assert_eq!(phase(&reply.into_inner()), pb::VmPhase::Stopped);
+}
