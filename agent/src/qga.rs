@@ -56,14 +56,8 @@ impl Qga {
         msg.push(b'\n');
         self.write(&msg).await?;
         loop {
-            let mut skipped = Vec::new();
-            self.stream
-                .read_until(0xff, &mut skipped)
-                .await
-                .map_err(|e| QgaError::Io(e.to_string()))?;
-            if skipped.last() != Some(&0xff) {
-                return Err(QgaError::Io("guest agent channel closed".into()));
-            }
+            // Whatever precedes the delimiter is stale; it is read and dropped.
+            read_until_bounded(&mut self.stream, 0xff).await?;
             let reply = self.read_line("guest-sync-delimited").await?;
             if reply.get("return").and_then(Value::as_u64) == Some(id) {
                 return Ok(());
@@ -109,19 +103,45 @@ impl Qga {
     }
 
     async fn read_line(&mut self, command: &str) -> Result<Value, QgaError> {
-        let mut line = String::new();
-        let n = self
-            .stream
-            .read_line(&mut line)
+        let line = read_until_bounded(&mut self.stream, b'\n').await?;
+        serde_json::from_slice(&line).map_err(|e| QgaError::Decode {
+            command: command.into(),
+            why: format!("{e}: {:?}", String::from_utf8_lossy(&line)),
+        })
+    }
+}
+
+/// The guest is untrusted: a reply may not be longer than this.
+const MAX_REPLY: usize = 1 << 20;
+
+/// Reads up to and including `delim`, refusing to buffer more than [`MAX_REPLY`] bytes.
+async fn read_until_bounded(
+    stream: &mut BufReader<UnixStream>,
+    delim: u8,
+) -> Result<Vec<u8>, QgaError> {
+    let mut out = Vec::new();
+    loop {
+        let buf = stream
+            .fill_buf()
             .await
             .map_err(|e| QgaError::Io(e.to_string()))?;
-        if n == 0 {
+        if buf.is_empty() {
             return Err(QgaError::Io("guest agent channel closed".into()));
         }
-        serde_json::from_str(line.trim_start_matches('\u{ff}')).map_err(|e| QgaError::Decode {
-            command: command.into(),
-            why: format!("{e}: {line:?}"),
-        })
+        let (take, done) = match buf.iter().position(|b| *b == delim) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        out.extend_from_slice(&buf[..take]);
+        stream.consume(take);
+        if out.len() > MAX_REPLY {
+            return Err(QgaError::Io(format!(
+                "guest agent sent more than {MAX_REPLY} bytes without a delimiter"
+            )));
+        }
+        if done {
+            return Ok(out);
+        }
     }
 }
 
@@ -143,4 +163,42 @@ fn sync_id() -> u64 {
         .unwrap_or(0);
     // Keep it within JSON's exact integer range.
     (nanos ^ (std::process::id() as u64) << 32) & ((1 << 53) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A scripted guest agent on a real socket: stale output first, then the right reply.
+    #[tokio::test]
+    async fn sync_skips_stale_replies_and_bounds_what_it_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 512];
+            let n = s.read(&mut buf).await.unwrap();
+            let req: Value = serde_json::from_slice(&buf[1..n]).unwrap();
+            let id = req["arguments"]["id"].as_u64().unwrap();
+            let stale = b"{\"return\": {}}\n\xff{\"return\": 12345}\n";
+            s.write_all(stale).await.unwrap();
+            let mut reply = vec![0xff];
+            reply.extend(format!("{{\"return\": {id}}}\n").bytes());
+            s.write_all(&reply).await.unwrap();
+            // Then a reply that never ends.
+            let _ = s.read(&mut buf).await.unwrap();
+            let endless = vec![b'x'; MAX_REPLY + 10];
+            let _ = s.write_all(&endless).await;
+        });
+        let mut qga = Qga::connect(&path).await.unwrap();
+        qga.sync(Duration::from_secs(5)).await.unwrap();
+        let err = qga
+            .execute(qapi::qga::guest_ping {}, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("without a delimiter"), "{err}");
+        peer.await.unwrap();
+    }
 }
