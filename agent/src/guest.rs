@@ -47,14 +47,18 @@ async fn view(qga: &mut Qga, probe: bool) -> Result<GuestView, QgaError> {
         .await?;
     qga.execute(qapi::qga::guest_ping {}, TIMEOUT).await?;
     let cpus = qga.execute(qapi::qga::guest_get_vcpus {}, TIMEOUT).await?;
-    let blocks = qga
-        .execute(qapi::qga::guest_get_memory_blocks {}, TIMEOUT)
-        .await;
-    let block_size = qga
-        .execute(qapi::qga::guest_get_memory_block_info {}, TIMEOUT)
-        .await;
-    let memory_bytes = match (blocks, block_size) {
-        (Ok(blocks), Ok(info)) => blocks.iter().filter(|b| b.online).count() as u64 * info.size,
+    // A guest without memory-block support reports 0; a timeout ends this look (its late
+    // reply must not be read as the answer to the next command).
+    let memory_bytes = match (
+        qga.execute(qapi::qga::guest_get_memory_blocks {}, TIMEOUT)
+            .await,
+        qga.execute(qapi::qga::guest_get_memory_block_info {}, TIMEOUT)
+            .await,
+    ) {
+        (Err(e @ QgaError::Timeout(_)), _) | (_, Err(e @ QgaError::Timeout(_))) => return Err(e),
+        (Ok(blocks), Ok(info)) => {
+            (blocks.iter().filter(|b| b.online).count() as u64).saturating_mul(info.size)
+        }
         _ => 0,
     };
     Ok(GuestView {

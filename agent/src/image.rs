@@ -20,9 +20,14 @@ pub enum Header {
     Raw,
     Qcow2 {
         backing_file: Option<String>,
+        /// The backing file's format as recorded in the header (extension 0xE2792ACA); without
+        /// it QEMU would probe the backing file's format.
+        backing_format: Option<String>,
         external_data_file: bool,
     },
 }
+
+const BACKING_FORMAT_EXT: u32 = 0xE279_2ACA;
 
 /// Parses an image header (pure). `read_at(offset, len)` supplies bytes past the header buffer.
 pub fn parse_header(
@@ -60,8 +65,27 @@ pub fn parse_header(
         let name = read_at(backing_offset, backing_len)?;
         Some(String::from_utf8_lossy(&name).into_owned())
     };
+    // Header extensions follow the header: at 72 (v2) or at header_length (v3).
+    let mut at = if version >= 3 {
+        be32(100).ok_or_else(bad)? as usize
+    } else {
+        72
+    };
+    let mut backing_format = None;
+    while let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) {
+        let len = len as usize;
+        if kind == 0 || at + 8 + len > head.len() {
+            break;
+        }
+        if kind == BACKING_FORMAT_EXT {
+            backing_format =
+                Some(String::from_utf8_lossy(&head[at + 8..at + 8 + len]).into_owned());
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
     Ok(Header::Qcow2 {
         backing_file,
+        backing_format,
         external_data_file: incompatible & QCOW2_EXTERNAL_DATA_FILE != 0,
     })
 }
@@ -69,7 +93,7 @@ pub fn parse_header(
 fn read_header(path: &Path) -> std::io::Result<Header> {
     use std::os::unix::fs::FileExt;
     let mut f = std::fs::File::open(path)?;
-    let mut head = vec![0u8; 512];
+    let mut head = vec![0u8; 4096];
     let n = f.read(&mut head)?;
     head.truncate(n);
     parse_header(&head, |offset, len| {
@@ -132,17 +156,42 @@ pub fn inspect(
             } => return Ok(format),
             Header::Qcow2 {
                 backing_file: Some(name),
+                backing_format,
                 ..
             } => {
+                let refuse = |why: &str| {
+                    FieldError::new(
+                        field,
+                        format!("backing file of {}: {why}", current.display()),
+                    )
+                };
+                // QEMU reads "json:{...}", "nbd:..." and other protocol prefixes as options.
+                if name.contains(':') {
+                    return Err(refuse(&format!("{name:?} is not a plain file name")));
+                }
+                // Without a recorded format QEMU probes the file, and a probed format (a VMDK
+                // descriptor, say) can name further host files.
+                if !matches!(backing_format.as_deref(), Some("qcow2" | "raw")) {
+                    return Err(refuse(
+                        "its format must be recorded as qcow2 or raw (qemu-img -F)",
+                    ));
+                }
+                // Relative names are resolved as QEMU does: against the path as opened, not
+                // its canonical form.
                 let base = current.parent().unwrap_or(Path::new("/"));
-                let next = policy.resolve_file(field, &base.join(&name)).map_err(|e| {
+                let opened = base.join(&name);
+                let next = policy.resolve_file(field, &opened).map_err(|e| {
                     FieldError::new(
                         field,
                         format!("backing file of {}: {}", current.display(), e.message),
                     )
                 })?;
                 header = read_header(&next).map_err(|e| io_err(&next, e))?;
-                current = next;
+                if backing_format.as_deref() == Some("raw") {
+                    // Opened as raw: whatever its bytes look like, nothing more is followed.
+                    return Ok(format);
+                }
+                current = opened;
             }
         }
     }
@@ -160,13 +209,24 @@ mod tests {
     use super::*;
 
     fn qcow2_header(version: u32, backing: Option<&str>, incompatible: u64) -> Vec<u8> {
+        qcow2_header_fmt(version, backing.map(|b| (b, "qcow2")), incompatible)
+    }
+
+    /// A qcow2 header; with a backing file, its format goes in the 0xE2792ACA extension.
+    fn qcow2_header_fmt(version: u32, backing: Option<(&str, &str)>, incompatible: u64) -> Vec<u8> {
         let mut h = vec![0u8; 512];
         h[..4].copy_from_slice(QCOW2_MAGIC);
         h[4..8].copy_from_slice(&version.to_be_bytes());
-        if let Some(b) = backing {
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        if let Some((b, fmt)) = backing {
             h[8..16].copy_from_slice(&200u64.to_be_bytes());
             h[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
             h[200..200 + b.len()].copy_from_slice(b.as_bytes());
+            if !fmt.is_empty() {
+                h[104..108].copy_from_slice(&BACKING_FORMAT_EXT.to_be_bytes());
+                h[108..112].copy_from_slice(&(fmt.len() as u32).to_be_bytes());
+                h[112..112 + fmt.len()].copy_from_slice(fmt.as_bytes());
+            }
         }
         h[72..80].copy_from_slice(&incompatible.to_be_bytes());
         h
@@ -183,6 +243,7 @@ mod tests {
             parse(&qcow2_header(3, None, 0)),
             Header::Qcow2 {
                 backing_file: None,
+                backing_format: None,
                 external_data_file: false
             }
         );
@@ -190,6 +251,7 @@ mod tests {
             parse(&qcow2_header(3, Some("/etc/shadow"), 0)),
             Header::Qcow2 {
                 backing_file: Some("/etc/shadow".into()),
+                backing_format: Some("qcow2".into()),
                 external_data_file: false
             }
         );
@@ -197,6 +259,7 @@ mod tests {
             parse(&qcow2_header(3, None, QCOW2_EXTERNAL_DATA_FILE)),
             Header::Qcow2 {
                 backing_file: None,
+                backing_format: None,
                 external_data_file: true
             }
         );
@@ -205,6 +268,7 @@ mod tests {
             parse(&qcow2_header(2, None, QCOW2_EXTERNAL_DATA_FILE)),
             Header::Qcow2 {
                 backing_file: None,
+                backing_format: None,
                 external_data_file: false
             }
         );
@@ -225,6 +289,17 @@ mod tests {
         let overlay = root.path().join("overlay.qcow2");
         std::fs::write(&overlay, qcow2_header(3, Some("base.qcow2"), 0)).unwrap();
         assert_eq!(inspect("f", &overlay, None, &policy), Ok(DiskFormat::Qcow2));
+
+        // Protocol-style names and unrecorded formats are refused before any file is looked at.
+        let json = root.path().join("json.qcow2");
+        let name = r#"json:{"driver":"raw","file":{"driver":"file","filename":"/etc/shadow"}}"#;
+        std::fs::write(&json, qcow2_header(3, Some(name), 0)).unwrap();
+        let e = inspect("f", &json, None, &policy).unwrap_err();
+        assert!(e.message.contains("not a plain file name"), "{e}");
+        let probed = root.path().join("probed.qcow2");
+        std::fs::write(&probed, qcow2_header_fmt(3, Some(("base.qcow2", "")), 0)).unwrap();
+        let e = inspect("f", &probed, None, &policy).unwrap_err();
+        assert!(e.message.contains("must be recorded"), "{e}");
 
         let raw = root.path().join("disk.raw");
         std::fs::write(&raw, vec![0u8; 1024]).unwrap();

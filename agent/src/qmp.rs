@@ -15,6 +15,8 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, broadcast, oneshot};
 
+/// How long QEMU may take to greet a new QMP connection.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a command may take before the caller gets [`QmpError::Timeout`].
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,9 +69,11 @@ impl Qmp {
             .map_err(|e| QmpError::Io(format!("{}: {e}", path.display())))?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        let greeting = lines
-            .next_line()
+        // QEMU serves one monitor client at a time, and a QEMU whose main loop is stuck accepts
+        // the connection but never greets: do not wait forever.
+        let greeting = tokio::time::timeout(GREETING_TIMEOUT, lines.next_line())
             .await
+            .map_err(|_| QmpError::Timeout("greeting".into()))?
             .map_err(|e| QmpError::Io(e.to_string()))?
             .ok_or(QmpError::Closed)?;
         if serde_json::from_str::<Value>(&greeting)

@@ -69,8 +69,12 @@ pub async fn run(
     let data_dir = prepare_data_dir(&config.data_dir)?;
     let store = Store::open(&data_dir)
         .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
+    // VMs may use files under <data-dir>/images, never the agent's own state under vms/.
+    let own_images = data_dir.join("images");
+    std::fs::create_dir_all(&own_images)
+        .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
     let policy =
-        PathPolicy::new(std::iter::once(data_dir.clone()).chain(config.image_dirs.iter().cloned()))
+        PathPolicy::new(std::iter::once(own_images).chain(config.image_dirs.iter().cloned()))
             .map_err(StartupError::ImageDir)?;
     let qemu = find_program(&config.qemu).ok_or_else(|| {
         StartupError::Qemu(

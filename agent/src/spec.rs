@@ -15,6 +15,9 @@ use crate::quantity::{format_bytes, parse_bytes};
 pub const MAX_VCPUS: u32 = 255;
 /// Smallest memory a VM may have.
 pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest memory a VM may have (QEMU's x86 limit is far above any host's RAM; this keeps
+/// every sum of sizes far from overflowing).
+pub const MAX_MEMORY: u64 = 16 << 40;
 /// Linux's x86 COMMAND_LINE_SIZE.
 pub const MAX_CMDLINE: usize = 2048;
 
@@ -189,6 +192,15 @@ pub fn parse_memory(field: &str, value: &str) -> Result<u64, FieldError> {
         return Err(FieldError::new(
             field,
             format!("{value:?} must be a whole number of MiB"),
+        ));
+    }
+    if bytes > MAX_MEMORY {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{value:?} is above the maximum of {}",
+                format_bytes(MAX_MEMORY)
+            ),
         ));
     }
     if bytes < MIN_MEMORY {
@@ -498,6 +510,7 @@ pub(crate) mod tests {
         assert_eq!(field_of(|s| s.memory = "1000000".into()), "spec.memory");
         assert_eq!(field_of(|s| s.memory = "4Gi".into()), "spec.memory");
         assert_eq!(field_of(|s| s.memory = "1Mi".into()), "spec.memory");
+        assert_eq!(field_of(|s| s.max_memory = "16Ei".into()), "spec.maxMemory");
         assert_eq!(field_of(|s| s.max_memory = "lots".into()), "spec.maxMemory");
         assert_eq!(
             field_of(|s| s.boot.as_mut().unwrap().kernel = "vmlinuz".into()),

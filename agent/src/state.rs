@@ -131,8 +131,10 @@ pub fn on_exit(phase: Phase, exit: &Exit) -> (Phase, String) {
     if phase == Phase::Stopping {
         return (Phase::Stopped, "stopped".into());
     }
+    // An adopted process's exit status is not ours to read (code None, signal None).
+    let clean = exit.code == Some(0) || (exit.code.is_none() && exit.signal.is_none());
     if let Some(reason) = &exit.guest_shutdown
-        && exit.code == Some(0)
+        && clean
     {
         return (Phase::Stopped, format!("guest powered off ({reason})"));
     }
@@ -251,6 +253,12 @@ mod tests {
         let (p, m) = on_exit(Phase::Running, &exit(Some("guest-shutdown"), Some(0), None));
         assert_eq!(p, Phase::Stopped);
         assert!(m.contains("guest-shutdown"));
+        let adopted = on_exit(Phase::Running, &exit(Some("guest-shutdown"), None, None));
+        assert_eq!(
+            adopted.0,
+            Phase::Stopped,
+            "an adopted guest's power-off is no failure"
+        );
         let (p, m) = on_exit(Phase::Running, &exit(None, None, Some(9)));
         assert_eq!(
             (p, m.as_str()),

@@ -90,7 +90,9 @@ impl Store {
             }
             let name = entry.file_name().to_string_lossy().into_owned();
             let dir = entry.path();
-            let loaded = match read_json::<VmSpec>(&dir.join(SPEC_FILE)) {
+            let loaded = match read_json::<VmSpec>(&dir.join(SPEC_FILE))
+                .and_then(|s| revalidate(&name, s))
+            {
                 Err(e) => Err(set_aside(&dir.join(SPEC_FILE), e)),
                 Ok(spec) => {
                     let (state, problem) = match read_json::<SavedState>(&dir.join(STATE_FILE)) {
@@ -110,6 +112,27 @@ impl Store {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
+}
+
+/// A spec read back from disk passes the same checks as a request, and names its directory:
+/// the file could have been changed by anyone who can write there.
+fn revalidate(dir_name: &str, spec: VmSpec) -> std::io::Result<VmSpec> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    if spec.name != dir_name {
+        return Err(invalid(format!(
+            "names VM {:?}, not {dir_name:?}",
+            spec.name
+        )));
+    }
+    let format_of = |s: &VmSpec| s.disks.iter().map(|d| d.format).collect::<Vec<_>>();
+    let formats = format_of(&spec);
+    let mut checked = VmSpec::try_from(hypersdk_proto::agent::v1::VmSpec::from(&spec))
+        .map_err(|e| invalid(e.to_string()))?;
+    // Detected disk formats are kept; the rest must be exactly what validation yields.
+    for (d, f) in checked.disks.iter_mut().zip(formats) {
+        d.format = f;
+    }
+    Ok(checked)
 }
 
 /// Renames an unreadable file to `NAME.corrupt`; returns a description for status messages.
@@ -174,9 +197,15 @@ mod tests {
         };
         store.save_state("a", &state).unwrap();
         std::fs::write(store.vm_dir("b").join(SPEC_FILE), b"{torn").unwrap();
+        // A spec that names another directory (say, "/") is refused like a torn one.
+        std::fs::create_dir(store.vm_dir("c")).unwrap();
+        let mut evil = spec("c");
+        evil.name = "/".into();
+        write_json(&store.vm_dir("c").join(SPEC_FILE), &evil).unwrap();
 
         let all = store.load_all().unwrap();
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3);
+        assert!(all[2].1.as_ref().unwrap_err().contains("names VM \"/\""));
         let a = all[0].1.as_ref().unwrap();
         assert_eq!(a.spec, spec("a"));
         assert_eq!(a.state.as_ref(), Some(&state));
@@ -194,6 +223,6 @@ mod tests {
 
         store.remove("a").unwrap();
         store.remove("a").unwrap();
-        assert_eq!(store.load_all().unwrap().len(), 1);
+        assert_eq!(store.load_all().unwrap().len(), 2, "b and c remain");
     }
 }

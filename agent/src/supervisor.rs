@@ -162,7 +162,8 @@ pub struct Supervisor {
     stopping: Option<Stopping>,
     publish: watch::Sender<pb::Vm>,
     requests: mpsc::Receiver<Request>,
-    qga_tx: mpsc::Sender<GuestView>,
+    /// Reports of the current process's guest-agent watcher (a fresh channel per process, so
+    /// nothing said about an earlier process is applied to the next).
     qga_rx: mpsc::Receiver<GuestView>,
 }
 
@@ -189,7 +190,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
     };
     let dir = ctx.store.vm_dir(&spec.name);
     let (req_tx, req_rx) = mpsc::channel(16);
-    let (qga_tx, qga_rx) = mpsc::channel(4);
+    let (_, qga_rx) = mpsc::channel(1);
     let status = Status {
         phase,
         message,
@@ -217,7 +218,6 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         stopping: None,
         publish,
         requests: req_rx,
-        qga_tx,
         qga_rx,
     };
     if let Some((qemu, saved)) = adopt {
@@ -242,8 +242,12 @@ impl Supervisor {
             tokio::select! {
                 req = self.requests.recv() => match req {
                     Some(Request { op: Op::Delete, reply }) => {
-                        let _ = reply.send(self.delete().await);
-                        return;
+                        let result = self.delete().await;
+                        let done = result.is_ok();
+                        let _ = reply.send(result);
+                        if done {
+                            return;
+                        }
                     }
                     Some(req) => self.handle(req).await,
                     None => return,
@@ -372,13 +376,11 @@ impl Supervisor {
         }
         let events = qmp.events();
         let refresh = guest::Refresh::default();
+        let (qga_tx, qga_rx) = mpsc::channel(4);
+        self.qga_rx = qga_rx;
         let qga_task = tokio::spawn(
-            guest::watch(
-                self.files.qga_socket.clone(),
-                refresh.clone(),
-                self.qga_tx.clone(),
-            )
-            .instrument(tracing::Span::current()),
+            guest::watch(self.files.qga_socket.clone(), refresh.clone(), qga_tx)
+                .instrument(tracing::Span::current()),
         );
         self.running = Some(Running {
             pid: qemu.pid(),
@@ -629,7 +631,8 @@ impl Supervisor {
         if let Some(stopping) = &mut self.stopping {
             // Already stopping: join the wait; a forced stop cuts the grace period short.
             stopping.waiters.push(reply);
-            stopping.restart |= restart;
+            // A stop wins over a restart under way; a restart joins a stop as a stop.
+            stopping.restart &= restart;
             if force {
                 self.kill();
             }
@@ -693,6 +696,10 @@ impl Supervisor {
         for waiter in self.stopping.take().into_iter().flat_map(|s| s.waiters) {
             let _ = waiter.send(Err(AgentError::NotFound(self.spec.name.clone())));
         }
+        self.status.restart_at = None;
+        if let Ok(cg) = &self.ctx.cgroups {
+            cg.remove(&self.spec.name);
+        }
         self.ctx
             .store
             .remove(&self.spec.name)
@@ -715,6 +722,8 @@ impl Supervisor {
             return;
         };
         let tail = process::stderr_tail(&self.dir, run.stderr_from, 600);
+        // Reports still queued from this process's guest-agent watcher are dropped.
+        self.qga_rx = mpsc::channel(1).1;
         let exit = Exit {
             guest_shutdown: run.guest_shutdown.clone(),
             guest_panicked: run.guest_panicked,
@@ -773,10 +782,13 @@ impl Supervisor {
         };
         let at_ms = now_ms() + delay.as_millis() as i64;
         self.status.restart_at = Some((tokio::time::Instant::now() + delay, at_ms));
-        let message = format!(
-            "{}; restarting in {delay:?} (restart policy {policy:?})",
-            self.status.message
-        );
+        let cause = self
+            .status
+            .message
+            .split("; restarting in")
+            .next()
+            .unwrap_or_default();
+        let message = format!("{cause}; restarting in {delay:?} (restart policy {policy:?})");
         info!(?delay, "restart scheduled");
         self.status.message = message.clone();
         self.publish("RestartScheduled", &message);

@@ -235,7 +235,14 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
             message: saved.message,
         };
     }
-    match process::adopt(saved.pid, &qmp_arg) {
+    // The saved pid first; if it is 0 (the agent died between launch and the first save) or
+    // stale, the command line finds the process.
+    let found = process::adopt(saved.pid, &qmp_arg).or_else(|e| {
+        process::find(&qmp_arg)
+            .map(|pid| process::adopt(pid, &qmp_arg))
+            .unwrap_or(Err(e))
+    });
+    match found {
         Ok(qemu) => Init::Adopt {
             qemu: Box::new(qemu),
             saved,
