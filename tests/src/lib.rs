@@ -333,6 +333,39 @@ pub async fn create(client: &mut Client, spec: pb::VmSpec, start: bool) -> pb::V
         .into_inner()
 }
 
+/// GetVm; panics on an error.
+pub async fn get(client: &mut Client, name: &str) -> pb::Vm {
+    client
+        .get_vm(pb::GetVmRequest { name: name.into() })
+        .await
+        .unwrap_or_else(|e| panic!("getting {name}: {e}"))
+        .into_inner()
+}
+
+/// ListVms; panics on an error.
+pub async fn list(client: &mut Client) -> Vec<pb::Vm> {
+    client
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+}
+
+/// StopVm with a 30 s grace period (or none, with `force`); panics on an error.
+pub async fn stop(client: &mut Client, name: &str, force: bool) -> pb::Vm {
+    let req = pb::StopVmRequest {
+        name: name.into(),
+        timeout_seconds: 30,
+        force,
+    };
+    client
+        .stop_vm(req)
+        .await
+        .unwrap_or_else(|e| panic!("stopping {name}: {e}"))
+        .into_inner()
+}
+
 /// Polls GetVm until `pred` holds; returns that VM.
 pub async fn wait_vm(
     client: &mut Client,

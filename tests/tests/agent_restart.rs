@@ -123,23 +123,11 @@ async fn qemu_that_died_while_the_agent_was_down_is_reported() {
     agent.respawn();
     let mut c = agent.client().await;
 
-    let lost = c
-        .get_vm(pb::GetVmRequest {
-            name: "lost".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let lost = get(&mut c, "lost").await;
     assert_eq!(phase(&lost), pb::VmPhase::Failed);
     let msg = &lost.status.as_ref().unwrap().message;
     assert!(msg.contains("ended while the agent was down"), "{msg}");
-    let idle = c
-        .get_vm(pb::GetVmRequest {
-            name: "idle".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let idle = get(&mut c, "idle").await;
     assert_eq!(phase(&idle), pb::VmPhase::Pending, "untouched");
     // And it can be started again.
     let again = c

@@ -219,13 +219,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
         .into_inner()
         .vms;
     assert_eq!(vms.len(), 1);
-    let now = c
-        .get_vm(pb::GetVmRequest {
-            name: "good".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let now = get(&mut c, "good").await;
     assert_eq!(phase(&now), pb::VmPhase::Running);
     assert_eq!(now.status.as_ref().unwrap().pid, pid);
     assert!(pid_alive(pid));
@@ -296,12 +290,5 @@ async fn a_disk_image_may_not_smuggle_in_a_host_file() {
         "{}",
         err.message()
     );
-    assert!(
-        c.list_vms(pb::ListVmsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-            .is_empty()
-    );
+    assert!(list(&mut c).await.is_empty());
 }

@@ -67,21 +67,9 @@ async fn crashed_qemu_is_restarted_under_always() {
     wait_boots(&vm, 2, Duration::from_secs(60)).await;
 
     // A stop request is a stop, not a crash: no restart follows.
-    c.stop_vm(pb::StopVmRequest {
-        name: "phoenix".into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "phoenix", true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = c
-        .get_vm(pb::GetVmRequest {
-            name: "phoenix".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = get(&mut c, "phoenix").await;
     assert_eq!(phase(&after), pb::VmPhase::Stopped);
 }
 
@@ -99,13 +87,7 @@ async fn crashed_qemu_stays_failed_under_never() {
         "noticed after {noticed:?}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let vm = c
-        .get_vm(pb::GetVmRequest {
-            name: "mortal".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = get(&mut c, "mortal").await;
     let st = vm.status.unwrap();
     assert_eq!(st.phase, pb::VmPhase::Failed as i32);
     assert!(st.message.contains("killed by signal 9"), "{}", st.message);
@@ -129,20 +111,8 @@ async fn damaged_state_files_are_reported_and_set_aside() {
     agent.respawn();
     let mut c = agent.client().await;
 
-    let list = c
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
-    assert_eq!(list.len(), 3, "no VM lost");
-    let torn = c
-        .get_vm(pb::GetVmRequest {
-            name: "torn-spec".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(list(&mut c).await.len(), 3, "no VM lost");
+    let torn = get(&mut c, "torn-spec").await;
     assert_eq!(phase(&torn), pb::VmPhase::Failed);
     let msg = &torn.status.as_ref().unwrap().message;
     assert!(
@@ -161,13 +131,7 @@ async fn damaged_state_files_are_reported_and_set_aside() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 
-    let runner = c
-        .get_vm(pb::GetVmRequest {
-            name: "runner".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let runner = get(&mut c, "runner").await;
     assert_eq!(phase(&runner), pb::VmPhase::Running);
     assert_eq!(
         runner.status.as_ref().unwrap().pid,
@@ -179,13 +143,7 @@ async fn damaged_state_files_are_reported_and_set_aside() {
         vms.join("runner/state.json").exists(),
         "state written afresh after adoption"
     );
-    let fine = c
-        .get_vm(pb::GetVmRequest {
-            name: "fine".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let fine = get(&mut c, "fine").await;
     assert_eq!(phase(&fine), pb::VmPhase::Pending);
 
     c.delete_vm(pb::DeleteVmRequest {
@@ -194,15 +152,7 @@ async fn damaged_state_files_are_reported_and_set_aside() {
     .await
     .unwrap();
     assert!(!vms.join("torn-spec").exists());
-    assert_eq!(
-        c.list_vms(pb::ListVmsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-            .len(),
-        2
-    );
+    assert_eq!(list(&mut c).await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -256,20 +206,8 @@ async fn guest_kernel_panic_is_reported_and_handled_by_policy() {
     .await;
     println!("restarted: {:?}", again.status.as_ref().unwrap().message);
     // Stopping cancels further restarts.
-    c.stop_vm(pb::StopVmRequest {
-        name: "panicky".into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "panicky", true).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let end = c
-        .get_vm(pb::GetVmRequest {
-            name: "panicky".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let end = get(&mut c, "panicky").await;
     assert_eq!(phase(&end), pb::VmPhase::Stopped);
 }

@@ -55,15 +55,7 @@ async fn create_pause_resume_stop_start_restart_delete() {
     wait_counter_above(&vm, from, Duration::from_secs(10)).await;
 
     // graceful stop: the guest powers itself off (ACPI), QEMU exits, nothing is killed
-    let stopped = c
-        .stop_vm(pb::StopVmRequest {
-            name: "life".into(),
-            timeout_seconds: 30,
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stopped = stop(&mut c, "life", false).await;
     assert_eq!(
         phase(&stopped),
         pb::VmPhase::Stopped,
@@ -126,14 +118,7 @@ async fn create_pause_resume_stop_start_restart_delete() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
-    assert!(
-        c.list_vms(pb::ListVmsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-            .is_empty()
-    );
+    assert!(list(&mut c).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,15 +149,7 @@ async fn forced_stop_and_unexpected_exit() {
     .await
     .unwrap();
     let t = std::time::Instant::now();
-    let stopped = c
-        .stop_vm(pb::StopVmRequest {
-            name: "crashy".into(),
-            timeout_seconds: 30,
-            force: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stopped = stop(&mut c, "crashy", true).await;
     assert_eq!(phase(&stopped), pb::VmPhase::Stopped);
     assert!(
         t.elapsed() < Duration::from_secs(5),

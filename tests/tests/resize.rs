@@ -87,13 +87,7 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
         }
         (a, r) => panic!("{a}: unexpected {r:?}"),
     }
-    let now = c
-        .get_vm(pb::GetVmRequest {
-            name: "elastic".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let now = get(&mut c, "elastic").await;
     assert_eq!((phase(&now), sizes(&now).0), (pb::VmPhase::Running, 2));
 
     // The guest never stopped: same boot, counter moved on.
@@ -136,13 +130,7 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let now = c
-        .get_vm(pb::GetVmRequest {
-            name: "elastic".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let now = get(&mut c, "elastic").await;
     assert_eq!(
         sizes(&now),
         (2, 768, 2, 768),
@@ -150,13 +138,7 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
     );
 
     // The size persists across a stop and start: the VM now boots with it.
-    c.stop_vm(pb::StopVmRequest {
-        name: "elastic".into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "elastic", true).await;
     let stopped = resize(&mut c, Some(3), None).await.unwrap();
     assert_eq!(
         stopped.spec.as_ref().unwrap().cpus,
