@@ -33,3 +33,9 @@ impl From<AgentError> for tonic::Status {
         }
     }
 }
+
+impl From<FieldError> for tonic::Status {
+    fn from(e: FieldError) -> Self {
+        AgentError::Invalid(e).into()
+    }
+}

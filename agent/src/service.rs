@@ -30,12 +30,6 @@ impl Service {
     }
 }
 
-impl From<crate::spec::FieldError> for Status {
-    fn from(e: crate::spec::FieldError) -> Self {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
 fn stop_timeout(seconds: u32) -> Duration {
     match seconds {
         0 => DEFAULT_STOP_TIMEOUT,

@@ -12,11 +12,7 @@ const VMS: [&str; 3] = ["keep-0", "keep-1", "keep-2"];
 async fn pids(c: &mut Client) -> Vec<u32> {
     let mut out = vec![];
     for name in VMS {
-        let vm = c
-            .get_vm(pb::GetVmRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let vm = get(c, name).await;
         assert_eq!(phase(&vm), pb::VmPhase::Running, "{name}: {:?}", vm.status);
         out.push(vm.status.unwrap().pid);
     }

@@ -212,12 +212,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // Nothing changed: one VM, still the same QEMU, still counting.
-    let vms = c
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = list(&mut c).await;
     assert_eq!(vms.len(), 1);
     let now = get(&mut c, "good").await;
     assert_eq!(phase(&now), pb::VmPhase::Running);

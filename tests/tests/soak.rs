@@ -106,12 +106,7 @@ async fn concurrent_random_calls_leave_a_true_report() {
     let mut c = agent.client().await;
     // Let transitional phases settle.
     let vms = loop {
-        let vms = c
-            .list_vms(pb::ListVmsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vms;
+        let vms = list(&mut c).await;
         let settled = vms
             .iter()
             .all(|vm| !matches!(phase(vm), pb::VmPhase::Starting | pb::VmPhase::Stopping));
