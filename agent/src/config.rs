@@ -6,6 +6,7 @@ use clap::Parser;
 use hypersdk_proto::endpoint::Address;
 
 use crate::accel::AccelMode;
+use crate::migration::PortRange;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -42,4 +43,21 @@ pub struct Config {
     /// QEMU binary.
     #[arg(long, env = "HYPERSDK_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+
+    /// Address this node receives live migrations on, as other nodes reach it (in a cluster:
+    /// the pod IP).
+    #[arg(long, env = "HYPERSDK_MIGRATION_ADDRESS", default_value = "127.0.0.1")]
+    pub migration_address: std::net::IpAddr,
+
+    /// TCP ports for incoming live migrations, one per migration under way.
+    #[arg(long, env = "HYPERSDK_MIGRATION_PORTS", default_value = "49152-49215")]
+    pub migration_ports: PortRange,
+
+    /// Memory this agent may give to VMs in all (e.g. "64Gi"); defaults to the node's total.
+    #[arg(long, env = "HYPERSDK_ALLOCATABLE_MEMORY", value_parser = parse_quantity)]
+    pub allocatable_memory: Option<u64>,
+}
+
+fn parse_quantity(s: &str) -> Result<u64, String> {
+    crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
 }

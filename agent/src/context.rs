@@ -1,5 +1,6 @@
 //! What every VM supervisor of this agent shares.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use hypersdk_proto::agent::v1 as pb;
@@ -7,6 +8,7 @@ use tokio::sync::broadcast;
 
 use crate::accel::Selection;
 use crate::cgroup::Cgroups;
+use crate::migration::PortRange;
 use crate::paths::PathPolicy;
 use crate::store::Store;
 
@@ -21,6 +23,11 @@ pub struct Context {
     pub cgroups: Result<Cgroups, String>,
     /// Every VM status change, for WatchVms.
     pub events: broadcast::Sender<pb::VmEvent>,
+    /// Where incoming migrations listen.
+    pub migration_address: IpAddr,
+    pub migration_ports: PortRange,
+    /// Memory VMs may have in all on this node.
+    pub allocatable_memory: u64,
 }
 
 /// Milliseconds since the Unix epoch.

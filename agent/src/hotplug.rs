@@ -55,6 +55,18 @@ fn position(slot: &CpuSlot) -> (i64, i64, i64) {
     )
 }
 
+/// `device_add` arguments for a vCPU in a free slot; its id names the slot.
+pub fn add_args(slot: &CpuSlot) -> Value {
+    let (socket, core, thread) = position(slot);
+    let mut args = slot.props.clone();
+    args.insert("driver".into(), json!(slot.driver));
+    args.insert(
+        "id".into(),
+        json!(format!("vcpu-s{socket}c{core}t{thread}")),
+    );
+    Value::Object(args)
+}
+
 /// The steps from the slots' current state to `want` vCPUs. Only vCPUs added by hotplug
 /// (under /machine/peripheral) can be removed; the ones the VM booted with stay.
 pub fn plan_cpus(slots: &[CpuSlot], want: u32) -> Result<Vec<CpuChange>, String> {
@@ -67,18 +79,7 @@ pub fn plan_cpus(slots: &[CpuSlot], want: u32) -> Result<Vec<CpuChange>, String>
         }
         return Ok(free[..(want - plugged) as usize]
             .iter()
-            .map(|s| {
-                let (socket, core, thread) = position(s);
-                let mut args = s.props.clone();
-                args.insert("driver".into(), json!(s.driver));
-                args.insert(
-                    "id".into(),
-                    json!(format!("vcpu-s{socket}c{core}t{thread}")),
-                );
-                CpuChange::Add {
-                    args: Value::Object(args),
-                }
-            })
+            .map(|s| CpuChange::Add { args: add_args(s) })
             .collect());
     }
     let mut removable: Vec<_> = slots

@@ -117,6 +117,8 @@ pub async fn run(
         cgroups: cgroups_facts,
     };
     let (events, _) = tokio::sync::broadcast::channel(1024);
+    let memory_total =
+        node::parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default()).0;
     let ctx = Arc::new(Context {
         node_name,
         qemu,
@@ -125,6 +127,9 @@ pub async fn run(
         store,
         cgroups,
         events,
+        migration_address: config.migration_address,
+        migration_ports: config.migration_ports.clone(),
+        allocatable_memory: config.allocatable_memory.unwrap_or(memory_total),
     });
     let vms = Arc::new(
         Vms::load(ctx)

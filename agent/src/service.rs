@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_server::AgentService;
+use hypersdk_proto::endpoint::Address;
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
+use crate::migration::{Options, is_final};
 use crate::node::NodeFacts;
 use crate::spec::check_name;
 use crate::supervisor::{DEFAULT_STOP_TIMEOUT, Op};
@@ -38,6 +40,7 @@ fn stop_timeout(seconds: u32) -> Duration {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for Service {
@@ -184,5 +187,79 @@ impl AgentService for Service {
             .chain(changes)
             .filter(move |r| r.as_ref().map_or(true, &matches));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type MigrateVmStream = ProgressStream;
+
+    async fn migrate_vm(
+        &self,
+        req: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let r = req.into_inner();
+        check_name("name", &r.name)?;
+        let target: Address = r
+            .target
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("target: {e}")))?;
+        let options = Options::try_from(r.options)?;
+        let (progress_tx, progress_rx) = tokio::sync::oneshot::channel();
+        let op = Op::Migrate {
+            target,
+            options,
+            progress: progress_tx,
+        };
+        self.vms.call(&r.name, op).await?;
+        let progress = progress_rx
+            .await
+            .map_err(|_| Status::internal("the migration gave no progress"))?;
+        // Every change until (and including) the final figures.
+        let stream = futures::stream::unfold(Some(progress), |rx| async move {
+            let mut rx = rx?;
+            let p = rx.borrow_and_update().clone();
+            if is_final(p.phase()) {
+                return Some((Ok(p), None));
+            }
+            if rx.changed().await.is_err() {
+                // The task ended without a final word (the agent is shutting down).
+                let p = rx.borrow().clone();
+                return Some((Ok(p), None));
+            }
+            Some((Ok(p), Some(rx)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_migration(
+        &self,
+        req: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        self.call(&req.into_inner().name, Op::CancelMigration).await
+    }
+
+    async fn prepare_incoming(
+        &self,
+        req: Request<pb::PrepareIncomingRequest>,
+    ) -> Result<Response<pb::PrepareIncomingResponse>, Status> {
+        let (uri, vm) = self.vms.prepare_incoming(req.into_inner()).await?;
+        Ok(Response::new(pb::PrepareIncomingResponse {
+            uri,
+            vm: Some(vm),
+            node_name: self.node.node_name.clone(),
+        }))
+    }
+
+    async fn finish_incoming(
+        &self,
+        req: Request<pb::FinishIncomingRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        self.call(&req.into_inner().name, Op::FinishIncoming).await
+    }
+
+    async fn abort_incoming(
+        &self,
+        req: Request<pb::AbortIncomingRequest>,
+    ) -> Result<Response<pb::AbortIncomingResponse>, Status> {
+        self.call(&req.into_inner().name, Op::AbortIncoming).await?;
+        Ok(Response::new(pb::AbortIncomingResponse {}))
     }
 }

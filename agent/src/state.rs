@@ -7,6 +7,10 @@
 //!                               stop     stop
 //!                                 ▼        ▼
 //!            Stopped ◄─exit─ Stopping   (any) ─unexpected exit─► Failed
+//!
+//! Running ─migrate─► Migrating ─handed over─► (gone from this node)
+//!                        └─failed/cancelled─► Running
+//! (target) Incoming ─finish─► Running;  Incoming ─abort / exit─► (gone)
 //! ```
 
 use hypersdk_proto::agent::v1 as pb;
@@ -24,8 +28,11 @@ pub enum Phase {
     Paused,
     Stopping,
     Stopped,
+    /// Sending its state to another node (source side).
     Migrating,
     Failed,
+    /// A QEMU waiting for the VM's state from another node (target side).
+    Incoming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +42,7 @@ pub enum Action {
     Restart,
     Pause,
     Resume,
+    Migrate,
 }
 
 impl Action {
@@ -45,6 +53,7 @@ impl Action {
             Action::Restart => "restart",
             Action::Pause => "pause",
             Action::Resume => "resume",
+            Action::Migrate => "migrate",
         }
     }
 }
@@ -54,7 +63,12 @@ impl Phase {
     pub fn has_process(self) -> bool {
         matches!(
             self,
-            Phase::Starting | Phase::Running | Phase::Paused | Phase::Stopping | Phase::Migrating
+            Phase::Starting
+                | Phase::Running
+                | Phase::Paused
+                | Phase::Stopping
+                | Phase::Migrating
+                | Phase::Incoming
         )
     }
 
@@ -68,6 +82,7 @@ impl Phase {
             Phase::Stopped => "Stopped",
             Phase::Migrating => "Migrating",
             Phase::Failed => "Failed",
+            Phase::Incoming => "Incoming",
         }
     }
 }
@@ -82,6 +97,7 @@ pub fn check(phase: Phase, action: Action) -> Result<(), String> {
         Restart => matches!(phase, Running | Paused),
         Pause => phase == Running,
         Resume => phase == Paused,
+        Migrate => phase == Running,
     };
     if ok {
         Ok(())
@@ -178,7 +194,7 @@ impl From<Phase> for pb::VmPhase {
             Phase::Paused => pb::VmPhase::Paused,
             Phase::Stopping => pb::VmPhase::Stopping,
             Phase::Stopped => pb::VmPhase::Stopped,
-            Phase::Migrating => pb::VmPhase::Migrating,
+            Phase::Migrating | Phase::Incoming => pb::VmPhase::Migrating,
             Phase::Failed => pb::VmPhase::Failed,
         }
     }
@@ -201,6 +217,17 @@ mod tests {
         assert!(check(Phase::Stopped, Action::Stop).is_err());
         assert!(check(Phase::Running, Action::Resume).is_err());
         assert!(check(Phase::Stopped, Action::Restart).is_err());
+        assert!(check(Phase::Running, Action::Migrate).is_ok());
+        assert!(check(Phase::Paused, Action::Migrate).is_err());
+        for a in [
+            Action::Stop,
+            Action::Pause,
+            Action::Restart,
+            Action::Migrate,
+        ] {
+            assert!(check(Phase::Migrating, a).is_err(), "{a:?} while migrating");
+            assert!(check(Phase::Incoming, a).is_err(), "{a:?} while incoming");
+        }
     }
 
     #[test]
@@ -209,6 +236,9 @@ mod tests {
         assert_eq!(on_run_state(Phase::Running, false), Phase::Paused);
         assert_eq!(on_run_state(Phase::Paused, true), Phase::Running);
         assert_eq!(on_run_state(Phase::Stopping, true), Phase::Stopping);
+        // The migration, not QEMU's run state, decides these.
+        assert_eq!(on_run_state(Phase::Migrating, false), Phase::Migrating);
+        assert_eq!(on_run_state(Phase::Incoming, true), Phase::Incoming);
     }
 
     fn exit(guest: Option<&str>, code: Option<i32>, signal: Option<i32>) -> Exit {

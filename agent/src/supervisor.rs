@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::Address;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
@@ -19,6 +20,8 @@ use crate::context::{Context, now_ms};
 use crate::error::AgentError;
 use crate::guest::{self, GuestView};
 use crate::hotplug;
+use crate::migration::{self, Options};
+use crate::outgoing::{self, Ended, Outcome, Outgoing};
 use crate::process;
 use crate::qmp::{self, Qmp};
 use crate::quantity::format_bytes;
@@ -31,6 +34,8 @@ use crate::store::SavedState;
 /// How long QEMU may take from launch to answering QMP.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a migration target may take to load the last of the state once the source is done.
+const INCOMING_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a guest may take to bring resized vCPUs and memory online.
 const GUEST_RESIZE_TIMEOUT: Duration = Duration::from_secs(20);
 /// x86 Linux memory block size: the unit the guest agent reports memory in.
@@ -57,6 +62,24 @@ pub enum Op {
         memory: Option<u64>,
     },
     Delete,
+    /// Live-migrate to the agent at `target`; `progress` gets the figures as they change.
+    Migrate {
+        target: Address,
+        options: Options,
+        progress: oneshot::Sender<watch::Receiver<pb::MigrationProgress>>,
+    },
+    CancelMigration,
+    /// Target side: launch a QEMU that waits for the VM's state; `uri` gets where it listens.
+    Incoming {
+        layout: pb::MachineLayout,
+        multifd_channels: u32,
+        source_node: String,
+        uri: oneshot::Sender<String>,
+    },
+    /// Target side: the state has been sent; run the VM here.
+    FinishIncoming,
+    /// Target side: the migration ended without a hand-over; remove the waiting VM.
+    AbortIncoming,
 }
 
 #[derive(Debug)]
@@ -75,6 +98,11 @@ pub struct VmHandle {
 impl VmHandle {
     pub fn current(&self) -> pb::Vm {
         self.status.borrow().clone()
+    }
+
+    /// The VM left this agent (deleted, or migrated away): its task has ended.
+    pub fn is_gone(&self) -> bool {
+        self.requests.is_closed()
     }
 
     pub async fn call(&self, name: &str, op: Op) -> Result<pb::Vm, AgentError> {
@@ -106,6 +134,8 @@ struct Status {
     guest: GuestView,
     /// When the restart policy starts the VM again.
     restart_at: Option<(tokio::time::Instant, i64)>,
+    /// The migration under way, or the last one.
+    migration: Option<pb::MigrationProgress>,
 }
 
 /// A live QEMU process and the connections to it.
@@ -152,6 +182,15 @@ impl Stopping {
 /// press it again at this interval until the stop timeout.
 const POWERDOWN_REPEAT: Duration = Duration::from_secs(1);
 
+/// An outgoing migration under way (see [`outgoing`]).
+struct Migration {
+    progress: watch::Receiver<pb::MigrationProgress>,
+    /// For the final phase, which this supervisor publishes once it has acted on the end.
+    publish: watch::Sender<pb::MigrationProgress>,
+    cancel: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Ended>,
+}
+
 pub struct Supervisor {
     ctx: Arc<Context>,
     spec: VmSpec,
@@ -165,6 +204,9 @@ pub struct Supervisor {
     /// Reports of the current process's guest-agent watcher (a fresh channel per process, so
     /// nothing said about an earlier process is applied to the next).
     qga_rx: mpsc::Receiver<GuestView>,
+    migration: Option<Migration>,
+    /// The VM has left this agent; the task ends.
+    gone: bool,
 }
 
 /// How a supervisor begins.
@@ -205,6 +247,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         restart_count: 0,
         guest: GuestView::default(),
         restart_at: None,
+        migration: None,
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
     let span = info_span!("vm", name = %spec.name);
@@ -219,6 +262,8 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         publish,
         requests: req_rx,
         qga_rx,
+        migration: None,
+        gone: false,
     };
     if let Some((qemu, saved)) = adopt {
         sup.adopt(qemu, saved).instrument(span.clone()).await;
@@ -241,16 +286,15 @@ impl Supervisor {
             let restart_at = self.status.restart_at.map(|(at, _)| at);
             tokio::select! {
                 req = self.requests.recv() => match req {
-                    Some(Request { op: Op::Delete, reply }) => {
-                        let result = self.delete().await;
-                        let done = result.is_ok();
-                        let _ = reply.send(result);
-                        if done {
-                            return;
-                        }
-                    }
                     Some(req) => self.handle(req).await,
                     None => return,
+                },
+                event = watch_migration(&mut self.migration) => match event {
+                    MigrationEvent::Progress(p) => {
+                        self.status.migration = Some(p);
+                        self.publish("MigrationProgress", "");
+                    }
+                    MigrationEvent::Ended(outcome) => self.on_migration_end(outcome).await,
                 },
                 event = watch_process(&mut self.running) => match event {
                     ProcessEvent::Exited(status) => self.on_exit(status).await,
@@ -259,6 +303,9 @@ impl Supervisor {
                 Some(view) = self.qga_rx.recv() => self.on_guest_view(view),
                 _ = sleep_until(deadline) => self.on_stop_tick().await,
                 _ = sleep_until(restart_at) => self.auto_restart().await,
+            }
+            if self.gone {
+                return;
             }
         }
     }
@@ -273,7 +320,30 @@ impl Supervisor {
             Op::Restart { timeout, force } => {
                 return self.stop(timeout, force, true, reply).await;
             }
-            Op::Delete => unreachable!("handled in run"),
+            Op::Delete => self.remove("Deleted").await,
+            Op::Migrate {
+                target,
+                options,
+                progress,
+            } => self.migrate(target, options, progress).await,
+            Op::CancelMigration => self.cancel_migration(),
+            Op::Incoming {
+                layout,
+                multifd_channels,
+                source_node,
+                uri,
+            } => {
+                self.incoming(&layout, multifd_channels, &source_node, uri)
+                    .await
+            }
+            Op::FinishIncoming => self.finish_incoming().await,
+            Op::AbortIncoming => match self.status.phase {
+                Phase::Incoming => self.remove("IncomingAborted").await,
+                other => Err(self.conflict(format!(
+                    "is {} here, not waiting for a migration",
+                    other.name()
+                ))),
+            },
         };
         let _ = reply.send(result);
     }
@@ -288,7 +358,21 @@ impl Supervisor {
         self.check(Action::Start)?;
         self.status.restart_at = None;
         let resolved = resolve_spec(&self.spec, &self.ctx.policy)?;
-        let argv = argv::build(&resolved, &self.files, self.ctx.accel.accel);
+        self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
+            .await?;
+        Ok(self.snapshot())
+    }
+
+    /// Spawns QEMU for `resolved` (plus `extra` arguments) and attaches to it. `cpu_adds`: the
+    /// vCPUs it may still start (counted under TCG only, see [`hotplug::set_cpus`]).
+    async fn launch(
+        &mut self,
+        resolved: &VmSpec,
+        extra: &[&str],
+        cpu_adds: u32,
+    ) -> Result<(), AgentError> {
+        let mut argv = argv::build(resolved, &self.files, self.ctx.accel.accel);
+        argv.extend(extra.iter().map(|a| a.to_string()));
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
             let _ = std::fs::remove_file(sock);
         }
@@ -302,7 +386,7 @@ impl Supervisor {
             "QEMU launched"
         );
         if let Ok(cg) = &self.ctx.cgroups
-            && let Err(e) = cg.place(&self.spec.name, qemu.pid(), &cgroup::limits(&resolved))
+            && let Err(e) = cg.place(&self.spec.name, qemu.pid(), &cgroup::limits(resolved))
         {
             warn!("cannot place QEMU in its cgroup: {e}");
         }
@@ -310,11 +394,9 @@ impl Supervisor {
         self.status.timings = Default::default();
         self.status.qemu_status.clear();
         self.set_phase(Phase::Starting, "QEMU launched", "Starting");
-        let cpu_adds_left =
-            (self.ctx.accel.accel == Accel::Tcg).then_some(resolved.max_cpus - resolved.cpus);
+        let cpu_adds_left = (self.ctx.accel.accel == Accel::Tcg).then_some(cpu_adds);
         self.attach(qemu, Some(launched), stderr_from, cpu_adds_left)
-            .await?;
-        Ok(self.snapshot())
+            .await
     }
 
     /// Takes over a QEMU left running by an earlier agent process.
@@ -336,6 +418,11 @@ impl Supervisor {
                 "QEMU kept running while the agent restarted",
                 "Adopted",
             );
+            if saved.phase == Phase::Migrating {
+                // Nobody drives that migration any more. The target never ran the guest (it
+                // waits for a hand-over that will not come), so the VM stays here.
+                self.resume_after_lost_migration().await;
+            }
             if saved.phase == Phase::Stopping {
                 // A stop was under way when the agent went down: see it through.
                 let (reply, _) = oneshot::channel();
@@ -343,6 +430,27 @@ impl Supervisor {
                 self.stop(DEFAULT_STOP_TIMEOUT, false, false, reply).await;
             }
         }
+    }
+
+    async fn resume_after_lost_migration(&mut self) {
+        let Some(qmp) = self.running.as_ref().map(|r| r.qmp.clone()) else {
+            return;
+        };
+        let _ = qmp.execute_value("migrate_cancel", json!({})).await;
+        if let Ok(s) = qmp.execute(qapi::qmp::query_status {}).await
+            && !s.running
+            && let Err(e) = qmp.execute(qapi::qmp::cont {}).await
+        {
+            warn!("resuming after the lost migration: {e}");
+        }
+        self.status.phase = Phase::Running;
+        self.refresh_from_qemu().await;
+        let phase = self.status.phase;
+        self.set_phase(
+            phase,
+            "a migration was under way when the agent restarted: cancelled, the VM stays here",
+            "MigrationFailed",
+        );
     }
 
     /// Connects QMP and the guest agent to a live QEMU and makes it the VM's process. On
@@ -688,7 +796,12 @@ impl Supervisor {
         }
     }
 
-    async fn delete(&mut self) -> Result<pb::Vm, AgentError> {
+    /// Ends the VM here: its QEMU (if any) and its files. `reason` goes out with the DELETED
+    /// event ("Deleted", "MigratedAway", "IncomingAborted").
+    async fn remove(&mut self, reason: &str) -> Result<pb::Vm, AgentError> {
+        if let Some(m) = &self.migration {
+            let _ = m.cancel.send(true);
+        }
         if let Some(mut run) = self.running.take() {
             run.qemu.kill();
             run.qemu.wait().await;
@@ -704,15 +817,273 @@ impl Supervisor {
             .store
             .remove(&self.spec.name)
             .map_err(|e| AgentError::Internal(format!("removing {}: {e}", self.dir.display())))?;
-        info!("deleted");
+        info!(reason, "removed from this node");
+        self.gone = true;
         let vm = self.snapshot();
         let _ = self.ctx.events.send(pb::VmEvent {
             r#type: pb::EventType::Deleted as i32,
             vm: Some(vm.clone()),
-            reason: "Deleted".into(),
+            reason: reason.into(),
             message: String::new(),
         });
         Ok(vm)
+    }
+
+    // ----- live migration -------------------------------------------------------------------
+
+    /// Starts moving the VM to the agent at `target`; the work goes on in an [`Outgoing`] task
+    /// while this supervisor keeps answering (a cancel, a delete).
+    async fn migrate(
+        &mut self,
+        target: Address,
+        options: Options,
+        progress_tx: oneshot::Sender<watch::Receiver<pb::MigrationProgress>>,
+    ) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Migrate)?;
+        let qmp = self
+            .running
+            .as_ref()
+            .map(|r| r.qmp.clone())
+            .expect("Running has a process");
+        let has_vmem = self.spec.max_memory > self.spec.memory
+            || qmp
+                .execute_value(
+                    "qom-get",
+                    json!({"path": hotplug::VMEM_ID, "property": "size"}),
+                )
+                .await
+                .is_ok();
+        let layout = outgoing::read_layout(&qmp, has_vmem)
+            .await
+            .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
+        let (progress, progress_rx) =
+            watch::channel(outgoing::initial(&self.spec.name, &self.ctx.node_name));
+        let (cancel, cancel_rx) = watch::channel(false);
+        info!(%target, "migration starting");
+        let task = tokio::spawn(
+            Outgoing {
+                name: self.spec.name.clone(),
+                source_node: self.ctx.node_name.clone(),
+                target,
+                spec: pb::VmSpec::from(&self.spec),
+                layout,
+                options,
+                qmp,
+                progress: progress.clone(),
+                cancel: cancel_rx,
+            }
+            .run()
+            .instrument(tracing::Span::current()),
+        );
+        self.status.migration = Some(progress_rx.borrow().clone());
+        let _ = progress_tx.send(progress_rx.clone());
+        self.migration = Some(Migration {
+            progress: progress_rx,
+            publish: progress,
+            cancel,
+            task,
+        });
+        self.set_phase(Phase::Migrating, "live migration under way", "Migrating");
+        Ok(self.snapshot())
+    }
+
+    fn cancel_migration(&mut self) -> Result<pb::Vm, AgentError> {
+        match &self.migration {
+            Some(m) => {
+                let _ = m.cancel.send(true);
+                Ok(self.snapshot())
+            }
+            None => Err(self.conflict("no migration is under way".into())),
+        }
+    }
+
+    async fn on_migration_end(&mut self, ended: Ended) {
+        let Some(m) = self.migration.take() else {
+            return;
+        };
+        let mut last = m.progress.borrow().clone();
+        last.phase = ended.phase as i32;
+        last.message = ended.message.clone();
+        let message = ended.message;
+        self.status.migration = Some(last.clone());
+        match ended.outcome {
+            Outcome::HandedOver => {
+                info!("migrated away");
+                let _ = self.remove("MigratedAway").await;
+            }
+            Outcome::NotMoved | Outcome::Unknown if self.running.is_some() => {
+                self.status.phase = Phase::Running;
+                self.refresh_from_qemu().await;
+                let phase = self.status.phase;
+                self.set_phase(phase, &message, "MigrationFailed");
+            }
+            // QEMU ended meanwhile: its exit has set the phase.
+            _ => self.publish("MigrationFailed", &message),
+        }
+        m.publish.send_replace(last);
+    }
+
+    /// Target side: a QEMU with the source's machine layout, paused (`-S`) and listening for
+    /// the state on a port of this agent's range.
+    async fn incoming(
+        &mut self,
+        layout: &pb::MachineLayout,
+        multifd_channels: u32,
+        source_node: &str,
+        uri_tx: oneshot::Sender<String>,
+    ) -> Result<pb::Vm, AgentError> {
+        if self.status.phase != Phase::Pending {
+            return Err(self.conflict("already exists on this node".into()));
+        }
+        migration::check_layout(layout, self.spec.max_cpus, self.spec.max_memory)?;
+        let mut launch = self.spec.clone();
+        launch.cpus = layout.boot_cpus;
+        launch.memory = layout.boot_memory_bytes;
+        let resolved = resolve_spec(&launch, &self.ctx.policy)?;
+        self.launch(
+            &resolved,
+            &["-S", "-incoming", "defer"],
+            resolved.max_cpus - resolved.cpus,
+        )
+        .await?;
+        self.set_phase(
+            Phase::Incoming,
+            &format!("arriving by live migration from {source_node}"),
+            "Incoming",
+        );
+        let options = Options {
+            multifd_channels,
+            ..Options::default()
+        };
+        match self.listen_incoming(layout, &options).await {
+            Ok(uri) => {
+                info!(uri, source = source_node, "waiting for the migration");
+                let _ = uri_tx.send(uri);
+                Ok(self.snapshot())
+            }
+            Err(why) => {
+                let _ = self.remove("IncomingAborted").await;
+                Err(self.qemu_error(format!("preparing for the migration: {why}")))
+            }
+        }
+    }
+
+    /// Recreates hot-plugged vCPUs and memory, sets the migration capabilities and opens the
+    /// first free port of the range.
+    async fn listen_incoming(
+        &mut self,
+        layout: &pb::MachineLayout,
+        options: &Options,
+    ) -> Result<String, String> {
+        let run = self.running.as_mut().ok_or("QEMU is gone")?;
+        let qmp = run.qmp.clone();
+        let err = |e: qmp::QmpError| e.to_string();
+        if !layout.hotplugged_cpus.is_empty() {
+            let slots = hotplug::parse_slots(
+                &qmp.execute_value("query-hotpluggable-cpus", json!({}))
+                    .await
+                    .map_err(err)?,
+            );
+            for cpu in &layout.hotplugged_cpus {
+                let args = migration::cpu_to_add(&slots, cpu)?;
+                let mut left = run.cpu_adds_left;
+                hotplug::check_adds(&[hotplug::CpuChange::Add { args: args.clone() }], left)?;
+                qmp.execute_value("device_add", args).await.map_err(err)?;
+                if let Some(l) = &mut left {
+                    *l -= 1;
+                }
+                run.cpu_adds_left = left;
+            }
+        }
+        if layout.virtio_mem_requested_bytes > 0 {
+            qmp.execute_value(
+                "qom-set",
+                json!({"path": hotplug::VMEM_ID, "property": "requested-size",
+                       "value": layout.virtio_mem_requested_bytes}),
+            )
+            .await
+            .map_err(err)?;
+        }
+        qmp.execute_value(
+            "migrate-set-capabilities",
+            migration::capabilities(options, false),
+        )
+        .await
+        .map_err(err)?;
+        qmp.execute_value(
+            "migrate-set-parameters",
+            migration::parameters(options, false),
+        )
+        .await
+        .map_err(err)?;
+        let host = match self.ctx.migration_address {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("[{a}]"),
+        };
+        let mut last = String::from("the port range is empty");
+        for port in self.ctx.migration_ports.0.clone() {
+            let uri = format!("tcp:{host}:{port}");
+            match qmp
+                .execute_value("migrate-incoming", json!({ "uri": uri }))
+                .await
+            {
+                Ok(_) => return Ok(uri),
+                // Taken by another migration or program: try the next port.
+                Err(e) if e.to_string().contains("in use") => last = e.to_string(),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(format!(
+            "no free port in {}-{}: {last}",
+            self.ctx.migration_ports.0.start(),
+            self.ctx.migration_ports.0.end()
+        ))
+    }
+
+    /// Target side: waits for the state to be loaded, then runs the guest.
+    async fn finish_incoming(&mut self) -> Result<pb::Vm, AgentError> {
+        if self.status.phase != Phase::Incoming {
+            return Err(self.conflict(format!(
+                "is {} here, not waiting for a migration",
+                self.status.phase.name()
+            )));
+        }
+        let qmp = self
+            .running
+            .as_ref()
+            .map(|r| r.qmp.clone())
+            .expect("Incoming has a process");
+        let deadline = Instant::now() + INCOMING_LOAD_TIMEOUT;
+        loop {
+            let reply = qmp
+                .execute_value("query-migrate", json!({}))
+                .await
+                .map_err(|e| self.qemu_error(e.to_string()))?;
+            match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
+                migration::QemuStatus::Completed => break,
+                migration::QemuStatus::Failed | migration::QemuStatus::Cancelled => {
+                    return Err(self.qemu_error(format!(
+                        "loading the migrated state failed: {}",
+                        reply["error-desc"].as_str().unwrap_or("no detail")
+                    )));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(self.qemu_error(format!(
+                        "the migrated state did not finish loading within {INCOMING_LOAD_TIMEOUT:?}"
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
+            .await?;
+        self.status.qemu_status = "running".into();
+        self.set_phase(Phase::Running, "arrived by live migration", "Migrated");
+        self.refresh_from_qemu().await;
+        if let Some(run) = &self.running {
+            run.refresh.now();
+        }
+        Ok(self.snapshot())
     }
 
     // ----- observations ---------------------------------------------------------------------
@@ -722,6 +1093,16 @@ impl Supervisor {
             return;
         };
         let tail = process::stderr_tail(&self.dir, run.stderr_from, 600);
+        if self.status.phase == Phase::Incoming {
+            // The VM still lives at the source; nothing of it stays here.
+            warn!(
+                "the incoming QEMU ended ({}): {tail}",
+                state::how_it_ended(info.code, info.signal)
+            );
+            drop(run);
+            let _ = self.remove("IncomingFailed").await;
+            return;
+        }
         // Reports still queued from this process's guest-agent watcher are dropped.
         self.qga_rx = mpsc::channel(1).1;
         let exit = Exit {
@@ -958,6 +1339,7 @@ impl Supervisor {
                 next_restart_at_ms: s.restart_at.map_or(0, |(_, ms)| ms),
                 guest_cpus: s.guest.cpus,
                 guest_memory_bytes: s.guest.memory_bytes,
+                migration: s.migration.clone(),
             }),
         }
     }
@@ -977,6 +1359,29 @@ fn enum_name<T: serde::Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(String::from))
         .unwrap_or_default()
+}
+
+enum MigrationEvent {
+    Progress(pb::MigrationProgress),
+    Ended(Ended),
+}
+
+/// The next thing an outgoing migration does: new figures, or its end.
+async fn watch_migration(migration: &mut Option<Migration>) -> MigrationEvent {
+    let Some(m) = migration else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        biased;
+        Ok(()) = m.progress.changed() => {
+            MigrationEvent::Progress(m.progress.borrow_and_update().clone())
+        }
+        ended = &mut m.task => MigrationEvent::Ended(ended.unwrap_or_else(|e| Ended {
+            outcome: Outcome::Unknown,
+            phase: pb::MigrationPhase::Failed,
+            message: format!("the migration task failed: {e}"),
+        })),
+    }
 }
 
 enum ProcessEvent {

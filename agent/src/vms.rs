@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::error::AgentError;
+use crate::quantity::format_bytes;
 use crate::resolve::resolve_spec;
 use crate::spec::{FieldError, VmSpec};
 
@@ -35,6 +36,10 @@ impl Vms {
         let mut broken = BTreeMap::new();
         for (name, loaded) in ctx.store.load_all()? {
             match loaded {
+                Ok(loaded) if loaded.state.as_ref().map(|s| s.phase) == Some(Phase::Incoming) => {
+                    // The source gave up on it when this agent stopped answering.
+                    discard_incoming(&ctx, &name, loaded.state.map_or(0, |s| s.pid));
+                }
                 Ok(loaded) => {
                     if let Some(problem) = &loaded.problem {
                         warn!(vm = %name, "state file unreadable: {problem}");
@@ -67,6 +72,66 @@ impl Vms {
     }
 
     pub async fn create(&self, spec: pb::VmSpec, start: bool) -> Result<pb::Vm, AgentError> {
+        let handle = self.register(spec, "Created").await?;
+        let name = handle.current().spec.unwrap_or_default().name;
+        if start {
+            handle.call(&name, Op::Start).await
+        } else {
+            Ok(handle.current())
+        }
+    }
+
+    /// Target side of a live migration: the VM as the source runs it, in a QEMU waiting for
+    /// its state. Returns where that QEMU listens.
+    pub async fn prepare_incoming(
+        &self,
+        req: pb::PrepareIncomingRequest,
+    ) -> Result<(String, pb::Vm), AgentError> {
+        let spec = req
+            .spec
+            .ok_or_else(|| FieldError::new("spec", "is required"))?;
+        let layout = req
+            .layout
+            .ok_or_else(|| FieldError::new("layout", "is required"))?;
+        if req.multifd_channels > crate::migration::MAX_MULTIFD_CHANNELS {
+            return Err(FieldError::new("multifdChannels", "is too large").into());
+        }
+        let memory = crate::spec::parse_memory("spec.memory", &spec.memory)?;
+        let available = crate::node::parse_meminfo(
+            &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+        )
+        .1;
+        if memory > available {
+            return Err(FieldError::new(
+                "spec.memory",
+                format!(
+                    "{} does not fit: node {} has {} available",
+                    format_bytes(memory),
+                    self.ctx.node_name,
+                    format_bytes(available)
+                ),
+            )
+            .into());
+        }
+        let handle = self.register(spec, "Incoming").await?;
+        let name = handle.current().spec.unwrap_or_default().name;
+        let (uri_tx, uri_rx) = tokio::sync::oneshot::channel();
+        let op = Op::Incoming {
+            layout,
+            multifd_channels: req.multifd_channels,
+            source_node: req.source_node,
+            uri: uri_tx,
+        };
+        let vm = handle.call(&name, op).await?;
+        let uri = uri_rx
+            .await
+            .map_err(|_| AgentError::Internal("the incoming VM gave no address".into()))?;
+        Ok((uri, vm))
+    }
+
+    /// Validates a spec, checks that its files are usable here and that it fits the node's
+    /// allocatable memory, and creates the VM (not started).
+    async fn register(&self, spec: pb::VmSpec, reason: &str) -> Result<VmHandle, AgentError> {
         let mut spec = VmSpec::try_from(spec)?;
         let resolved = resolve_spec(&spec, &self.ctx.policy)?;
         // Keep the paths as the user wrote them, with the format read from each image.
@@ -87,8 +152,24 @@ impl Vms {
         let name = spec.name.clone();
         let handle = {
             let mut vms = self.vms.write().await;
+            vms.retain(|_, h| !h.is_gone());
             if vms.contains_key(&name) || self.broken.read().await.contains_key(&name) {
                 return Err(AgentError::AlreadyExists(name));
+            }
+            let allocated: u64 = vms.values().map(|h| configured_memory(&h.current())).sum();
+            let room = self.ctx.allocatable_memory.saturating_sub(allocated);
+            if spec.memory > room {
+                return Err(FieldError::new(
+                    "spec.memory",
+                    format!(
+                        "{} does not fit: node {} has {} allocatable for VMs, {} of it in use",
+                        format_bytes(spec.memory),
+                        self.ctx.node_name,
+                        format_bytes(self.ctx.allocatable_memory),
+                        format_bytes(allocated)
+                    ),
+                )
+                .into());
             }
             self.ctx.store.create(&spec).map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => AgentError::AlreadyExists(name.clone()),
@@ -102,18 +183,14 @@ impl Vms {
             vms.insert(name.clone(), handle.clone());
             handle
         };
-        info!(vm = %name, "created");
+        info!(vm = %name, reason, "created");
         let _ = self.ctx.events.send(pb::VmEvent {
             r#type: pb::EventType::Added as i32,
             vm: Some(handle.current()),
-            reason: "Created".into(),
+            reason: reason.into(),
             message: String::new(),
         });
-        if start {
-            handle.call(&name, Op::Start).await
-        } else {
-            Ok(handle.current())
-        }
+        Ok(handle)
     }
 
     async fn handle(&self, name: &str) -> Result<VmHandle, AgentError> {
@@ -127,6 +204,7 @@ impl Vms {
             .read()
             .await
             .get(name)
+            .filter(|h| !h.is_gone())
             .cloned()
             .ok_or_else(|| AgentError::NotFound(name.to_string()))
     }
@@ -144,6 +222,7 @@ impl Vms {
             .read()
             .await
             .values()
+            .filter(|h| !h.is_gone())
             .map(VmHandle::current)
             .collect();
         let broken = self.broken.read().await;
@@ -179,14 +258,21 @@ impl Vms {
         let vms = self.vms.read().await;
         let mut cpus = 0;
         let mut memory = 0;
-        for vm in vms.values().map(VmHandle::current) {
-            if let Some(spec) = vm.spec {
-                cpus += spec.cpus;
-                memory += crate::quantity::parse_bytes(&spec.memory).unwrap_or(0);
-            }
+        let mut count = 0;
+        for vm in vms.values().filter(|h| !h.is_gone()).map(VmHandle::current) {
+            cpus += vm.spec.as_ref().map_or(0, |s| s.cpus);
+            memory += configured_memory(&vm);
+            count += 1;
         }
-        (cpus, memory, vms.len() as u32)
+        (cpus, memory, count)
     }
+}
+
+fn configured_memory(vm: &pb::Vm) -> u64 {
+    vm.spec
+        .as_ref()
+        .and_then(|s| crate::quantity::parse_bytes(&s.memory).ok())
+        .unwrap_or(0)
 }
 
 /// How a VM whose spec cannot be read is shown: Failed, with the reason.
@@ -203,6 +289,28 @@ fn broken_vm(ctx: &Context, name: &str, why: &str) -> pb::Vm {
             data_dir: ctx.store.vm_dir(name).to_string_lossy().into(),
             ..Default::default()
         }),
+    }
+}
+
+/// A VM's QEMU: the saved pid first; if it is 0 (the agent died between launch and the first
+/// save) or stale, the command line finds the process.
+fn find_qemu(pid: u32, qmp_arg: &str) -> std::io::Result<process::Qemu> {
+    process::adopt(pid, qmp_arg).or_else(|e| {
+        process::find(qmp_arg)
+            .map(|pid| process::adopt(pid, qmp_arg))
+            .unwrap_or(Err(e))
+    })
+}
+
+/// Ends the QEMU of a migration that never finished arriving, and removes its files.
+fn discard_incoming(ctx: &Context, name: &str, pid: u32) {
+    let qmp_arg = argv::qmp_arg(&VmFiles::in_dir(&ctx.store.vm_dir(name)));
+    if let Ok(mut qemu) = find_qemu(pid, &qmp_arg) {
+        qemu.kill();
+    }
+    match ctx.store.remove(name) {
+        Ok(()) => info!(vm = %name, "removed an unfinished incoming migration"),
+        Err(e) => warn!(vm = %name, "removing an unfinished incoming migration: {e}"),
     }
 }
 
@@ -235,14 +343,7 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
             message: saved.message,
         };
     }
-    // The saved pid first; if it is 0 (the agent died between launch and the first save) or
-    // stale, the command line finds the process.
-    let found = process::adopt(saved.pid, &qmp_arg).or_else(|e| {
-        process::find(&qmp_arg)
-            .map(|pid| process::adopt(pid, &qmp_arg))
-            .unwrap_or(Err(e))
-    });
-    match found {
+    match find_qemu(saved.pid, &qmp_arg) {
         Ok(qemu) => Init::Adopt {
             qemu: Box::new(qemu),
             saved,

@@ -84,11 +84,26 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub address: Address,
     pub guest: Guest,
+    /// Flags beyond the harness's own, kept for respawns.
+    extra_args: Vec<String>,
     process: Option<Child>,
 }
 
 impl Agent {
     pub async fn start(name: &str) -> Agent {
+        Agent::start_with(name, &[]).await
+    }
+
+    /// A second node for migrations: it may use `peer`'s images (the shared storage that live
+    /// migration needs), plus `extra` flags.
+    pub async fn peer_of(peer: &Agent, name: &str, extra: &[&str]) -> Agent {
+        let images = peer.dir.path().join("images");
+        let mut args = vec!["--image-dir", images.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Agent::start_with(name, &args).await
+    }
+
+    pub async fn start_with(name: &str, extra: &[&str]) -> Agent {
         let guest = guest();
         let dir = tempfile::Builder::new()
             .prefix("hs-")
@@ -114,6 +129,7 @@ impl Agent {
             address: Address::Unix(dir.path().join("agent.sock")),
             dir,
             guest: local,
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
             process: None,
         };
         agent.spawn();
@@ -150,6 +166,7 @@ impl Agent {
             .arg(self.address.to_string())
             .arg("--image-dir")
             .arg(self.dir.path().join("images"))
+            .args(&self.extra_args)
             .env("HYPERSDK_LOG", "info,hypersdk_agent=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -448,4 +465,33 @@ pub async fn wait_boots(vm: &pb::Vm, n: usize, limit: Duration) {
 
 pub fn pid_alive(pid: u32) -> bool {
     is_qemu(pid as i32)
+}
+
+/// Migrates `name` to the agent at `target` and follows the progress stream to its end.
+/// Returns every progress message; the last one is final (COMPLETED, FAILED or CANCELLED).
+pub async fn migrate(
+    client: &mut Client,
+    name: &str,
+    target: &Address,
+    options: pb::MigrationOptions,
+) -> Result<Vec<pb::MigrationProgress>, tonic::Status> {
+    let mut stream = client
+        .migrate_vm(pb::MigrateVmRequest {
+            name: name.into(),
+            target: target.to_string(),
+            options: Some(options),
+        })
+        .await?
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(p) = stream.message().await? {
+        all.push(p);
+    }
+    Ok(all)
+}
+
+/// The final message of a migration's progress.
+pub fn final_phase(progress: &[pb::MigrationProgress]) -> (pb::MigrationPhase, String) {
+    let last = progress.last().expect("no progress at all");
+    (last.phase(), last.message.clone())
 }

@@ -1,0 +1,492 @@
+//! Live migration, the pure parts: options and their defaults, the QMP capabilities and
+//! parameters they become, what `query-migrate` says, the machine layout both QEMUs must share,
+//! and the port range of incoming migrations. The source side runs in [`crate::outgoing`], the
+//! target side in the supervisor ([`crate::supervisor`]).
+
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hypersdk_proto::agent::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::hotplug::CpuSlot;
+use crate::spec::FieldError;
+
+/// The agent's defaults, chosen so that a busy guest converges with a short pause (QEMU's own
+/// are 128 MiB/s and 300 ms, with which a guest dirtying memory fast never finishes).
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
+pub const DEFAULT_MULTIFD_CHANNELS: u32 = 4;
+pub const DEFAULT_COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
+pub const MAX_MULTIFD_CHANNELS: u32 = 64;
+/// QEMU's `downtime-limit` maximum is 2000 s; an hour of pause is no live migration.
+const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Bytes per second; None: unlimited.
+    pub bandwidth: Option<u64>,
+    pub max_downtime: Duration,
+    pub auto_converge: bool,
+    /// 0: multifd off.
+    pub multifd_channels: u32,
+    pub completion_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            bandwidth: None,
+            max_downtime: DEFAULT_MAX_DOWNTIME,
+            auto_converge: true,
+            multifd_channels: DEFAULT_MULTIFD_CHANNELS,
+            completion_timeout: DEFAULT_COMPLETION_TIMEOUT,
+        }
+    }
+}
+
+impl TryFrom<Option<pb::MigrationOptions>> for Options {
+    type Error = FieldError;
+
+    fn try_from(o: Option<pb::MigrationOptions>) -> Result<Self, FieldError> {
+        let d = Options::default();
+        let Some(o) = o else { return Ok(d) };
+        let max_downtime = o
+            .max_downtime_ms
+            .map_or(d.max_downtime, |ms| Duration::from_millis(ms.into()));
+        if max_downtime.is_zero() || max_downtime > MAX_DOWNTIME_LIMIT {
+            return Err(FieldError::new(
+                "options.maxDowntimeMs",
+                format!("must be between 1 and {}", MAX_DOWNTIME_LIMIT.as_millis()),
+            ));
+        }
+        let multifd_channels = o.multifd_channels.unwrap_or(d.multifd_channels);
+        if multifd_channels > MAX_MULTIFD_CHANNELS {
+            return Err(FieldError::new(
+                "options.multifdChannels",
+                format!("must be at most {MAX_MULTIFD_CHANNELS}"),
+            ));
+        }
+        let completion_timeout = o
+            .completion_timeout_seconds
+            .map_or(d.completion_timeout, |s| Duration::from_secs(s.into()));
+        if completion_timeout.is_zero() {
+            return Err(FieldError::new(
+                "options.completionTimeoutSeconds",
+                "must be at least 1",
+            ));
+        }
+        // QEMU keeps the limit as a byte count per 100 ms slice in a signed 64-bit value.
+        let bandwidth = match o.bandwidth_bytes_per_second {
+            None | Some(0) => None,
+            Some(b) if b > i64::MAX as u64 / 1000 => {
+                return Err(FieldError::new(
+                    "options.bandwidthBytesPerSecond",
+                    "is too large (use 0 for unlimited)",
+                ));
+            }
+            Some(b) => Some(b),
+        };
+        Ok(Options {
+            bandwidth,
+            max_downtime,
+            auto_converge: o.auto_converge.unwrap_or(d.auto_converge),
+            multifd_channels,
+            completion_timeout,
+        })
+    }
+}
+
+/// `migrate-set-capabilities` for the source (`outgoing`) or the target. multifd must match
+/// on both sides; auto-converge only matters where the guest runs; `late-block-activate`
+/// keeps the target's disks inactive (unlocked) until it is told to run.
+pub fn capabilities(o: &Options, outgoing: bool) -> Value {
+    let mut caps = vec![
+        json!({"capability": "events", "state": true}),
+        json!({"capability": "multifd", "state": o.multifd_channels > 0}),
+    ];
+    if outgoing {
+        caps.push(json!({"capability": "auto-converge", "state": o.auto_converge}));
+    } else {
+        caps.push(json!({"capability": "late-block-activate", "state": true}));
+    }
+    json!({ "capabilities": caps })
+}
+
+/// `migrate-set-parameters` for the source (`outgoing`) or the target.
+pub fn parameters(o: &Options, outgoing: bool) -> Value {
+    let mut p = serde_json::Map::new();
+    if o.multifd_channels > 0 {
+        p.insert("multifd-channels".into(), json!(o.multifd_channels));
+    }
+    if outgoing {
+        // 0: no rate limit.
+        p.insert("max-bandwidth".into(), json!(o.bandwidth.unwrap_or(0)));
+        p.insert(
+            "downtime-limit".into(),
+            json!(o.max_downtime.as_millis() as u64),
+        );
+    }
+    Value::Object(p)
+}
+
+/// Parameters once the completion timeout has passed: no bandwidth cap, and auto-converge
+/// throttling that starts high and climbs fast to 99 %. Throttling before cancelling, because
+/// a cancelled migration leaves the node drain or rebalance undone, while a throttled guest
+/// still runs; cancelling comes only when even that does not converge.
+pub fn escalation() -> Value {
+    json!({
+        "max-bandwidth": 0,
+        "cpu-throttle-initial": 50,
+        "cpu-throttle-increment": 25,
+        "max-cpu-throttle": 99,
+        "cpu-throttle-tailslow": false,
+    })
+}
+
+/// What the completion timer says to do at `elapsed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    Wait,
+    Escalate,
+    Cancel,
+}
+
+pub fn deadline(elapsed: Duration, timeout: Duration, escalated: bool) -> Deadline {
+    if elapsed >= timeout * 2 {
+        Deadline::Cancel
+    } else if elapsed >= timeout && !escalated {
+        Deadline::Escalate
+    } else {
+        Deadline::Wait
+    }
+}
+
+/// QEMU's `query-migrate` status, as far as the agent cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuStatus {
+    /// none, setup, active, pre-switchover, device…
+    Going,
+    /// The source has stopped the guest for the last pass.
+    Switchover,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+pub fn qemu_status(s: &str) -> QemuStatus {
+    match s {
+        "completed" => QemuStatus::Completed,
+        "failed" => QemuStatus::Failed,
+        "cancelled" => QemuStatus::Cancelled,
+        "device" | "pre-switchover" => QemuStatus::Switchover,
+        _ => QemuStatus::Going,
+    }
+}
+
+/// The figures of a `query-migrate` reply, written into `p`. Returns QEMU's status and, when
+/// it failed, its description.
+pub fn read_query_migrate(reply: &Value, p: &mut pb::MigrationProgress) -> (QemuStatus, String) {
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let ram = &reply["ram"];
+    if ram.is_object() {
+        p.transferred_bytes = u(&ram["transferred"]);
+        p.remaining_bytes = u(&ram["remaining"]);
+        p.total_bytes = u(&ram["total"]);
+        p.iterations = u(&ram["dirty-sync-count"]);
+        let page = u(&ram["page-size"]).max(1);
+        p.dirty_rate_bytes_per_second = u(&ram["dirty-pages-rate"]).saturating_mul(page);
+        // QEMU reports megabits per second.
+        p.throughput_bytes_per_second = (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64;
+    }
+    p.expected_downtime_ms = u(&reply["expected-downtime"]).min(u32::MAX.into()) as u32;
+    p.cpu_throttle_percent = u(&reply["cpu-throttle-percentage"]) as u32;
+    if let Some(d) = reply["downtime"].as_u64() {
+        p.qemu_downtime_ms = d.min(u32::MAX.into()) as u32;
+    }
+    let status = qemu_status(reply["status"].as_str().unwrap_or_default());
+    let error = reply["error-desc"].as_str().unwrap_or_default().to_string();
+    (status, error)
+}
+
+pub fn is_final(phase: pb::MigrationPhase) -> bool {
+    matches!(
+        phase,
+        pb::MigrationPhase::Completed | pb::MigrationPhase::Failed | pb::MigrationPhase::Cancelled
+    )
+}
+
+/// The layout of a running QEMU: boot vCPUs, hot-added vCPU slots, boot memory and the
+/// virtio-mem size, from `query-hotpluggable-cpus`, `query-memory-size-summary` and the
+/// device's `requested-size`.
+pub fn layout(slots: &[CpuSlot], memory_summary: &Value, vmem_requested: u64) -> pb::MachineLayout {
+    let hot = |s: &CpuSlot| {
+        s.qom_path
+            .as_deref()
+            .is_some_and(|p| p.starts_with("/machine/peripheral/"))
+    };
+    let plugged: Vec<_> = slots.iter().filter(|s| s.qom_path.is_some()).collect();
+    let prop = |s: &CpuSlot, k: &str| s.props.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
+    pb::MachineLayout {
+        boot_cpus: plugged.iter().filter(|s| !hot(s)).count() as u32,
+        boot_memory_bytes: memory_summary["base-memory"].as_u64().unwrap_or(0),
+        hotplugged_cpus: plugged
+            .iter()
+            .filter(|s| hot(s))
+            .map(|s| pb::CpuSlot {
+                socket: prop(s, "socket-id"),
+                core: prop(s, "core-id"),
+                thread: prop(s, "thread-id"),
+            })
+            .collect(),
+        virtio_mem_requested_bytes: vmem_requested,
+    }
+}
+
+/// Checks a layout received from a source agent against the spec it came with.
+pub fn check_layout(
+    l: &pb::MachineLayout,
+    max_cpus: u32,
+    max_memory: u64,
+) -> Result<(), FieldError> {
+    let cpus = l.boot_cpus as usize + l.hotplugged_cpus.len();
+    if l.boot_cpus == 0 || cpus > max_cpus as usize {
+        return Err(FieldError::new(
+            "layout",
+            format!("{cpus} vCPUs do not fit maxCpus {max_cpus}"),
+        ));
+    }
+    let memory = l
+        .boot_memory_bytes
+        .checked_add(l.virtio_mem_requested_bytes)
+        .filter(|m| *m <= max_memory && l.boot_memory_bytes > 0);
+    if memory.is_none() {
+        return Err(FieldError::new(
+            "layout",
+            "boot memory plus virtio-mem size does not fit maxMemory",
+        ));
+    }
+    Ok(())
+}
+
+/// The `device_add` arguments recreating `want` on a target QEMU's free slot.
+pub fn cpu_to_add(slots: &[CpuSlot], want: &pb::CpuSlot) -> Result<Value, String> {
+    let prop = |s: &CpuSlot, k: &str| s.props.get(k).and_then(Value::as_u64);
+    let slot = slots
+        .iter()
+        .find(|s| {
+            s.qom_path.is_none()
+                && prop(s, "socket-id").unwrap_or(0) == u64::from(want.socket)
+                && prop(s, "core-id").unwrap_or(0) == u64::from(want.core)
+                && prop(s, "thread-id").unwrap_or(0) == u64::from(want.thread)
+        })
+        .ok_or_else(|| {
+            format!(
+                "no free vCPU slot socket {} core {} thread {}",
+                want.socket, want.core, want.thread
+            )
+        })?;
+    Ok(crate::hotplug::add_args(slot))
+}
+
+/// An inclusive TCP port range, "49152-49215".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRange(pub RangeInclusive<u16>);
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let port = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{x:?} is not a port (1-65535)"))
+        };
+        let (a, b) = (port(a)?, port(b)?);
+        if a > b {
+            return Err(format!("{a} is above {b}"));
+        }
+        Ok(PortRange(a..=b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hotplug::parse_slots;
+
+    #[test]
+    fn defaults_are_the_agents_not_qemus() {
+        let o = Options::try_from(None).unwrap();
+        assert_eq!(o, Options::default());
+        let p = parameters(&o, true);
+        assert_eq!(p["max-bandwidth"], 0);
+        assert_eq!(p["downtime-limit"], 50);
+        assert_eq!(p["multifd-channels"], 4);
+        let caps = capabilities(&o, true).to_string();
+        assert!(caps.contains(r#"{"capability":"auto-converge","state":true}"#));
+        assert!(caps.contains(r#"{"capability":"multifd","state":true}"#));
+        // The target gets multifd alike, and keeps its disks inactive until told to run.
+        let t = capabilities(&o, false).to_string();
+        assert!(t.contains(r#"{"capability":"multifd","state":true}"#));
+        assert!(t.contains("late-block-activate"));
+        assert!(!t.contains("auto-converge"));
+        assert!(parameters(&o, false).get("max-bandwidth").is_none());
+    }
+
+    #[test]
+    fn options_are_checked_with_field_names() {
+        let o = |f: fn(&mut pb::MigrationOptions)| {
+            let mut m = pb::MigrationOptions::default();
+            f(&mut m);
+            Options::try_from(Some(m))
+        };
+        let err = |r: Result<Options, FieldError>| r.unwrap_err().to_string();
+        assert!(err(o(|m| m.max_downtime_ms = Some(0))).contains("maxDowntimeMs"));
+        assert!(err(o(|m| m.max_downtime_ms = Some(3_600_000))).contains("maxDowntimeMs"));
+        assert!(err(o(|m| m.multifd_channels = Some(1000))).contains("multifdChannels"));
+        assert!(err(o(|m| m.completion_timeout_seconds = Some(0))).contains("completionTimeout"));
+        assert!(err(o(|m| m.bandwidth_bytes_per_second = Some(u64::MAX))).contains("bandwidth"));
+        let set = o(|m| {
+            m.bandwidth_bytes_per_second = Some(32 << 20);
+            m.auto_converge = Some(false);
+            m.multifd_channels = Some(0);
+            m.max_downtime_ms = Some(300);
+        })
+        .unwrap();
+        assert_eq!(set.bandwidth, Some(32 << 20));
+        let p = parameters(&set, true);
+        assert_eq!(p["max-bandwidth"], 32 << 20);
+        assert_eq!(p["downtime-limit"], 300);
+        assert!(p.get("multifd-channels").is_none());
+        assert!(
+            capabilities(&set, true)
+                .to_string()
+                .contains(r#""multifd","state":false"#)
+        );
+    }
+
+    #[test]
+    fn the_timeout_escalates_once_then_cancels() {
+        let t = Duration::from_secs(10);
+        assert_eq!(deadline(Duration::from_secs(9), t, false), Deadline::Wait);
+        assert_eq!(
+            deadline(Duration::from_secs(10), t, false),
+            Deadline::Escalate
+        );
+        assert_eq!(deadline(Duration::from_secs(15), t, true), Deadline::Wait);
+        assert_eq!(deadline(Duration::from_secs(20), t, true), Deadline::Cancel);
+        assert_eq!(escalation()["max-cpu-throttle"], 99);
+    }
+
+    #[test]
+    fn query_migrate_figures() {
+        let reply = json!({
+            "status": "active", "expected-downtime": 42, "cpu-throttle-percentage": 30,
+            "ram": {"transferred": 1000, "remaining": 500, "total": 2000, "dirty-sync-count": 3,
+                    "page-size": 4096, "dirty-pages-rate": 10, "mbps": 800.0}
+        });
+        let mut p = pb::MigrationProgress::default();
+        assert_eq!(read_query_migrate(&reply, &mut p).0, QemuStatus::Going);
+        assert_eq!(
+            (
+                p.transferred_bytes,
+                p.remaining_bytes,
+                p.total_bytes,
+                p.iterations
+            ),
+            (1000, 500, 2000, 3)
+        );
+        assert_eq!(p.dirty_rate_bytes_per_second, 40960);
+        assert_eq!(p.throughput_bytes_per_second, 100_000_000);
+        assert_eq!((p.expected_downtime_ms, p.cpu_throttle_percent), (42, 30));
+        let failed = json!({"status": "failed", "error-desc": "Unable to write"});
+        assert_eq!(
+            read_query_migrate(&failed, &mut p),
+            (QemuStatus::Failed, "Unable to write".into())
+        );
+        assert_eq!(qemu_status("device"), QemuStatus::Switchover);
+        assert_eq!(qemu_status("completed"), QemuStatus::Completed);
+    }
+
+    fn slots() -> Vec<CpuSlot> {
+        parse_slots(&json!([
+            {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 2, "thread-id": 0}},
+            {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 1, "thread-id": 0},
+             "qom-path": "/machine/peripheral/vcpu-s0c1t0"},
+            {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 0, "thread-id": 0},
+             "qom-path": "/machine/unattached/device[0]"}
+        ]))
+    }
+
+    #[test]
+    fn layout_names_boot_and_hot_added_vcpus() {
+        let l = layout(&slots(), &json!({"base-memory": 536870912u64}), 64 << 20);
+        assert_eq!(l.boot_cpus, 1);
+        assert_eq!(l.boot_memory_bytes, 512 << 20);
+        assert_eq!(
+            l.hotplugged_cpus,
+            vec![pb::CpuSlot {
+                socket: 0,
+                core: 1,
+                thread: 0
+            }]
+        );
+        check_layout(&l, 3, 1 << 30).unwrap();
+        assert!(check_layout(&l, 1, 1 << 30).is_err());
+        assert!(check_layout(&l, 3, 512 << 20).is_err());
+        let mut zero = l.clone();
+        zero.boot_cpus = 0;
+        assert!(check_layout(&zero, 3, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn hot_added_vcpus_are_recreated_in_the_same_slot() {
+        let args = cpu_to_add(
+            &slots(),
+            &pb::CpuSlot {
+                socket: 0,
+                core: 2,
+                thread: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(args["id"], "vcpu-s0c2t0");
+        assert_eq!(args["core-id"], 2);
+        // Occupied or absent slots are refused.
+        assert!(
+            cpu_to_add(
+                &slots(),
+                &pb::CpuSlot {
+                    socket: 0,
+                    core: 1,
+                    thread: 0
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            cpu_to_add(
+                &slots(),
+                &pb::CpuSlot {
+                    socket: 3,
+                    core: 0,
+                    thread: 0
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("49152-49215".parse(), Ok(PortRange(49152..=49215)));
+        assert_eq!("7000".parse(), Ok(PortRange(7000..=7000)));
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("20-10".parse::<PortRange>().is_err());
+        assert!("a-b".parse::<PortRange>().is_err());
+    }
+}

@@ -1,0 +1,383 @@
+//! The source side of a live migration, run as its own task beside the VM's supervisor: it asks
+//! the target agent for a receiving QEMU, starts QEMU's `migrate`, publishes progress, watches
+//! the target agent and the completion timeout, and hands the VM over. Any failure before the
+//! target runs the VM leaves the VM running here.
+
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
+use hypersdk_proto::endpoint::{self, Address};
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+use tonic::Code;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::context::now_ms;
+use crate::migration::{self, Deadline, Options, QemuStatus};
+use crate::qmp::{self, Qmp};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Starting a QEMU on the target, plugging its vCPUs and opening the port.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The target loads the last state and runs the guest.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(100);
+/// How often the target agent must answer while the migration runs.
+const TARGET_CHECK: Duration = Duration::from_secs(1);
+
+pub struct Outgoing {
+    pub name: String,
+    pub source_node: String,
+    pub target: Address,
+    pub spec: pb::VmSpec,
+    pub layout: pb::MachineLayout,
+    pub options: Options,
+    pub qmp: Qmp,
+    pub progress: watch::Sender<pb::MigrationProgress>,
+    /// Becomes true when a cancel is asked for.
+    pub cancel: watch::Receiver<bool>,
+}
+
+/// How a migration ended. The supervisor acts on `outcome` (removes the VM here, or resumes
+/// it) before it publishes the final phase, so that a client who sees COMPLETED finds the VM
+/// gone from this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub phase: pb::MigrationPhase,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The target runs the VM; the local QEMU must go.
+    HandedOver,
+    /// Ended without a hand-over; the local QEMU still has the VM.
+    NotMoved,
+    /// It is unknown whether the target runs the VM: the local QEMU stays paused.
+    Unknown,
+}
+
+impl Outgoing {
+    pub async fn run(mut self) -> Ended {
+        let started = Instant::now();
+        let mut target = match self.prepare().await {
+            Ok(t) => t,
+            Err(why) => return self.end(pb::MigrationPhase::Failed, why, started),
+        };
+        match self.migrate(&mut target, started).await {
+            Ok(stopped_at) => self.hand_over(&mut target, stopped_at, started).await,
+            Err((phase, why)) => {
+                self.abort_target(&mut target).await;
+                self.end(phase, why, started)
+            }
+        }
+    }
+
+    /// Connects to the target agent and has it start the receiving QEMU.
+    async fn prepare(&mut self) -> Result<AgentServiceClient<Channel>, String> {
+        self.update(|p| p.phase = pb::MigrationPhase::Preparing as i32);
+        let mut client = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.target))
+            .await
+            .map_err(|_| {
+                format!(
+                    "target agent {} did not answer in {CONNECT_TIMEOUT:?}",
+                    self.target
+                )
+            })?
+            .map_err(|e| format!("cannot reach target agent {}: {e}", self.target))?;
+        let req = pb::PrepareIncomingRequest {
+            spec: Some(self.spec.clone()),
+            layout: Some(self.layout.clone()),
+            multifd_channels: self.options.multifd_channels,
+            source_node: self.source_node.clone(),
+        };
+        let resp = tokio::time::timeout(PREPARE_TIMEOUT, client.prepare_incoming(req))
+            .await
+            .map_err(|_| format!("target agent did not prepare within {PREPARE_TIMEOUT:?}"))?
+            .map_err(|s| format!("target agent refused: {}", s.message()))?
+            .into_inner();
+        info!(uri = resp.uri, target = resp.node_name, "target prepared");
+        self.update(|p| p.target_node = resp.node_name.clone());
+        // Capabilities and parameters are the source's to set per migration.
+        let qmp = &self.qmp;
+        let setup = async {
+            qmp.execute_value(
+                "migrate-set-capabilities",
+                migration::capabilities(&self.options, true),
+            )
+            .await?;
+            qmp.execute_value(
+                "migrate-set-parameters",
+                migration::parameters(&self.options, true),
+            )
+            .await?;
+            qmp.execute_value("migrate", json!({ "uri": resp.uri }))
+                .await
+        };
+        if let Err(e) = setup.await {
+            self.abort_target(&mut client).await;
+            return Err(format!("QEMU refused to migrate: {e}"));
+        }
+        self.update(|p| p.phase = pb::MigrationPhase::Active as i32);
+        Ok(client)
+    }
+
+    /// Follows QEMU's migration to its end. Ok: QEMU completed; the instant the guest was
+    /// paused for the switch-over (if seen).
+    async fn migrate(
+        &mut self,
+        target: &mut AgentServiceClient<Channel>,
+        started: Instant,
+    ) -> Result<Option<Instant>, (pb::MigrationPhase, String)> {
+        let mut events = self.qmp.events();
+        let mut poll = tokio::time::interval(POLL);
+        let mut check = tokio::time::interval(TARGET_CHECK);
+        let mut stopped_at = None;
+        let mut escalated = false;
+        // Set when the agent itself cancels, with why.
+        let mut cancelled: Option<(pb::MigrationPhase, String)> = None;
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(ev) if ev.name == "STOP" => stopped_at = Some(Instant::now()),
+                    Ok(ev) if ev.name == "MIGRATION" => {
+                        let s = ev.data["status"].as_str().unwrap_or_default();
+                        if migration::qemu_status(s) == QemuStatus::Going {
+                            continue;
+                        }
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(failed("QEMU went away during the migration"));
+                    }
+                },
+                _ = poll.tick() => {
+                    match migration::deadline(started.elapsed(), self.options.completion_timeout, escalated) {
+                        Deadline::Wait => {}
+                        Deadline::Escalate => {
+                            escalated = true;
+                            warn!("migration not done after {:?}: throttling the guest", self.options.completion_timeout);
+                            let _ = self.qmp.execute_value("migrate-set-parameters", migration::escalation()).await;
+                            self.update(|p| {
+                                p.phase = pb::MigrationPhase::Throttling as i32;
+                                p.message = "completion timeout passed: bandwidth cap lifted, guest throttled up to 99 %".into();
+                            });
+                        }
+                        Deadline::Cancel if cancelled.is_none() => {
+                            cancelled = Some(failed(&format!(
+                                "did not converge within {:?} even throttled; cancelled, the VM keeps running here",
+                                self.options.completion_timeout * 2
+                            )));
+                            let _ = self.qmp.execute_value("migrate_cancel", json!({})).await;
+                        }
+                        Deadline::Cancel => {}
+                    }
+                }
+                _ = check.tick() => {
+                    let req = pb::GetVmRequest { name: self.name.clone() };
+                    let alive = tokio::time::timeout(TARGET_CHECK * 2, target.get_vm(req)).await;
+                    if let Some(why) = match alive {
+                        Err(_) => Some("the target agent stopped answering".to_string()),
+                        Ok(Err(s)) if s.code() == Code::Unavailable => {
+                            Some(format!("the target agent stopped answering ({})", s.message()))
+                        }
+                        Ok(Err(s)) => Some(format!("the target agent lost the incoming VM: {}", s.message())),
+                        Ok(Ok(_)) => None,
+                    } && cancelled.is_none() {
+                        warn!("{why}; cancelling");
+                        cancelled = Some(failed(&format!("{why}; cancelled, the VM keeps running here")));
+                        let _ = self.qmp.execute_value("migrate_cancel", json!({})).await;
+                    }
+                    continue;
+                }
+                _ = self.cancel.changed() => {
+                    if cancelled.is_none() {
+                        info!("migration cancel requested");
+                        cancelled = Some((pb::MigrationPhase::Cancelled, "cancelled on request; the VM keeps running here".into()));
+                        let _ = self.qmp.execute_value("migrate_cancel", json!({})).await;
+                    }
+                    continue;
+                }
+            }
+            let reply = self
+                .qmp
+                .execute_value("query-migrate", json!({}))
+                .await
+                .map_err(|e| failed(&format!("query-migrate: {e}")))?;
+            let mut status = QemuStatus::Going;
+            let mut error = String::new();
+            self.update(|p| {
+                (status, error) = migration::read_query_migrate(&reply, p);
+                p.elapsed_ms = started.elapsed().as_millis() as u64;
+                if status == QemuStatus::Switchover {
+                    p.phase = pb::MigrationPhase::Switchover as i32;
+                }
+            });
+            match status {
+                QemuStatus::Going | QemuStatus::Switchover => {}
+                QemuStatus::Completed => return Ok(stopped_at),
+                QemuStatus::Failed | QemuStatus::Cancelled => {
+                    return Err(cancelled.unwrap_or_else(|| {
+                        failed(&format!(
+                            "QEMU failed to migrate: {}",
+                            if error.is_empty() {
+                                "no detail"
+                            } else {
+                                &error
+                            }
+                        ))
+                    }));
+                }
+            }
+        }
+    }
+
+    /// QEMU has sent everything: the target runs the VM, or the VM runs here again.
+    async fn hand_over(
+        self,
+        target: &mut AgentServiceClient<Channel>,
+        stopped_at: Option<Instant>,
+        started: Instant,
+    ) -> Ended {
+        self.update(|p| p.phase = pb::MigrationPhase::Switchover as i32);
+        let finish = pb::FinishIncomingRequest {
+            name: self.name.clone(),
+        };
+        let called = Instant::now();
+        let result = tokio::time::timeout(FINISH_TIMEOUT, target.finish_incoming(finish)).await;
+        let done = Instant::now();
+        let why = match result {
+            Ok(Ok(_)) => {
+                let qemu_ms = self.progress.borrow().qemu_downtime_ms;
+                let downtime = match stopped_at {
+                    Some(at) => done - at,
+                    None => Duration::from_millis(qemu_ms.into()) + (done - called),
+                };
+                self.update(|p| p.downtime_ms = downtime.as_millis() as u32);
+                info!(?downtime, total = ?started.elapsed(), "VM handed over");
+                return self.end(pb::MigrationPhase::Completed, String::new(), started);
+            }
+            // Never reached the target: nothing runs there.
+            Ok(Err(s)) if s.code() == Code::Unavailable => s.message().to_string(),
+            Ok(Err(s)) => s.message().to_string(),
+            Err(_) => format!("no answer within {FINISH_TIMEOUT:?}"),
+        };
+        warn!("target did not take over: {why}");
+        // Resume here only when the target certainly does not run the VM.
+        let abort = pb::AbortIncomingRequest {
+            name: self.name.clone(),
+        };
+        let aborted = tokio::time::timeout(CLEANUP_TIMEOUT, target.abort_incoming(abort)).await;
+        let outcome = match aborted {
+            Ok(Ok(_)) => Outcome::NotMoved,
+            Ok(Err(s)) if s.code() == Code::NotFound => Outcome::NotMoved,
+            Ok(Err(s)) if s.code() == Code::FailedPrecondition => Outcome::HandedOver,
+            _ => Outcome::Unknown,
+        };
+        match outcome {
+            Outcome::NotMoved => {
+                if let Err(e) = self.qmp.execute(qapi::qmp::cont {}).await {
+                    warn!("resuming after the failed hand-over: {e}");
+                }
+                self.end(
+                    pb::MigrationPhase::Failed,
+                    format!("the target did not take over ({why}); the VM keeps running here"),
+                    started,
+                )
+            }
+            Outcome::HandedOver => self.end(pb::MigrationPhase::Completed, String::new(), started),
+            Outcome::Unknown => Ended {
+                outcome: Outcome::Unknown,
+                ..self.end(
+                    pb::MigrationPhase::Failed,
+                    format!(
+                        "the target did not confirm the hand-over ({why}) and cannot be reached: \
+                         the VM stays paused here so that it never runs twice; check the target \
+                         node, then resume it here or delete it"
+                    ),
+                    started,
+                )
+            },
+        }
+    }
+
+    /// Removes the receiving VM on the target; a target that is gone has nothing to remove
+    /// (its agent removes an unfinished incoming VM when it starts again).
+    async fn abort_target(&self, target: &mut AgentServiceClient<Channel>) {
+        let req = pb::AbortIncomingRequest {
+            name: self.name.clone(),
+        };
+        match tokio::time::timeout(CLEANUP_TIMEOUT, target.abort_incoming(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) if s.code() == Code::NotFound => {}
+            Ok(Err(s)) => warn!("target cleanup: {}", s.message()),
+            Err(_) => warn!("target cleanup: no answer"),
+        }
+    }
+
+    /// The end of the migration; the final phase is the supervisor's to publish.
+    fn end(&self, phase: pb::MigrationPhase, message: String, started: Instant) -> Ended {
+        if phase != pb::MigrationPhase::Completed {
+            warn!(?phase, "migration ended: {message}");
+        }
+        self.update(|p| p.elapsed_ms = started.elapsed().as_millis() as u64);
+        Ended {
+            outcome: match phase {
+                pb::MigrationPhase::Completed => Outcome::HandedOver,
+                _ => Outcome::NotMoved,
+            },
+            phase,
+            message,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut pb::MigrationProgress)) {
+        self.progress.send_modify(f);
+    }
+}
+
+fn failed(why: &str) -> (pb::MigrationPhase, String) {
+    (pb::MigrationPhase::Failed, why.to_string())
+}
+
+/// The progress record a migration starts with.
+pub fn initial(name: &str, source_node: &str) -> pb::MigrationProgress {
+    pb::MigrationProgress {
+        vm: name.to_string(),
+        phase: pb::MigrationPhase::Preparing as i32,
+        source_node: source_node.to_string(),
+        started_at_ms: now_ms() as u64,
+        ..Default::default()
+    }
+}
+
+/// The machine layout of the live QEMU behind `qmp`.
+pub async fn read_layout(qmp: &Qmp, has_vmem: bool) -> Result<pb::MachineLayout, qmp::QmpError> {
+    let slots = qmp
+        .execute_value("query-hotpluggable-cpus", json!({}))
+        .await?;
+    let memory = qmp
+        .execute_value("query-memory-size-summary", json!({}))
+        .await?;
+    let vmem = if has_vmem {
+        qmp.execute_value(
+            "qom-get",
+            json!({"path": crate::hotplug::VMEM_ID, "property": "requested-size"}),
+        )
+        .await?
+        .as_u64()
+        .unwrap_or(0)
+    } else {
+        0
+    };
+    Ok(migration::layout(
+        &crate::hotplug::parse_slots(&slots),
+        &memory,
+        vmem,
+    ))
+}

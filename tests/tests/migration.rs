@@ -1,0 +1,365 @@
+//! Live migration between two real agents on this machine (loopback, shared image directory),
+//! each with its own data dir and node name, moving the real test guest.
+
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::Address;
+use hypersdk_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+fn sizes(vm: &pb::Vm) -> (u32, u64, u32) {
+    let s = vm.status.as_ref().unwrap();
+    (s.cpus, s.memory_bytes / MIB, s.guest_cpus)
+}
+
+fn report(what: &str, progress: &[pb::MigrationProgress]) {
+    let p = progress.last().unwrap();
+    println!(
+        "{what}: {:?} in {} ms, downtime {} ms (QEMU {} ms), {} MiB sent, {} passes, {} updates",
+        p.phase(),
+        p.elapsed_ms,
+        p.downtime_ms,
+        p.qemu_downtime_ms,
+        p.transferred_bytes / MIB,
+        p.iterations,
+        progress.len()
+    );
+}
+
+/// A running guest moves with its memory, disk, vCPUs and hot-plugged memory; the guest never
+/// reboots and keeps counting; afterwards only the target has it.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_busy_guests_move_without_a_reboot() {
+    let src = Agent::start("mig-a").await;
+    let dst = Agent::peer_of(&src, "mig-b", &[]).await;
+    let mut a = src.client().await;
+    let mut b = dst.client().await;
+
+    let mut idle = src.guest_spec("idle");
+    idle.max_memory = "512Mi".into();
+    let mut busy = src.guest_spec("busy");
+    busy.boot.as_mut().unwrap().cmdline += " hypersdk.dirty_mib=64";
+    create(&mut a, idle, true).await;
+    create(&mut a, busy, true).await;
+    for name in ["idle", "busy"] {
+        wait_vm(&mut a, name, Duration::from_secs(90), "guest agent", |s| {
+            s.agent_connected
+        })
+        .await;
+    }
+    // The idle guest is resized first: the target must recreate the plugged vCPU and memory.
+    resize_to(&mut a, "idle", 2, "384Mi").await;
+
+    for name in ["idle", "busy"] {
+        let before = get(&mut a, name).await;
+        let counter = last_counter(&serial(&before)).unwrap_or(0);
+        let t = Instant::now();
+        let progress = migrate(&mut a, name, &dst.address, Default::default())
+            .await
+            .unwrap();
+        report(name, &progress);
+        let last = progress.last().unwrap();
+        assert_eq!(
+            final_phase(&progress).0,
+            pb::MigrationPhase::Completed,
+            "{last:?}"
+        );
+        assert!(
+            last.transferred_bytes > 0 && last.downtime_ms > 0,
+            "{last:?}"
+        );
+        assert_eq!(
+            (last.source_node.as_str(), last.target_node.as_str()),
+            ("mig-a", "mig-b")
+        );
+        assert!(
+            progress
+                .iter()
+                .any(|p| p.phase() == pb::MigrationPhase::Active),
+            "progress was streamed"
+        );
+        println!("{name}: migrate call took {:?}", t.elapsed());
+
+        // Only the target has it now, running, with the same guest.
+        assert!(
+            list(&mut a)
+                .await
+                .iter()
+                .all(|v| v.spec.as_ref().unwrap().name != name)
+        );
+        assert_eq!(
+            a.get_vm(pb::GetVmRequest { name: name.into() })
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::NotFound
+        );
+        assert!(qemu_pids_under(&src.data_dir().join("vms").join(name)).is_empty());
+        let moved = get(&mut b, name).await;
+        assert_eq!(phase(&moved), pb::VmPhase::Running);
+        assert_eq!(moved.status.as_ref().unwrap().node_name, "mig-b");
+        wait_counter_above(&moved, counter, Duration::from_secs(20)).await;
+        let log = serial(&moved);
+        assert_eq!(
+            count_markers(&log, READY_MARKER),
+            0,
+            "the guest rebooted:\n{log}"
+        );
+        let counters = all_counters(&log);
+        assert!(
+            counters[0] >= counter,
+            "counter went back: {counter} then {counters:?}"
+        );
+        assert!(
+            counters.windows(2).all(|w| w[1] == w[0] + 1),
+            "{counters:?}"
+        );
+    }
+
+    // The plugged vCPU and memory came along, the guest still sees them, and the vCPU can be
+    // unplugged on the target (it kept its device id).
+    let idle = wait_vm(&mut b, "idle", Duration::from_secs(30), "guest view", |s| {
+        s.guest_cpus == 2
+    })
+    .await;
+    assert_eq!(sizes(&idle), (2, 384, 2));
+    resize_to(&mut b, "idle", 1, "384Mi").await;
+
+    // Disk writes went on at the target: after a reboot there, the guest reads back a counter
+    // at least as high as any it printed before the move.
+    let seen = last_counter(&serial(&get(&mut b, "busy").await)).unwrap();
+    let restarted = b
+        .restart_vm(pb::RestartVmRequest {
+            name: "busy".into(),
+            timeout_seconds: 30,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_boots(&restarted, 1, Duration::from_secs(60)).await;
+    let disk = wait_disk_marker(&restarted).await;
+    assert!(
+        disk >= seen,
+        "disk counter {disk} < {seen} printed on the target"
+    );
+}
+
+async fn resize_to(c: &mut Client, name: &str, cpus: u32, memory: &str) {
+    c.resize_vm(pb::ResizeVmRequest {
+        name: name.into(),
+        cpus: Some(cpus),
+        memory: Some(memory.into()),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("resize {name}: {e}"));
+}
+
+async fn wait_disk_marker(vm: &pb::Vm) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(n) = serial(vm)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("HYPERSDK-DISK "))
+            .filter_map(|n| n.trim().parse().ok())
+            .next_back()
+        {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "no disk marker:\n{}", serial(vm));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A slow migration (bandwidth capped) that the test interrupts while memory is being copied.
+async fn start_slow(c: &mut Client, target: &Address) -> tonic::Streaming<pb::MigrationProgress> {
+    let mut stream = c
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "stay".into(),
+            target: target.to_string(),
+            options: Some(pb::MigrationOptions {
+                bandwidth_bytes_per_second: Some(4 * MIB),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(p) = stream.message().await.unwrap() {
+        if p.phase() == pb::MigrationPhase::Active && p.transferred_bytes > 0 {
+            return stream;
+        }
+        assert!(!migration_is_final(&p), "ended early: {p:?}");
+    }
+    panic!("stream ended before the copy began");
+}
+
+fn migration_is_final(p: &pb::MigrationProgress) -> bool {
+    matches!(
+        p.phase(),
+        pb::MigrationPhase::Completed | pb::MigrationPhase::Failed | pb::MigrationPhase::Cancelled
+    )
+}
+
+async fn rest(mut stream: tonic::Streaming<pb::MigrationProgress>) -> Vec<pb::MigrationProgress> {
+    let mut all = Vec::new();
+    while let Some(p) = stream.message().await.unwrap() {
+        all.push(p);
+    }
+    all
+}
+
+/// The VM is still here, Running, and its guest keeps counting.
+async fn still_running_here(c: &mut Client, pid: u32) {
+    let vm = wait_vm(c, "stay", Duration::from_secs(10), "Running", |s| {
+        s.phase == pb::VmPhase::Running as i32
+    })
+    .await;
+    assert_eq!(
+        vm.status.as_ref().unwrap().pid,
+        pid,
+        "the source QEMU was replaced"
+    );
+    let n = last_counter(&serial(&vm)).unwrap_or(0);
+    wait_counter_above(&vm, n, Duration::from_secs(15)).await;
+}
+
+/// Nothing of the VM is left on the target.
+async fn nothing_on(target: &Agent) {
+    let mut c = target.client().await;
+    wait_until(Duration::from_secs(10), "target cleaned up", || {
+        qemu_pids_under(target.dir.path()).is_empty()
+    });
+    assert!(list(&mut c).await.is_empty(), "{:?}", list(&mut c).await);
+}
+
+/// Every way a migration can fail leaves the VM running at the source, says why, and leaves
+/// nothing behind on the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_migrations_leave_the_vm_running() {
+    let src = Agent::start("fail-src").await;
+    let mut a = src.client().await;
+    let mut spec = src.guest_spec("stay");
+    spec.boot.as_mut().unwrap().cmdline += " hypersdk.dirty_mib=32";
+    create(&mut a, spec, true).await;
+    let vm = wait_vm(
+        &mut a,
+        "stay",
+        Duration::from_secs(90),
+        "guest agent",
+        |s| s.agent_connected,
+    )
+    .await;
+    let pid = vm.status.as_ref().unwrap().pid;
+
+    // Unreachable target.
+    let nowhere: Address = "http://127.0.0.1:9".parse().unwrap();
+    let p = migrate(&mut a, "stay", &nowhere, Default::default())
+        .await
+        .unwrap();
+    let (ended, why) = final_phase(&p);
+    assert_eq!(ended, pb::MigrationPhase::Failed);
+    assert!(why.contains("cannot reach target agent"), "{why}");
+    still_running_here(&mut a, pid).await;
+
+    // A target that cannot see the disks, and one with too little memory: refused up front.
+    let blind = Agent::start("fail-blind").await;
+    let p = migrate(&mut a, "stay", &blind.address, Default::default())
+        .await
+        .unwrap();
+    let (ended, why) = final_phase(&p);
+    assert_eq!(ended, pb::MigrationPhase::Failed);
+    assert!(
+        why.contains("target agent refused") && why.contains("outside the allowed directories"),
+        "{why}"
+    );
+    nothing_on(&blind).await;
+    drop(blind);
+    let small = Agent::peer_of(&src, "fail-small", &["--allocatable-memory", "128Mi"]).await;
+    let p = migrate(&mut a, "stay", &small.address, Default::default())
+        .await
+        .unwrap();
+    let (ended, why) = final_phase(&p);
+    assert_eq!(ended, pb::MigrationPhase::Failed);
+    assert!(
+        why.contains("spec.memory") && why.contains("does not fit"),
+        "{why}"
+    );
+    nothing_on(&small).await;
+    drop(small);
+    still_running_here(&mut a, pid).await;
+
+    let mut dst = Agent::peer_of(&src, "fail-dst", &[]).await;
+
+    // Cancelled on request; other requests are refused while it runs.
+    let stream = start_slow(&mut a, &dst.address).await;
+    let busy = a
+        .resize_vm(pb::ResizeVmRequest {
+            name: "stay".into(),
+            cpus: Some(2),
+            memory: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(busy.message().contains("Migrating"), "{busy}");
+    let stop = a
+        .stop_vm(pb::StopVmRequest {
+            name: "stay".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stop.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(phase(&get(&mut a, "stay").await), pb::VmPhase::Migrating);
+    a.cancel_migration(pb::CancelMigrationRequest {
+        name: "stay".into(),
+    })
+    .await
+    .unwrap();
+    let p = rest(stream).await;
+    assert_eq!(final_phase(&p).0, pb::MigrationPhase::Cancelled, "{p:?}");
+    still_running_here(&mut a, pid).await;
+    nothing_on(&dst).await;
+
+    // The target's QEMU dies mid-copy.
+    let stream = start_slow(&mut a, &dst.address).await;
+    let victims = qemu_pids_under(dst.dir.path());
+    assert_eq!(victims.len(), 1, "{victims:?}");
+    for pid in victims {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    let p = rest(stream).await;
+    let (ended, why) = final_phase(&p);
+    assert_eq!(ended, pb::MigrationPhase::Failed, "{p:?}");
+    println!("target QEMU killed: {why}");
+    still_running_here(&mut a, pid).await;
+    nothing_on(&dst).await;
+
+    // The target agent dies mid-copy; when it comes back it removes the half-arrived VM.
+    let stream = start_slow(&mut a, &dst.address).await;
+    dst.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    let t = Instant::now();
+    let p = rest(stream).await;
+    let (ended, why) = final_phase(&p);
+    assert_eq!(ended, pb::MigrationPhase::Failed, "{p:?}");
+    assert!(why.contains("target agent"), "{why}");
+    println!("target agent killed: noticed in {:?}: {why}", t.elapsed());
+    still_running_here(&mut a, pid).await;
+    dst.respawn();
+    nothing_on(&dst).await;
+
+    // After all that, a migration still works.
+    let p = migrate(&mut a, "stay", &dst.address, Default::default())
+        .await
+        .unwrap();
+    report("after failures", &p);
+    assert_eq!(final_phase(&p).0, pb::MigrationPhase::Completed, "{p:?}");
+    let mut b = dst.client().await;
+    assert_eq!(phase(&get(&mut b, "stay").await), pb::VmPhase::Running);
+}
