@@ -1,6 +1,7 @@
 //! hyperctl: the HyperSDK debug client. Talks gRPC to one node agent.
 
 mod manifest;
+mod migrate;
 mod output;
 mod view;
 
@@ -84,6 +85,12 @@ enum VmCommand {
         name: String,
     },
     Delete {
+        name: String,
+    },
+    /// Live-migrate a running VM to another node's agent.
+    Migrate(migrate::MigrateArgs),
+    /// Stop a migration under way; the VM keeps running where it is.
+    CancelMigration {
         name: String,
     },
     /// Stream VM changes (all VMs, or one).
@@ -286,6 +293,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("vm {name} deleted");
                 }
             }
+            VmCommand::Migrate(args) => {
+                let stream = client.migrate_vm(args.request()).await?.into_inner();
+                if !migrate::follow(out, stream, args.wait()).await? {
+                    std::process::exit(1);
+                }
+            }
+            VmCommand::CancelMigration { name } => print_vm(
+                client
+                    .cancel_migration(pb::CancelMigrationRequest { name })
+                    .await?
+                    .into_inner(),
+            )?,
             VmCommand::Watch { name } => {
                 let req = pb::WatchVmsRequest {
                     name: name.unwrap_or_default(),

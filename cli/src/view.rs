@@ -5,6 +5,8 @@
 use hypersdk_proto::agent::v1 as pb;
 use serde::Serialize;
 
+use crate::migrate::MigrationView;
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmView {
@@ -57,6 +59,9 @@ pub struct StatusView {
     pub data_dir: String,
     pub revision: u64,
     pub startup: StartupView,
+    /// The migration under way, or the last one that ended on this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -143,6 +148,7 @@ impl From<&pb::Vm> for VmView {
                     running_ms: startup.running_ms,
                     agent_connected_ms: startup.agent_connected_ms,
                 },
+                migration: st.migration.as_ref().map(MigrationView::from),
             },
         }
     }
