@@ -129,10 +129,36 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
     assert_eq!(sizes(&idle), (2, 384, 2));
     resize_to(&mut b, "idle", 1, "384Mi").await;
 
-    // Disk writes went on at the target: after a reboot there, the guest reads back a counter
-    // at least as high as any it printed before the move.
-    let seen = last_counter(&serial(&get(&mut b, "busy").await)).unwrap();
-    let restarted = b
+    // A migration that cannot finish in time (a busy guest over a 2 MiB/s cap, 4 s timeout):
+    // the agent lifts the cap and throttles the guest, and it completes (back to the source).
+    let progress = migrate(
+        &mut b,
+        "busy",
+        &src.address,
+        pb::MigrationOptions {
+            bandwidth_bytes_per_second: Some(2 * MIB),
+            completion_timeout_seconds: Some(4),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    report("busy, capped, 4 s timeout", &progress);
+    assert!(
+        progress
+            .iter()
+            .any(|p| p.phase() == pb::MigrationPhase::Throttling),
+        "no escalation seen"
+    );
+    assert_eq!(final_phase(&progress).0, pb::MigrationPhase::Completed);
+    assert!(progress.last().unwrap().elapsed_ms >= 4000);
+
+    // Disk writes went on across both moves: after a reboot, the guest reads back a counter at
+    // least as high as any it printed before.
+    let back = get(&mut a, "busy").await;
+    wait_counter_above(&back, 0, Duration::from_secs(20)).await;
+    let seen = last_counter(&serial(&back)).unwrap();
+    let restarted = a
         .restart_vm(pb::RestartVmRequest {
             name: "busy".into(),
             timeout_seconds: 30,
