@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Runs a benchmark from tests/benches (default: all) on a release build.
+# Runs benchmarks from tests/benches on a release build: the ones named (startup, resize,
+# migration), or all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for b in "$@"; do
+  case "$b" in
+    startup | resize | migration) ;;
+    *) echo "usage: $0 [startup|resize|migration]..." >&2; exit 2 ;;
+  esac
+done
 scripts/setup.sh
 cargo build --release --workspace --bins --locked -q
 if [ $# -gt 0 ]; then

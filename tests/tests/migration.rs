@@ -282,6 +282,17 @@ async fn nothing_on(target: &Agent) {
     assert!(list(&mut c).await.is_empty(), "{:?}", list(&mut c).await);
 }
 
+/// Migrating "stay" to `target` fails up front with a message holding every needle.
+async fn refused_by(a: &mut Client, target: &Agent, needles: &[&str]) {
+    let p = migrate(a, "stay", &target.address, Default::default())
+        .await
+        .unwrap();
+    let (ended, why) = final_phase(&p);
+    assert_eq!(ended, pb::MigrationPhase::Failed);
+    assert!(needles.iter().all(|n| why.contains(n)), "{why}");
+    nothing_on(target).await;
+}
+
 /// Every way a migration can fail leaves the VM running at the source, says why, and leaves
 /// nothing behind on the target.
 #[tokio::test(flavor = "multi_thread")]
@@ -313,28 +324,15 @@ async fn failed_migrations_leave_the_vm_running() {
 
     // A target that cannot see the disks, and one with too little memory: refused up front.
     let blind = Agent::start("fail-blind").await;
-    let p = migrate(&mut a, "stay", &blind.address, Default::default())
-        .await
-        .unwrap();
-    let (ended, why) = final_phase(&p);
-    assert_eq!(ended, pb::MigrationPhase::Failed);
-    assert!(
-        why.contains("target agent refused") && why.contains("outside the allowed directories"),
-        "{why}"
-    );
-    nothing_on(&blind).await;
+    refused_by(
+        &mut a,
+        &blind,
+        &["target agent refused", "outside the allowed directories"],
+    )
+    .await;
     drop(blind);
     let small = Agent::peer_of(&src, "fail-small", &["--allocatable-memory", "128Mi"]).await;
-    let p = migrate(&mut a, "stay", &small.address, Default::default())
-        .await
-        .unwrap();
-    let (ended, why) = final_phase(&p);
-    assert_eq!(ended, pb::MigrationPhase::Failed);
-    assert!(
-        why.contains("spec.memory") && why.contains("does not fit"),
-        "{why}"
-    );
-    nothing_on(&small).await;
+    refused_by(&mut a, &small, &["spec.memory", "does not fit"]).await;
     drop(small);
     still_running_here(&mut a, pid).await;
 
