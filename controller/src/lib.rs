@@ -1,3 +1,25 @@
-//! The HyperSDK cluster controller: schedules VirtualMachines onto node agents.
+//! The HyperSDK cluster controller: CRD types, the scheduler, and the reconcilers that place
+//! VirtualMachines on node agents.
 //!
-//! CRD types, the scheduler and the reconcilers live here as they land.
+//! Pure parts (unit-tested without I/O): [`crd`], [`schema`], [`quantity`], [`scheduler`],
+//! [`agentspec`], [`leader::decide`], [`fakeapi::store`]. I/O: [`agents`] (gRPC to node agents),
+//! [`reconcile`] and [`run`] (kube-runtime controllers), [`fakeapi`] (the in-process API),
+//! [`standalone`], [`discovery`], [`http`].
+
+pub mod agents;
+pub mod agentspec;
+pub mod context;
+pub mod crd;
+pub mod discovery;
+pub mod error;
+pub mod fakeapi;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod placement;
+pub mod quantity;
+pub mod reconcile;
+pub mod run;
+pub mod scheduler;
+pub mod schema;
+pub mod standalone;

@@ -1,0 +1,249 @@
+//! From a VirtualMachine (and its template) to the agent's `VmSpec`. Pure: every problem is a
+//! [`SpecError`] naming the field, which the reconciler turns into a condition.
+
+use hypersdk_proto::agent::v1 as pb;
+
+use crate::crd::template::VMTemplateSpec;
+use crate::crd::vm::{RestartPolicy, VirtualMachineSpec};
+use crate::quantity;
+
+/// Labels that tie an agent VM back to its VirtualMachine.
+pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
+pub const NAME_LABEL: &str = "hypersdk.io/name";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The agent's VM name for `namespace/name`: readable, a DNS-1123 label, and distinct for distinct
+/// objects (a hash of the full identity is appended, so "a-b/c" and "a/b-c" never collide).
+pub fn agent_name(namespace: &str, name: &str) -> String {
+    // FNV-1a: stable across versions and platforms, unlike std's hasher.
+    let hash = format!("{namespace}/{name}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    let mut base = format!("{namespace}-{name}");
+    base.truncate(54);
+    format!("{}-{:08x}", base.trim_end_matches('-'), hash as u32)
+}
+
+/// What the agent is asked to run, plus disks the agent cannot provide (named for DiskReady).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    pub spec: pb::VmSpec,
+    pub unprovisioned_disks: Vec<String>,
+}
+
+/// Builds the agent spec; `template` is the resolved `spec.image.templateRef`, if any.
+pub fn build(
+    namespace: &str,
+    name: &str,
+    vm: &VirtualMachineSpec,
+    template: Option<&VMTemplateSpec>,
+) -> Result<Built, SpecError> {
+    let defaults = template
+        .and_then(|t| t.default_spec.clone())
+        .unwrap_or_default();
+    let memory_bytes = quantity::parse_bytes("spec.memory", &vm.memory)
+        .map_err(|e| err("spec.memory", e.to_string()))?;
+    whole_mib("spec.memory", memory_bytes)?;
+    let max_memory = vm
+        .max_memory
+        .clone()
+        .or(defaults.max_memory)
+        .filter(|m| quantity::parse_bytes("", m).is_ok_and(|b| b >= memory_bytes));
+    if let Some(m) = &max_memory {
+        whole_mib(
+            "spec.maxMemory",
+            quantity::parse_bytes("spec.maxMemory", m)
+                .map_err(|e| err("spec.maxMemory", e.to_string()))?,
+        )?;
+    }
+    let max_cpus = vm
+        .max_cpus
+        .or(defaults.max_cpus)
+        .filter(|m| *m >= vm.cpus)
+        .unwrap_or(0);
+    let boot = vm.boot.clone().or(defaults.boot).ok_or_else(|| {
+        err("spec.boot.kernel", "no kernel to boot: set spec.boot.kernel or use a template whose defaultSpec.boot sets one")
+    })?;
+
+    let mut disks = Vec::new();
+    let mut unprovisioned = Vec::new();
+    let spec_disks = if vm.disks.is_empty() {
+        &defaults.disks
+    } else {
+        &vm.disks
+    };
+    // The template image is the root disk, shared read-only by every VM made from it.
+    let root_name = spec_disks
+        .iter()
+        .find(|d| d.path.is_none())
+        .map_or("root".to_string(), |d| d.name.clone());
+    if let Some(t) = template {
+        let source = t
+            .image
+            .source
+            .strip_prefix("file://")
+            .unwrap_or(&t.image.source);
+        if !source.starts_with('/') {
+            return Err(err(
+                "image.source",
+                format!("{source:?} must be an absolute path on the nodes"),
+            ));
+        }
+        disks.push(pb::Disk {
+            name: root_name.clone(),
+            path: source.into(),
+            format: match t.image.format {
+                Some(crate::crd::template::ImageFormat::Qcow2) => pb::DiskFormat::Qcow2 as i32,
+                Some(crate::crd::template::ImageFormat::Raw) => pb::DiskFormat::Raw as i32,
+                None => pb::DiskFormat::Unspecified as i32,
+            },
+            read_only: true,
+        });
+    }
+    for d in spec_disks {
+        match &d.path {
+            Some(path) => disks.push(pb::Disk {
+                name: d.name.clone(),
+                path: path.clone(),
+                format: pb::DiskFormat::Unspecified as i32,
+                read_only: d.read_only,
+            }),
+            None if template.is_some() && d.name == root_name => {}
+            None => unprovisioned.push(d.name.clone()),
+        }
+    }
+    let nets = if vm.networks.is_empty() {
+        &defaults.networks
+    } else {
+        &vm.networks
+    };
+    let networks = nets
+        .iter()
+        .map(|n| pb::Network {
+            name: n.name.clone(),
+            backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+        })
+        .collect();
+    let restart_policy = match vm.high_availability.as_ref().map(|h| h.restart_policy) {
+        Some(RestartPolicy::Always) => pb::RestartPolicy::Always,
+        Some(RestartPolicy::Never) => pb::RestartPolicy::Never,
+        Some(RestartPolicy::OnFailure) | None => pb::RestartPolicy::OnFailure,
+    };
+    Ok(Built {
+        spec: pb::VmSpec {
+            name: agent_name(namespace, name),
+            cpus: vm.cpus,
+            max_cpus,
+            memory: vm.memory.clone(),
+            max_memory: max_memory.unwrap_or_default(),
+            boot: Some(pb::Boot {
+                kernel: boot.kernel,
+                initrd: boot.initrd.unwrap_or_default(),
+                cmdline: boot.cmdline.unwrap_or_default(),
+            }),
+            disks,
+            networks,
+            labels: [
+                (NAMESPACE_LABEL.to_string(), namespace.to_string()),
+                (NAME_LABEL.to_string(), name.to_string()),
+            ]
+            .into(),
+            restart_policy: restart_policy as i32,
+        },
+        unprovisioned_disks: unprovisioned,
+    })
+}
+
+fn whole_mib(field: &str, bytes: u64) -> Result<(), SpecError> {
+    if bytes == 0 || bytes % (1 << 20) != 0 {
+        return Err(err(
+            field,
+            "must be a positive whole number of MiB (e.g. 512Mi, 8Gi)",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(yaml: &str) -> VirtualMachineSpec {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    fn template() -> VMTemplateSpec {
+        serde_yaml_ng::from_str(
+            "image: {source: /images/disk.qcow2, format: qcow2}\ndefaultSpec: {boot: {kernel: /images/vmlinuz, cmdline: console=ttyS0}}",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn seed_vm_gets_template_root_disk_and_identity_labels() {
+        let spec = vm(
+            "cpus: 4\nmemory: 8Gi\nrunning: true\ndisks: [{name: root, size: 50Gi}, {name: data, size: 1Gi}]\nnetworks: [{name: default, type: pod-network}]",
+        );
+        let b = build("default", "my-vm", &spec, Some(&template())).unwrap();
+        assert_eq!(b.spec.disks.len(), 1);
+        assert_eq!(
+            (b.spec.disks[0].name.as_str(), b.spec.disks[0].read_only),
+            ("root", true)
+        );
+        assert_eq!(b.unprovisioned_disks, ["data"]);
+        assert_eq!(b.spec.boot.unwrap().kernel, "/images/vmlinuz");
+        assert_eq!(b.spec.labels[NAME_LABEL], "my-vm");
+        assert_eq!(b.spec.networks.len(), 1);
+        assert_eq!(b.spec.restart_policy, pb::RestartPolicy::OnFailure as i32);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = build("d", "v", &vm("cpus: 1\nmemory: 1Gi"), None).unwrap_err();
+        assert_eq!(e.field, "spec.boot.kernel");
+        let e = build(
+            "d",
+            "v",
+            &vm("cpus: 1\nmemory: 1000k\nboot: {kernel: /k}"),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.memory");
+        let mut t = template();
+        t.image.source = "disk.qcow2".into();
+        assert_eq!(
+            build("d", "v", &vm("cpus: 1\nmemory: 1Gi"), Some(&t))
+                .unwrap_err()
+                .field,
+            "image.source"
+        );
+    }
+
+    #[test]
+    fn agent_names_are_labels_and_distinct() {
+        let a = agent_name("a-b", "c");
+        let b = agent_name("a", "b-c");
+        assert_ne!(a, b);
+        let long = agent_name(&"n".repeat(63), &"v".repeat(63));
+        assert!(long.len() <= 63, "{long}");
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! What every reconciler shares: the API client, the agents, placements, settings, metrics, events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::debug;
+
+use crate::agents::Agents;
+use crate::metrics::Metrics;
+use crate::placement::Placements;
+use crate::scheduler::Policy;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub policy: Policy,
+    /// How long a node's agent may be unreachable before highly available VMs move.
+    pub node_lost_grace: Duration,
+    /// Seconds a guest gets to power off before the agent ends it.
+    pub stop_timeout_seconds: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            policy: Policy::default(),
+            node_lost_grace: Duration::from_secs(30),
+            stop_timeout_seconds: 30,
+        }
+    }
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub agents: Arc<Agents>,
+    pub placements: Placements,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, agents: Arc<Agents>, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: "hypersdk-controller".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            agents,
+            placements: Placements::default(),
+            settings,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Records a Kubernetes event on `object`; a failure to record is logged, never fatal.
+    pub async fn event(&self, object: &ObjectReference, warning: bool, reason: &str, note: String) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, object).await {
+            debug!(error = %e, reason, "recording event");
+        }
+    }
+}

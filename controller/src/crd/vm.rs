@@ -1,0 +1,234 @@
+//! `VirtualMachine`: a VM the controller places on a node and keeps in the state `spec.running` asks.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, DNS_LABEL_PATTERN, LocalObjectReference, QUANTITY_PATTERN};
+
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "hypersdk.io",
+    version = "v1alpha1",
+    kind = "VirtualMachine",
+    namespaced,
+    status = "VirtualMachineStatus",
+    shortname = "vm",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "CPUs", type_ = "integer", json_path = ".status.cpus"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.maxCpus) || self.maxCpus >= self.cpus")
+        .message("maxCpus must be at least cpus").field_path(".maxCpus"),
+    validation = Rule::new("!has(self.maxMemory) || quantity(self.maxMemory).compareTo(quantity(self.memory)) >= 0")
+        .message("maxMemory must be at least memory").field_path(".maxMemory"),
+    validation = Rule::new("has(self.image) || has(self.boot)")
+        .message("a VM needs image.templateRef or boot.kernel to boot from")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// vCPUs at start.
+    #[schemars(range(min = 1, max = 1024))]
+    pub cpus: u32,
+    /// Memory at start, a quantity such as "8Gi".
+    #[schemars(pattern(QUANTITY_PATTERN))]
+    pub memory: String,
+    /// Whether the VM should run (true) or be stopped (false).
+    #[serde(default)]
+    pub running: bool,
+    /// Hotplug ceiling for vCPUs; defaults to `cpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_cpus: Option<u32>,
+    /// Hotplug ceiling for memory; defaults to `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(QUANTITY_PATTERN))]
+    pub max_memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<VmImage>,
+    /// Kernel boot; overrides the template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    #[schemars(length(max = 8))]
+    pub networks: Vec<Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carbon_aware: Option<CarbonAware>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_availability: Option<HighAvailability>,
+    /// Only nodes whose labels include all of these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmImage {
+    /// The VMTemplate (same namespace) whose image and defaults the VM boots from.
+    pub template_ref: LocalObjectReference,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Boot {
+    /// Kernel path on the node (inside the agent's image directories).
+    #[schemars(length(min = 1, max = 4096))]
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cmdline: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    #[schemars(pattern(DNS_LABEL_PATTERN))]
+    pub name: String,
+    /// Requested size; volumes of this size are provisioned by storage, not by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(QUANTITY_PATTERN))]
+    pub size: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub boot_order: Option<u32>,
+    /// An existing image file on the node (inside the agent's image directories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    #[schemars(pattern(DNS_LABEL_PATTERN))]
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub type_: NetworkType,
+}
+
+/// How a NIC reaches the outside. Both are NAT through the node (QEMU user networking) today.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkType {
+    #[default]
+    PodNetwork,
+    User,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudInit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub user_data: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CarbonAware {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Highest grid carbon intensity (gCO2eq/kWh) of a node the VM may be placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub max_intensity: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HighAvailability {
+    /// When its node goes away, the VM is placed on another node.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    #[serde(default)]
+    pub eviction_strategy: EvictionStrategy,
+}
+
+/// What the agent does when the VM's QEMU ends without being asked to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+/// How a VM leaves a node that is drained.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum EvictionStrategy {
+    LiveMigrate,
+    #[default]
+    Restart,
+    None,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<VmPhase>,
+    /// The node the VM is placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// What the guest has now, as reported by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum VmPhase {
+    Pending,
+    Scheduling,
+    Creating,
+    Running,
+    Stopped,
+    Paused,
+    Migrating,
+    Failed,
+}
+
+impl VmPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmPhase::Pending => "Pending",
+            VmPhase::Scheduling => "Scheduling",
+            VmPhase::Creating => "Creating",
+            VmPhase::Running => "Running",
+            VmPhase::Stopped => "Stopped",
+            VmPhase::Paused => "Paused",
+            VmPhase::Migrating => "Migrating",
+            VmPhase::Failed => "Failed",
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Where the agents are: from `--agent NODE=ADDR` flags (standalone), or in a cluster from the
+//! agent DaemonSet's pods (node name, pod IP, port) and their Node objects (labels, carbon
+//! intensity annotation).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypersdk_proto::endpoint::Address;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Api;
+use kube::api::ListParams;
+use tracing::warn;
+
+use crate::agents::{AgentInfo, Agents};
+
+/// Node annotation with the grid carbon intensity (gCO2eq/kWh) where the node runs.
+pub const CARBON_ANNOTATION: &str = "hypersdk.io/carbon-intensity";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlagError {
+    #[error("--agent {0:?}: expected NODE=ADDR, e.g. node-1=unix:///run/hypersdk/agent.sock")]
+    Agent(String),
+    #[error("--agent {flag:?}: {error}")]
+    Address { flag: String, error: String },
+    #[error("--agent {0:?}: node {1:?} is given twice")]
+    Duplicate(String, String),
+    #[error("--node-label {0:?}: expected NODE=KEY=VALUE for a node given with --agent")]
+    Label(String),
+    #[error(
+        "--carbon-intensity {0:?}: expected NODE=GRAMS (gCO2eq/kWh) for a node given with --agent"
+    )]
+    Carbon(String),
+}
+
+/// The agents named by flags, with the labels and carbon intensities given for their nodes.
+pub fn from_flags(
+    agents: &[String],
+    labels: &[String],
+    carbon: &[String],
+) -> Result<Vec<AgentInfo>, FlagError> {
+    let mut out: Vec<AgentInfo> = Vec::new();
+    for flag in agents {
+        let (node, addr) = flag
+            .split_once('=')
+            .ok_or_else(|| FlagError::Agent(flag.clone()))?;
+        if node.is_empty() {
+            return Err(FlagError::Agent(flag.clone()));
+        }
+        let address: Address =
+            addr.parse()
+                .map_err(
+                    |e: hypersdk_proto::endpoint::AddressError| FlagError::Address {
+                        flag: flag.clone(),
+                        error: e.to_string(),
+                    },
+                )?;
+        if out.iter().any(|a| a.node == node) {
+            return Err(FlagError::Duplicate(flag.clone(), node.into()));
+        }
+        out.push(AgentInfo {
+            node: node.into(),
+            address,
+            labels: BTreeMap::new(),
+            carbon_intensity: None,
+        });
+    }
+    for flag in labels {
+        let bad = || FlagError::Label(flag.clone());
+        let (node, kv) = flag.split_once('=').ok_or_else(bad)?;
+        let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+        let agent = out.iter_mut().find(|a| a.node == node).ok_or_else(bad)?;
+        agent.labels.insert(k.into(), v.into());
+    }
+    for flag in carbon {
+        let bad = || FlagError::Carbon(flag.clone());
+        let (node, grams) = flag.split_once('=').ok_or_else(bad)?;
+        let agent = out.iter_mut().find(|a| a.node == node).ok_or_else(bad)?;
+        agent.carbon_intensity = Some(grams.parse().map_err(|_| bad())?);
+    }
+    Ok(out)
+}
+
+/// Keeps `agents` in step with the agent pods matching `selector` in `namespace`.
+pub async fn watch_pods(
+    client: kube::Client,
+    agents: Arc<Agents>,
+    namespace: String,
+    selector: String,
+    port: u16,
+) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let nodes: Api<Node> = Api::all(client);
+    loop {
+        match discover(&pods, &nodes, &selector, port).await {
+            Ok(found) => agents.sync(found),
+            Err(e) => warn!(error = %e, "listing agent pods"),
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+async fn discover(
+    pods: &Api<Pod>,
+    nodes: &Api<Node>,
+    selector: &str,
+    port: u16,
+) -> Result<Vec<AgentInfo>, kube::Error> {
+    let mut out = Vec::new();
+    for pod in pods.list(&ListParams::default().labels(selector)).await? {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let (Some(node), Some(ip)) = (node, ip) else {
+            continue;
+        };
+        let Ok(address) = format!("http://{ip}:{port}").parse() else {
+            continue;
+        };
+        let meta = nodes
+            .get_opt(&node)
+            .await?
+            .map(|n| n.metadata)
+            .unwrap_or_default();
+        out.push(AgentInfo {
+            carbon_intensity: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CARBON_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
+            labels: meta.labels.unwrap_or_default(),
+            node,
+            address,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_agent_flags() {
+        let a = from_flags(
+            &s(&["n1=unix:///a.sock", "n2=http://127.0.0.1:7443"]),
+            &s(&["n1=zone=a"]),
+            &s(&["n2=120"]),
+        )
+        .unwrap();
+        assert_eq!(a[0].labels["zone"], "a");
+        assert_eq!(a[1].carbon_intensity, Some(120));
+        assert_eq!(
+            from_flags(&s(&["n1"]), &[], &[]),
+            Err(FlagError::Agent("n1".into()))
+        );
+        assert!(matches!(
+            from_flags(&s(&["n1=/a.sock"]), &[], &[]),
+            Err(FlagError::Address { .. })
+        ));
+        assert!(matches!(
+            from_flags(&s(&["n=unix:///a", "n=unix:///b"]), &[], &[]),
+            Err(FlagError::Duplicate(..))
+        ));
+        assert!(matches!(
+            from_flags(&s(&["n=unix:///a"]), &s(&["x=k=v"]), &[]),
+            Err(FlagError::Label(_))
+        ));
+        assert!(matches!(
+            from_flags(&s(&["n=unix:///a"]), &[], &s(&["n=lots"])),
+            Err(FlagError::Carbon(_))
+        ));
+    }
+}

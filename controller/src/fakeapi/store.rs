@@ -1,0 +1,543 @@
+//! The object store behind the in-process API: objects by resource, namespace and name, a global
+//! resourceVersion, the event log watches replay from, and the API server's write rules (generation
+//! bumps on spec changes only, status only through the status subresource, optimistic concurrency,
+//! finalizers delaying deletion, schema validation of custom resources).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::schema;
+
+/// Which collection: `(group, plural)`; the core group is "".
+pub type Resource = (String, String);
+
+/// Events kept for watches to resume from; older resourceVersions get 410 Gone.
+const LOG_CAPACITY: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    NotFound(String),
+    AlreadyExists(String),
+    Conflict(String),
+    Invalid(String),
+    BadRequest(String),
+    Gone(String),
+}
+
+impl ApiError {
+    pub fn code(&self) -> u16 {
+        match self {
+            ApiError::NotFound(_) => 404,
+            ApiError::AlreadyExists(_) | ApiError::Conflict(_) => 409,
+            ApiError::Invalid(_) => 422,
+            ApiError::BadRequest(_) => 400,
+            ApiError::Gone(_) => 410,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "NotFound",
+            ApiError::AlreadyExists(_) => "AlreadyExists",
+            ApiError::Conflict(_) => "Conflict",
+            ApiError::Invalid(_) => "Invalid",
+            ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Gone(_) => "Expired",
+        }
+    }
+
+    /// The `Status` object the API server answers errors with.
+    pub fn status(&self) -> Value {
+        let (ApiError::NotFound(m)
+        | ApiError::AlreadyExists(m)
+        | ApiError::Conflict(m)
+        | ApiError::Invalid(m)
+        | ApiError::BadRequest(m)
+        | ApiError::Gone(m)) = self;
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": m, "reason": self.reason(), "code": self.code()})
+    }
+}
+
+/// A change, as a watch reports it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub rv: u64,
+    pub resource: Resource,
+    pub namespace: Option<String>,
+    pub type_: &'static str,
+    pub object: Arc<Value>,
+}
+
+/// How a write changes an object.
+pub enum Change<'a> {
+    MergePatch(&'a Value),
+    JsonPatch(&'a json_patch::Patch),
+    Replace(&'a Value),
+}
+
+type Key = (Option<String>, String);
+
+#[derive(Default)]
+pub struct Store {
+    rv: u64,
+    uid: u64,
+    objects: HashMap<Resource, BTreeMap<Key, Value>>,
+    log: VecDeque<Event>,
+    /// openAPIV3Schema per custom resource, with its kind (for error messages).
+    schemas: HashMap<Resource, (String, Value)>,
+}
+
+impl Store {
+    pub fn register_schema(&mut self, resource: Resource, kind: String, schema: Value) {
+        self.schemas.insert(resource, (kind, schema));
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    pub fn get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        self.objects
+            .get(r)
+            .and_then(|m| m.get(&(ns.map(str::to_string), name.to_string())))
+            .cloned()
+            .ok_or_else(|| not_found(r, name))
+    }
+
+    /// Objects of `r` (in `ns`, or everywhere) matching the equality `label_selector`.
+    pub fn list(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        label_selector: &[(String, String)],
+    ) -> Vec<Value> {
+        self.objects
+            .get(r)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|((ons, _), _)| ns.is_none() || ons.as_deref() == ns)
+            .map(|(_, v)| v)
+            .filter(|v| labels_match(v, label_selector))
+            .cloned()
+            .collect()
+    }
+
+    /// Events after `rv` for `r` in `ns` (or everywhere); Gone when `rv` is older than the log.
+    pub fn events_since(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        rv: u64,
+    ) -> Result<Vec<Event>, ApiError> {
+        if let Some(first) = self.log.front()
+            && rv + 1 < first.rv
+        {
+            return Err(ApiError::Gone(format!(
+                "too old resource version: {rv} ({})",
+                first.rv - 1
+            )));
+        }
+        let start = self.log.partition_point(|e| e.rv <= rv);
+        Ok(self
+            .log
+            .range(start..)
+            .filter(|e| &e.resource == r && (ns.is_none() || e.namespace.as_deref() == ns))
+            .cloned()
+            .collect())
+    }
+
+    pub fn create(
+        &mut self,
+        r: &Resource,
+        ns: Option<&str>,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::Invalid("metadata.name: Required value".into()))?
+            .to_string();
+        let key = (ns.map(str::to_string), name.clone());
+        if self.objects.get(r).is_some_and(|m| m.contains_key(&key)) {
+            return Err(ApiError::AlreadyExists(format!(
+                "{} \"{name}\" already exists",
+                r.1
+            )));
+        }
+        self.validate(r, &name, &obj, None)?;
+        self.uid += 1;
+        let meta = obj["metadata"]
+            .as_object_mut()
+            .ok_or_else(|| ApiError::Invalid("metadata: must be an object".into()))?;
+        if let Some(ns) = ns {
+            meta.insert("namespace".into(), json!(ns));
+        }
+        meta.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-0000-0000-{:012x}", self.uid)),
+        );
+        meta.insert("generation".into(), json!(1));
+        meta.insert("creationTimestamp".into(), json!(now()));
+        meta.remove("deletionTimestamp");
+        // With a status subresource, status is written only through it.
+        if self.schemas.contains_key(r)
+            && let Some(o) = obj.as_object_mut()
+        {
+            o.remove("status");
+        }
+        Ok(self.commit(r, key, obj, "ADDED"))
+    }
+
+    /// Applies `change` to the object or (with `status`) to its status subresource only.
+    pub fn update(
+        &mut self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        status: bool,
+        change: Change<'_>,
+    ) -> Result<Value, ApiError> {
+        let key = (ns.map(str::to_string), name.to_string());
+        let old = self.get(r, ns, name)?;
+        let mut new = old.clone();
+        let expected_rv = match &change {
+            Change::MergePatch(p) => {
+                json_patch::merge(&mut new, p);
+                p["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_string)
+            }
+            Change::JsonPatch(p) => {
+                // As the API server's JSON patch does, a missing field tests equal to null.
+                let ops: Vec<_> =
+                    p.0.iter()
+                        .filter(|op| {
+                            !matches!(op, json_patch::PatchOperation::Test(t)
+                            if t.value.is_null() && new.pointer(t.path.as_str()).is_none())
+                        })
+                        .cloned()
+                        .collect();
+                json_patch::patch(&mut new, &ops)
+                    .map_err(|e| ApiError::Invalid(format!("json patch: {e}")))?;
+                None
+            }
+            Change::Replace(v) => {
+                new = (*v).clone();
+                v["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_string)
+            }
+        };
+        if let Some(rv) = expected_rv
+            && old["metadata"]["resourceVersion"].as_str() != Some(rv.as_str())
+        {
+            return Err(ApiError::Conflict(format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified",
+                r.1
+            )));
+        }
+        // Fields the server owns, and the half of the object this endpoint does not write.
+        let has_status = self.schemas.contains_key(r);
+        for k in [
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "namespace",
+            "name",
+            "deletionTimestamp",
+        ] {
+            restore(&mut new["metadata"], &old["metadata"], k);
+        }
+        if status {
+            let keep_status = new["status"].take();
+            new = old.clone();
+            new["status"] = keep_status;
+            if new["status"].is_null() {
+                new.as_object_mut().map(|o| o.remove("status"));
+            }
+        } else if has_status {
+            restore(&mut new, &old, "status");
+        }
+        let mut spec_new = new.clone();
+        let mut spec_old = old.clone();
+        for v in [&mut spec_new, &mut spec_old] {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("metadata");
+                o.remove("status");
+            }
+        }
+        if spec_new != spec_old {
+            self.validate(r, name, &new, Some(&old))?;
+            let generation = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+            new["metadata"]["generation"] = json!(generation);
+        } else if status {
+            self.validate(r, name, &new, Some(&old))?;
+        }
+        // Empty lists are omitted, as the API server serialises them.
+        if new["metadata"]["finalizers"] == json!([])
+            && let Some(meta) = new["metadata"].as_object_mut()
+        {
+            meta.remove("finalizers");
+        }
+        if new == old {
+            return Ok(old);
+        }
+        if is_deleting(&new) && finalizers(&new).is_empty() {
+            return Ok(self.remove(r, key));
+        }
+        Ok(self.commit(r, key, new, "MODIFIED"))
+    }
+
+    /// Deletes the object, or only marks it (deletionTimestamp) while finalizers remain.
+    pub fn delete(
+        &mut self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let key = (ns.map(str::to_string), name.to_string());
+        let mut obj = self.get(r, ns, name)?;
+        if finalizers(&obj).is_empty() {
+            return Ok(self.remove(r, key));
+        }
+        if is_deleting(&obj) {
+            return Ok(obj);
+        }
+        obj["metadata"]["deletionTimestamp"] = json!(now());
+        // As the API server does: a deletion is a new generation for controllers to observe.
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        obj["metadata"]["generation"] = json!(generation);
+        Ok(self.commit(r, key, obj, "MODIFIED"))
+    }
+
+    fn validate(
+        &self,
+        r: &Resource,
+        name: &str,
+        obj: &Value,
+        old: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        let Some((kind, schema)) = self.schemas.get(r) else {
+            return Ok(());
+        };
+        let problems = schema::validate(schema, obj, old);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        Err(ApiError::Invalid(format!(
+            "{kind}.{} \"{name}\" is invalid: {}",
+            r.0,
+            list.join(", ")
+        )))
+    }
+
+    fn commit(&mut self, r: &Resource, key: Key, mut obj: Value, type_: &'static str) -> Value {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.log_event(r, &key, type_, obj.clone());
+        self.objects
+            .entry(r.clone())
+            .or_default()
+            .insert(key, obj.clone());
+        obj
+    }
+
+    fn remove(&mut self, r: &Resource, key: Key) -> Value {
+        let mut obj = self
+            .objects
+            .get_mut(r)
+            .and_then(|m| m.remove(&key))
+            .unwrap_or(Value::Null);
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.log_event(r, &key, "DELETED", obj.clone());
+        obj
+    }
+
+    fn log_event(&mut self, r: &Resource, key: &Key, type_: &'static str, object: Value) {
+        if self.log.len() >= LOG_CAPACITY {
+            self.log.pop_front();
+        }
+        self.log.push_back(Event {
+            rv: self.rv,
+            resource: r.clone(),
+            namespace: key.0.clone(),
+            type_,
+            object: Arc::new(object),
+        });
+    }
+}
+
+fn restore(new: &mut Value, old: &Value, key: &str) {
+    let Some(n) = new.as_object_mut() else { return };
+    match old.get(key) {
+        Some(v) => {
+            n.insert(key.into(), v.clone());
+        }
+        None => {
+            n.remove(key);
+        }
+    }
+}
+
+fn not_found(r: &Resource, name: &str) -> ApiError {
+    let group = if r.0.is_empty() {
+        String::new()
+    } else {
+        format!(".{}", r.0)
+    };
+    ApiError::NotFound(format!("{}{group} \"{name}\" not found", r.1))
+}
+
+fn finalizers(v: &Value) -> Vec<Value> {
+    v["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn is_deleting(v: &Value) -> bool {
+    !v["metadata"]["deletionTimestamp"].is_null()
+}
+
+fn labels_match(v: &Value, selector: &[(String, String)]) -> bool {
+    selector
+        .iter()
+        .all(|(k, want)| v["metadata"]["labels"][k].as_str() == Some(want))
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map_or_else(|_| String::new(), |t| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vms() -> Resource {
+        ("hypersdk.io".into(), "virtualmachines".into())
+    }
+
+    fn store() -> Store {
+        let mut s = Store::default();
+        s.register_schema(
+            vms(),
+            "VirtualMachine".into(),
+            json!({"type": "object", "properties": {
+                "metadata": {"type": "object"},
+                "spec": {"type": "object", "properties": {"cpus": {"type": "integer", "minimum": 1}}},
+                "status": {"type": "object", "properties": {"phase": {"type": "string"}}}
+            }}),
+        );
+        s
+    }
+
+    #[test]
+    fn generation_moves_with_spec_only_and_status_needs_subresource() {
+        let mut s = store();
+        let ns = Some("default");
+        s.create(
+            &vms(),
+            ns,
+            json!({"metadata": {"name": "a"}, "spec": {"cpus": 1}}),
+        )
+        .unwrap();
+        let v = s
+            .update(
+                &vms(),
+                ns,
+                "a",
+                true,
+                Change::MergePatch(&json!({"status": {"phase": "Running"}})),
+            )
+            .unwrap();
+        assert_eq!(v["metadata"]["generation"], 1);
+        assert_eq!(v["status"]["phase"], "Running");
+        let v = s
+            .update(
+                &vms(),
+                ns,
+                "a",
+                false,
+                Change::MergePatch(&json!({"spec": {"cpus": 2}, "status": {"phase": "X"}})),
+            )
+            .unwrap();
+        assert_eq!(v["metadata"]["generation"], 2);
+        assert_eq!(
+            v["status"]["phase"], "Running",
+            "status ignored on the main resource"
+        );
+        let e = s
+            .update(
+                &vms(),
+                ns,
+                "a",
+                false,
+                Change::MergePatch(&json!({"spec": {"cpus": 0}})),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ApiError::Invalid(
+                "VirtualMachine.hypersdk.io \"a\" is invalid: spec.cpus: must be at least 1".into()
+            )
+        );
+        let e = s
+            .update(
+                &vms(),
+                ns,
+                "a",
+                false,
+                Change::Replace(
+                    &json!({"metadata": {"name": "a", "resourceVersion": "1"}, "spec": {}}),
+                ),
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), 409);
+    }
+
+    #[test]
+    fn finalizers_hold_deletion_and_watch_log_replays() {
+        let mut s = store();
+        let ns = Some("default");
+        s.create(
+            &vms(),
+            ns,
+            json!({"metadata": {"name": "a", "finalizers": ["x"]}, "spec": {}}),
+        )
+        .unwrap();
+        let rv = s.resource_version();
+        let v = s.delete(&vms(), ns, "a").unwrap();
+        assert!(v["metadata"]["deletionTimestamp"].is_string());
+        assert!(s.get(&vms(), ns, "a").is_ok());
+        s.update(
+            &vms(),
+            ns,
+            "a",
+            false,
+            Change::MergePatch(&json!({"metadata": {"finalizers": null}})),
+        )
+        .unwrap();
+        assert_eq!(s.get(&vms(), ns, "a").unwrap_err().code(), 404);
+        let types: Vec<_> = s
+            .events_since(&vms(), ns, rv)
+            .unwrap()
+            .iter()
+            .map(|e| e.type_)
+            .collect();
+        assert_eq!(types, ["MODIFIED", "DELETED"]);
+        assert!(s.events_since(&vms(), Some("other"), 0).unwrap().is_empty());
+        assert_eq!(
+            s.create(&vms(), ns, json!({"metadata": {}}))
+                .unwrap_err()
+                .code(),
+            422
+        );
+    }
+}

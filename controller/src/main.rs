@@ -1,0 +1,230 @@
+//! `hypersdk-controller`: runs the controllers in a cluster (or against a kubeconfig), or
+//! standalone over an in-process API fed from a manifest directory; `crds` writes the CRDs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use hypersdk_controller::agents::Agents;
+use hypersdk_controller::context::{Context, Settings};
+use hypersdk_controller::fakeapi::FakeApi;
+use hypersdk_controller::http::{self, Readiness};
+use hypersdk_controller::leader::Elector;
+use hypersdk_controller::scheduler::{Policy, Strategy};
+use hypersdk_controller::standalone::Standalone;
+use hypersdk_controller::{crd, discovery, run};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "hypersdk-controller",
+    version,
+    about = "HyperSDK controller: places VirtualMachines on node agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes the CustomResourceDefinitions (generated from the Rust types) to a directory.
+    Crds {
+        #[arg(long, default_value = "deploy/crds")]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Run without a cluster: an in-process API fed from --manifests, agents from --agent.
+    #[arg(long, env = "HYPERSDK_STANDALONE")]
+    standalone: bool,
+    /// Directory of manifests (standalone); status is written to DIR/status/.
+    #[arg(long, env = "HYPERSDK_MANIFESTS", required_if_eq("standalone", "true"))]
+    manifests: Option<PathBuf>,
+    /// An agent: NODE=ADDR, ADDR being unix:///path or http://host:port (repeatable).
+    #[arg(long = "agent", env = "HYPERSDK_AGENTS", value_delimiter = ',')]
+    agents: Vec<String>,
+    /// A label of a --agent node, for nodeSelector: NODE=KEY=VALUE (repeatable).
+    #[arg(long = "node-label", value_delimiter = ',')]
+    node_labels: Vec<String>,
+    /// Grid carbon intensity of a --agent node in gCO2eq/kWh: NODE=GRAMS (repeatable).
+    #[arg(long = "carbon-intensity", value_delimiter = ',')]
+    carbon: Vec<String>,
+    #[arg(long, env = "HYPERSDK_STRATEGY", value_enum, default_value = "spread")]
+    strategy: Strategy,
+    /// vCPUs placeable per host CPU.
+    #[arg(long, env = "HYPERSDK_CPU_OVERCOMMIT", default_value = "4", value_parser = ratio)]
+    cpu_overcommit: f64,
+    /// Guest memory placeable per byte of host memory.
+    #[arg(long, env = "HYPERSDK_MEMORY_OVERCOMMIT", default_value = "1", value_parser = ratio)]
+    memory_overcommit: f64,
+    /// Place VMs only on nodes whose agent runs them under KVM.
+    #[arg(long, env = "HYPERSDK_REQUIRE_KVM")]
+    require_kvm: bool,
+    /// Seconds an agent may be unreachable before highly available VMs move elsewhere.
+    #[arg(long, env = "HYPERSDK_NODE_LOST_GRACE", default_value = "30")]
+    node_lost_grace: u64,
+    /// Seconds a guest gets to power off on stop before it is ended.
+    #[arg(long, env = "HYPERSDK_STOP_TIMEOUT", default_value = "30")]
+    stop_timeout: u32,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "HYPERSDK_METRICS_ADDR", default_value = "127.0.0.1:8080")]
+    metrics_addr: SocketAddr,
+    /// In a cluster: namespace and label selector of the agent pods, and their gRPC port.
+    #[arg(
+        long,
+        env = "HYPERSDK_AGENT_NAMESPACE",
+        default_value = "hypersdk-system"
+    )]
+    agent_namespace: String,
+    #[arg(
+        long,
+        env = "HYPERSDK_AGENT_SELECTOR",
+        default_value = "app.kubernetes.io/name=hypersdk-agent"
+    )]
+    agent_selector: String,
+    #[arg(long, env = "HYPERSDK_AGENT_PORT", default_value = "7443")]
+    agent_port: u16,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a ratio between 0 (exclusive) and 100"
+        )),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("HYPERSDK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crds { out }) => write_crds(&out),
+        None => serve(cli.run).await,
+    }
+}
+
+fn write_crds(out: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+    for (file, yaml) in crd::render() {
+        let path = out.join(file);
+        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let agents = Arc::new(Agents::default());
+    let client = if args.standalone {
+        FakeApi::new().client("default")
+    } else {
+        kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?
+    };
+    if args.standalone {
+        let dir = args
+            .manifests
+            .clone()
+            .expect("clap requires --manifests with --standalone");
+        if !dir.is_dir() {
+            bail!("--manifests {}: not a directory", dir.display());
+        }
+        agents.sync(discovery::from_flags(
+            &args.agents,
+            &args.node_labels,
+            &args.carbon,
+        )?);
+        let mut standalone = Standalone::new(client.clone(), dir.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = standalone.sync().await {
+                    error!(dir = %dir.display(), error = %e, "reading manifests");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    } else if !args.agents.is_empty() {
+        agents.sync(discovery::from_flags(
+            &args.agents,
+            &args.node_labels,
+            &args.carbon,
+        )?);
+    } else {
+        tokio::spawn(discovery::watch_pods(
+            client.clone(),
+            agents.clone(),
+            args.agent_namespace.clone(),
+            args.agent_selector.clone(),
+            args.agent_port,
+        ));
+    }
+    let settings = Settings {
+        policy: Policy {
+            cpu_overcommit: args.cpu_overcommit,
+            memory_overcommit: args.memory_overcommit,
+            strategy: args.strategy,
+            require_kvm: args.require_kvm,
+        },
+        node_lost_grace: Duration::from_secs(args.node_lost_grace),
+        stop_timeout_seconds: args.stop_timeout,
+    };
+    let ctx = Arc::new(Context::new(client.clone(), agents, settings));
+    let ready = Arc::new(Readiness::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
+    tokio::spawn(http::serve(listener, ctx.clone(), ready.clone()));
+
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "controller".into()),
+            std::process::id()
+        )
+    });
+    let elector = Elector::new(
+        client,
+        &args.lease_namespace,
+        "hypersdk-controller",
+        &identity,
+        Duration::from_secs(15),
+    );
+    elector.acquire().await.context("leader election")?;
+    ready.set(true);
+    info!(identity, "controllers starting");
+    tokio::select! {
+        _ = run::run(ctx, shutdown_signal()) => Ok(()),
+        _ = elector.hold() => bail!("lost the leader lease; exiting so that only one replica reconciles"),
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

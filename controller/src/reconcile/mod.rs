@@ -1,0 +1,57 @@
+//! One reconciler per kind, each idempotent: it reads the object and the agents, does what is
+//! missing, and writes status only when it changed.
+
+pub mod operation;
+pub mod snapshot;
+pub mod template;
+pub mod vm;
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The field manager our writes are recorded under.
+pub const MANAGER: &str = "hypersdk-controller";
+
+/// Writes `status` through the status subresource when it differs from `old`. Fields that are
+/// now unset are sent as null, so a merge patch clears them (e.g. `nodeName` on rescheduling).
+pub async fn write_status<K, S>(api: &Api<K>, name: &str, old: Option<&S>, status: &S) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + PartialEq,
+{
+    if old == Some(status) {
+        return Ok(());
+    }
+    let mut value =
+        serde_json::to_value(status).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+    if let (Some(obj), Some(old)) = (value.as_object_mut(), old.map(serde_json::to_value)) {
+        for key in old
+            .ok()
+            .and_then(|o| o.as_object().cloned())
+            .unwrap_or_default()
+            .keys()
+        {
+            obj.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER),
+        &Patch::Merge(serde_json::json!({ "status": value })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Namespace of a namespaced object (always set on objects the API returns).
+pub fn namespace<K: Resource>(obj: &K) -> Result<String> {
+    obj.meta()
+        .namespace
+        .clone()
+        .ok_or_else(|| Error::NoNamespace(obj.meta().name.clone().unwrap_or_default()))
+}

@@ -1,0 +1,259 @@
+//! VMOperation: runs a one-shot action on a VirtualMachine and records how it ended. Start and
+//! stop change `spec.running` (so the VM reconciler does not undo them) and finish when the VM
+//! gets there; the rest call the VM's agent. A finished operation is never run again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypersdk_proto::agent::v1 as pb;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::agentspec::agent_name;
+use crate::context::Context;
+use crate::crd::operation::{OperationKind, OperationPhase, Progress, VMOperation};
+use crate::crd::vm::{VirtualMachine, VmPhase};
+use crate::crd::{Status, set_condition};
+use crate::error::{Error, Result};
+
+/// Condition on a finished operation: True when it succeeded.
+pub const SUCCEEDED: &str = "Succeeded";
+
+#[tracing::instrument(skip_all, fields(op = %op.name_any(), ns = op.namespace().unwrap_or_default()))]
+pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.inc("hypersdk_reconciles_total", "VMOperation");
+    let old = op.status.clone().unwrap_or_default();
+    if old.phase.is_some_and(OperationPhase::is_final) {
+        return Ok(Action::await_change());
+    }
+    let ns = super::namespace(op.as_ref())?;
+    let mut status = old.clone();
+    status.start_time.get_or_insert_with(now);
+    let outcome = run(&op, &ns, &ctx).await?;
+    let (phase, message, requeue) = match outcome {
+        Outcome::Done(m) => (OperationPhase::Succeeded, m, None),
+        Outcome::Failed(m) => (OperationPhase::Failed, m, None),
+        Outcome::Waiting(percent, m) => {
+            status.progress = Some(Progress {
+                percent,
+                stage: Some(m.clone()),
+            });
+            (OperationPhase::Running, m, Some(Duration::from_secs(1)))
+        }
+    };
+    status.phase = Some(phase);
+    status.message = Some(message.clone());
+    if phase.is_final() {
+        status.completion_time = Some(now());
+        if phase == OperationPhase::Succeeded {
+            status.progress = Some(Progress {
+                percent: 100,
+                stage: None,
+            });
+        }
+        let (s, reason) = match phase {
+            OperationPhase::Succeeded => (Status::True, "Succeeded"),
+            _ => (Status::False, "Failed"),
+        };
+        set_condition(
+            &mut status.conditions,
+            SUCCEEDED,
+            s,
+            reason,
+            message.clone(),
+            op.metadata.generation,
+        );
+        let verb = op.spec.operation.as_str();
+        info!(verb, ?phase, message, "operation finished");
+        let reason = if phase == OperationPhase::Succeeded {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        ctx.event(
+            &op.object_ref(&()),
+            phase != OperationPhase::Succeeded,
+            reason,
+            format!("{verb}: {message}"),
+        )
+        .await;
+    }
+    let api: Api<VMOperation> = Api::namespaced(ctx.client.clone(), &ns);
+    super::write_status(&api, &op.name_any(), op.status.as_ref(), &status).await?;
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+pub fn error_policy(op: Arc<VMOperation>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .inc("hypersdk_reconcile_errors_total", "VMOperation");
+    warn!(op = %op.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(2))
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+enum Outcome {
+    Done(String),
+    Failed(String),
+    /// Under way: percent done and what it waits for.
+    Waiting(u32, String),
+}
+
+async fn run(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> {
+    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    let vm_name = &op.spec.vm_ref.name;
+    let Some(vm) = vms.get_opt(vm_name).await? else {
+        return Ok(Outcome::Failed(format!(
+            "spec.vmRef: VirtualMachine {vm_name:?} not found in namespace {ns}"
+        )));
+    };
+    let kind = op.spec.operation;
+    let phase = vm.status.as_ref().and_then(|s| s.phase);
+    match kind {
+        OperationKind::Start | OperationKind::Stop => {
+            let want = kind == OperationKind::Start;
+            if vm.spec.running != want {
+                let patch = Patch::Merge(json!({"spec": {"running": want}}));
+                vms.patch(vm_name, &PatchParams::apply(super::MANAGER), &patch)
+                    .await?;
+            }
+            let target = if want {
+                VmPhase::Running
+            } else {
+                VmPhase::Stopped
+            };
+            if phase == Some(target) && vm.spec.running == want {
+                return Ok(Outcome::Done(format!(
+                    "VM {vm_name} is {}",
+                    target.as_str()
+                )));
+            }
+            Ok(Outcome::Waiting(
+                50,
+                format!("waiting for VM {vm_name} to be {}", target.as_str()),
+            ))
+        }
+        OperationKind::Restart
+        | OperationKind::Pause
+        | OperationKind::Resume
+        | OperationKind::Resize => on_agent(op, &vm, ns, ctx).await,
+        OperationKind::Migrate => {
+            let target = op
+                .spec
+                .migrate_spec
+                .as_ref()
+                .and_then(|m| m.target_node.clone());
+            if let Some(t) = target
+                && ctx.agents.get(&t).is_none()
+            {
+                let known: Vec<String> = ctx
+                    .agents
+                    .all()
+                    .iter()
+                    .map(|a| a.info.node.clone())
+                    .collect();
+                return Ok(Outcome::Failed(format!(
+                    "migrateSpec.targetNode: node {t:?} is not known (known nodes: {})",
+                    known.join(", ")
+                )));
+            }
+            Ok(Outcome::Failed(unsupported(kind)))
+        }
+        OperationKind::Clone | OperationKind::Snapshot | OperationKind::Restore => {
+            Ok(Outcome::Failed(unsupported(kind)))
+        }
+    }
+}
+
+fn unsupported(kind: OperationKind) -> String {
+    format!(
+        "operation {} is not supported by the node agent API yet",
+        kind.as_str()
+    )
+}
+
+/// Operations the VM's agent performs directly.
+async fn on_agent(
+    op: &VMOperation,
+    vm: &VirtualMachine,
+    ns: &str,
+    ctx: &Context,
+) -> Result<Outcome> {
+    let vm_name = vm.name_any();
+    let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
+        return Ok(Outcome::Failed(format!(
+            "VM {vm_name} is not placed on a node (spec.running is {})",
+            vm.spec.running
+        )));
+    };
+    let Some(mut client) = ctx.agents.get(&node).and_then(|a| a.client()) else {
+        return Ok(Outcome::Failed(format!(
+            "agent on node {node} does not answer"
+        )));
+    };
+    let name = agent_name(ns, &vm_name);
+    let reply = match op.spec.operation {
+        OperationKind::Restart => {
+            let req = pb::RestartVmRequest {
+                name,
+                timeout_seconds: ctx.settings.stop_timeout_seconds,
+                force: false,
+            };
+            client.restart_vm(req).await
+        }
+        OperationKind::Pause => client.pause_vm(pb::PauseVmRequest { name }).await,
+        OperationKind::Resume => client.resume_vm(pb::ResumeVmRequest { name }).await,
+        _ => {
+            let spec = op
+                .spec
+                .resize_spec
+                .clone()
+                .unwrap_or(crate::crd::operation::ResizeSpec {
+                    cpus: None,
+                    memory: None,
+                });
+            let req = pb::ResizeVmRequest {
+                name,
+                cpus: spec.cpus,
+                memory: spec.memory.clone(),
+            };
+            let reply = client.resize_vm(req).await;
+            if reply.is_ok() {
+                // The declared size follows, so the VM's next start keeps it.
+                let mut patch = serde_json::Map::new();
+                if let Some(c) = spec.cpus {
+                    patch.insert("cpus".into(), json!(c));
+                }
+                if let Some(m) = spec.memory {
+                    patch.insert("memory".into(), json!(m));
+                }
+                let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+                vms.patch(
+                    &vm_name,
+                    &PatchParams::apply(super::MANAGER),
+                    &Patch::Merge(json!({"spec": patch})),
+                )
+                .await?;
+            }
+            reply
+        }
+    };
+    Ok(match reply {
+        Ok(r) => {
+            if let Some(agent) = ctx.agents.get(&node) {
+                agent.observe(r.into_inner());
+            }
+            Outcome::Done(format!(
+                "{} of VM {vm_name} done on node {node}",
+                op.spec.operation.as_str()
+            ))
+        }
+        Err(s) => Outcome::Failed(format!("agent on node {node}: {}", s.message())),
+    })
+}

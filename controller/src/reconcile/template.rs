@@ -1,0 +1,78 @@
+//! VMTemplate: counts the VirtualMachines that use it and checks its image reference.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Action;
+use tracing::warn;
+
+use crate::context::Context;
+use crate::crd::template::VMTemplate;
+use crate::crd::vm::VirtualMachine;
+use crate::crd::{Status, set_condition};
+use crate::error::{Error, Result};
+
+pub const READY: &str = "Ready";
+
+#[tracing::instrument(skip_all, fields(template = %tpl.name_any(), ns = tpl.namespace().unwrap_or_default()))]
+pub async fn reconcile(tpl: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.inc("hypersdk_reconciles_total", "VMTemplate");
+    let ns = super::namespace(tpl.as_ref())?;
+    let name = tpl.name_any();
+    let vms = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    let usage = vms
+        .items
+        .iter()
+        .filter(|vm| {
+            vm.spec
+                .image
+                .as_ref()
+                .is_some_and(|i| i.template_ref.name == name)
+        })
+        .count();
+    let mut status = tpl.status.clone().unwrap_or_default();
+    status.usage_count = usage as u32;
+    let source = tpl
+        .spec
+        .image
+        .source
+        .strip_prefix("file://")
+        .unwrap_or(&tpl.spec.image.source);
+    let generation = tpl.metadata.generation;
+    if source.starts_with('/') {
+        set_condition(
+            &mut status.conditions,
+            READY,
+            Status::True,
+            "ImageReferenced",
+            format!("image {source}"),
+            generation,
+        );
+    } else {
+        let msg = format!(
+            "image.source: {source:?} must be an absolute path on the nodes (or file:///path)"
+        );
+        set_condition(
+            &mut status.conditions,
+            READY,
+            Status::False,
+            "InvalidImage",
+            msg,
+            generation,
+        );
+    }
+    let api: Api<VMTemplate> = Api::namespaced(ctx.client.clone(), &ns);
+    super::write_status(&api, &name, tpl.status.as_ref(), &status).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+pub fn error_policy(tpl: Arc<VMTemplate>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .inc("hypersdk_reconcile_errors_total", "VMTemplate");
+    warn!(template = %tpl.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}

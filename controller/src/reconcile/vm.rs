@@ -1,0 +1,485 @@
+//! VirtualMachine: resolve the template, place the VM (scheduler), make the agent run it as
+//! `spec.running` says, report what the agent reports. The finalizer deletes it from its agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypersdk_proto::agent::v1 as pb;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::agents::Client;
+use crate::agentspec::{self, Built};
+use crate::context::Context;
+use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
+use crate::crd::{Status, VMTemplate, set_condition};
+use crate::error::{Error, Result};
+use crate::placement::{Placed, VmKey};
+use crate::quantity;
+use crate::scheduler::Request;
+
+pub const FINALIZER: &str = "hypersdk.io/vm-cleanup";
+
+/// Conditions, as listed in the API reference.
+pub const READY: &str = "Ready";
+pub const SCHEDULED: &str = "Scheduled";
+pub const NODE_REACHABLE: &str = "NodeReachable";
+pub const AGENT_CONNECTED: &str = "AgentConnected";
+pub const DISK_READY: &str = "DiskReady";
+pub const NETWORK_READY: &str = "NetworkReady";
+
+/// A VM with nothing to wait for is looked at again this often anyway.
+const RESYNC: Duration = Duration::from_secs(300);
+
+#[tracing::instrument(skip_all, fields(vm = %vm.name_any(), ns = vm.namespace().unwrap_or_default()))]
+pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics
+        .inc("hypersdk_reconciles_total", "VirtualMachine");
+    let ns = super::namespace(vm.as_ref())?;
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, vm, |event| async {
+        match event {
+            Finalizer::Apply(vm) => apply(&vm, &ns, &api, &ctx).await,
+            Finalizer::Cleanup(vm) => cleanup(&vm, &ns, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(vm: Arc<VirtualMachine>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .inc("hypersdk_reconcile_errors_total", "VirtualMachine");
+    warn!(vm = %vm.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// One pass's working state: the status being built and the object's identity.
+struct Pass<'a> {
+    vm: &'a VirtualMachine,
+    key: VmKey,
+    status: VirtualMachineStatus,
+    generation: Option<i64>,
+}
+
+impl Pass<'_> {
+    fn set(&mut self, type_: &str, status: Status, reason: &str, message: impl Into<String>) {
+        set_condition(
+            &mut self.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            self.generation,
+        );
+    }
+}
+
+async fn apply(
+    vm: &VirtualMachine,
+    ns: &str,
+    api: &Api<VirtualMachine>,
+    ctx: &Context,
+) -> Result<Action> {
+    let name = vm.name_any();
+    let mut pass = Pass {
+        vm,
+        key: (ns.to_string(), name.clone()),
+        status: vm.status.clone().unwrap_or_default(),
+        generation: vm.metadata.generation,
+    };
+    pass.status.observed_generation = pass.generation;
+    let action = drive(&mut pass, ns, ctx).await;
+    super::write_status(api, &name, vm.status.as_ref(), &pass.status).await?;
+    action
+}
+
+async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
+    let vm = pass.vm;
+    let template = match &vm.spec.image {
+        None => None,
+        Some(image) => {
+            let tpl = &image.template_ref.name;
+            match Api::<VMTemplate>::namespaced(ctx.client.clone(), ns)
+                .get_opt(tpl)
+                .await?
+            {
+                Some(t) => Some(t.spec),
+                None => {
+                    let msg = format!(
+                        "spec.image.templateRef: VMTemplate {tpl:?} not found in namespace {ns}"
+                    );
+                    return Ok(not_ready(pass, "TemplateNotFound", msg));
+                }
+            }
+        }
+    };
+    let built = match agentspec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
+        Ok(b) => b,
+        Err(e) => return Ok(not_ready(pass, "InvalidSpec", e.to_string())),
+    };
+    report_devices(pass, &built);
+
+    let Some(node) = place(pass, &built, ctx).await? else {
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    let agent = ctx.agents.get(&node);
+    let Some(client) = agent.as_ref().and_then(|a| a.client()) else {
+        let lost_for = agent.map_or(Duration::MAX, |a| a.lost_for());
+        return node_lost(pass, &node, lost_for, ctx).await;
+    };
+    pass.set(
+        NODE_REACHABLE,
+        Status::True,
+        "AgentConnected",
+        format!("agent on {node} answers"),
+    );
+    let agent = agent.expect("a client comes from an agent");
+    let current = match agent.vm(&built.spec.name) {
+        Some(v) => v,
+        None => {
+            info!(node, "creating VM on agent");
+            let req = pb::CreateVmRequest {
+                spec: Some(built.spec.clone()),
+                start: vm.spec.running,
+            };
+            let created = call(&node, client.clone().create_vm(req).await);
+            let vm = match created {
+                Err(Error::Agent { status, .. }) if status.code() == tonic::Code::AlreadyExists => {
+                    let req = pb::GetVmRequest {
+                        name: built.spec.name.clone(),
+                    };
+                    call(&node, client.clone().get_vm(req).await)?
+                }
+                Err(Error::Agent { status, .. })
+                    if status.code() == tonic::Code::InvalidArgument =>
+                {
+                    return Ok(not_ready(
+                        pass,
+                        "AgentRefused",
+                        status.message().to_string(),
+                    ));
+                }
+                other => other?,
+            };
+            agent.observe(vm.clone());
+            ctx.event(
+                &pass.vm.object_ref(&()),
+                false,
+                "Created",
+                format!("created on node {node}"),
+            )
+            .await;
+            vm
+        }
+    };
+    let current = converge(pass, &node, client, current, ctx).await?;
+    agent.observe(current.clone());
+    report(pass, &current);
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Records a problem that needs the user (or another object) to change.
+fn not_ready(pass: &mut Pass<'_>, reason: &str, message: String) -> Action {
+    if pass.status.node_name.is_none() {
+        pass.status.phase = Some(VmPhase::Pending);
+    }
+    pass.status.message = Some(message.clone());
+    pass.set(READY, Status::False, reason, message);
+    // A template or agent may appear later; templates also trigger directly.
+    Action::requeue(Duration::from_secs(30))
+}
+
+fn report_devices(pass: &mut Pass<'_>, built: &Built) {
+    if built.unprovisioned_disks.is_empty() {
+        pass.set(
+            DISK_READY,
+            Status::True,
+            "Attached",
+            "all disks are attached",
+        );
+    } else {
+        let msg = format!(
+            "disks {} have no image: sized volumes are not provisioned by the node agent; set disks[].path to an image on the node",
+            built.unprovisioned_disks.join(", ")
+        );
+        pass.set(DISK_READY, Status::False, "NotProvisioned", msg);
+    }
+    let nets = built.spec.networks.len();
+    pass.set(
+        NETWORK_READY,
+        Status::True,
+        "UserNetworking",
+        format!("{nets} network(s) attached with NAT through the node"),
+    );
+}
+
+/// The VM's node, placing it first if needed; None while it cannot (or need not) be placed.
+async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Option<String>> {
+    let vm = pass.vm;
+    let memory_bytes = quantity::parse_bytes("spec.memory", &vm.spec.memory).unwrap_or(0);
+    if let Some(node) = &pass.status.node_name {
+        let placed = Placed {
+            node: node.clone(),
+            cpus: built.spec.cpus,
+            memory_bytes,
+        };
+        ctx.placements.record(pass.key.clone(), placed);
+        return Ok(Some(node.clone()));
+    }
+    if !vm.spec.running {
+        pass.status.phase = Some(VmPhase::Stopped);
+        pass.status.message = None;
+        pass.set(READY, Status::False, "Stopped", "spec.running is false");
+        return Ok(None);
+    }
+    let req = Request {
+        cpus: vm.spec.cpus,
+        memory_bytes,
+        node_selector: vm.spec.node_selector.clone(),
+        carbon_aware: vm
+            .spec
+            .carbon_aware
+            .as_ref()
+            .filter(|c| c.enabled)
+            .map(|c| c.max_intensity),
+    };
+    match ctx
+        .placements
+        .place(pass.key.clone(), &req, &ctx.agents, &ctx.settings.policy)
+    {
+        Err(why) => {
+            ctx.metrics
+                .inc("hypersdk_scheduling_failures_total", "VirtualMachine");
+            pass.status.phase = Some(VmPhase::Pending);
+            pass.status.message = Some(why.to_string());
+            pass.set(SCHEDULED, Status::False, "Unschedulable", why.to_string());
+            pass.set(READY, Status::False, "Unschedulable", why.to_string());
+            ctx.event(
+                &vm.object_ref(&()),
+                true,
+                "FailedScheduling",
+                why.to_string(),
+            )
+            .await;
+            Ok(None)
+        }
+        Ok(node) => {
+            ctx.metrics
+                .inc("hypersdk_vms_placed_total", "VirtualMachine");
+            info!(node, "placed");
+            pass.status.node_name = Some(node.clone());
+            pass.status.phase = Some(VmPhase::Creating);
+            pass.set(
+                SCHEDULED,
+                Status::True,
+                "Scheduled",
+                format!("placed on node {node}"),
+            );
+            ctx.event(
+                &vm.object_ref(&()),
+                false,
+                "Scheduled",
+                format!("placed on node {node}"),
+            )
+            .await;
+            Ok(Some(node))
+        }
+    }
+}
+
+/// The VM's agent does not answer: say so, and move a highly available VM once the grace is over.
+async fn node_lost(
+    pass: &mut Pass<'_>,
+    node: &str,
+    lost_for: Duration,
+    ctx: &Context,
+) -> Result<Action> {
+    let msg = format!("agent on node {node} does not answer");
+    pass.set(
+        NODE_REACHABLE,
+        Status::False,
+        "AgentUnreachable",
+        msg.clone(),
+    );
+    pass.set(READY, Status::False, "NodeLost", msg.clone());
+    pass.status.message = Some(msg);
+    let ha = pass
+        .vm
+        .spec
+        .high_availability
+        .as_ref()
+        .is_some_and(|h| h.enabled);
+    let grace = ctx.settings.node_lost_grace;
+    if !ha {
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    if lost_for < grace {
+        return Ok(Action::requeue(
+            grace - lost_for + Duration::from_millis(50),
+        ));
+    }
+    ctx.placements.release(&pass.key);
+    pass.status.node_name = None;
+    pass.status.phase = Some(VmPhase::Pending);
+    pass.status.cpus = None;
+    pass.status.memory = None;
+    let msg = format!(
+        "node {node} lost for {}s; placing the VM on another node",
+        lost_for.as_secs()
+    );
+    pass.set(SCHEDULED, Status::False, "Rescheduling", msg.clone());
+    ctx.event(&pass.vm.object_ref(&()), true, "Rescheduling", msg)
+        .await;
+    Ok(Action::requeue(Duration::from_millis(10)))
+}
+
+/// Starts or stops the VM on its agent as `spec.running` asks; returns what the agent reports.
+async fn converge(
+    pass: &mut Pass<'_>,
+    node: &str,
+    mut client: Client,
+    current: pb::Vm,
+    ctx: &Context,
+) -> Result<pb::Vm> {
+    let phase = agent_phase(&current);
+    let name = current
+        .spec
+        .as_ref()
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    let running = pass.vm.spec.running;
+    use pb::VmPhase as P;
+    if running && matches!(phase, P::Pending | P::Stopped) {
+        info!(node, "starting VM");
+        let vm = call(node, client.start_vm(pb::StartVmRequest { name }).await)?;
+        ctx.event(
+            &pass.vm.object_ref(&()),
+            false,
+            "Started",
+            format!("started on node {node}"),
+        )
+        .await;
+        return Ok(vm);
+    }
+    if !running && matches!(phase, P::Running | P::Paused | P::Starting) {
+        info!(node, "stopping VM");
+        let req = pb::StopVmRequest {
+            name,
+            timeout_seconds: ctx.settings.stop_timeout_seconds,
+            // A paused guest cannot react to ACPI power-down.
+            force: phase == P::Paused,
+        };
+        let vm = call(node, client.stop_vm(req).await)?;
+        ctx.event(
+            &pass.vm.object_ref(&()),
+            false,
+            "Stopped",
+            format!("stopped on node {node}"),
+        )
+        .await;
+        return Ok(vm);
+    }
+    Ok(current)
+}
+
+fn agent_phase(vm: &pb::Vm) -> pb::VmPhase {
+    vm.status
+        .as_ref()
+        .and_then(|s| pb::VmPhase::try_from(s.phase).ok())
+        .unwrap_or(pb::VmPhase::Unspecified)
+}
+
+/// The VM's phase as the API reports it, from the agent's.
+pub fn phase_from_agent(phase: pb::VmPhase, running: bool) -> VmPhase {
+    use pb::VmPhase as P;
+    match phase {
+        P::Running | P::Stopping => VmPhase::Running,
+        P::Paused => VmPhase::Paused,
+        P::Migrating => VmPhase::Migrating,
+        P::Failed => VmPhase::Failed,
+        P::Stopped => VmPhase::Stopped,
+        P::Pending if !running => VmPhase::Stopped,
+        P::Pending | P::Starting | P::Unspecified => VmPhase::Creating,
+    }
+}
+
+fn report(pass: &mut Pass<'_>, vm: &pb::Vm) {
+    let status = vm.status.clone().unwrap_or_default();
+    let phase = phase_from_agent(agent_phase(vm), pass.vm.spec.running);
+    pass.status.phase = Some(phase);
+    let live = matches!(
+        phase,
+        VmPhase::Running | VmPhase::Paused | VmPhase::Migrating
+    );
+    pass.status.cpus = (live && status.cpus > 0).then_some(status.cpus);
+    pass.status.memory =
+        (live && status.memory_bytes > 0).then(|| quantity::format_bytes(status.memory_bytes));
+    pass.status.message = (!status.message.is_empty()).then(|| status.message.clone());
+    if status.agent_connected {
+        pass.set(
+            AGENT_CONNECTED,
+            Status::True,
+            "GuestAgentConnected",
+            "the guest agent answers",
+        );
+    } else {
+        pass.set(
+            AGENT_CONNECTED,
+            Status::False,
+            "GuestAgentNotConnected",
+            "no guest agent answers",
+        );
+    }
+    match phase {
+        VmPhase::Running => pass.set(READY, Status::True, "Running", "the VM runs"),
+        other => pass.set(READY, Status::False, other.as_str(), status.message),
+    }
+}
+
+fn call<T>(node: &str, r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| Error::agent(node, s))
+}
+
+/// Removes the VM from its agent. An unreachable agent cannot hold deletion hostage: the VM is
+/// forgotten with a warning event (the agent keeps it until someone deletes it there).
+async fn cleanup(vm: &VirtualMachine, ns: &str, ctx: &Context) -> Result<Action> {
+    let key = (ns.to_string(), vm.name_any());
+    if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
+        let agent_name = agentspec::agent_name(ns, &vm.name_any());
+        match ctx
+            .agents
+            .get(&node)
+            .and_then(|a| a.client().map(|c| (a, c)))
+        {
+            Some((agent, mut client)) => {
+                let r = client
+                    .delete_vm(pb::DeleteVmRequest {
+                        name: agent_name.clone(),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => return Err(Error::agent(&node, s)),
+                }
+                agent.forget(&agent_name);
+                info!(node, "deleted from agent");
+            }
+            None => {
+                let msg = format!(
+                    "agent on node {node} does not answer; VM {agent_name} may remain there"
+                );
+                warn!("{msg}");
+                ctx.event(&vm.object_ref(&()), true, "CleanupSkipped", msg)
+                    .await;
+            }
+        }
+    }
+    ctx.placements.release(&key);
+    Ok(Action::await_change())
+}
