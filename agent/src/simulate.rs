@@ -183,7 +183,8 @@ impl AgentService for Simulator {
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        VmSpec::try_from(spec.clone())?;
+        // Stored as the real agent stores it: checked, ceilings filled in.
+        let spec = pb::VmSpec::from(&VmSpec::try_from(spec)?);
         let name = spec.name.clone();
         let vm = pb::Vm {
             spec: Some(spec),
