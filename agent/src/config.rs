@@ -56,8 +56,46 @@ pub struct Config {
     /// Memory this agent may give to VMs in all (e.g. "64Gi"); defaults to the node's total.
     #[arg(long, env = "HYPERSDK_ALLOCATABLE_MEMORY", value_parser = parse_quantity)]
     pub allocatable_memory: Option<u64>,
+
+    /// Simulate VMs (no QEMU; bookkeeping only), for scale tests of the controller.
+    #[arg(long, env = "HYPERSDK_SIMULATE")]
+    pub simulate: bool,
+
+    /// vCPUs a simulated node reports.
+    #[arg(
+        long,
+        env = "HYPERSDK_SIMULATE_CPUS",
+        default_value = "64",
+        requires = "simulate"
+    )]
+    pub simulate_cpus: u32,
+
+    /// Memory a simulated node reports (a quantity such as 256Gi).
+    #[arg(long, env = "HYPERSDK_SIMULATE_MEMORY", default_value = "256Gi", value_parser = parse_quantity, requires = "simulate")]
+    pub simulate_memory: u64,
+
+    /// Milliseconds a simulated VM takes from Starting to Running.
+    #[arg(
+        long,
+        env = "HYPERSDK_SIMULATE_BOOT_MS",
+        default_value = "100",
+        requires = "simulate"
+    )]
+    pub simulate_boot_ms: u64,
 }
 
 fn parse_quantity(s: &str) -> Result<u64, String> {
     crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+impl Config {
+    /// The simulated node, with --simulate.
+    pub fn simulated_node(&self) -> Option<crate::simulate::SimNode> {
+        self.simulate.then(|| crate::simulate::SimNode {
+            node_name: self.node_name.clone().unwrap_or_else(|| "simulated".into()),
+            cpus: self.simulate_cpus,
+            memory_bytes: self.simulate_memory,
+            boot: std::time::Duration::from_millis(self.simulate_boot_ms),
+        })
+    }
 }

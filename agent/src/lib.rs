@@ -3,7 +3,7 @@
 //!
 //! Pure logic (tested without processes): [`spec`], [`quantity`], [`argv`], [`state`], [`accel`],
 //! [`image`] header parsing. I/O at the edges: [`process`], [`qmp`], [`qga`], [`store`], [`kvm`],
-//! [`service`], [`server`]. [`supervisor`] owns one VM's lifecycle; [`vms`] is the registry.
+//! [`service`], [`server`]. [`simulate`] stands in for QEMU with `--simulate`. [`supervisor`] owns one VM's lifecycle; [`vms`] is the registry.
 
 pub mod accel;
 pub mod argv;
@@ -26,6 +26,7 @@ pub mod quantity;
 pub mod resolve;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod spec;
 pub mod state;
 pub mod store;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hypersdk_proto::agent::v1::agent_service_server::AgentServiceServer;
+use hypersdk_proto::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
 use hypersdk_proto::endpoint::Address;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -17,6 +17,7 @@ use crate::kvm;
 use crate::node::{self, NodeFacts};
 use crate::paths::PathPolicy;
 use crate::service::Service;
+use crate::simulate::Simulator;
 use crate::store::Store;
 use crate::vms::Vms;
 
@@ -67,6 +68,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let data_dir = prepare_data_dir(&config.data_dir)?;
+    if let Some(node) = config.simulated_node() {
+        info!(
+            node = node.node_name,
+            "agent starting with simulated VMs (--simulate)"
+        );
+        let service = AgentServiceServer::new(Simulator::new(node));
+        return serve(&config, &data_dir, service, shutdown).await;
+    }
     let store = Store::open(&data_dir)
         .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
     // VMs may use files under <data-dir>/images, never the agent's own state under vms/.
@@ -136,20 +145,29 @@ pub async fn run(
             .await
             .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?,
     );
+    let service =
+        AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
+    serve(&config, &data_dir, service, shutdown).await
+}
 
+/// Serves `service` (with gRPC health and reflection) on every --listen address until `shutdown`.
+async fn serve<S: AgentService>(
+    config: &Config,
+    data_dir: &Path,
+    service: AgentServiceServer<S>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
     let listen = if config.listen.is_empty() {
         vec![Address::Unix(data_dir.join("agent.sock"))]
     } else {
         config.listen.clone()
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentServiceServer<Service>>().await;
+    health.set_serving::<AgentServiceServer<S>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hypersdk_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service =
-        AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

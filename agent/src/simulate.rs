@@ -1,0 +1,524 @@
+//! `--simulate`: the agent API with no QEMU behind it. VMs are bookkeeping only (specs are checked
+//! as the real agent checks them, except that no file is opened), phases move as a real VM's would
+//! after `--simulate-boot-ms`, and GetNode reports the capacity given by flags. For scale tests of
+//! the controller, as KWOK nodes are for pods.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::agent::v1::agent_service_server::AgentService;
+use tokio::sync::broadcast;
+use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tonic::{Request, Response, Status};
+
+use crate::spec::{VmSpec, check_name};
+
+/// What a simulated node reports.
+#[derive(Debug, Clone)]
+pub struct SimNode {
+    pub node_name: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// How long a simulated VM takes from Starting to Running.
+    pub boot: Duration,
+}
+
+struct Inner {
+    node: SimNode,
+    vms: Mutex<BTreeMap<String, pb::Vm>>,
+    events: broadcast::Sender<pb::VmEvent>,
+}
+
+#[derive(Clone)]
+pub struct Simulator(Arc<Inner>);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Simulator {
+    pub fn new(node: SimNode) -> Self {
+        Simulator(Arc::new(Inner {
+            node,
+            vms: Mutex::default(),
+            events: broadcast::channel(4096).0,
+        }))
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, pb::Vm>> {
+        self.0.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change` to VM `name` and publishes the result as a MODIFIED event.
+    fn update(
+        &self,
+        name: &str,
+        reason: &str,
+        change: impl FnOnce(&mut pb::Vm) -> Result<(), Status>,
+    ) -> Result<pb::Vm, Status> {
+        check_name("name", name)?;
+        let mut vms = self.vms();
+        let vm = vms
+            .get_mut(name)
+            .ok_or_else(|| Status::not_found(format!("VM {name:?} does not exist")))?;
+        let before = vm.clone();
+        change(vm)?;
+        if *vm != before {
+            let status = vm.status.get_or_insert_default();
+            status.revision += 1;
+            status.phase_changed_at_ms = now_ms();
+            self.publish(pb::EventType::Modified, vm.clone(), reason);
+        }
+        Ok(vm.clone())
+    }
+
+    fn publish(&self, type_: pb::EventType, vm: pb::Vm, reason: &str) {
+        let _ = self.0.events.send(pb::VmEvent {
+            r#type: type_ as i32,
+            vm: Some(vm),
+            reason: reason.into(),
+            message: String::new(),
+        });
+    }
+
+    /// Starting now, Running after the simulated boot time (unless something else happened).
+    fn boot(&self, name: &str) -> Result<pb::Vm, Status> {
+        let vm = self.update(name, "Starting", |vm| {
+            set_phase(vm, pb::VmPhase::Starting);
+            Ok(())
+        })?;
+        let sim = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(sim.0.node.boot).await;
+            let _ = sim.update(&name, "Started", |vm| {
+                if phase(vm) == pb::VmPhase::Starting {
+                    set_phase(vm, pb::VmPhase::Running);
+                    let spec = vm.spec.clone().unwrap_or_default();
+                    let status = vm.status.get_or_insert_default();
+                    status.cpus = spec.cpus;
+                    status.memory_bytes = crate::quantity::parse_bytes(&spec.memory).unwrap_or(0);
+                    status.started_at_ms = now_ms();
+                }
+                Ok(())
+            });
+        });
+        Ok(vm)
+    }
+
+    fn node(&self) -> pb::Node {
+        let vms = self.vms();
+        let (cpus, memory) =
+            vms.values()
+                .filter_map(|v| v.spec.as_ref())
+                .fold((0, 0), |(c, m), s| {
+                    (
+                        c + s.cpus,
+                        m + crate::quantity::parse_bytes(&s.memory).unwrap_or(0),
+                    )
+                });
+        let n = &self.0.node;
+        pb::Node {
+            node_name: n.node_name.clone(),
+            hostname: n.node_name.clone(),
+            cpus: n.cpus,
+            memory_total_bytes: n.memory_bytes,
+            memory_available_bytes: n.memory_bytes.saturating_sub(memory),
+            accelerator: "simulated".into(),
+            accelerator_reason: "--simulate: VMs are bookkeeping only".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            allocated_cpus: cpus,
+            allocated_memory_bytes: memory,
+            vm_count: vms.len() as u32,
+            ..Default::default()
+        }
+    }
+}
+
+fn phase(vm: &pb::Vm) -> pb::VmPhase {
+    vm.status
+        .as_ref()
+        .and_then(|s| pb::VmPhase::try_from(s.phase).ok())
+        .unwrap_or_default()
+}
+
+fn set_phase(vm: &mut pb::Vm, p: pb::VmPhase) {
+    let status = vm.status.get_or_insert_default();
+    status.phase = p as i32;
+    if !matches!(p, pb::VmPhase::Running | pb::VmPhase::Paused) {
+        status.cpus = 0;
+        status.memory_bytes = 0;
+    }
+}
+
+fn not_in(vm: &pb::Vm, allowed: &[pb::VmPhase], what: &str) -> Result<(), Status> {
+    let p = phase(vm);
+    if allowed.contains(&p) {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "cannot {what} a VM that is {}",
+        p.as_str_name()
+    )))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Simulator {
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        Ok(Response::new(self.node()))
+    }
+
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let req = req.into_inner();
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        // Stored as the real agent stores it: checked, ceilings filled in.
+        let spec = pb::VmSpec::from(&VmSpec::try_from(spec)?);
+        let name = spec.name.clone();
+        let vm = pb::Vm {
+            spec: Some(spec),
+            status: Some(pb::VmStatus {
+                phase: pb::VmPhase::Pending as i32,
+                node_name: self.0.node.node_name.clone(),
+                accelerator: "simulated".into(),
+                phase_changed_at_ms: now_ms(),
+                revision: 1,
+                ..Default::default()
+            }),
+        };
+        {
+            let mut vms = self.vms();
+            if vms.contains_key(&name) {
+                return Err(Status::already_exists(format!(
+                    "VM {name:?} already exists"
+                )));
+            }
+            vms.insert(name.clone(), vm.clone());
+        }
+        self.publish(pb::EventType::Added, vm.clone(), "Created");
+        Ok(Response::new(if req.start {
+            self.boot(&name)?
+        } else {
+            vm
+        }))
+    }
+
+    async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        self.update(&req.into_inner().name, "", |_| Ok(()))
+            .map(Response::new)
+    }
+
+    async fn list_vms(
+        &self,
+        _: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self.vms().values().cloned().collect();
+        Ok(Response::new(pb::ListVmsResponse { vms }))
+    }
+
+    async fn delete_vm(
+        &self,
+        req: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let name = req.into_inner().name;
+        check_name("name", &name)?;
+        let vm = self
+            .vms()
+            .remove(&name)
+            .ok_or_else(|| Status::not_found(format!("VM {name:?} does not exist")))?;
+        self.publish(pb::EventType::Deleted, vm, "Deleted");
+        Ok(Response::new(pb::DeleteVmResponse {}))
+    }
+
+    async fn start_vm(&self, req: Request<pb::StartVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let name = req.into_inner().name;
+        let vm = self.update(&name, "", |_| Ok(()))?;
+        match phase(&vm) {
+            pb::VmPhase::Running | pb::VmPhase::Starting => Ok(Response::new(vm)),
+            _ => self.boot(&name).map(Response::new),
+        }
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let name = req.into_inner().name;
+        self.update(&name, "Stopped", |vm| {
+            set_phase(vm, pb::VmPhase::Stopped);
+            Ok(())
+        })
+        .map(Response::new)
+    }
+
+    async fn restart_vm(
+        &self,
+        req: Request<pb::RestartVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let name = req.into_inner().name;
+        self.update(&name, "", |vm| {
+            not_in(vm, &[pb::VmPhase::Running, pb::VmPhase::Paused], "restart")
+        })?;
+        self.boot(&name).map(Response::new)
+    }
+
+    async fn pause_vm(&self, req: Request<pb::PauseVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        self.update(&req.into_inner().name, "Paused", |vm| {
+            not_in(vm, &[pb::VmPhase::Running, pb::VmPhase::Paused], "pause")?;
+            vm.status.get_or_insert_default().phase = pb::VmPhase::Paused as i32;
+            Ok(())
+        })
+        .map(Response::new)
+    }
+
+    async fn resume_vm(
+        &self,
+        req: Request<pb::ResumeVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        self.update(&req.into_inner().name, "Resumed", |vm| {
+            not_in(vm, &[pb::VmPhase::Running, pb::VmPhase::Paused], "resume")?;
+            vm.status.get_or_insert_default().phase = pb::VmPhase::Running as i32;
+            Ok(())
+        })
+        .map(Response::new)
+    }
+
+    async fn resize_vm(
+        &self,
+        req: Request<pb::ResizeVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let r = req.into_inner();
+        if r.cpus.is_none() && r.memory.is_none() {
+            return Err(Status::invalid_argument("cpus, memory: give at least one"));
+        }
+        self.update(&r.name, "Resized", |vm| {
+            let mut spec = vm.spec.clone().unwrap_or_default();
+            if let Some(c) = r.cpus {
+                spec.cpus = c;
+            }
+            if let Some(m) = &r.memory {
+                spec.memory = m.clone();
+            }
+            // The same limits as the real agent (maxCpus, maxMemory, whole MiB).
+            VmSpec::try_from(spec.clone())?;
+            let live = matches!(phase(vm), pb::VmPhase::Running | pb::VmPhase::Paused);
+            let status = vm.status.get_or_insert_default();
+            if live {
+                status.cpus = spec.cpus;
+                status.memory_bytes = crate::quantity::parse_bytes(&spec.memory).unwrap_or(0);
+            }
+            vm.spec = Some(spec);
+            Ok(())
+        })
+        .map(Response::new)
+    }
+
+    type WatchVmsStream = EventStream;
+
+    async fn watch_vms(
+        &self,
+        req: Request<pb::WatchVmsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let filter = req.into_inner().name;
+        // Subscribe before listing, so no change falls between the list and the stream.
+        let changes = BroadcastStream::new(self.0.events.subscribe()).map(|r| {
+            r.map_err(|e| Status::data_loss(format!("watch fell behind ({e}); watch again")))
+        });
+        let initial: Vec<_> = self
+            .vms()
+            .values()
+            .map(|vm| {
+                Ok(pb::VmEvent {
+                    r#type: pb::EventType::Added as i32,
+                    vm: Some(vm.clone()),
+                    reason: "Existing".into(),
+                    message: String::new(),
+                })
+            })
+            .collect();
+        let stream = tokio_stream::iter(initial).chain(changes).filter(move |r| {
+            filter.is_empty()
+                || r.as_ref().map_or(true, |ev| {
+                    ev.vm
+                        .as_ref()
+                        .and_then(|v| v.spec.as_ref())
+                        .is_some_and(|s| s.name == filter)
+                })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type MigrateVmStream =
+        Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
+
+    // Simulated VMs have no memory to move: migrations are refused, plainly.
+    async fn migrate_vm(
+        &self,
+        _: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<Self::MigrateVmStream>, Status> {
+        Err(no_migration())
+    }
+
+    async fn cancel_migration(
+        &self,
+        _: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        Err(no_migration())
+    }
+
+    async fn prepare_incoming(
+        &self,
+        _: Request<pb::PrepareIncomingRequest>,
+    ) -> Result<Response<pb::PrepareIncomingResponse>, Status> {
+        Err(no_migration())
+    }
+
+    async fn finish_incoming(
+        &self,
+        _: Request<pb::FinishIncomingRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        Err(no_migration())
+    }
+
+    async fn abort_incoming(
+        &self,
+        _: Request<pb::AbortIncomingRequest>,
+    ) -> Result<Response<pb::AbortIncomingResponse>, Status> {
+        Err(no_migration())
+    }
+}
+
+fn no_migration() -> Status {
+    Status::unimplemented("a simulated agent (--simulate) does not migrate VMs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim() -> Simulator {
+        Simulator::new(SimNode {
+            node_name: "sim".into(),
+            cpus: 8,
+            memory_bytes: 16 << 30,
+            boot: Duration::from_millis(10),
+        })
+    }
+
+    fn spec(name: &str) -> pb::VmSpec {
+        pb::VmSpec {
+            name: name.into(),
+            cpus: 2,
+            memory: "1Gi".into(),
+            boot: Some(pb::Boot {
+                kernel: "/k".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_is_plausible() {
+        let s = sim();
+        let mut watch = s
+            .watch_vms(Request::new(pb::WatchVmsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        let req = pb::CreateVmRequest {
+            spec: Some(spec("a")),
+            start: true,
+        };
+        let vm = s
+            .create_vm(Request::new(req.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(phase(&vm), pb::VmPhase::Starting);
+        assert_eq!(
+            s.create_vm(Request::new(req)).await.unwrap_err().code(),
+            tonic::Code::AlreadyExists
+        );
+        let mut seen = Vec::new();
+        while seen.last() != Some(&pb::VmPhase::Running) {
+            let ev = watch.next().await.unwrap().unwrap();
+            seen.push(phase(ev.vm.as_ref().unwrap()));
+        }
+        assert_eq!(
+            seen,
+            [
+                pb::VmPhase::Pending,
+                pb::VmPhase::Starting,
+                pb::VmPhase::Running
+            ]
+        );
+        let node = s
+            .get_node(Request::new(pb::GetNodeRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                node.allocated_cpus,
+                node.allocated_memory_bytes,
+                node.vm_count
+            ),
+            (2, 1 << 30, 1)
+        );
+        let resized = s
+            .resize_vm(Request::new(pb::ResizeVmRequest {
+                name: "a".into(),
+                cpus: Some(4),
+                memory: None,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            resized.code(),
+            tonic::Code::InvalidArgument,
+            "above maxCpus: {resized}"
+        );
+        let stopped = s
+            .stop_vm(Request::new(pb::StopVmRequest {
+                name: "a".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert_eq!(phase(stopped.get_ref()), pb::VmPhase::Stopped);
+        assert_eq!(
+            s.pause_vm(Request::new(pb::PauseVmRequest { name: "a".into() }))
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::FailedPrecondition
+        );
+        s.delete_vm(Request::new(pb::DeleteVmRequest { name: "a".into() }))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_vm(Request::new(pb::GetVmRequest { name: "a".into() }))
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::NotFound
+        );
+        let bad = pb::CreateVmRequest {
+            spec: Some(spec("Bad_Name")),
+            start: false,
+        };
+        assert_eq!(
+            s.create_vm(Request::new(bad)).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

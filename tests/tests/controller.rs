@@ -1,0 +1,570 @@
+//! The controller over the in-process Kubernetes API with real agents booting the real test guest:
+//! the seed VirtualMachine runs on one of two nodes, stops, restarts, is deleted from its agent;
+//! bad manifests are refused or get a clear condition; a lost node is reported and highly
+//! available VMs move. The standalone binary is checked with simulated agents.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypersdk_controller::agents::{AgentInfo, Agents};
+use hypersdk_controller::context::{Context, Settings};
+use hypersdk_controller::crd::operation::OperationPhase;
+use hypersdk_controller::crd::vm::VmPhase;
+use hypersdk_controller::crd::{VMOperation, VMTemplate, VirtualMachine, condition};
+use hypersdk_controller::fakeapi::FakeApi;
+use hypersdk_controller::scheduler::Policy;
+use hypersdk_controller::standalone::parse_documents;
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::{self, Address};
+use hypersdk_tests::{GUEST_CMDLINE, bin, guest, qemu_pids_under, repo_root, wait_boots};
+use kube::Api;
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use serde_json::{Value, json};
+
+/// An agent process whose --image-dir is shared with the other agents of the test, so that one
+/// VMTemplate (image paths are node paths) fits every node. Ends the agent and its QEMUs on drop.
+struct Node {
+    name: String,
+    dir: tempfile::TempDir,
+    address: Address,
+    process: Option<Child>,
+}
+
+impl Node {
+    fn start(name: &str, images: &Path, extra: &[&str]) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("hs-ctl-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let address = Address::Unix(dir.path().join("agent.sock"));
+        let accel = std::env::var("HYPERSDK_TEST_ACCEL").unwrap_or_else(|_| "auto".into());
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let process = Command::new(bin("hypersdk-agent"))
+            .args([
+                "--node-name",
+                name,
+                "--accel",
+                &accel,
+                "--cgroup-parent",
+                "",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen")
+            .arg(address.to_string())
+            .arg("--image-dir")
+            .arg(images)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning hypersdk-agent");
+        let sock = dir.path().join("agent.sock");
+        hypersdk_tests::wait_until(Duration::from_secs(20), "agent socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        Node {
+            name: name.into(),
+            dir,
+            address,
+            process: Some(process),
+        }
+    }
+
+    fn info(&self) -> AgentInfo {
+        AgentInfo {
+            node: self.name.clone(),
+            address: self.address.clone(),
+            labels: BTreeMap::from([("hypersdk.io/node".to_string(), self.name.clone())]),
+            carbon_intensity: None,
+        }
+    }
+
+    async fn client(&self) -> hypersdk_tests::Client {
+        endpoint::connect(&self.address).await.unwrap()
+    }
+
+    /// The node dies: its agent and every VM on it.
+    fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        for pid in qemu_pids_under(self.dir.path()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+            eprintln!("--- agent {} log ---\n{log}", self.name);
+        }
+    }
+}
+
+/// Shared image directory holding the test guest.
+fn images() -> tempfile::TempDir {
+    let g = guest();
+    let dir = tempfile::Builder::new()
+        .prefix("hs-img-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    for f in [&g.kernel, &g.initrd, &g.disk] {
+        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// The controllers, in-process over the in-memory API.
+struct Controller {
+    client: kube::Client,
+    agents: Arc<Agents>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    fn start(nodes: &[&Node], settings: Settings) -> Controller {
+        let client = FakeApi::new().client("default");
+        let agents = Arc::new(Agents::default());
+        agents.sync(nodes.iter().map(|n| n.info()).collect());
+        let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
+        let task = tokio::spawn(hypersdk_controller::run::run(ctx, std::future::pending()));
+        Controller {
+            client,
+            agents,
+            task,
+        }
+    }
+
+    fn vms(&self) -> Api<VirtualMachine> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    fn ops(&self) -> Api<VMOperation> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    /// Sends `doc` as it is (no typed round trip), as kubectl would.
+    async fn create<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        doc: Value,
+    ) -> Result<DynamicObject, kube::Error> {
+        let ar = ApiResource::erase::<K>(&());
+        let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+        Api::<DynamicObject>::namespaced_with(self.client.clone(), "default", &ar)
+            .create(&PostParams::default(), &obj)
+            .await
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        policy: Policy::default(),
+        node_lost_grace: Duration::from_secs(2),
+        stop_timeout_seconds: 10,
+    }
+}
+
+fn example(file: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join("deploy/examples").join(file)).unwrap();
+    parse_documents(&text).unwrap().remove(0)
+}
+
+/// The example template, pointed at the test guest in `images`.
+fn guest_template(images: &Path) -> Value {
+    let mut t = example("vmtemplate-ubuntu.yaml");
+    let p = |f: &str| images.join(f).to_string_lossy().into_owned();
+    t["spec"]["defaultSpec"]["boot"] =
+        json!({"kernel": p("vmlinuz"), "initrd": p("initrd.img"), "cmdline": GUEST_CMDLINE});
+    t["spec"]["image"]["source"] = json!(p("disk.qcow2"));
+    t
+}
+
+/// Polls `name` until `pred` holds; panics with the last state after `limit`.
+async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&K) -> bool,
+) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let obj = api.get_opt(name).await.unwrap();
+        if let Some(o) = &obj
+            && pred(o)
+        {
+            return o.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {name}: {what}; last: {obj:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn phase(vm: &VirtualMachine) -> Option<VmPhase> {
+    vm.status.as_ref().and_then(|s| s.phase)
+}
+
+fn cond<'a>(
+    vm: &'a VirtualMachine,
+    type_: &str,
+) -> Option<&'a hypersdk_controller::crd::Condition> {
+    condition(&vm.status.as_ref()?.conditions, type_)
+}
+
+async fn agent_vm(node: &Node, name: &str) -> Result<pb::Vm, tonic::Status> {
+    let agent_name = hypersdk_controller::agentspec::agent_name("default", name);
+    node.client()
+        .await
+        .get_vm(pb::GetVmRequest { name: agent_name })
+        .await
+        .map(|r| r.into_inner())
+}
+
+const BOOT: Duration = Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing() {
+    let images = images();
+    let nodes = [
+        Node::start("node-1", images.path(), &[]),
+        Node::start("node-2", images.path(), &[]),
+    ];
+    let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    // The seed manifest, unchanged (4 vCPUs, 8Gi, template ubuntu-22-04-template).
+    ctl.create::<VirtualMachine>(example("vm-my-vm.yaml"))
+        .await
+        .unwrap();
+    let vm = wait_for(&ctl.vms(), "my-vm", BOOT, "Running", |v| {
+        phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+    let node_name = vm.status.clone().unwrap().node_name.unwrap();
+    let node = nodes
+        .iter()
+        .find(|n| n.name == node_name)
+        .expect("placed on one of the two nodes");
+    assert_eq!(cond(&vm, "Scheduled").unwrap().status, "True");
+    assert_eq!(cond(&vm, "Ready").unwrap().status, "True");
+    assert_eq!(vm.status.as_ref().unwrap().memory.as_deref(), Some("8Gi"));
+    let on_agent = agent_vm(node, "my-vm").await.unwrap();
+    assert_eq!(
+        on_agent.status.as_ref().unwrap().phase,
+        pb::VmPhase::Running as i32
+    );
+    // The real guest booted.
+    wait_boots(&on_agent, 1, BOOT).await;
+    let tpl: VMTemplate = Api::namespaced(ctl.client.clone(), "default")
+        .get("ubuntu-22-04-template")
+        .await
+        .unwrap();
+    assert_eq!(tpl.status.unwrap().usage_count, 1);
+
+    // Bad manifests: refused by the schema, or a clear condition; my-vm is untouched.
+    let mut no_cpus = example("vm-my-vm.yaml");
+    no_cpus["metadata"]["name"] = json!("no-cpus");
+    no_cpus["spec"].as_object_mut().unwrap().remove("cpus");
+    let e = ctl.create::<VirtualMachine>(no_cpus).await.unwrap_err();
+    assert!(e.to_string().contains("spec.cpus: Required value"), "{e}");
+    let mut bad_mem = example("vm-my-vm.yaml");
+    bad_mem["metadata"]["name"] = json!("bad-mem");
+    bad_mem["spec"]["memory"] = json!("8XB");
+    let e = ctl.create::<VirtualMachine>(bad_mem).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("spec.memory: \"8XB\" does not match"),
+        "{e}"
+    );
+    let mut no_tpl = example("vm-my-vm.yaml");
+    no_tpl["metadata"]["name"] = json!("no-template");
+    no_tpl["spec"]["image"]["templateRef"]["name"] = json!("missing");
+    ctl.create::<VirtualMachine>(no_tpl).await.unwrap();
+    let v = wait_for(
+        &ctl.vms(),
+        "no-template",
+        Duration::from_secs(20),
+        "TemplateNotFound",
+        |v| cond(v, "Ready").is_some_and(|c| c.reason == "TemplateNotFound"),
+    )
+    .await;
+    assert!(
+        cond(&v, "Ready")
+            .unwrap()
+            .message
+            .contains("VMTemplate \"missing\" not found")
+    );
+    let mut migrate = example("vmoperation-migrate-my-vm.yaml");
+    migrate["spec"]["migrateSpec"]["targetNode"] = json!("node-9");
+    ctl.create::<VMOperation>(migrate).await.unwrap();
+    let op = wait_for(
+        &ctl.ops(),
+        "migrate-my-vm",
+        Duration::from_secs(20),
+        "Failed",
+        |o| o.status.as_ref().and_then(|s| s.phase) == Some(OperationPhase::Failed),
+    )
+    .await;
+    let m = op.status.unwrap().message.unwrap();
+    assert!(
+        m.contains("migrateSpec.targetNode: node \"node-9\" is not known"),
+        "{m}"
+    );
+    let vm = ctl.vms().get("my-vm").await.unwrap();
+    assert_eq!(
+        (phase(&vm), vm.status.unwrap().node_name),
+        (Some(VmPhase::Running), Some(node_name.clone()))
+    );
+
+    // Restart through a VMOperation: a second boot of the same guest.
+    let restart = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
+        "metadata": {"name": "restart-my-vm"}, "spec": {"vmRef": {"name": "my-vm"}, "operation": "restart"}});
+    ctl.create::<VMOperation>(restart).await.unwrap();
+    wait_for(&ctl.ops(), "restart-my-vm", BOOT, "Succeeded", |o| {
+        o.status.as_ref().and_then(|s| s.phase) == Some(OperationPhase::Succeeded)
+    })
+    .await;
+    wait_boots(&on_agent, 2, BOOT).await;
+
+    // running: false stops it on its agent.
+    let stop = Patch::Merge(json!({"spec": {"running": false}}));
+    ctl.vms()
+        .patch("my-vm", &PatchParams::default(), &stop)
+        .await
+        .unwrap();
+    wait_for(
+        &ctl.vms(),
+        "my-vm",
+        Duration::from_secs(60),
+        "Stopped",
+        |v| phase(v) == Some(VmPhase::Stopped),
+    )
+    .await;
+    assert_eq!(
+        agent_vm(node, "my-vm").await.unwrap().status.unwrap().phase,
+        pb::VmPhase::Stopped as i32
+    );
+
+    // Deleting it removes it from the agent before the object goes.
+    ctl.vms()
+        .delete("my-vm", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctl.vms().get_opt("my-vm").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "my-vm still exists");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        agent_vm(node, "my-vm").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+}
+
+fn small_vm(name: &str, ha: bool, selector: Option<&str>) -> Value {
+    let mut v = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {"cpus": 1, "memory": "256Mi", "running": true,
+                 "image": {"templateRef": {"name": "ubuntu-22-04-template"}},
+                 "highAvailability": {"enabled": ha, "restartPolicy": "Always"}}});
+    if let Some(node) = selector {
+        v["spec"]["nodeSelector"] = json!({"hypersdk.io/node": node});
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_node_is_reported_and_highly_available_vms_move() {
+    let images = images();
+    let mut nodes = [
+        Node::start("node-1", images.path(), &[]),
+        Node::start("node-2", images.path(), &[]),
+    ];
+    let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    ctl.create::<VirtualMachine>(small_vm("ha", true, None))
+        .await
+        .unwrap();
+    let ha = wait_for(&ctl.vms(), "ha", BOOT, "Running", |v| {
+        phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+    let first = ha.status.unwrap().node_name.unwrap();
+    // A VM without high availability on the same node.
+    ctl.create::<VirtualMachine>(small_vm("pinned", false, Some(&first)))
+        .await
+        .unwrap();
+    wait_for(&ctl.vms(), "pinned", BOOT, "Running", |v| {
+        phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+
+    let lost = nodes.iter_mut().find(|n| n.name == first).unwrap();
+    lost.kill();
+    let pinned = wait_for(
+        &ctl.vms(),
+        "pinned",
+        Duration::from_secs(30),
+        "NodeReachable=False",
+        |v| cond(v, "NodeReachable").is_some_and(|c| c.status == "False"),
+    )
+    .await;
+    assert!(
+        cond(&pinned, "NodeReachable")
+            .unwrap()
+            .message
+            .contains(&first)
+    );
+    assert_eq!(cond(&pinned, "Ready").unwrap().reason, "NodeLost");
+    let moved = wait_for(&ctl.vms(), "ha", BOOT, "Running elsewhere", |v| {
+        phase(v) == Some(VmPhase::Running)
+            && v.status.as_ref().unwrap().node_name.as_deref() != Some(first.as_str())
+    })
+    .await;
+    let second = moved.status.unwrap().node_name.unwrap();
+    let target = nodes.iter().find(|n| n.name == second).unwrap();
+    let on_agent = agent_vm(target, "ha").await.unwrap();
+    wait_boots(&on_agent, 1, BOOT).await;
+    // The VM without high availability stays where it was, reported as lost.
+    let pinned = ctl.vms().get("pinned").await.unwrap();
+    assert_eq!(
+        pinned.status.unwrap().node_name.as_deref(),
+        Some(first.as_str())
+    );
+    assert!(ctl.agents.get(&first).unwrap().client().is_none());
+}
+
+/// The standalone binary: manifests in, status files out, with simulated agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_binary_applies_a_manifest_directory() {
+    let images = tempfile::tempdir().unwrap();
+    let sim = [
+        "--simulate",
+        "--simulate-cpus",
+        "8",
+        "--simulate-memory",
+        "16Gi",
+    ];
+    let nodes = [
+        Node::start("sim-1", images.path(), &sim),
+        Node::start("sim-2", images.path(), &sim),
+    ];
+    let manifests = tempfile::tempdir().unwrap();
+    let dir = manifests.path();
+    std::fs::copy(
+        repo_root().join("deploy/examples/vmtemplate-ubuntu.yaml"),
+        dir.join("template.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo_root().join("deploy/examples/vm-my-vm.yaml"),
+        dir.join("vm.yaml"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("bad.yaml"), "apiVersion: hypersdk.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: bad}\nspec: {cpus: 1, memory: 8XB, boot: {kernel: /k}}\n").unwrap();
+    let port = free_port();
+    let mut ctl = Command::new(bin("hypersdk-controller"))
+        .args(["--standalone", "--manifests"])
+        .arg(dir)
+        .args(
+            nodes
+                .iter()
+                .flat_map(|n| ["--agent".to_string(), format!("{}={}", n.name, n.address)]),
+        )
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stderr(std::fs::File::create(dir.join("controller.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = dir.join("status/virtualmachine-default-my-vm.yaml");
+    let result = std::panic::catch_unwind(|| {
+        hypersdk_tests::wait_until(
+            Duration::from_secs(30),
+            "my-vm Running in its status file",
+            || {
+                std::fs::read_to_string(&status)
+                    .is_ok_and(|s| s.contains("phase: Running") && s.contains("nodeName: sim-"))
+            },
+        );
+        let errors = std::fs::read_to_string(dir.join("status/errors.yaml")).unwrap();
+        assert!(
+            errors.contains("bad.yaml") && errors.contains("spec.memory"),
+            "{errors}"
+        );
+        let metrics = http_get(port, "/metrics");
+        assert!(metrics.contains("hypersdk_agents_reachable 2"), "{metrics}");
+        assert!(http_get(port, "/readyz").ends_with("ok"));
+        // The manifest goes: the VM goes, from the agent too.
+        std::fs::remove_file(dir.join("vm.yaml")).unwrap();
+        hypersdk_tests::wait_until(
+            Duration::from_secs(30),
+            "my-vm's status file removed",
+            || !status.exists(),
+        );
+    });
+    let _ = ctl.kill();
+    let _ = ctl.wait();
+    if let Err(p) = result {
+        eprintln!(
+            "--- controller log ---\n{}",
+            std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
+        );
+        std::panic::resume_unwind(p);
+    }
+    for n in &nodes {
+        let vms = n
+            .client()
+            .await
+            .list_vms(pb::ListVmsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vms;
+        assert!(vms.is_empty(), "{} still has {vms:?}", n.name);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A GET over plain HTTP/1.0; returns the whole response.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
