@@ -170,7 +170,7 @@ pub fn build(
 }
 
 fn whole_mib(field: &str, bytes: u64) -> Result<(), SpecError> {
-    if bytes == 0 || bytes % (1 << 20) != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(1 << 20) {
         return Err(err(
             field,
             "must be a positive whole number of MiB (e.g. 512Mi, 8Gi)",

@@ -52,7 +52,7 @@ pub fn parse_bytes(field: &str, value: &str) -> Result<u64, QuantityError> {
 /// Bytes as the shortest exact binary quantity ("512Mi", "8Gi"), as status reports memory.
 pub fn format_bytes(bytes: u64) -> String {
     for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }

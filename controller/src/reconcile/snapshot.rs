@@ -23,18 +23,18 @@ pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Actio
     let ns = super::namespace(snap.as_ref())?;
     let api: Api<VMSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let mut status = snap.status.clone().unwrap_or_default();
-    if let Some(expires) = expiry(&snap) {
-        if k8s_openapi::jiff::Timestamp::now() >= expires {
-            if snap.spec.retention.as_ref().is_some_and(|r| r.auto_delete) {
-                api.delete(&snap.name_any(), &DeleteParams::default())
-                    .await?;
-                return Ok(Action::await_change());
-            }
-            status.phase = Some(SnapshotPhase::Expired);
-            status.message = Some("past retention.keepDays".into());
-            super::write_status(&api, &snap.name_any(), snap.status.as_ref(), &status).await?;
+    if let Some(expires) = expiry(&snap)
+        && k8s_openapi::jiff::Timestamp::now() >= expires
+    {
+        if snap.spec.retention.as_ref().is_some_and(|r| r.auto_delete) {
+            api.delete(&snap.name_any(), &DeleteParams::default())
+                .await?;
             return Ok(Action::await_change());
         }
+        status.phase = Some(SnapshotPhase::Expired);
+        status.message = Some("past retention.keepDays".into());
+        super::write_status(&api, &snap.name_any(), snap.status.as_ref(), &status).await?;
+        return Ok(Action::await_change());
     }
     let vm_name = &snap.spec.vm_ref.name;
     let vm = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns)
