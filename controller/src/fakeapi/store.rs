@@ -87,12 +87,13 @@ pub struct Store {
     objects: HashMap<Resource, BTreeMap<Key, Value>>,
     log: VecDeque<Event>,
     /// openAPIV3Schema per custom resource, with its kind (for error messages).
-    schemas: HashMap<Resource, (String, Value)>,
+    schemas: HashMap<Resource, (String, schema::Schema)>,
 }
 
 impl Store {
     pub fn register_schema(&mut self, resource: Resource, kind: String, schema: Value) {
-        self.schemas.insert(resource, (kind, schema));
+        self.schemas
+            .insert(resource, (kind, schema::Schema::new(schema)));
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -323,7 +324,7 @@ impl Store {
         let Some((kind, schema)) = self.schemas.get(r) else {
             return Ok(());
         };
-        let problems = schema::validate(schema, obj, old);
+        let problems = schema.validate(obj, old);
         if problems.is_empty() {
             return Ok(());
         }
