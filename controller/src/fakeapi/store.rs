@@ -80,7 +80,6 @@ pub enum Change<'a> {
 
 type Key = (Option<String>, String);
 
-#[derive(Default)]
 pub struct Store {
     rv: u64,
     uid: u64,
@@ -88,6 +87,20 @@ pub struct Store {
     log: VecDeque<Event>,
     /// openAPIV3Schema per custom resource, with its kind (for error messages).
     schemas: HashMap<Resource, (String, schema::Schema)>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            // Never 0: a list of an empty store must name a point a watch can resume from, and
+            // resourceVersion "0" means "any point" to the API.
+            rv: 1,
+            uid: 0,
+            objects: HashMap::new(),
+            log: VecDeque::new(),
+            schemas: HashMap::new(),
+        }
+    }
 }
 
 impl Store {
@@ -533,7 +546,7 @@ mod tests {
             .map(|e| e.type_)
             .collect();
         assert_eq!(types, ["MODIFIED", "DELETED"]);
-        assert!(s.events_since(&vms(), Some("other"), 0).unwrap().is_empty());
+        assert!(s.events_since(&vms(), Some("other"), 1).unwrap().is_empty());
         assert_eq!(
             s.create(&vms(), ns, json!({"metadata": {}}))
                 .unwrap_err()
