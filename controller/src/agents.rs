@@ -89,10 +89,20 @@ impl Agent {
         self.read().vms.get(name).cloned()
     }
 
-    /// Records a reply the reconciler just got, so the next look does not wait for the stream.
+    /// Records a reply or stream event. A reply can arrive after newer stream events for the
+    /// same VM: the higher status revision wins, so what is known never goes back in time.
     pub fn observe(&self, vm: pb::Vm) {
-        if let Some(spec) = &vm.spec {
-            self.write().vms.insert(spec.name.clone(), vm);
+        let Some(name) = vm.spec.as_ref().map(|s| s.name.clone()) else {
+            return;
+        };
+        let revision = |v: &pb::Vm| v.status.as_ref().map_or(0, |s| s.revision);
+        let mut state = self.write();
+        if state
+            .vms
+            .get(&name)
+            .is_none_or(|old| revision(old) <= revision(&vm))
+        {
+            state.vms.insert(name, vm);
         }
     }
 

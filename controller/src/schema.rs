@@ -4,6 +4,8 @@
 //! and by the tests that check example manifests and CRD structure.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use std::collections::HashMap;
+
 use serde_json::Value;
 
 /// One reason an object is invalid, naming the field like the API server does.
@@ -29,22 +31,59 @@ pub fn openapi_schema(crd: &CustomResourceDefinition) -> Value {
     serde_json::to_value(schema).expect("a schema serialises")
 }
 
-/// Every schema violation of `object` (empty when it is valid). `old` enables transition rules.
-pub fn validate(schema: &Value, object: &Value, old: Option<&Value>) -> Vec<Invalid> {
-    let mut out = Vec::new();
-    check(schema, object, "", &mut out);
-    if out.is_empty()
-        && let Err(errors) = kube::core::cel::Validator::new().validate(schema, object, old)
-    {
-        out.extend(errors.into_vec().into_iter().map(|e| Invalid {
-            field: e.field_path,
-            message: e.message,
-        }));
-    }
-    out
+/// A CRD schema ready to check objects: CEL rules are compiled once, not per object.
+pub struct Schema {
+    json: Value,
+    cel: kube::core::cel::CompiledSchema,
+    /// Every `pattern` in the schema, compiled (an invalid one maps to its error).
+    patterns: Patterns,
 }
 
-fn check(schema: &Value, v: &Value, path: &str, out: &mut Vec<Invalid>) {
+type Patterns = HashMap<String, Result<regex::Regex, String>>;
+
+fn collect_patterns(v: &Value, out: &mut Patterns) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(p)) = o.get("pattern") {
+                out.entry(p.clone())
+                    .or_insert_with(|| regex::Regex::new(p).map_err(|e| e.to_string()));
+            }
+            o.values().for_each(|c| collect_patterns(c, out));
+        }
+        Value::Array(a) => a.iter().for_each(|c| collect_patterns(c, out)),
+        _ => {}
+    }
+}
+
+impl Schema {
+    pub fn new(json: Value) -> Self {
+        let mut patterns = HashMap::new();
+        collect_patterns(&json, &mut patterns);
+        Schema {
+            cel: kube::core::cel::compile_schema(&json),
+            patterns,
+            json,
+        }
+    }
+
+    /// Every violation of `object` (empty when it is valid). `old` enables transition rules.
+    pub fn validate(&self, object: &Value, old: Option<&Value>) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        check(&self.json, object, "", &self.patterns, &mut out);
+        if out.is_empty()
+            && let Err(errors) =
+                kube::core::cel::Validator::new().validate_compiled(&self.cel, object, old)
+        {
+            out.extend(errors.into_vec().into_iter().map(|e| Invalid {
+                field: e.field_path,
+                message: e.message,
+            }));
+        }
+        out
+    }
+}
+
+fn check(schema: &Value, v: &Value, path: &str, patterns: &Patterns, out: &mut Vec<Invalid>) {
     let mut bad = |message: String| {
         out.push(Invalid {
             field: if path.is_empty() {
@@ -101,10 +140,11 @@ fn check(schema: &Value, v: &Value, path: &str, out: &mut Vec<Invalid>) {
                 bad(format!("must be at most {max} characters"));
             }
             if let Some(p) = schema["pattern"].as_str() {
-                match regex::Regex::new(p) {
-                    Ok(re) if re.is_match(s) => {}
-                    Ok(_) => bad(format!("{s:?} does not match {p}")),
-                    Err(e) => bad(format!("schema pattern {p}: {e}")),
+                match patterns.get(p) {
+                    Some(Ok(re)) if re.is_match(s) => {}
+                    Some(Ok(_)) => bad(format!("{s:?} does not match {p}")),
+                    Some(Err(e)) => bad(format!("schema pattern {p}: {e}")),
+                    None => bad(format!("schema pattern {p} was not compiled")),
                 }
             }
         }
@@ -128,10 +168,16 @@ fn check(schema: &Value, v: &Value, path: &str, out: &mut Vec<Invalid>) {
                 bad(format!("must have at most {max} items"));
             }
             for (i, item) in items.iter().enumerate() {
-                check(&schema["items"], item, &format!("{path}[{i}]"), out);
+                check(
+                    &schema["items"],
+                    item,
+                    &format!("{path}[{i}]"),
+                    patterns,
+                    out,
+                );
             }
         }
-        Value::Object(map) => check_object(schema, map, path, out),
+        Value::Object(map) => check_object(schema, map, path, patterns, out),
         _ => {}
     }
 }
@@ -140,6 +186,7 @@ fn check_object(
     schema: &Value,
     map: &serde_json::Map<String, Value>,
     path: &str,
+    patterns: &Patterns,
     out: &mut Vec<Invalid>,
 ) {
     let field = |k: &str| {
@@ -170,8 +217,8 @@ fn check_object(
             continue;
         }
         match props.and_then(|p| p.get(k)) {
-            Some(sub) => check(sub, v, &field(k), out),
-            None if additional.is_object() => check(additional, v, &field(k), out),
+            Some(sub) => check(sub, v, &field(k), patterns, out),
+            None if additional.is_object() => check(additional, v, &field(k), patterns, out),
             None => out.push(Invalid {
                 field: field(k),
                 message: "unknown field".into(),
@@ -278,7 +325,8 @@ mod tests {
     }
 
     fn fields(v: Value) -> Vec<String> {
-        validate(&schema(), &v, None)
+        Schema::new(schema())
+            .validate(&v, None)
             .into_iter()
             .map(|i| i.to_string())
             .collect()

@@ -119,7 +119,7 @@ fn every_example_fits_the_types_and_the_schema() {
                 path.display()
             );
             typed_spec(&kind, &doc["spec"]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let problems = schema::validate(&schema_of(&kind), &doc, None);
+            let problems = schema::Schema::new(schema_of(&kind)).validate(&doc, None);
             assert!(problems.is_empty(), "{}: {problems:?}", path.display());
             kinds.insert(kind);
             count += 1;
@@ -134,7 +134,8 @@ fn vm(spec: Value) -> Value {
 }
 
 fn problems(kind: &str, obj: &Value) -> Vec<String> {
-    schema::validate(&schema_of(kind), obj, None)
+    schema::Schema::new(schema_of(kind))
+        .validate(obj, None)
         .iter()
         .map(ToString::to_string)
         .collect()

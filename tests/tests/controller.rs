@@ -490,6 +490,8 @@ async fn standalone_binary_applies_a_manifest_directory() {
     )
     .unwrap();
     std::fs::write(dir.join("bad.yaml"), "apiVersion: hypersdk.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: bad}\nspec: {cpus: 1, memory: 8XB, boot: {kernel: /k}}\n").unwrap();
+    // Fits no node: 2 nodes x 8 CPUs x the default overcommit of 4.
+    std::fs::write(dir.join("huge.yaml"), "apiVersion: hypersdk.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: huge}\nspec: {cpus: 40, memory: 1Gi, running: true, boot: {kernel: /k}}\n").unwrap();
     let port = free_port();
     let mut ctl = Command::new(bin("hypersdk-controller"))
         .args(["--standalone", "--manifests"])
@@ -513,6 +515,13 @@ async fn standalone_binary_applies_a_manifest_directory() {
                     .is_ok_and(|s| s.contains("phase: Running") && s.contains("nodeName: sim-"))
             },
         );
+        let huge = dir.join("status/virtualmachine-default-huge.yaml");
+        hypersdk_tests::wait_until(Duration::from_secs(30), "huge unschedulable", || {
+            std::fs::read_to_string(&huge).is_ok_and(|s| {
+                s.contains("reason: Unschedulable")
+                    && s.contains("0/2 nodes are available: 2 insufficient cpu")
+            })
+        });
         let errors = std::fs::read_to_string(dir.join("status/errors.yaml")).unwrap();
         assert!(
             errors.contains("bad.yaml") && errors.contains("spec.memory"),

@@ -14,19 +14,11 @@ use super::{Condition, DNS_LABEL_PATTERN, LocalObjectReference, QUANTITY_PATTERN
     namespaced,
     status = "VMOperationStatus",
     shortname = "vmop",
-    printcolumn(name = "VM", type_ = "string", json_path = ".spec.vmRef.name"),
-    printcolumn(name = "Operation", type_ = "string", json_path = ".spec.operation"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Progress",
-        type_ = "integer",
-        json_path = ".status.progress.percent"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "VM", "type": "string", "jsonPath": ".spec.vmRef.name"}"#,
+    printcolumn = r#"{"name": "Operation", "type": "string", "jsonPath": ".spec.operation"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
     validation = Rule::new("self == oldSelf").message("an operation's spec is immutable; create a new VMOperation"),

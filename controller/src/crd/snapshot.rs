@@ -14,14 +14,10 @@ use super::{Condition, LocalObjectReference};
     namespaced,
     status = "VMSnapshotStatus",
     shortname = "vmsnap",
-    printcolumn(name = "VM", type_ = "string", json_path = ".spec.vmRef.name"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Memory", type_ = "boolean", json_path = ".spec.includeMemory"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "VM", "type": "string", "jsonPath": ".spec.vmRef.name"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Memory", "type": "boolean", "jsonPath": ".spec.includeMemory"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VMSnapshotSpec {

@@ -15,18 +15,10 @@ use super::{Condition, QUANTITY_PATTERN};
     namespaced,
     status = "VMTemplateStatus",
     shortname = "vmtpl",
-    printcolumn(
-        name = "Display Name",
-        type_ = "string",
-        json_path = ".spec.displayName"
-    ),
-    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
-    printcolumn(name = "Usage", type_ = "integer", json_path = ".status.usageCount"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Display Name", "type": "string", "jsonPath": ".spec.displayName"}"#,
+    printcolumn = r#"{"name": "Version", "type": "string", "jsonPath": ".spec.version"}"#,
+    printcolumn = r#"{"name": "Usage", "type": "integer", "jsonPath": ".status.usageCount"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VMTemplateSpec {

@@ -16,15 +16,11 @@ use super::{Condition, DNS_LABEL_PATTERN, LocalObjectReference, QUANTITY_PATTERN
     namespaced,
     status = "VirtualMachineStatus",
     shortname = "vm",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
-    printcolumn(name = "CPUs", type_ = "integer", json_path = ".status.cpus"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Node", "type": "string", "jsonPath": ".status.nodeName"}"#,
+    printcolumn = r#"{"name": "CPUs", "type": "integer", "jsonPath": ".status.cpus"}"#,
+    printcolumn = r#"{"name": "Memory", "type": "string", "jsonPath": ".status.memory"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
     validation = Rule::new("!has(self.maxCpus) || self.maxCpus >= self.cpus")

@@ -80,19 +80,33 @@ pub enum Change<'a> {
 
 type Key = (Option<String>, String);
 
-#[derive(Default)]
 pub struct Store {
     rv: u64,
     uid: u64,
     objects: HashMap<Resource, BTreeMap<Key, Value>>,
     log: VecDeque<Event>,
     /// openAPIV3Schema per custom resource, with its kind (for error messages).
-    schemas: HashMap<Resource, (String, Value)>,
+    schemas: HashMap<Resource, (String, schema::Schema)>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            // Never 0: a list of an empty store must name a point a watch can resume from, and
+            // resourceVersion "0" means "any point" to the API.
+            rv: 1,
+            uid: 0,
+            objects: HashMap::new(),
+            log: VecDeque::new(),
+            schemas: HashMap::new(),
+        }
+    }
 }
 
 impl Store {
     pub fn register_schema(&mut self, resource: Resource, kind: String, schema: Value) {
-        self.schemas.insert(resource, (kind, schema));
+        self.schemas
+            .insert(resource, (kind, schema::Schema::new(schema)));
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -323,7 +337,7 @@ impl Store {
         let Some((kind, schema)) = self.schemas.get(r) else {
             return Ok(());
         };
-        let problems = schema::validate(schema, obj, old);
+        let problems = schema.validate(obj, old);
         if problems.is_empty() {
             return Ok(());
         }
@@ -532,7 +546,7 @@ mod tests {
             .map(|e| e.type_)
             .collect();
         assert_eq!(types, ["MODIFIED", "DELETED"]);
-        assert!(s.events_since(&vms(), Some("other"), 0).unwrap().is_empty());
+        assert!(s.events_since(&vms(), Some("other"), 1).unwrap().is_empty());
         assert_eq!(
             s.create(&vms(), ns, json!({"metadata": {}}))
                 .unwrap_err()

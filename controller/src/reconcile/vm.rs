@@ -134,7 +134,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     pass.set(
         NODE_REACHABLE,
         Status::True,
-        "AgentConnected",
+        "AgentAnswers",
         format!("agent on {node} answers"),
     );
     let agent = agent.expect("a client comes from an agent");
