@@ -1,9 +1,6 @@
 //! The `hypersdk.io/v1alpha1` API: custom resource types (the source of truth for the CRDs in
 //! `deploy/crds/`), shared field types and the Kubernetes `Condition` helpers.
 
-// kube's derive takes one `printcolumn(name = .., type_ = .., json_path = ..)` per column; clippy
-// reads the repeated keys as duplicated attributes.
-#![allow(clippy::duplicated_attributes)]
 
 pub mod operation;
 pub mod snapshot;
