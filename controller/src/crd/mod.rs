@@ -1,7 +1,6 @@
 //! The `hypersdk.io/v1alpha1` API: custom resource types (the source of truth for the CRDs in
 //! `deploy/crds/`), shared field types and the Kubernetes `Condition` helpers.
 
-
 pub mod operation;
 pub mod snapshot;
 pub mod template;
