@@ -47,7 +47,8 @@ fn prop(slot: &CpuSlot, key: &str) -> i64 {
     slot.props.get(key).and_then(Value::as_i64).unwrap_or(0)
 }
 
-fn position(slot: &CpuSlot) -> (i64, i64, i64) {
+/// (socket, core, thread) of a slot.
+pub fn position(slot: &CpuSlot) -> (i64, i64, i64) {
     (
         prop(slot, "socket-id"),
         prop(slot, "core-id"),

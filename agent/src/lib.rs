@@ -22,7 +22,7 @@ pub mod paths;
 pub mod process;
 pub mod qga;
 pub mod qmp;
-pub mod quantity;
+pub use hypersdk_proto::quantity;
 pub mod resolve;
 pub mod server;
 pub mod service;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::hotplug::CpuSlot;
+use crate::hotplug::{CpuSlot, position};
 use crate::spec::FieldError;
 
 /// The agent's defaults, chosen so that a busy guest converges with a short pause (QEMU's own
@@ -226,17 +226,19 @@ pub fn layout(slots: &[CpuSlot], memory_summary: &Value, vmem_requested: u64) ->
             .is_some_and(|p| p.starts_with("/machine/peripheral/"))
     };
     let plugged: Vec<_> = slots.iter().filter(|s| s.qom_path.is_some()).collect();
-    let prop = |s: &CpuSlot, k: &str| s.props.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
     pb::MachineLayout {
         boot_cpus: plugged.iter().filter(|s| !hot(s)).count() as u32,
         boot_memory_bytes: memory_summary["base-memory"].as_u64().unwrap_or(0),
         hotplugged_cpus: plugged
             .iter()
             .filter(|s| hot(s))
-            .map(|s| pb::CpuSlot {
-                socket: prop(s, "socket-id"),
-                core: prop(s, "core-id"),
-                thread: prop(s, "thread-id"),
+            .map(|s| {
+                let (socket, core, thread) = position(s);
+                pb::CpuSlot {
+                    socket: socket as u32,
+                    core: core as u32,
+                    thread: thread as u32,
+                }
             })
             .collect(),
         virtio_mem_requested_bytes: vmem_requested,
@@ -271,15 +273,10 @@ pub fn check_layout(
 
 /// The `device_add` arguments recreating `want` on a target QEMU's free slot.
 pub fn cpu_to_add(slots: &[CpuSlot], want: &pb::CpuSlot) -> Result<Value, String> {
-    let prop = |s: &CpuSlot, k: &str| s.props.get(k).and_then(Value::as_u64);
+    let wanted = (want.socket.into(), want.core.into(), want.thread.into());
     let slot = slots
         .iter()
-        .find(|s| {
-            s.qom_path.is_none()
-                && prop(s, "socket-id").unwrap_or(0) == u64::from(want.socket)
-                && prop(s, "core-id").unwrap_or(0) == u64::from(want.core)
-                && prop(s, "thread-id").unwrap_or(0) == u64::from(want.thread)
-        })
+        .find(|s| s.qom_path.is_none() && position(s) == wanted)
         .ok_or_else(|| {
             format!(
                 "no free vCPU slot socket {} core {} thread {}",

@@ -20,6 +20,11 @@ pub struct NodeFacts {
     pub cgroups: String,
 }
 
+/// This node's `MemTotal` and `MemAvailable` now, in bytes (0 if /proc/meminfo is unreadable).
+pub fn memory() -> (u64, u64) {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default())
+}
+
 /// `MemTotal` and `MemAvailable` from /proc/meminfo text, in bytes.
 pub fn parse_meminfo(text: &str) -> (u64, u64) {
     let field = |name: &str| {

@@ -126,8 +126,7 @@ pub async fn run(
         cgroups: cgroups_facts,
     };
     let (events, _) = tokio::sync::broadcast::channel(1024);
-    let memory_total =
-        node::parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default()).0;
+    let memory_total = node::memory().0;
     let ctx = Arc::new(Context {
         node_name,
         qemu,

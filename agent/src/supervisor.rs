@@ -598,10 +598,7 @@ impl Supervisor {
             return Err(FieldError::new("memory", msg).into());
         }
         let growth = want_memory.saturating_sub(self.spec.memory);
-        let available = crate::node::parse_meminfo(
-            &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
-        )
-        .1;
+        let available = crate::node::memory().1;
         if growth > available {
             let msg = format!(
                 "the node has only {} of memory available",

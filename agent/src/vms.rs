@@ -97,10 +97,7 @@ impl Vms {
             return Err(FieldError::new("multifdChannels", "is too large").into());
         }
         let memory = crate::spec::parse_memory("spec.memory", &spec.memory)?;
-        let available = crate::node::parse_meminfo(
-            &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
-        )
-        .1;
+        let available = crate::node::memory().1;
         if memory > available {
             return Err(FieldError::new(
                 "spec.memory",

@@ -19,7 +19,7 @@ pub struct MigrateArgs {
     /// The target node's agent: unix:///path or http://host:port.
     #[arg(long)]
     to: Address,
-    /// Bandwidth cap per second, e.g. 500Mi (bytes; 0 = unlimited, the default).
+    /// Bandwidth cap per second as a quantity, e.g. 500Mi (0 = unlimited, the default).
     #[arg(long, value_parser = parse_bytes)]
     bandwidth: Option<u64>,
     /// Longest acceptable guest pause at the switch-over, e.g. 50ms (the default).
@@ -178,23 +178,9 @@ fn print_summary(v: &MigrationView, waited: bool) {
     }
 }
 
-/// "500Mi", "1Gi", "100M", "0", "1048576": bytes.
+/// A Kubernetes quantity ("500Mi", "1Gi", "100M", "0"): bytes.
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        _ => return Err(format!("{s:?}: unit must be K, M, G, Ki, Mi or Gi")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    hypersdk_proto::quantity::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// "50ms", "2s", "5m".

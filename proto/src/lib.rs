@@ -11,3 +11,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/hypersdk_descriptor.bin"));
 
 pub mod endpoint;
+pub mod quantity;

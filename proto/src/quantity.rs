@@ -1,6 +1,5 @@
-//! Kubernetes resource quantities for memory ("512Mi", "1Gi", "1.5G", "1048576").
-
-use std::fmt;
+//! Kubernetes resource quantities for memory ("512Mi", "1Gi", "1.5G", "1048576"): the format of
+//! the API's memory fields, shared by the agent and its clients.
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{input:?} is not a memory quantity (examples: 512Mi, 1Gi, 1073741824): {why}")]
@@ -82,16 +81,6 @@ pub fn format_bytes(bytes: u64) -> String {
         }
     }
     bytes.to_string()
-}
-
-/// A byte count printed as a quantity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Bytes(pub u64);
-
-impl fmt::Display for Bytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_bytes(self.0))
-    }
 }
 
 #[cfg(test)]
