@@ -246,7 +246,8 @@ impl Vms {
         }
         let handle = self.handle(name).await?;
         handle.call(name, Op::Delete).await?;
-        self.vms.write().await.remove(name);
+        // Not `remove(name)`: a create may already have put a new VM under this name.
+        self.vms.write().await.retain(|_, h| !h.is_gone());
         Ok(())
     }
 

@@ -287,3 +287,41 @@ async fn a_disk_image_may_not_smuggle_in_a_host_file() {
     );
     assert!(list(&mut c).await.is_empty());
 }
+
+/// A create racing the delete of the same name: whatever wins, the registry tells the truth
+/// (a VM that was created is found afterwards; a deleted one is gone).
+#[tokio::test(flavor = "multi_thread")]
+async fn create_racing_delete_of_the_same_name_keeps_the_registry_true() {
+    let agent = Agent::start("node-race").await;
+    let mut c = agent.client().await;
+    create(&mut c, agent.small_spec("twin"), false).await;
+    for round in 0..200 {
+        let (mut d, mut k) = (c.clone(), c.clone());
+        let delete = tokio::spawn(async move {
+            d.delete_vm(pb::DeleteVmRequest {
+                name: "twin".into(),
+            })
+            .await
+        });
+        let spec = agent.small_spec("twin");
+        let created = tokio::spawn(async move {
+            k.create_vm(pb::CreateVmRequest {
+                spec: Some(spec),
+                start: false,
+            })
+            .await
+        });
+        let (deleted, created) = (delete.await.unwrap(), created.await.unwrap());
+        let listed = list(&mut c).await.len();
+        // Either the create came too early (AlreadyExists) and the delete removed the VM,
+        // or it came after and the new VM must be there.
+        match (&deleted, &created) {
+            (_, Ok(_)) => assert_eq!(listed, 1, "round {round}: the created VM vanished"),
+            (Ok(_), Err(e)) if e.code() == tonic::Code::AlreadyExists => {
+                assert_eq!(listed, 0, "round {round}");
+                create(&mut c, agent.small_spec("twin"), false).await;
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+}
