@@ -853,6 +853,7 @@ impl Supervisor {
         let layout = outgoing::read_layout(&qmp, has_vmem)
             .await
             .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
+        migration::check_movable(&layout, self.ctx.accel.accel).map_err(|e| self.conflict(e))?;
         let (progress, progress_rx) =
             watch::channel(outgoing::initial(&self.spec.name, &self.ctx.node_name));
         let (cancel, cancel_rx) = watch::channel(false);
@@ -1017,24 +1018,25 @@ impl Supervisor {
             std::net::IpAddr::V4(a) => a.to_string(),
             std::net::IpAddr::V6(a) => format!("[{a}]"),
         };
-        let mut last = String::from("the port range is empty");
-        for port in self.ctx.migration_ports.0.clone() {
-            let uri = format!("tcp:{host}:{port}");
-            match qmp
-                .execute_value("migrate-incoming", json!({ "uri": uri }))
-                .await
-            {
-                Ok(_) => return Ok(uri),
-                // Taken by another migration or program: try the next port.
-                Err(e) if e.to_string().contains("in use") => last = e.to_string(),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Err(format!(
-            "no free port in {}-{}: {last}",
-            self.ctx.migration_ports.0.start(),
-            self.ctx.migration_ports.0.end()
-        ))
+        // QEMU takes one migrate-incoming per process (a failed one leaves it unusable), so
+        // the port is found free first: the first one that binds, as QEMU will bind it.
+        let ports = &self.ctx.migration_ports.0;
+        let port = ports
+            .clone()
+            .find(|p| std::net::TcpListener::bind((self.ctx.migration_address, *p)).is_ok())
+            .ok_or_else(|| {
+                format!(
+                    "no free port in {}-{} on {}",
+                    ports.start(),
+                    ports.end(),
+                    self.ctx.migration_address
+                )
+            })?;
+        let uri = format!("tcp:{host}:{port}");
+        qmp.execute_value("migrate-incoming", json!({ "uri": uri }))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(uri)
     }
 
     /// Target side: waits for the state to be loaded, then runs the guest.

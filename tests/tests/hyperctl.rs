@@ -35,16 +35,27 @@ async fn vm_lifecycle_from_the_command_line() {
     assert!(matches!(node["accelerator"].as_str(), Some("kvm" | "tcg")));
     assert!(node["qemuVersion"].as_str().unwrap().contains("QEMU"));
 
-    // `vm watch -o json` streams NDJSON while we work.
+    // `vm watch -o json` streams NDJSON while we work. It opens with the VMs that exist: the
+    // first line (a VM made beforehand) says the watch is live, so it misses nothing of cli-vm.
+    let spec = agent.guest_spec("cli-vm");
+    let boot = spec.boot.clone().unwrap();
+    let args = ["vm", "create", "early", "--cpus", "1", "--memory", "64Mi"];
+    json(&agent, &[&args[..], &["--kernel", &boot.kernel]].concat());
     let mut watch = Command::new(bin("hyperctl"))
         .env("HYPERSDK_AGENT", agent.address.to_string())
         .args(["vm", "watch", "-o", "json"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut events = BufReader::new(watch.stdout.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap());
+    let first = events.next().unwrap();
+    assert_eq!(
+        (&first["type"], &first["vm"]["name"]),
+        (&Value::from("ADDED"), &Value::from("early"))
+    );
 
-    let spec = agent.guest_spec("cli-vm");
-    let boot = spec.boot.clone().unwrap();
     let vm = json(
         &agent,
         &[
@@ -77,7 +88,7 @@ async fn vm_lifecycle_from_the_command_line() {
     );
 
     let list = json(&agent, &["vm", "list"]);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list.as_array().unwrap().len(), 2);
     let yaml = hyperctl(&agent, &["vm", "get", "cli-vm", "-o", "yaml"]);
     assert!(String::from_utf8_lossy(&yaml.stdout).contains("phase: Running"));
     let table = hyperctl(&agent, &["vm", "list"]);
@@ -105,10 +116,8 @@ async fn vm_lifecycle_from_the_command_line() {
     );
 
     // The watch saw the VM appear, run and go away.
-    let lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     let mut seen = vec![];
-    for line in lines {
-        let ev: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    for ev in events.filter(|ev| ev["vm"]["name"] == "cli-vm") {
         seen.push(format!(
             "{}:{}",
             ev["type"].as_str().unwrap(),
