@@ -47,7 +47,7 @@ spec:
     boot:
       kernel: $work/images/vmlinuz
       initrd: $work/images/initrd.img
-      cmdline: "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable cryptomgr.notests"
+      cmdline: "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check pti=on cryptomgr.notests"
   image:
     source: $work/images/disk.qcow2
 YAML

@@ -10,9 +10,7 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::accel::Accel;
 use crate::hotplug::{CpuSlot, position};
-use crate::quantity::format_bytes;
 use crate::spec::FieldError;
 
 /// The agent's defaults, chosen so that a busy guest converges with a short pause (QEMU's own
@@ -247,22 +245,6 @@ pub fn layout(slots: &[CpuSlot], memory_summary: &Value, vmem_requested: u64) ->
     }
 }
 
-/// Whether a VM with this layout may leave under `accel`. QEMU 10.0 under TCG corrupts the
-/// memory of a guest that has virtio-mem memory plugged when it migrates (kernel oopses on the
-/// target within seconds; reproduced with plain QEMU, no agent involved), so there the VM must
-/// give the memory back first. KVM tracks dirty memory itself and is not affected.
-pub fn check_movable(l: &pb::MachineLayout, accel: Accel) -> Result<(), String> {
-    if accel == Accel::Tcg && l.virtio_mem_requested_bytes > 0 {
-        return Err(format!(
-            "{} of hot-plugged memory cannot be live-migrated under TCG (QEMU corrupts the \
-             guest); resize the memory back to {} first, or migrate between KVM nodes",
-            format_bytes(l.virtio_mem_requested_bytes),
-            format_bytes(l.boot_memory_bytes)
-        ));
-    }
-    Ok(())
-}
-
 /// Checks a layout received from a source agent against the spec it came with.
 pub fn check_layout(
     l: &pb::MachineLayout,
@@ -456,20 +438,6 @@ mod tests {
         let mut zero = l.clone();
         zero.boot_cpus = 0;
         assert!(check_layout(&zero, 3, 1 << 30).is_err());
-    }
-
-    #[test]
-    fn plugged_memory_stays_under_tcg_only() {
-        let plugged = layout(&slots(), &json!({"base-memory": 268435456u64}), 128 << 20);
-        let e = check_movable(&plugged, Accel::Tcg).unwrap_err();
-        assert!(
-            e.contains("128Mi of hot-plugged memory") && e.contains("back to 256Mi"),
-            "{e}"
-        );
-        check_movable(&plugged, Accel::Kvm).unwrap();
-        // Hot-plugged vCPUs alone move under TCG.
-        let cpus_only = layout(&slots(), &json!({"base-memory": 268435456u64}), 0);
-        check_movable(&cpus_only, Accel::Tcg).unwrap();
     }
 
     #[test]

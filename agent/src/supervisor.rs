@@ -853,7 +853,6 @@ impl Supervisor {
         let layout = outgoing::read_layout(&qmp, has_vmem)
             .await
             .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
-        migration::check_movable(&layout, self.ctx.accel.accel).map_err(|e| self.conflict(e))?;
         let (progress, progress_rx) =
             watch::channel(outgoing::initial(&self.spec.name, &self.ctx.node_name));
         let (cancel, cancel_rx) = watch::channel(false);

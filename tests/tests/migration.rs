@@ -51,35 +51,6 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
     }
     // The idle guest is resized first: the target must recreate the plugged vCPU and memory.
     resize_to(&mut a, "idle", 2, "384Mi").await;
-    // Under TCG, QEMU corrupts a guest that migrates with virtio-mem memory plugged: the agent
-    // refuses, names the way out, and the VM runs on untouched. Giving the memory back lets it go.
-    let (accel, _) = agent_accel(&mut a).await;
-    let memory_after_move = if accel == hypersdk_agent::accel::Accel::Tcg {
-        let pid = get(&mut a, "idle").await.status.unwrap().pid;
-        let e = migrate(&mut a, "idle", &dst.address, Default::default())
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-        assert!(
-            e.message()
-                .contains("128Mi of hot-plugged memory cannot be live-migrated under TCG")
-                && e.message().contains("back to 256Mi"),
-            "{e}"
-        );
-        let still = get(&mut a, "idle").await;
-        assert_eq!(
-            (phase(&still), still.status.unwrap().pid),
-            (pb::VmPhase::Running, pid)
-        );
-        assert!(
-            list(&mut b).await.is_empty(),
-            "nothing was prepared on the target"
-        );
-        resize_to(&mut a, "idle", 2, "256Mi").await;
-        256
-    } else {
-        384
-    };
 
     for name in ["idle", "busy"] {
         let before = get(&mut a, name).await;
@@ -155,24 +126,25 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
         s.guest_cpus == 2
     })
     .await;
-    assert_eq!(sizes(&idle), (2, memory_after_move, 2));
-    resize_to(&mut b, "idle", 1, &format!("{memory_after_move}Mi")).await;
+    assert_eq!(sizes(&idle), (2, 384, 2));
+    resize_to(&mut b, "idle", 1, "384Mi").await;
 
-    // A migration that cannot finish in time (a busy guest over a 2 MiB/s cap, 4 s timeout):
-    // the agent lifts the cap and throttles the guest, and it completes (back to the source).
+    // A migration that cannot finish in time (a busy guest over a 2 MiB/s cap, 6 s timeout): the
+    // agent lifts the cap and throttles the guest, and it completes (back to the source) before
+    // the cancel at twice the timeout, with room to spare on a loaded machine.
     let progress = migrate(
         &mut b,
         "busy",
         &src.address,
         pb::MigrationOptions {
             bandwidth_bytes_per_second: Some(2 * MIB),
-            completion_timeout_seconds: Some(4),
+            completion_timeout_seconds: Some(6),
             ..Default::default()
         },
     )
     .await
     .unwrap();
-    report("busy, capped, 4 s timeout", &progress);
+    report("busy, capped, 6 s timeout", &progress);
     assert!(
         progress
             .iter()
@@ -180,7 +152,7 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
         "no escalation seen"
     );
     assert_eq!(final_phase(&progress).0, pb::MigrationPhase::Completed);
-    assert!(progress.last().unwrap().elapsed_ms >= 4000);
+    assert!(progress.last().unwrap().elapsed_ms >= 6000);
 
     // Disk writes went on across both moves: after a reboot, the guest reads back a counter at
     // least as high as any it printed before.
