@@ -190,9 +190,9 @@ impl Qemu {
     }
 
     /// Sets the migration capabilities and parameters exactly as the agent does.
-    async fn configure(&self, o: &Options, outgoing: bool, accel: Accel) {
+    async fn configure(&self, o: &Options, outgoing: bool) {
         let caps = migration::capabilities(o, outgoing);
-        let params = migration::parameters(o, outgoing, accel);
+        let params = migration::parameters(o, outgoing);
         self.qmp
             .execute_value("migrate-set-capabilities", caps)
             .await
@@ -326,8 +326,8 @@ impl RawVm {
         let target = Qemu::spawn(&self.spec, &self.dirs[to], self.accel, &incoming).await;
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         if let Some(o) = &self.settings {
-            target.configure(o, false, self.accel).await;
-            self.qemu.configure(o, true, self.accel).await;
+            target.configure(o, false).await;
+            self.qemu.configure(o, true).await;
         }
         target
             .qmp
