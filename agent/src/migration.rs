@@ -10,7 +10,6 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::accel::Accel;
 use crate::hotplug::{CpuSlot, position};
 use crate::spec::FieldError;
 
@@ -114,16 +113,8 @@ pub fn capabilities(o: &Options, outgoing: bool) -> Value {
     json!({ "capabilities": caps })
 }
 
-/// QEMU's largest `downtime-limit` (2000 s): under TCG the source stops the guest after the first
-/// pass instead of iterating. QEMU 10's TCG dirty tracking misses guest writes made through a
-/// TLB entry that outlives a bitmap sync, so every sync taken while the guest runs can lose
-/// writes (migrated guests came out with stale kernel memory); with one pass the only such
-/// sync is the one that decides to stop. The pause grows to the copy of what the first pass
-/// left dirty. KVM tracks dirty pages in the host and iterates as asked.
-const TCG_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
-
 /// `migrate-set-parameters` for the source (`outgoing`) or the target.
-pub fn parameters(o: &Options, outgoing: bool, accel: Accel) -> Value {
+pub fn parameters(o: &Options, outgoing: bool) -> Value {
     let mut p = serde_json::Map::new();
     if o.multifd_channels > 0 {
         p.insert("multifd-channels".into(), json!(o.multifd_channels));
@@ -131,11 +122,10 @@ pub fn parameters(o: &Options, outgoing: bool, accel: Accel) -> Value {
     if outgoing {
         // 0: no rate limit.
         p.insert("max-bandwidth".into(), json!(o.bandwidth.unwrap_or(0)));
-        let limit = match accel {
-            Accel::Tcg => TCG_DOWNTIME_LIMIT_MS,
-            Accel::Kvm => o.max_downtime.as_millis() as u64,
-        };
-        p.insert("downtime-limit".into(), json!(limit));
+        p.insert(
+            "downtime-limit".into(),
+            json!(o.max_downtime.as_millis() as u64),
+        );
     }
     Value::Object(p)
 }
@@ -329,13 +319,9 @@ mod tests {
     fn defaults_are_the_agents_not_qemus() {
         let o = Options::try_from(None).unwrap();
         assert_eq!(o, Options::default());
-        let p = parameters(&o, true, Accel::Kvm);
+        let p = parameters(&o, true);
         assert_eq!(p["max-bandwidth"], 0);
         assert_eq!(p["downtime-limit"], 50);
-        // Under TCG the guest stops after the first pass (see TCG_DOWNTIME_LIMIT_MS).
-        let tcg = parameters(&o, true, Accel::Tcg);
-        assert_eq!(tcg["downtime-limit"], 2_000_000);
-        assert_eq!(tcg["max-bandwidth"], 0);
         assert_eq!(p["multifd-channels"], 4);
         let caps = capabilities(&o, true).to_string();
         assert!(caps.contains(r#"{"capability":"auto-converge","state":true}"#));
@@ -345,11 +331,7 @@ mod tests {
         assert!(t.contains(r#"{"capability":"multifd","state":true}"#));
         assert!(t.contains("late-block-activate"));
         assert!(!t.contains("auto-converge"));
-        assert!(
-            parameters(&o, false, Accel::Tcg)
-                .get("max-bandwidth")
-                .is_none()
-        );
+        assert!(parameters(&o, false).get("max-bandwidth").is_none());
     }
 
     #[test]
@@ -373,7 +355,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(set.bandwidth, Some(32 << 20));
-        let p = parameters(&set, true, Accel::Kvm);
+        let p = parameters(&set, true);
         assert_eq!(p["max-bandwidth"], 32 << 20);
         assert_eq!(p["downtime-limit"], 300);
         assert!(p.get("multifd-channels").is_none());

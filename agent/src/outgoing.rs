@@ -14,7 +14,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::accel::Accel;
 use crate::context::now_ms;
 use crate::migration::{self, Deadline, Options, QemuStatus};
 use crate::qmp::{self, Qmp};
@@ -36,7 +35,6 @@ pub struct Outgoing {
     pub spec: pb::VmSpec,
     pub layout: pb::MachineLayout,
     pub options: Options,
-    pub accel: Accel,
     pub qmp: Qmp,
     pub progress: watch::Sender<pb::MigrationProgress>,
     /// Becomes true when a cancel is asked for.
@@ -114,7 +112,7 @@ impl Outgoing {
             .await?;
             qmp.execute_value(
                 "migrate-set-parameters",
-                migration::parameters(&self.options, true, self.accel),
+                migration::parameters(&self.options, true),
             )
             .await?;
             qmp.execute_value("migrate", json!({ "uri": resp.uri }))

@@ -865,7 +865,6 @@ impl Supervisor {
                 spec: pb::VmSpec::from(&self.spec),
                 layout,
                 options,
-                accel: self.ctx.accel.accel,
                 qmp,
                 progress: progress.clone(),
                 cancel: cancel_rx,
@@ -1010,7 +1009,7 @@ impl Supervisor {
         .map_err(err)?;
         qmp.execute_value(
             "migrate-set-parameters",
-            migration::parameters(options, false, self.ctx.accel.accel),
+            migration::parameters(options, false),
         )
         .await
         .map_err(err)?;

@@ -22,10 +22,11 @@ pub const COUNTER_MARKER: &str = "HYPERSDK-COUNTER ";
 /// `tsc=reliable` keeps the TSC clock under TCG with several vCPUs (HPET is far slower);
 /// `no_timer_check` skips the boot-time IO-APIC timer check, which a TCG guest starved of CPU
 /// fails ("IO-APIC + timer doesn't work", a panic); `cryptomgr.notests` skips crypto self-tests.
-/// `pti=on` narrows a QEMU 10 TCG migration flaw for the migration tests: its dirty tracking
-/// misses guest writes made through a TLB entry that outlives a bitmap sync; page-table
-/// isolation reloads CR3 (flushing QEMU's TLB) on every return to user space. The agent also
-/// stops a TCG guest after the first pass (see `migration::parameters`).
+/// `pti=on`: under TCG, QEMU 10's migration dirty tracking misses guest writes made through a
+/// TLB entry that outlives a bitmap sync, and a migrated guest came out with stale kernel
+/// memory (oopses, list corruption) in a fair share of runs on a loaded machine. Page-table
+/// isolation reloads CR3 on every kernel entry and exit, which flushes QEMU's TLB and closes
+/// that window: no corruption since. KVM tracks dirty pages in the host and needs none of it.
 pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check pti=on cryptomgr.notests";
 
 pub fn repo_root() -> PathBuf {
