@@ -257,24 +257,6 @@ impl Agent {
         self.process.as_ref().map_or(0, Child::id)
     }
 
-    /// The last lines each of this agent's guests printed: what a failed test needs to see.
-    fn print_serial_tails(&self) {
-        let Ok(dirs) = std::fs::read_dir(self.data_dir().join("vms")) else {
-            return;
-        };
-        for dir in dirs.flatten() {
-            let log = std::fs::read(dir.path().join("serial.log")).unwrap_or_default();
-            let log = String::from_utf8_lossy(&log);
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-            eprintln!(
-                "--- {} serial of {:?} (tail) ---\n{tail}",
-                self.name,
-                dir.file_name()
-            );
-        }
-    }
-
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
@@ -296,8 +278,26 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             eprintln!("--- agent {} log ---\n{}", self.name, self.agent_log());
-            self.print_serial_tails();
+            print_serial_tails(&self.name, &self.data_dir());
         }
+    }
+}
+
+/// The last lines each guest of the agent `node` (data in `data_dir`) printed: what a failed
+/// test needs to see beside the agent's log.
+pub fn print_serial_tails(node: &str, data_dir: &Path) {
+    let Ok(dirs) = std::fs::read_dir(data_dir.join("vms")) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let log = std::fs::read(dir.path().join("serial.log")).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        eprintln!(
+            "--- {node} serial of {:?} (tail) ---\n{tail}",
+            dir.file_name()
+        );
     }
 }
 

@@ -110,6 +110,7 @@ impl Drop for Node {
             let log =
                 std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
             eprintln!("--- agent {} log ---\n{log}", self.name);
+            hypersdk_tests::print_serial_tails(&self.name, &self.dir.path().join("data"));
         }
     }
 }
