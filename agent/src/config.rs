@@ -44,6 +44,14 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
 
+    /// qemu-img binary (creates the disk overlays that snapshot restores run on).
+    #[arg(long, env = "HYPERSDK_QEMU_IMG", default_value = "qemu-img")]
+    pub qemu_img: PathBuf,
+
+    /// Where snapshots are kept (default: DATA_DIR/snapshots).
+    #[arg(long, env = "HYPERSDK_SNAPSHOT_DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+
     /// Address this node receives live migrations on, as other nodes reach it (in a cluster:
     /// the pod IP).
     #[arg(long, env = "HYPERSDK_MIGRATION_ADDRESS", default_value = "127.0.0.1")]

@@ -10,15 +10,19 @@ use crate::accel::Selection;
 use crate::cgroup::Cgroups;
 use crate::migration::PortRange;
 use crate::paths::PathPolicy;
+use crate::snapshot_files::SnapshotDirs;
 use crate::store::Store;
 
 #[derive(Debug)]
 pub struct Context {
     pub node_name: String,
     pub qemu: PathBuf,
+    pub qemu_version: String,
+    pub qemu_img: PathBuf,
     pub accel: Selection,
     pub policy: PathPolicy,
     pub store: Store,
+    pub snapshots: SnapshotDirs,
     /// Per-VM cgroups, or why there are none on this node.
     pub cgroups: Result<Cgroups, String>,
     /// Every VM status change, for WatchVms.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::qga::{Qga, QgaError};
 
@@ -42,6 +42,46 @@ impl Refresh {
     }
 }
 
+/// Freezing waits for the guest's filesystems to flush.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(20);
+
+type Command = (bool, oneshot::Sender<Result<(), String>>);
+
+/// Commands for the guest, carried out by the watcher on its connection.
+#[derive(Debug, Clone)]
+pub struct Commands(mpsc::Sender<Command>);
+
+impl Commands {
+    /// Freezes (`true`) or thaws the guest's filesystems (`guest-fsfreeze-*`).
+    pub async fn fsfreeze(&self, freeze: bool) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the guest agent watcher has ended".to_string();
+        self.0.send((freeze, tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// A command channel and the receiver to hand to [`watch`].
+pub fn commands() -> (Commands, mpsc::Receiver<Command>) {
+    let (tx, rx) = mpsc::channel(1);
+    (Commands(tx), rx)
+}
+
+async fn fsfreeze(conn: &mut Option<Qga>, freeze: bool) -> Result<(), String> {
+    let qga = conn.as_mut().ok_or("the guest agent is not connected")?;
+    qga.sync(TIMEOUT).await.map_err(|e| e.to_string())?;
+    let done = if freeze {
+        qga.execute(qapi::qga::guest_fsfreeze_freeze {}, FREEZE_TIMEOUT)
+            .await
+            .map(drop)
+    } else {
+        qga.execute(qapi::qga::guest_fsfreeze_thaw {}, FREEZE_TIMEOUT)
+            .await
+            .map(drop)
+    };
+    done.map_err(|e| e.to_string())
+}
+
 async fn view(qga: &mut Qga, probe: bool) -> Result<GuestView, QgaError> {
     qga.sync(if probe { PROBE_TIMEOUT } else { TIMEOUT })
         .await?;
@@ -69,7 +109,12 @@ async fn view(qga: &mut Qga, probe: bool) -> Result<GuestView, QgaError> {
 }
 
 /// Watches the guest agent for the life of one QEMU process; sends each change of view.
-pub async fn watch(socket: PathBuf, refresh: Refresh, tx: mpsc::Sender<GuestView>) {
+pub async fn watch(
+    socket: PathBuf,
+    refresh: Refresh,
+    tx: mpsc::Sender<GuestView>,
+    mut commands: mpsc::Receiver<Command>,
+) {
     let mut conn: Option<Qga> = None;
     let mut last = GuestView::default();
     let mut attentive_until = tokio::time::Instant::now();
@@ -103,6 +148,9 @@ pub async fn watch(socket: PathBuf, refresh: Refresh, tx: mpsc::Sender<GuestView
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = refresh.0.notified() => attentive_until = tokio::time::Instant::now() + ATTENTIVE_FOR,
+            Some((freeze, reply)) = commands.recv() => {
+                let _ = reply.send(fsfreeze(&mut conn, freeze).await);
+            }
         }
     }
 }

@@ -12,7 +12,8 @@ use crate::spec::{DiskFormat, FieldError};
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Incompatible feature bit: the guest data lives in an external file.
 const QCOW2_EXTERNAL_DATA_FILE: u64 = 1 << 2;
-const MAX_CHAIN: usize = 16;
+/// Longest backing chain accepted (each snapshot adds a layer to a disk's chain).
+const MAX_CHAIN: usize = 64;
 
 /// What the first bytes of an image say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +102,18 @@ fn read_header(path: &Path) -> std::io::Result<Header> {
         f.read_exact_at(&mut buf, offset)?;
         Ok(buf)
     })
+}
+
+/// The backing file `path` names in its qcow2 header (relative names are taken from `path`'s
+/// directory, as QEMU does), or None for a raw image, an image without one, or an unreadable file.
+pub fn backing_file(path: &Path) -> Option<PathBuf> {
+    match read_header(path).ok()? {
+        Header::Qcow2 {
+            backing_file: Some(name),
+            ..
+        } => Some(path.parent().unwrap_or(Path::new("/")).join(name)),
+        _ => None,
+    }
 }
 
 /// Checks a resolved image and its backing chain; returns the format QEMU should open it with.

@@ -27,6 +27,8 @@ pub mod resolve;
 pub mod server;
 pub mod service;
 pub mod simulate;
+pub mod snapshot;
+pub mod snapshot_files;
 pub mod spec;
 pub mod state;
 pub mod store;

@@ -25,6 +25,11 @@ impl PathPolicy {
         Ok(Self { roots })
     }
 
+    /// This policy with one more allowed root.
+    pub fn with(&self, root: &Path) -> std::io::Result<Self> {
+        Self::new(self.roots.iter().cloned().chain([root.to_path_buf()]))
+    }
+
     pub fn roots(&self) -> &[PathBuf] {
         &self.roots
     }

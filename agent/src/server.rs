@@ -18,6 +18,7 @@ use crate::node::{self, NodeFacts};
 use crate::paths::PathPolicy;
 use crate::service::Service;
 use crate::simulate::Simulator;
+use crate::snapshot_files::SnapshotDirs;
 use crate::store::Store;
 use crate::vms::Vms;
 
@@ -120,19 +121,29 @@ pub async fn run(
         node_name: node_name.clone(),
         hostname,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        qemu_version,
+        qemu_version: qemu_version.clone(),
         accel: selection.clone(),
         kvm,
         cgroups: cgroups_facts,
     };
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let memory_total = node::memory().0;
+    // Also no commas: the memory file goes to QEMU as a `file:PATH` migration URI.
+    let snapshot_dir = prepare_data_dir(
+        &config
+            .snapshot_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("snapshots")),
+    )?;
     let ctx = Arc::new(Context {
         node_name,
         qemu,
+        qemu_version,
+        qemu_img: find_program(&config.qemu_img).unwrap_or_else(|| config.qemu_img.clone()),
         accel: selection,
         policy,
         store,
+        snapshots: SnapshotDirs::new(snapshot_dir),
         cgroups,
         events,
         migration_address: config.migration_address,

@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::migration::{Options, is_final};
 use crate::node::NodeFacts;
+use crate::snapshot::check_snapshot_name;
 use crate::spec::check_name;
-use crate::supervisor::{DEFAULT_STOP_TIMEOUT, Op};
+use crate::supervisor::{DEFAULT_STOP_TIMEOUT, Op, SnapshotRequest};
 use crate::vms::Vms;
 
 pub struct Service {
@@ -261,5 +262,90 @@ impl AgentService for Service {
     ) -> Result<Response<pb::AbortIncomingResponse>, Status> {
         self.call(&req.into_inner().name, Op::AbortIncoming).await?;
         Ok(Response::new(pb::AbortIncomingResponse {}))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let r = req.into_inner();
+        check_snapshot_name(&r.snapshot)?;
+        if r.description.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "description: must be at most 1024 bytes",
+            ));
+        }
+        let (done, snapshot) = tokio::sync::oneshot::channel();
+        let request = SnapshotRequest {
+            snapshot: r.snapshot,
+            memory: r.memory,
+            quiesce: r.quiesce,
+            description: r.description,
+        };
+        self.call(&r.name, Op::Snapshot { request, done }).await?;
+        let snapshot = snapshot
+            .await
+            .map_err(|_| Status::internal("the snapshot gave no answer"))?;
+        Ok(Response::new(snapshot))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let name = req.into_inner().name;
+        if !name.is_empty() {
+            self.vms.get(&name).await?;
+        }
+        let snapshots = &self.vms.context().snapshots;
+        let (found, broken) = snapshots.list((!name.is_empty()).then_some(name.as_str()));
+        for why in broken {
+            tracing::warn!("unreadable snapshot left out of the list: {why}");
+        }
+        let snapshots = found
+            .iter()
+            .map(|m| m.to_proto(snapshots.usage(&m.vm, &m.name)))
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn restore_snapshot(
+        &self,
+        req: Request<pb::RestoreSnapshotRequest>,
+    ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        check_snapshot_name(&r.snapshot)?;
+        let (done, times) = tokio::sync::oneshot::channel();
+        let op = Op::Restore {
+            snapshot: r.snapshot,
+            done,
+        };
+        let vm = self.call(&r.name, op).await?.into_inner();
+        let (restore_ms, load_ms) = times
+            .await
+            .map_err(|_| Status::internal("the restore gave no answer"))?;
+        Ok(Response::new(pb::RestoreSnapshotResponse {
+            vm: Some(vm),
+            restore_ms,
+            load_ms,
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        check_snapshot_name(&r.snapshot)?;
+        let (freed, bytes) = tokio::sync::oneshot::channel();
+        let op = Op::DeleteSnapshot {
+            snapshot: r.snapshot,
+            freed,
+        };
+        self.call(&r.name, op).await?;
+        let freed_bytes = bytes
+            .await
+            .map_err(|_| Status::internal("the delete gave no answer"))?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { freed_bytes }))
     }
 }

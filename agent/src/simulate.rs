@@ -394,6 +394,39 @@ impl AgentService for Simulator {
     ) -> Result<Response<pb::AbortIncomingResponse>, Status> {
         Err(no_migration())
     }
+
+    // Nor memory or disks to snapshot.
+    async fn create_snapshot(
+        &self,
+        _: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        Err(no_snapshots())
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        Ok(Response::new(pb::ListSnapshotsResponse::default()))
+    }
+
+    async fn restore_snapshot(
+        &self,
+        _: Request<pb::RestoreSnapshotRequest>,
+    ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
+        Err(no_snapshots())
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        Err(no_snapshots())
+    }
+}
+
+fn no_snapshots() -> Status {
+    Status::unimplemented("a simulated agent (--simulate) does not snapshot VMs")
 }
 
 fn no_migration() -> Status {

@@ -3,6 +3,7 @@
 mod manifest;
 mod migrate;
 mod output;
+mod snapshot;
 mod view;
 
 use std::path::PathBuf;
@@ -92,6 +93,11 @@ enum VmCommand {
     /// Stop a migration under way; the VM keeps running where it is.
     CancelMigration {
         name: String,
+    },
+    /// Snapshots of a VM: create, list, restore, delete.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
     },
     /// Stream VM changes (all VMs, or one).
     Watch {
@@ -305,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .into_inner(),
             )?,
+            VmCommand::Snapshot { command } => snapshot::run(&mut client, out, command).await?,
             VmCommand::Watch { name } => {
                 let req = pb::WatchVmsRequest {
                     name: name.unwrap_or_default(),

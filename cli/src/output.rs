@@ -21,7 +21,7 @@ pub fn structured<T: Serialize>(format: Format, value: &T) -> anyhow::Result<boo
     Ok(true)
 }
 
-fn table(header: &[&str]) -> Table {
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING).set_header(header.to_vec());
     t
@@ -210,4 +210,15 @@ pub fn event(format: Format, e: &EventView) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// A duration in milliseconds as kubectl prints ages: 45s, 12m, 3h, 2d.
+pub fn age(ms: i64) -> String {
+    let s = (ms / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }

@@ -25,11 +25,14 @@ use crate::outgoing::{self, Ended, Outcome, Outgoing};
 use crate::process;
 use crate::qmp::{self, Qmp};
 use crate::quantity::format_bytes;
-use crate::resolve::resolve_spec;
+use crate::snapshot_files::DiskLayers;
 use crate::spec::VmSpec;
 use crate::spec::{FieldError, MIN_MEMORY};
 use crate::state::{self, Action, Exit, Phase};
 use crate::store::SavedState;
+
+mod snapshots;
+pub use snapshots::SnapshotRequest;
 
 /// How long QEMU may take from launch to answering QMP.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -80,6 +83,21 @@ pub enum Op {
     FinishIncoming,
     /// Target side: the migration ended without a hand-over; remove the waiting VM.
     AbortIncoming,
+    /// Takes a snapshot; `done` gets it once it is ready.
+    Snapshot {
+        request: SnapshotRequest,
+        done: oneshot::Sender<pb::Snapshot>,
+    },
+    /// Returns the VM to a snapshot; `done` gets (total, memory load) milliseconds.
+    Restore {
+        snapshot: String,
+        done: oneshot::Sender<(u32, u32)>,
+    },
+    /// Deletes a snapshot; `freed` gets the bytes given back.
+    DeleteSnapshot {
+        snapshot: String,
+        freed: oneshot::Sender<u64>,
+    },
 }
 
 #[derive(Debug)]
@@ -154,6 +172,7 @@ struct Running {
     guest_panicked: bool,
     qga_task: tokio::task::JoinHandle<()>,
     refresh: guest::Refresh,
+    guest_commands: guest::Commands,
 }
 
 impl Drop for Running {
@@ -205,6 +224,8 @@ pub struct Supervisor {
     /// nothing said about an earlier process is applied to the next).
     qga_rx: mpsc::Receiver<GuestView>,
     migration: Option<Migration>,
+    /// The layer each disk runs on (after snapshots), and the snapshot they descend from.
+    layers: DiskLayers,
     /// The VM has left this agent; the task ends.
     gone: bool,
 }
@@ -251,6 +272,10 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
     let span = info_span!("vm", name = %spec.name);
+    let layers = DiskLayers::load(&dir).unwrap_or_else(|e| {
+        warn!(vm = %spec.name, "disk layer record unreadable, disks run on their own files: {e}");
+        DiskLayers::default()
+    });
     let mut sup = Supervisor {
         files: VmFiles::in_dir(&dir),
         dir,
@@ -263,6 +288,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         requests: req_rx,
         qga_rx,
         migration: None,
+        layers,
         gone: false,
     };
     if let Some((qemu, saved)) = adopt {
@@ -337,6 +363,27 @@ impl Supervisor {
                     .await
             }
             Op::FinishIncoming => self.finish_incoming().await,
+            Op::Snapshot { request, done } => match self.create_snapshot(request).await {
+                Ok(s) => {
+                    let _ = done.send(s);
+                    Ok(self.snapshot())
+                }
+                Err(e) => Err(e),
+            },
+            Op::Restore { snapshot, done } => match self.restore_snapshot(&snapshot).await {
+                Ok(times) => {
+                    let _ = done.send(times);
+                    Ok(self.snapshot())
+                }
+                Err(e) => Err(e),
+            },
+            Op::DeleteSnapshot { snapshot, freed } => match self.delete_snapshot(&snapshot).await {
+                Ok(bytes) => {
+                    let _ = freed.send(bytes);
+                    Ok(self.snapshot())
+                }
+                Err(e) => Err(e),
+            },
             Op::AbortIncoming => match self.status.phase {
                 Phase::Incoming => self.remove("IncomingAborted").await,
                 other => Err(self.conflict(format!(
@@ -357,7 +404,7 @@ impl Supervisor {
     async fn start(&mut self) -> Result<pb::Vm, AgentError> {
         self.check(Action::Start)?;
         self.status.restart_at = None;
-        let resolved = resolve_spec(&self.spec, &self.ctx.policy)?;
+        let resolved = self.resolved_spec()?;
         self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
             .await?;
         Ok(self.snapshot())
@@ -486,9 +533,15 @@ impl Supervisor {
         let refresh = guest::Refresh::default();
         let (qga_tx, qga_rx) = mpsc::channel(4);
         self.qga_rx = qga_rx;
+        let (guest_commands, commands_rx) = guest::commands();
         let qga_task = tokio::spawn(
-            guest::watch(self.files.qga_socket.clone(), refresh.clone(), qga_tx)
-                .instrument(tracing::Span::current()),
+            guest::watch(
+                self.files.qga_socket.clone(),
+                refresh.clone(),
+                qga_tx,
+                commands_rx,
+            )
+            .instrument(tracing::Span::current()),
         );
         self.running = Some(Running {
             pid: qemu.pid(),
@@ -503,6 +556,7 @@ impl Supervisor {
             guest_panicked: false,
             qga_task,
             refresh,
+            guest_commands,
         });
         self.refresh_from_qemu().await;
         Ok(())
@@ -814,6 +868,8 @@ impl Supervisor {
             .store
             .remove(&self.spec.name)
             .map_err(|e| AgentError::Internal(format!("removing {}: {e}", self.dir.display())))?;
+        // Snapshots of a VM that left this node cannot be restored here.
+        self.ctx.snapshots.remove_vm(&self.spec.name);
         info!(reason, "removed from this node");
         self.gone = true;
         let vm = self.snapshot();
@@ -837,20 +893,18 @@ impl Supervisor {
         progress_tx: oneshot::Sender<watch::Receiver<pb::MigrationProgress>>,
     ) -> Result<pb::Vm, AgentError> {
         self.check(Action::Migrate)?;
+        if !self.layers.active.is_empty() {
+            return Err(self.conflict(
+                "its disks run on snapshot layers in this node's data dir, which the target cannot see; delete its snapshots first (that merges the layers back into the disks)".into(),
+            ));
+        }
         let qmp = self
             .running
             .as_ref()
             .map(|r| r.qmp.clone())
             .expect("Running has a process");
-        let has_vmem = self.spec.max_memory > self.spec.memory
-            || qmp
-                .execute_value(
-                    "qom-get",
-                    json!({"path": hotplug::VMEM_ID, "property": "size"}),
-                )
-                .await
-                .is_ok();
-        let layout = outgoing::read_layout(&qmp, has_vmem)
+        let vmem = has_vmem(&self.spec, &qmp).await;
+        let layout = outgoing::read_layout(&qmp, vmem)
             .await
             .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
         let (progress, progress_rx) =
@@ -936,7 +990,7 @@ impl Supervisor {
         let mut launch = self.spec.clone();
         launch.cpus = layout.boot_cpus;
         launch.memory = layout.boot_memory_bytes;
-        let resolved = resolve_spec(&launch, &self.ctx.policy)?;
+        let resolved = self.resolve_on(&launch, &DiskLayers::default())?;
         self.launch(
             &resolved,
             &["-S", "-incoming", "defer"],
@@ -972,6 +1026,13 @@ impl Supervisor {
         layout: &pb::MachineLayout,
         options: &Options,
     ) -> Result<String, String> {
+        self.replay_layout(layout).await?;
+        self.open_incoming_port(options).await
+    }
+
+    /// Plugs what the source QEMU had plugged since its start: the state loads only into the
+    /// same devices.
+    async fn replay_layout(&mut self, layout: &pb::MachineLayout) -> Result<(), String> {
         let run = self.running.as_mut().ok_or("QEMU is gone")?;
         let qmp = run.qmp.clone();
         let err = |e: qmp::QmpError| e.to_string();
@@ -1001,6 +1062,13 @@ impl Supervisor {
             .await
             .map_err(err)?;
         }
+        Ok(())
+    }
+
+    /// Sets the incoming-migration capabilities and opens the first free port of the range.
+    async fn open_incoming_port(&self, options: &Options) -> Result<String, String> {
+        let qmp = self.running.as_ref().ok_or("QEMU is gone")?.qmp.clone();
+        let err = |e: qmp::QmpError| e.to_string();
         qmp.execute_value(
             "migrate-set-capabilities",
             migration::capabilities(options, false),
@@ -1051,28 +1119,9 @@ impl Supervisor {
             .as_ref()
             .map(|r| r.qmp.clone())
             .expect("Incoming has a process");
-        let deadline = Instant::now() + INCOMING_LOAD_TIMEOUT;
-        loop {
-            let reply = qmp
-                .execute_value("query-migrate", json!({}))
-                .await
-                .map_err(|e| self.qemu_error(e.to_string()))?;
-            match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
-                migration::QemuStatus::Completed => break,
-                migration::QemuStatus::Failed | migration::QemuStatus::Cancelled => {
-                    return Err(self.qemu_error(format!(
-                        "loading the migrated state failed: {}",
-                        reply["error-desc"].as_str().unwrap_or("no detail")
-                    )));
-                }
-                _ if Instant::now() > deadline => {
-                    return Err(self.qemu_error(format!(
-                        "the migrated state did not finish loading within {INCOMING_LOAD_TIMEOUT:?}"
-                    )));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(2)).await,
-            }
-        }
+        await_incoming(&qmp, INCOMING_LOAD_TIMEOUT)
+            .await
+            .map_err(|why| self.qemu_error(why))?;
         self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
             .await?;
         self.status.qemu_status = "running".into();
@@ -1357,6 +1406,43 @@ fn enum_name<T: serde::Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(String::from))
         .unwrap_or_default()
+}
+
+/// Waits until an incoming migration (from a source QEMU or a file) has loaded completely.
+async fn await_incoming(qmp: &Qmp, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let reply = qmp
+            .execute_value("query-migrate", json!({}))
+            .await
+            .map_err(|e| e.to_string())?;
+        match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
+            migration::QemuStatus::Completed => return Ok(()),
+            migration::QemuStatus::Failed | migration::QemuStatus::Cancelled => {
+                return Err(format!(
+                    "loading the state failed: {}",
+                    reply["error-desc"].as_str().unwrap_or("no detail")
+                ));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(format!("the state did not finish loading within {limit:?}"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// Whether the VM's QEMU has a virtio-mem device (from its spec, or asked of QEMU for a
+/// process started before a resize changed the spec).
+async fn has_vmem(spec: &VmSpec, qmp: &Qmp) -> bool {
+    spec.max_memory > spec.memory
+        || qmp
+            .execute_value(
+                "qom-get",
+                json!({"path": hotplug::VMEM_ID, "property": "size"}),
+            )
+            .await
+            .is_ok()
 }
 
 enum MigrationEvent {

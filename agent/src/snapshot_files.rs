@@ -1,0 +1,258 @@
+//! Snapshots on disk: one directory per snapshot under `<snapshot-dir>/<vm>/<snapshot>/`
+//! holding `meta.json` (written last) and the memory state, plus each VM's disk layers (see
+//! [`crate::snapshot`]) under `<vm dir>/layers/`, with `layers.json` naming the layer each disk
+//! runs on now.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{SnapshotMeta, needed_layers};
+use crate::store::{read_json, write_json};
+
+pub const META_FILE: &str = "meta.json";
+pub const MEMORY_FILE: &str = "memory.bin";
+const LAYERS_FILE: &str = "layers.json";
+const LAYERS_DIR: &str = "layers";
+
+/// Where a VM's disks stand: the layer each disk runs on, and the snapshot they descend from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskLayers {
+    /// Disk name → the file QEMU writes that disk to. A disk not named here runs on the file
+    /// its spec names.
+    pub active: BTreeMap<String, PathBuf>,
+    /// The snapshot last taken or restored.
+    pub current: Option<String>,
+}
+
+impl DiskLayers {
+    pub fn load(vm_dir: &Path) -> std::io::Result<DiskLayers> {
+        match read_json(&vm_dir.join(LAYERS_FILE)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DiskLayers::default()),
+            other => other,
+        }
+    }
+
+    pub fn save(&self, vm_dir: &Path) -> std::io::Result<()> {
+        write_json(&vm_dir.join(LAYERS_FILE), self)
+    }
+}
+
+/// Where a VM's disk layers live.
+pub fn layers_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(LAYERS_DIR)
+}
+
+/// A new overlay file name in the VM's layer directory, unique per disk and moment.
+pub fn new_layer_path(vm_dir: &Path, disk: &str, tag: &str) -> PathBuf {
+    layers_dir(vm_dir).join(format!("{disk}-{tag}-{}.qcow2", crate::context::now_ms()))
+}
+
+pub fn ensure_layers_dir(vm_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(layers_dir(vm_dir))
+}
+
+/// Deletes the files of `vm_dir/layers` that neither `roots` (the VM's active layers and every
+/// snapshot's layers) nor their backing chains need. Returns the bytes freed.
+pub fn collect_layers(vm_dir: &Path, roots: impl IntoIterator<Item = PathBuf>) -> u64 {
+    let needed = needed_layers(roots, crate::image::backing_file);
+    let Ok(entries) = std::fs::read_dir(layers_dir(vm_dir)) else {
+        return 0;
+    };
+    let mut freed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !needed.contains(&path) {
+            let size = disk_usage(&path);
+            if std::fs::remove_file(&path).is_ok() {
+                freed += size;
+            }
+        }
+    }
+    freed
+}
+
+/// A VM's snapshots, by name, as read from their `meta.json`.
+#[derive(Debug, Clone)]
+pub struct SnapshotDirs {
+    root: PathBuf,
+}
+
+impl SnapshotDirs {
+    pub fn new(root: PathBuf) -> SnapshotDirs {
+        SnapshotDirs { root }
+    }
+
+    pub fn dir(&self, vm: &str, snapshot: &str) -> PathBuf {
+        self.root.join(vm).join(snapshot)
+    }
+
+    /// Makes the directory for a new snapshot. A directory left by a snapshot that never
+    /// finished (no `meta.json`) is cleared first.
+    pub fn create(&self, vm: &str, snapshot: &str) -> std::io::Result<PathBuf> {
+        let dir = self.dir(vm, snapshot);
+        if dir.join(META_FILE).exists() {
+            return Err(std::io::ErrorKind::AlreadyExists.into());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    pub fn read(&self, vm: &str, snapshot: &str) -> std::io::Result<SnapshotMeta> {
+        read_json(&self.dir(vm, snapshot).join(META_FILE))
+    }
+
+    /// Every finished snapshot of `vm` (or of every VM), oldest first. Unreadable ones are
+    /// left out and named in the second list.
+    pub fn list(&self, vm: Option<&str>) -> (Vec<SnapshotMeta>, Vec<String>) {
+        let vms: Vec<PathBuf> = match vm {
+            Some(vm) => vec![self.root.join(vm)],
+            None => subdirs(&self.root),
+        };
+        let mut found = Vec::new();
+        let mut broken = Vec::new();
+        for snap in vms.iter().flat_map(|d| subdirs(d)) {
+            let meta = snap.join(META_FILE);
+            if !meta.exists() {
+                continue;
+            }
+            match read_json::<SnapshotMeta>(&meta) {
+                Ok(m) => found.push(m),
+                Err(e) => broken.push(e.to_string()),
+            }
+        }
+        found.sort_by(|a, b| (a.created_at_ms, &a.name).cmp(&(b.created_at_ms, &b.name)));
+        (found, broken)
+    }
+
+    /// Removes one snapshot's directory; returns the bytes freed.
+    pub fn remove(&self, vm: &str, snapshot: &str) -> std::io::Result<u64> {
+        let dir = self.dir(vm, snapshot);
+        let size = dir_usage(&dir);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(size)
+    }
+
+    /// Removes every snapshot of a VM (the VM is being deleted).
+    pub fn remove_vm(&self, vm: &str) {
+        let _ = std::fs::remove_dir_all(self.root.join(vm));
+    }
+
+    /// Space the snapshot's directory takes on disk.
+    pub fn usage(&self, vm: &str, snapshot: &str) -> u64 {
+        dir_usage(&self.dir(vm, snapshot))
+    }
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Blocks a file really takes (memory files are sparse).
+pub fn disk_usage(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+fn dir_usage(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// XXH3-128 of a file's data, read extent by extent (`SEEK_DATA`/`SEEK_HOLE`), so that the
+/// holes of a sparse memory file cost nothing; each extent's offset is hashed with its bytes.
+pub fn digest(path: &Path) -> std::io::Result<String> {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len() as i64;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&len.to_le_bytes());
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at: i64 = 0;
+    while at < len {
+        let start = match lseek(file.as_fd(), at, Whence::SeekData) {
+            Ok(s) => s,
+            // ENXIO: no data after `at`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = lseek(file.as_fd(), start, Whence::SeekHole)?.min(len);
+        hasher.update(&start.to_le_bytes());
+        let mut pos = start;
+        while pos < end {
+            let want = ((end - pos) as usize).min(buf.len());
+            let n = file.read_at(&mut buf[..want], pos as u64)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            pos += n as i64;
+        }
+        at = end;
+    }
+    Ok(format!("{:032x}", hasher.digest128()))
+}
+
+/// The first bytes of a memory file: enough to see that it is a QEMU migration stream.
+pub fn looks_like_qemu_state(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"QEVM"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn digest_sees_content_not_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let mut f = std::fs::File::create(&a).unwrap();
+        f.write_all(b"QEVM head").unwrap();
+        f.seek(SeekFrom::Start(64 << 20)).unwrap();
+        f.write_all(b"page").unwrap();
+        drop(f);
+        let d1 = digest(&a).unwrap();
+        assert_eq!(d1, digest(&a).unwrap());
+        assert!(looks_like_qemu_state(&a));
+
+        // One byte changed in the middle.
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"P", 64 << 20).unwrap();
+        assert_ne!(d1, digest(&a).unwrap());
+        // Truncated.
+        f.set_len(1 << 20).unwrap();
+        assert_ne!(d1, digest(&a).unwrap());
+    }
+
+    #[test]
+    fn unfinished_snapshots_are_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = SnapshotDirs::new(dir.path().to_path_buf());
+        let half = dirs.create("vm", "half").unwrap();
+        std::fs::write(half.join(MEMORY_FILE), b"partial").unwrap();
+        let (found, broken) = dirs.list(Some("vm"));
+        assert!(found.is_empty() && broken.is_empty());
+        // Creating it again clears the leftover.
+        let again = dirs.create("vm", "half").unwrap();
+        assert!(!again.join(MEMORY_FILE).exists());
+    }
+}
