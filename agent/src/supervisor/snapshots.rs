@@ -141,7 +141,12 @@ impl Supervisor {
                 warn!("resuming after the snapshot: {e}");
             }
         }
-        let pause_ms = paused_at.elapsed().as_millis() as u32;
+        // A disk-only snapshot does not pause the guest (a quiesced one freezes its
+        // filesystems, which the guest keeps running through).
+        let pause_ms = match mode {
+            Some(_) if was_running => paused_at.elapsed().as_millis() as u32,
+            _ => 0,
+        };
         if quiesced {
             self.freeze(false).await?;
         }
