@@ -146,69 +146,6 @@ fn from_ms(ms: impl Into<u64>) -> Duration {
     Duration::from_millis(ms.into())
 }
 
-/// One raw QEMU process and this bench's QMP connection to it.
-struct Qemu {
-    child: tokio::process::Child,
-    qmp: Qmp,
-}
-
-impl Qemu {
-    async fn spawn(spec: &VmSpec, dir: &Path, accel: Accel, extra: &[&str]) -> Qemu {
-        std::fs::create_dir_all(dir).unwrap();
-        let files = VmFiles::in_dir(dir);
-        // The directory is reused when the guest comes back: no stale socket to connect to.
-        for sock in [&files.qmp_socket, &files.qga_socket] {
-            let _ = std::fs::remove_file(sock);
-        }
-        let mut child = tokio::process::Command::new("qemu-system-x86_64")
-            .args(argv::build(spec, &files, accel))
-            .args(extra)
-            .current_dir(dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        loop {
-            if let Ok(qmp) = Qmp::connect(&files.qmp_socket).await {
-                return Qemu { child, qmp };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let err = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-                panic!("raw QEMU exited ({status}): {err}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn query_migrate(&self) -> Value {
-        self.qmp
-            .execute_value("query-migrate", json!({}))
-            .await
-            .unwrap()
-    }
-
-    /// Sets the migration capabilities and parameters exactly as the agent does.
-    async fn configure(&self, o: &Options, outgoing: bool) {
-        let caps = migration::capabilities(o, outgoing);
-        let params = migration::parameters(o, outgoing);
-        self.qmp
-            .execute_value("migrate-set-capabilities", caps)
-            .await
-            .unwrap();
-        self.qmp
-            .execute_value("migrate-set-parameters", params)
-            .await
-            .unwrap();
-    }
-
-    async fn quit(mut self) {
-        let _ = self.qmp.execute(qapi::qmp::quit {}).await;
-        let _ = self.child.wait().await;
-    }
-}
-
 /// The instant the STOP event arrives: the source has paused the guest for the switch-over.
 /// Subscribes now, so call it before `migrate`.
 fn watch_stop(qmp: &Qmp) -> tokio::task::JoinHandle<Instant> {
@@ -237,7 +174,7 @@ struct RawVm {
     accel: Accel,
     dirs: [PathBuf; 2],
     at: usize,
-    qemu: Qemu,
+    qemu: RawQemu,
     /// None: QEMU's own defaults, nothing set.
     settings: Option<Options>,
 }
@@ -245,7 +182,7 @@ struct RawVm {
 impl RawVm {
     async fn boot(spec: VmSpec, base: &Path, accel: Accel, settings: Option<Options>) -> RawVm {
         let dirs = [base.join("a"), base.join("b")];
-        let qemu = Qemu::spawn(&spec, &dirs[0], accel, &[]).await;
+        let qemu = RawQemu::spawn(&spec, &dirs[0], accel, &[]).await;
         RawVm {
             spec,
             accel,
@@ -323,7 +260,7 @@ impl RawVm {
         let t0 = Instant::now();
         let to = 1 - self.at;
         let incoming = ["-S", "-incoming", "defer"];
-        let target = Qemu::spawn(&self.spec, &self.dirs[to], self.accel, &incoming).await;
+        let target = RawQemu::spawn(&self.spec, &self.dirs[to], self.accel, &incoming).await;
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         if let Some(o) = &self.settings {
             target.configure(o, false).await;
@@ -411,7 +348,7 @@ impl RawVm {
 }
 
 /// Waits until the target has loaded the whole state.
-async fn wait_loaded(target: &Qemu) {
+async fn wait_loaded(target: &RawQemu) {
     loop {
         let reply = target.query_migrate().await;
         match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {

@@ -12,6 +12,9 @@ use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
+mod raw;
+pub use raw::RawQemu;
+
 pub type Client = AgentServiceClient<Channel>;
 
 /// Printed by the test guest once userspace runs.
