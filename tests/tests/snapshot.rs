@@ -188,6 +188,9 @@ async fn memory_snapshot_restores_memory_and_disk_twice() {
         0,
         "no layer left once the last snapshot is gone"
     );
+    // And the VM, now on its own disk file again, takes the next snapshot as before.
+    snapshot(&mut c, "mem", "s2", true, false).await.unwrap();
+    assert_eq!(snapshot_names(&mut c, "mem").await, ["s2"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

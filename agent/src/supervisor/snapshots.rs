@@ -592,6 +592,12 @@ impl Supervisor {
                     let top = top_node(&blocks, i).ok_or("disk not found in QEMU")?;
                     let base = node_of_file(&qmp, &disk.path).await?;
                     active_commit(&qmp, &top, &base, &format!("merge-disk{i}")).await?;
+                    // A top opened from the command line (a restored VM's) outlives the commit
+                    // as a node of its own, still holding the disk as its backing: let it go.
+                    // Overlays made by a snapshot are gone already (the error is expected).
+                    let _ = qmp
+                        .execute_value("blockdev-del", json!({"node-name": top}))
+                        .await;
                 }
             }
             None => {
