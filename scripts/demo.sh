@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The HyperSDK demo: two node agents on this machine. The first boots the test guest under QEMU,
 # shows it running with its guest agent connected, resizes it in place, survives its own crash
-# without touching the VM, and live-migrates it to the second agent (the guest keeps counting);
+# without touching the VM, live-migrates it to the second agent (the guest keeps counting),
+# takes a memory snapshot there and restores it;
 # there it is paused and resumed, stopped gracefully and deleted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +84,19 @@ sleep 2
 echo "the guest kept counting on node-2 (no reboot: no boot messages on its console):"
 serial_tail 2 3
 hyperctl vm get demo-vm -o json | grep -E '"(phase|node|cpus|memoryBytes)"'
+
+step "Memory snapshot on node-2: the guest pauses while its memory and disks are captured"
+hyperctl vm snapshot create demo-vm before --memory
+counter_at_snapshot=$(serial_tail 2 1)
+sleep 4
+echo "the guest counted on: $(serial_tail 2 1)"
+step "Restoring the snapshot: the guest goes back to that instant (memory and disk), no reboot"
+hyperctl vm snapshot restore demo-vm before
+sleep 2
+echo "at the snapshot: $counter_at_snapshot; after the restore the guest counts on from there:"
+serial_tail 2 3
+hyperctl vm snapshot list demo-vm
+hyperctl vm snapshot delete demo-vm before
 
 step "Pausing and resuming"
 hyperctl vm pause demo-vm | grep -E 'Phase'

@@ -252,7 +252,8 @@ async fn main() {
         let memory = agent
             .data_dir()
             .join(format!("snapshots/snap/{snap}/memory.bin"));
-        a.file.push(std::fs::metadata(&memory).unwrap().len() as f64);
+        a.file
+            .push(std::fs::metadata(&memory).unwrap().len() as f64);
         a.data.push(data_bytes(&memory) as f64);
         let t0 = Instant::now();
         c.restore_snapshot(pb::RestoreSnapshotRequest {

@@ -74,4 +74,3 @@ impl RawQemu {
         let _ = self.child.wait().await;
     }
 }
-
