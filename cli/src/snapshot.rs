@@ -28,8 +28,8 @@ pub struct CreateArgs {
     /// Include memory and device state (the guest pauses while it is written).
     #[arg(long)]
     memory: bool,
-    /// Freeze the guest's filesystems around a disk-only snapshot (needs the guest agent).
-    #[arg(long, conflicts_with = "memory")]
+    /// Freeze the guest's filesystems around the snapshot (needs the guest agent).
+    #[arg(long)]
     quiesce: bool,
     #[arg(long, default_value = "")]
     description: String,

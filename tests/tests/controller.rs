@@ -12,14 +12,18 @@ use std::time::{Duration, Instant};
 use hypersdk_controller::agents::{AgentInfo, Agents};
 use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::operation::OperationPhase;
+use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
-use hypersdk_controller::crd::{VMOperation, VMTemplate, VirtualMachine, condition};
+use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine, condition};
 use hypersdk_controller::fakeapi::FakeApi;
 use hypersdk_controller::scheduler::Policy;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::{self, Address};
-use hypersdk_tests::{GUEST_CMDLINE, bin, guest, qemu_pids_under, repo_root, wait_boots};
+use hypersdk_tests::{
+    GUEST_CMDLINE, READY_MARKER, bin, count_markers, guest, qemu_pids_under, repo_root, serial,
+    wait_boots,
+};
 use kube::Api;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
@@ -352,6 +356,89 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     })
     .await;
     wait_boots(&on_agent, 2, BOOT).await;
+
+    // The seed's VMSnapshot (memory, quiesced) is taken on the VM's agent; a VMOperation
+    // restores it; deleting the VMSnapshot deletes it there.
+    let deadline = Instant::now() + BOOT;
+    while !agent_vm(node, "my-vm")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .agent_connected
+    {
+        assert!(Instant::now() < deadline, "the guest agent never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctl.create::<VMSnapshot>(example("vmsnapshot-my-vm-snapshot.yaml"))
+        .await
+        .unwrap();
+    let snaps: Api<VMSnapshot> = Api::namespaced(ctl.client.clone(), "default");
+    let snap = wait_for(
+        &snaps,
+        "my-vm-snapshot",
+        Duration::from_secs(120),
+        "Ready",
+        |s| s.status.as_ref().and_then(|s| s.phase) == Some(SnapshotPhase::Ready),
+    )
+    .await;
+    println!("VMSnapshot: {:?}", snap.status.unwrap().message);
+    let on_node = || async {
+        node.client()
+            .await
+            .list_snapshots(pb::ListSnapshotsRequest {
+                name: hypersdk_controller::agentspec::agent_name("default", "my-vm"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+            .into_iter()
+            .map(|s| (s.name, s.memory, s.quiesced))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        on_node().await,
+        [("my-vm-snapshot".to_string(), true, true)]
+    );
+    let restore = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
+        "metadata": {"name": "restore-my-vm"}, "spec": {"vmRef": {"name": "my-vm"},
+        "operation": "restore", "restoreSpec": {"snapshotName": "my-vm-snapshot"}}});
+    ctl.create::<VMOperation>(restore).await.unwrap();
+    let op = wait_for(
+        &ctl.ops(),
+        "restore-my-vm",
+        Duration::from_secs(60),
+        "done",
+        |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(OperationPhase::is_final)
+        },
+    )
+    .await;
+    assert_eq!(
+        op.status.as_ref().and_then(|s| s.phase),
+        Some(OperationPhase::Succeeded),
+        "{:?}",
+        op.status
+    );
+    assert_eq!(
+        count_markers(&serial(&on_agent), READY_MARKER),
+        2,
+        "a memory restore does not boot the guest"
+    );
+    snaps
+        .delete("my-vm-snapshot", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while snaps.get_opt("my-vm-snapshot").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "my-vm-snapshot still exists");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(on_node().await.is_empty(), "deleted on the agent too");
 
     // running: false stops it on its agent.
     let stop = Patch::Merge(json!({"spec": {"running": false}}));

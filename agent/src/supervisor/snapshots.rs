@@ -27,6 +27,8 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Loading it back.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const POLL: Duration = Duration::from_millis(2);
+/// How long a restored guest's agent may take to answer the thaw.
+const THAW_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct SnapshotRequest {
@@ -55,13 +57,6 @@ impl Supervisor {
                 return Err(self.conflict(format!("cannot be snapshotted while {}", other.name())));
             }
         };
-        if req.quiesce && req.memory {
-            return Err(FieldError::new(
-                "quiesce",
-                "applies to disk-only snapshots (a memory snapshot pauses the guest, which is consistent already)",
-            )
-            .into());
-        }
         let dir = match self.ctx.snapshots.create(&self.spec.name, &req.snapshot) {
             Ok(dir) => dir,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -246,6 +241,25 @@ impl Supervisor {
             })
     }
 
+    /// Thaws the filesystems of a guest restored from a quiesced memory snapshot, as soon as
+    /// its guest agent answers.
+    async fn thaw_restored(&mut self) {
+        let Some(commands) = self.running.as_ref().map(|r| r.guest_commands.clone()) else {
+            return;
+        };
+        let deadline = Instant::now() + THAW_TIMEOUT;
+        loop {
+            match commands.fsfreeze(false).await {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => {
+                    warn!("the restored guest's filesystems may still be frozen: {e}");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Puts a new overlay on every writable disk in one transaction; returns the frozen layer
     /// of each disk. The VM's layer record is updated before this returns.
     async fn add_overlays(
@@ -403,6 +417,10 @@ impl Supervisor {
             Some(_) => loaded.elapsed().as_millis() as u32,
             None => 0,
         };
+        if outcome.is_ok() && meta.memory.is_some() && meta.quiesced {
+            // The saved guest had its filesystems frozen (the thaw came after the save).
+            self.thaw_restored().await;
+        }
         match outcome {
             Ok(()) => {
                 let phase = if meta.memory.is_some() || was_running {

@@ -1,13 +1,14 @@
 //! VMOperation: runs a one-shot action on a VirtualMachine and records how it ended. Start and
 //! stop change `spec.running` (so the VM reconciler does not undo them) and finish when the VM
-//! gets there; the rest call the VM's agent. A finished operation is never run again.
+//! gets there; snapshot creates a VMSnapshot and waits for it; the rest call the VM's agent.
+//! A finished operation is never run again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -16,6 +17,7 @@ use tracing::{info, warn};
 use crate::agentspec::agent_name;
 use crate::context::Context;
 use crate::crd::operation::{OperationKind, OperationPhase, Progress, VMOperation};
+use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotSpec};
 use crate::crd::vm::{VirtualMachine, VmPhase};
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
@@ -165,9 +167,91 @@ async fn run(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> {
             }
             Ok(Outcome::Failed(unsupported(kind)))
         }
-        OperationKind::Clone | OperationKind::Snapshot | OperationKind::Restore => {
-            Ok(Outcome::Failed(unsupported(kind)))
+        OperationKind::Snapshot => snapshot(op, ns, ctx).await,
+        OperationKind::Restore => restore(op, &vm, ns, ctx).await,
+        OperationKind::Clone => Ok(Outcome::Failed(unsupported(kind))),
+    }
+}
+
+/// Creates the VMSnapshot the operation names (or named after the operation) and waits for it.
+async fn snapshot(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> {
+    let spec = op.spec.snapshot_spec.clone();
+    let name = spec
+        .as_ref()
+        .and_then(|s| s.snapshot_name.clone())
+        .unwrap_or_else(|| op.name_any());
+    let snaps: Api<VMSnapshot> = Api::namespaced(ctx.client.clone(), ns);
+    let snap = match snaps.get_opt(&name).await? {
+        Some(s) => s,
+        None => {
+            let mut new = VMSnapshot::new(
+                &name,
+                VMSnapshotSpec {
+                    vm_ref: op.spec.vm_ref.clone(),
+                    include_memory: spec.is_some_and(|s| s.include_memory),
+                    quiesce: false,
+                    description: Some(format!("taken by VMOperation {}", op.name_any())),
+                    retention: None,
+                },
+            );
+            new.metadata.namespace = Some(ns.to_string());
+            snaps.create(&PostParams::default(), &new).await?
         }
+    };
+    if snap.spec.vm_ref.name != op.spec.vm_ref.name {
+        return Ok(Outcome::Failed(format!(
+            "snapshotSpec.snapshotName: VMSnapshot {name} belongs to VM {}",
+            snap.spec.vm_ref.name
+        )));
+    }
+    let status = snap.status.unwrap_or_default();
+    let message = status.message.unwrap_or_default();
+    Ok(match status.phase {
+        Some(SnapshotPhase::Ready) => {
+            Outcome::Done(format!("VMSnapshot {name} is Ready ({message})"))
+        }
+        Some(SnapshotPhase::Failed | SnapshotPhase::Expired) => {
+            Outcome::Failed(format!("VMSnapshot {name}: {message}"))
+        }
+        _ => Outcome::Waiting(50, format!("waiting for VMSnapshot {name} to be Ready")),
+    })
+}
+
+/// Returns the VM to a Ready VMSnapshot of it, on its agent.
+async fn restore(
+    op: &VMOperation,
+    vm: &VirtualMachine,
+    ns: &str,
+    ctx: &Context,
+) -> Result<Outcome> {
+    let Some(name) = op
+        .spec
+        .restore_spec
+        .as_ref()
+        .map(|r| r.snapshot_name.clone())
+    else {
+        return Ok(Outcome::Failed("restoreSpec: is required".into()));
+    };
+    let snap = Api::<VMSnapshot>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&name)
+        .await?;
+    let ready = snap
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.phase)
+        == Some(SnapshotPhase::Ready);
+    match snap {
+        None => Ok(Outcome::Failed(format!(
+            "restoreSpec.snapshotName: VMSnapshot {name:?} not found in namespace {ns}"
+        ))),
+        Some(s) if s.spec.vm_ref.name != vm.name_any() => Ok(Outcome::Failed(format!(
+            "restoreSpec.snapshotName: VMSnapshot {name} belongs to VM {}",
+            s.spec.vm_ref.name
+        ))),
+        Some(_) if !ready => Ok(Outcome::Failed(format!(
+            "restoreSpec.snapshotName: VMSnapshot {name} is not Ready"
+        ))),
+        Some(_) => on_agent(op, vm, ns, ctx).await,
     }
 }
 
@@ -209,6 +293,18 @@ async fn on_agent(
         }
         OperationKind::Pause => client.pause_vm(pb::PauseVmRequest { name }).await,
         OperationKind::Resume => client.resume_vm(pb::ResumeVmRequest { name }).await,
+        OperationKind::Restore => {
+            let snapshot = op
+                .spec
+                .restore_spec
+                .as_ref()
+                .map(|r| r.snapshot_name.clone())
+                .unwrap_or_default();
+            client
+                .restore_snapshot(pb::RestoreSnapshotRequest { name, snapshot })
+                .await
+                .map(|r| r.map(|r| r.vm.unwrap_or_default()))
+        }
         _ => {
             let spec = op
                 .spec

@@ -1,29 +1,97 @@
-//! VMSnapshot: checks the VM it names and reports that the node agent cannot take snapshots yet;
-//! applies the retention policy (expiry, auto-delete) either way.
+//! VMSnapshot: takes the snapshot on the node agent of the VM it names (memory too with
+//! `includeMemory`, the guest's filesystems frozen with `quiesce`), reports it Ready or Failed,
+//! applies the retention policy (expiry, auto-delete), and deletes it from the agent when the
+//! object goes (finalizer).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use hypersdk_proto::agent::v1 as pb;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
-use tracing::warn;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use tracing::{info, warn};
 
+use crate::agentspec::agent_name;
 use crate::context::Context;
-use crate::crd::snapshot::{SnapshotPhase, VMSnapshot};
+use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotStatus};
 use crate::crd::vm::VirtualMachine;
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
 
 pub const READY: &str = "Ready";
+const FINALIZER: &str = "hypersdk.io/snapshot";
+/// Looked at again this often for retention, once it is Ready.
+const RESYNC: Duration = Duration::from_secs(300);
 
 #[tracing::instrument(skip_all, fields(snapshot = %snap.name_any(), ns = snap.namespace().unwrap_or_default()))]
 pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.inc("hypersdk_reconciles_total", "VMSnapshot");
     let ns = super::namespace(snap.as_ref())?;
     let api: Api<VMSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, snap, |event| async {
+        match event {
+            Finalizer::Apply(snap) => apply(&snap, &ns, &api, &ctx).await,
+            Finalizer::Cleanup(snap) => cleanup(&snap, &ns, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Where the snapshot is taken: the VM's node and the VM's name on its agent.
+enum Target {
+    On {
+        node: String,
+        client: crate::agents::Client,
+        vm: String,
+    },
+    /// Not now, with the reason and the phase to report.
+    Not(SnapshotPhase, &'static str, String),
+}
+
+async fn target(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Target> {
+    let vm_name = &snap.spec.vm_ref.name;
+    let Some(vm) = Api::<VirtualMachine>::namespaced(ctx.client.clone(), ns)
+        .get_opt(vm_name)
+        .await?
+    else {
+        return Ok(Target::Not(
+            SnapshotPhase::Failed,
+            "VMNotFound",
+            format!("spec.vmRef: VirtualMachine {vm_name:?} not found in namespace {ns}"),
+        ));
+    };
+    let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
+        return Ok(Target::Not(
+            SnapshotPhase::Pending,
+            "VMNotPlaced",
+            format!("VM {vm_name} is not placed on a node yet"),
+        ));
+    };
+    let Some(client) = ctx.agents.get(&node).and_then(|a| a.client()) else {
+        return Ok(Target::Not(
+            SnapshotPhase::Pending,
+            "AgentUnreachable",
+            format!("agent on node {node} does not answer"),
+        ));
+    };
+    Ok(Target::On {
+        node,
+        client,
+        vm: agent_name(ns, vm_name),
+    })
+}
+
+async fn apply(
+    snap: &VMSnapshot,
+    ns: &str,
+    api: &Api<VMSnapshot>,
+    ctx: &Context,
+) -> Result<Action> {
     let mut status = snap.status.clone().unwrap_or_default();
-    if let Some(expires) = expiry(&snap)
+    if let Some(expires) = expiry(snap)
         && k8s_openapi::jiff::Timestamp::now() >= expires
     {
         if snap.spec.retention.as_ref().is_some_and(|r| r.auto_delete) {
@@ -33,38 +101,155 @@ pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Actio
         }
         status.phase = Some(SnapshotPhase::Expired);
         status.message = Some("past retention.keepDays".into());
-        super::write_status(&api, &snap.name_any(), snap.status.as_ref(), &status).await?;
+        super::write_status(api, &snap.name_any(), snap.status.as_ref(), &status).await?;
         return Ok(Action::await_change());
     }
-    let vm_name = &snap.spec.vm_ref.name;
-    let vm = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(vm_name)
-        .await?;
-    let (phase, reason, message) = match vm {
-        None => (
-            SnapshotPhase::Failed,
-            "VMNotFound",
-            format!("spec.vmRef: VirtualMachine {vm_name:?} not found in namespace {ns}"),
-        ),
-        Some(_) => (
-            SnapshotPhase::Pending,
-            "Unsupported",
-            "snapshots are not supported by the node agent API yet; the snapshot stays Pending"
-                .to_string(),
-        ),
+    if matches!(
+        status.phase,
+        Some(SnapshotPhase::Ready | SnapshotPhase::Failed | SnapshotPhase::Expired)
+    ) {
+        return Ok(Action::requeue(RESYNC));
+    }
+    let name = snap.name_any();
+    let (node, mut client, vm) = match target(snap, ns, ctx).await? {
+        Target::On { node, client, vm } => (node, client, vm),
+        Target::Not(phase, reason, message) => {
+            report(
+                snap,
+                api,
+                &mut status,
+                phase,
+                Status::False,
+                reason,
+                message,
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
     };
+    // Taken already (a pass that ended before its status was written)?
+    let taken = client
+        .list_snapshots(pb::ListSnapshotsRequest { name: vm.clone() })
+        .await
+        .map_err(|s| Error::agent(&node, s))?
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .find(|s| s.name == name);
+    let result = match taken {
+        Some(s) => Ok(s),
+        None => {
+            let message = format!("taking the snapshot on node {node}");
+            report(
+                snap,
+                api,
+                &mut status,
+                SnapshotPhase::Creating,
+                Status::False,
+                "Creating",
+                message,
+            )
+            .await?;
+            client
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    name: vm,
+                    snapshot: name.clone(),
+                    memory: snap.spec.include_memory,
+                    quiesce: snap.spec.quiesce,
+                    description: snap.spec.description.clone().unwrap_or_default(),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    match result {
+        Ok(s) => {
+            info!(node, pause_ms = s.pause_ms, "snapshot ready");
+            let message = format!(
+                "on node {node}: {} MiB{}",
+                s.size_bytes >> 20,
+                if s.memory {
+                    format!(", memory included, guest paused {} ms", s.pause_ms)
+                } else {
+                    String::new()
+                }
+            );
+            report(
+                snap,
+                api,
+                &mut status,
+                SnapshotPhase::Ready,
+                Status::True,
+                "Created",
+                message,
+            )
+            .await?;
+            Ok(Action::requeue(RESYNC))
+        }
+        Err(s) => {
+            let message = format!("agent on node {node}: {}", s.message());
+            report(
+                snap,
+                api,
+                &mut status,
+                SnapshotPhase::Failed,
+                Status::False,
+                "Failed",
+                message,
+            )
+            .await?;
+            Ok(Action::requeue(RESYNC))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn report(
+    snap: &VMSnapshot,
+    api: &Api<VMSnapshot>,
+    status: &mut VMSnapshotStatus,
+    phase: SnapshotPhase,
+    ready: Status,
+    reason: &str,
+    message: String,
+) -> Result<()> {
     status.phase = Some(phase);
     status.message = Some(message.clone());
     set_condition(
         &mut status.conditions,
         READY,
-        Status::False,
+        ready,
         reason,
         message,
         snap.metadata.generation,
     );
-    super::write_status(&api, &snap.name_any(), snap.status.as_ref(), &status).await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    super::write_status(api, &snap.name_any(), snap.status.as_ref(), status).await?;
+    Ok(())
+}
+
+/// Deletes the snapshot from the VM's agent. A VM or agent that is gone cannot hold the
+/// deletion hostage: the snapshot went with the VM, or stays on an agent nobody reaches.
+async fn cleanup(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Action> {
+    if let Target::On {
+        node,
+        mut client,
+        vm,
+    } = target(snap, ns, ctx).await?
+    {
+        let r = client
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                name: vm,
+                snapshot: snap.name_any(),
+            })
+            .await;
+        match r {
+            Ok(_) => info!(node, "snapshot deleted from agent"),
+            // Never taken (it failed), or already gone.
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {}
+            Err(s) => return Err(Error::agent(&node, s)),
+        }
+    }
+    Ok(Action::await_change())
 }
 
 pub fn error_policy(snap: Arc<VMSnapshot>, error: &Error, ctx: Arc<Context>) -> Action {
