@@ -172,50 +172,81 @@ fn dir_usage(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The file is hashed in this many parts, side by side; fixed, so that the digest does not
+/// depend on the machine.
+const DIGEST_PARTS: u64 = 4;
+const PAGE: u64 = 4096;
+
 /// XXH3-128 of a file's content: its length and every page that is not all zeros, with its
 /// offset. Zero pages count as absent, so the digest is the same however the file's holes are
 /// laid out (a copy may fill them in); only extents with data are read (`SEEK_DATA`), so the
-/// holes of a sparse memory file cost nothing.
+/// holes of a sparse memory file cost nothing. The file is read in [`DIGEST_PARTS`] parts by
+/// as many threads; the digest is that of the parts' digests.
 pub fn digest(path: &Path) -> std::io::Result<String> {
-    use nix::unistd::{Whence, lseek};
-    use std::os::unix::fs::FileExt;
-    const PAGE: usize = 4096;
-    static ZERO: [u8; PAGE] = [0; PAGE];
     let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len() as i64;
+    let len = file.metadata()?.len();
+    let part = (len / DIGEST_PARTS).div_ceil(PAGE) * PAGE;
+    let parts: Vec<std::io::Result<u128>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..DIGEST_PARTS)
+            .map(|i| {
+                let (from, to) = ((i * part).min(len), ((i + 1) * part).min(len));
+                let file = &file;
+                scope.spawn(move || digest_range(file, from, to))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("digest thread panicked"))
+            .collect()
+    });
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     hasher.update(&len.to_le_bytes());
+    for p in parts {
+        hasher.update(&p?.to_le_bytes());
+    }
+    Ok(format!("{:032x}", hasher.digest128()))
+}
+
+/// The non-zero pages of `file` in `[from, to)` (page-aligned `from`), with their offsets.
+fn digest_range(file: &std::fs::File, from: u64, to: u64) -> std::io::Result<u128> {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 4 << 20];
-    let mut at: i64 = 0;
-    while at < len {
-        let start = match lseek(file.as_fd(), at, Whence::SeekData) {
+    let mut at = from;
+    while at < to {
+        let start = match lseek(file.as_fd(), at as i64, Whence::SeekData) {
             // Page-aligned, so pages are the same whatever the extents are.
-            Ok(s) => s - s % PAGE as i64,
+            Ok(s) => (s as u64 - s as u64 % PAGE).max(at),
             // ENXIO: no data after `at`.
             Err(nix::errno::Errno::ENXIO) => break,
             Err(e) => return Err(e.into()),
         };
-        let end = lseek(file.as_fd(), start.max(at), Whence::SeekHole)?.min(len);
-        let mut pos = start.max(at - at % PAGE as i64);
+        if start >= to {
+            break;
+        }
+        let end = (lseek(file.as_fd(), start as i64, Whence::SeekHole)? as u64).min(to);
+        let mut pos = start;
         while pos < end {
             let want = ((end - pos) as usize).min(buf.len());
-            let n = file.read_at(&mut buf[..want], pos as u64)?;
+            let n = file.read_at(&mut buf[..want], pos)?;
             if n == 0 {
                 break;
             }
-            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+            for (i, page) in buf[..n].chunks(PAGE as usize).enumerate() {
                 // Slice equality is a memcmp: fast in any build profile.
                 if page != &ZERO[..page.len()] {
-                    hasher.update(&(pos + (i * PAGE) as i64).to_le_bytes());
+                    hasher.update(&(pos + i as u64 * PAGE).to_le_bytes());
                     hasher.update(page);
                 }
             }
-            pos += n as i64;
+            pos += n as u64;
         }
         // Round up, so the next extent starts on a page not yet read.
-        at = ((end as u64).div_ceil(PAGE as u64) * PAGE as u64) as i64;
+        at = end.div_ceil(PAGE) * PAGE;
     }
-    Ok(format!("{:032x}", hasher.digest128()))
+    Ok(hasher.digest128())
 }
 
 /// The first bytes of a memory file: enough to see that it is a QEMU migration stream.

@@ -372,28 +372,26 @@ impl Supervisor {
         }
         let meta = self.read_snapshot(snapshot)?;
         let dir = self.ctx.snapshots.dir(&self.spec.name, snapshot);
-        if let Some(m) = &meta.memory {
-            check_memory_file(&dir.join(&m.file), m)
+        let was_running = matches!(self.status.phase, Phase::Running | Phase::Paused);
+        // The guest's state is about to be replaced: paused, it leaves the CPU to the checks.
+        // Should they fail, it runs on.
+        let paused_here = self.status.phase == Phase::Running
+            && self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
                 .await
-                .map_err(|why| self.conflict(format!("snapshot {snapshot:?} is damaged: {why}")))?;
-        }
-        let layers = self.restore_layers(snapshot, &meta).await?;
-        let mut spec = self.spec.clone();
-        spec.cpus = meta.spec.cpus;
-        spec.memory = meta.spec.memory;
-        let mut launch = spec.clone();
-        if meta.memory.is_some() {
-            launch.cpus = meta.layout.boot_cpus;
-            launch.memory = meta.layout.boot_memory_bytes;
-        }
-        let resolved = match self.resolve_on(&launch, &layers) {
-            Ok(r) => r,
+                .is_ok();
+        let (layers, spec, resolved) = match self.prepare_restore(snapshot, &meta, &dir).await {
+            Ok(ready) => ready,
             Err(e) => {
+                if paused_here {
+                    let _ = self
+                        .qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
+                        .await;
+                }
                 self.collect_layers();
-                return Err(e.into());
+                return Err(e);
             }
         };
-        let was_running = matches!(self.status.phase, Phase::Running | Phase::Paused);
         // From here on the VM's current state is replaced.
         self.discard_process().await;
         self.spec = spec;
@@ -443,6 +441,32 @@ impl Supervisor {
                 Err(e)
             }
         }
+    }
+
+    /// Everything a restore checks and makes before it touches the VM: the memory file checked,
+    /// the new layers, the spec the VM will have and the one its QEMU starts with (resolved).
+    async fn prepare_restore(
+        &self,
+        snapshot: &str,
+        meta: &SnapshotMeta,
+        dir: &Path,
+    ) -> Result<(DiskLayers, VmSpec, VmSpec), AgentError> {
+        if let Some(m) = &meta.memory {
+            check_memory_file(&dir.join(&m.file), m)
+                .await
+                .map_err(|why| self.conflict(format!("snapshot {snapshot:?} is damaged: {why}")))?;
+        }
+        let layers = self.restore_layers(snapshot, meta).await?;
+        let mut spec = self.spec.clone();
+        spec.cpus = meta.spec.cpus;
+        spec.memory = meta.spec.memory;
+        let mut launch = spec.clone();
+        if meta.memory.is_some() {
+            launch.cpus = meta.layout.boot_cpus;
+            launch.memory = meta.layout.boot_memory_bytes;
+        }
+        let resolved = self.resolve_on(&launch, &layers)?;
+        Ok((layers, spec, resolved))
     }
 
     /// New overlays on the snapshot's layers (the snapshot itself is never written): the
