@@ -143,7 +143,11 @@ pub async fn run(
         accel: selection,
         policy,
         store,
-        snapshots: SnapshotDirs::new(snapshot_dir),
+        snapshots: {
+            let dirs = SnapshotDirs::new(snapshot_dir);
+            dirs.remove_unfinished();
+            dirs
+        },
         cgroups,
         events,
         migration_address: config.migration_address,

@@ -131,6 +131,17 @@ impl SnapshotDirs {
         (found, broken)
     }
 
+    /// Removes the directories of snapshots that never finished (no `meta.json`: the agent
+    /// or QEMU ended during the save). Run at agent start, before any snapshot can be under way.
+    pub fn remove_unfinished(&self) {
+        for snap in subdirs(&self.root).iter().flat_map(|vm| subdirs(vm)) {
+            if !snap.join(META_FILE).exists() {
+                tracing::warn!(dir = %snap.display(), "removing an unfinished snapshot");
+                let _ = std::fs::remove_dir_all(&snap);
+            }
+        }
+    }
+
     /// Removes one snapshot's directory; returns the bytes freed.
     pub fn remove(&self, vm: &str, snapshot: &str) -> std::io::Result<u64> {
         let dir = self.dir(vm, snapshot);

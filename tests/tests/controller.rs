@@ -404,6 +404,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     let restore = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
         "metadata": {"name": "restore-my-vm"}, "spec": {"vmRef": {"name": "my-vm"},
         "operation": "restore", "restoreSpec": {"snapshotName": "my-vm-snapshot"}}});
+    let boots = count_markers(&serial(&on_agent), READY_MARKER);
     ctl.create::<VMOperation>(restore).await.unwrap();
     let op = wait_for(
         &ctl.ops(),
@@ -424,9 +425,10 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         "{:?}",
         op.status
     );
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         count_markers(&serial(&on_agent), READY_MARKER),
-        2,
+        boots,
         "a memory restore does not boot the guest"
     );
     snaps

@@ -343,3 +343,47 @@ async fn snapshot_failures_leave_the_vm_as_it_was() {
     assert_eq!(snapshot_names(&mut c, "fail").await, ["good"]);
     assert!(!partial.exists(), "the partial state file is removed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_killed_during_a_snapshot_leaves_the_vm_running() {
+    let mut agent = Agent::start("snap-e").await;
+    let mut c = agent.client().await;
+    let vm = running_guest(&agent, &mut c, "cut", 2).await;
+    let pid = vm.status.as_ref().unwrap().pid;
+    let mut c2 = c.clone();
+    let save = tokio::spawn(async move { snapshot(&mut c2, "cut", "half", true, false).await });
+    let partial = agent.data_dir().join("snapshots/cut/half/memory.bin");
+    wait_until(Duration::from_secs(20), "the save to begin", || {
+        partial.exists()
+    });
+    agent.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    assert!(
+        save.await.unwrap().is_err(),
+        "the call ended with the agent"
+    );
+    agent.respawn();
+    let mut c = agent.client().await;
+    let now = wait_vm(
+        &mut c,
+        "cut",
+        Duration::from_secs(20),
+        "running again",
+        |s| s.phase == pb::VmPhase::Running as i32,
+    )
+    .await;
+    assert_eq!(
+        now.status.as_ref().unwrap().pid,
+        pid,
+        "the same QEMU, adopted"
+    );
+    println!(
+        "after the restart: {}",
+        now.status.as_ref().unwrap().message
+    );
+    let n = last_counter(&serial(&vm)).unwrap();
+    wait_counter_above(&vm, n, Duration::from_secs(20)).await;
+    assert!(snapshot_names(&mut c, "cut").await.is_empty());
+    assert!(!partial.exists(), "the unfinished snapshot is removed");
+    // The QEMU is fit for the next snapshot.
+    snapshot(&mut c, "cut", "whole", true, false).await.unwrap();
+}

@@ -468,7 +468,19 @@ impl Supervisor {
             if saved.phase == Phase::Migrating {
                 // Nobody drives that migration any more. The target never ran the guest (it
                 // waits for a hand-over that will not come), so the VM stays here.
-                self.resume_after_lost_migration().await;
+                self.resume_after_lost_migration(
+                    "a migration was under way when the agent restarted: cancelled, the VM stays here",
+                    "MigrationFailed",
+                )
+                .await;
+            } else if saved.phase == Phase::Running && self.status.phase == Phase::Paused {
+                // Recorded running, found paused: the agent went down while it had the guest
+                // paused for a memory snapshot (which was not finished, so not kept).
+                self.resume_after_lost_migration(
+                    "a snapshot was under way when the agent restarted: abandoned, the VM runs on",
+                    "SnapshotFailed",
+                )
+                .await;
             }
             if saved.phase == Phase::Stopping {
                 // A stop was under way when the agent went down: see it through.
@@ -479,11 +491,21 @@ impl Supervisor {
         }
     }
 
-    async fn resume_after_lost_migration(&mut self) {
+    /// Cancels a migration (to another QEMU, or to a snapshot file) that nobody drives any
+    /// more, and runs the guest on.
+    async fn resume_after_lost_migration(&mut self, message: &str, reason: &str) {
         let Some(qmp) = self.running.as_ref().map(|r| r.qmp.clone()) else {
             return;
         };
         let _ = qmp.execute_value("migrate_cancel", json!({})).await;
+        // A snapshot's file format must not stay on for a later live migration (a QEMU
+        // without mapped-ram refuses the name: nothing to undo there).
+        let _ = qmp
+            .execute_value(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "mapped-ram", "state": false}]}),
+            )
+            .await;
         if let Ok(s) = qmp.execute(qapi::qmp::query_status {}).await
             && !s.running
             && let Err(e) = qmp.execute(qapi::qmp::cont {}).await
@@ -493,11 +515,7 @@ impl Supervisor {
         self.status.phase = Phase::Running;
         self.refresh_from_qemu().await;
         let phase = self.status.phase;
-        self.set_phase(
-            phase,
-            "a migration was under way when the agent restarted: cancelled, the VM stays here",
-            "MigrationFailed",
-        );
+        self.set_phase(phase, message, reason);
     }
 
     /// Connects QMP and the guest agent to a live QEMU and makes it the VM's process. On

@@ -28,11 +28,17 @@ pub const SUCCEEDED: &str = "Succeeded";
 #[tracing::instrument(skip_all, fields(op = %op.name_any(), ns = op.namespace().unwrap_or_default()))]
 pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.inc("hypersdk_reconciles_total", "VMOperation");
+    let ns = super::namespace(op.as_ref())?;
+    let api: Api<VMOperation> = Api::namespaced(ctx.client.clone(), &ns);
+    // Read afresh: the cache can lag behind this reconciler's own status write of a moment
+    // ago, and a finished restart or restore must not run twice.
+    let Some(op) = api.get_opt(&op.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
     let old = op.status.clone().unwrap_or_default();
     if old.phase.is_some_and(OperationPhase::is_final) {
         return Ok(Action::await_change());
     }
-    let ns = super::namespace(op.as_ref())?;
     let mut status = old.clone();
     status.start_time.get_or_insert_with(now);
     let outcome = run(&op, &ns, &ctx).await?;
@@ -84,7 +90,6 @@ pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action
         )
         .await;
     }
-    let api: Api<VMOperation> = Api::namespaced(ctx.client.clone(), &ns);
     super::write_status(&api, &op.name_any(), op.status.as_ref(), &status).await?;
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
