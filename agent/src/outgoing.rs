@@ -39,6 +39,12 @@ pub struct Outgoing {
     pub progress: watch::Sender<pb::MigrationProgress>,
     /// Becomes true when a cancel is asked for.
     pub cancel: watch::Receiver<bool>,
+    /// Pause the guest for the whole copy (a stop-and-copy, not a live migration): under
+    /// TCG, QEMU 10's dirty tracking misses writes made through TLB entries that outlive a
+    /// bitmap sync, and guests arrived with stale memory. KVM tracks dirty pages in the host.
+    pub pause_for_copy: bool,
+    /// When the guest was paused for the copy.
+    pub paused_at: Option<Instant>,
 }
 
 /// How a migration ended. The supervisor acts on `outcome` (removes the VM here, or resumes
@@ -66,14 +72,27 @@ impl Outgoing {
         let started = Instant::now();
         let mut target = match self.prepare().await {
             Ok(t) => t,
-            Err(why) => return self.end(pb::MigrationPhase::Failed, why, started),
+            Err(why) => {
+                self.resume_after_pause().await;
+                return self.end(pb::MigrationPhase::Failed, why, started);
+            }
         };
         match self.migrate(&mut target, started).await {
             Ok(stopped_at) => self.hand_over(&mut target, stopped_at, started).await,
             Err((phase, why)) => {
                 self.abort_target(&mut target).await;
+                self.resume_after_pause().await;
                 self.end(phase, why, started)
             }
+        }
+    }
+
+    /// Runs the guest again if this migration paused it for the copy.
+    async fn resume_after_pause(&self) {
+        if self.paused_at.is_some()
+            && let Err(e) = self.qmp.execute(qapi::qmp::cont {}).await
+        {
+            warn!("resuming after the migration: {e}");
         }
     }
 
@@ -102,6 +121,16 @@ impl Outgoing {
             .into_inner();
         info!(uri = resp.uri, target = resp.node_name, "target prepared");
         self.update(|p| p.target_node = resp.node_name.clone());
+        if self.pause_for_copy {
+            self.qmp
+                .execute(qapi::qmp::stop {})
+                .await
+                .map_err(|e| format!("pausing the guest for the copy: {e}"))?;
+            self.paused_at = Some(Instant::now());
+            self.update(|p| {
+                p.message = "TCG: the guest is paused for the copy (QEMU's software dirty tracking is not reliable for a live copy)".into();
+            });
+        }
         // Capabilities and parameters are the source's to set per migration.
         let qmp = &self.qmp;
         let setup = async {
@@ -136,14 +165,16 @@ impl Outgoing {
         let mut events = self.qmp.events();
         let mut poll = tokio::time::interval(POLL);
         let mut check = tokio::time::interval(TARGET_CHECK);
-        let mut stopped_at = None;
+        let mut stopped_at = self.paused_at;
         let mut escalated = false;
         // Set when the agent itself cancels, with why.
         let mut cancelled: Option<(pb::MigrationPhase, String)> = None;
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Ok(ev) if ev.name == "STOP" => stopped_at = Some(Instant::now()),
+                    Ok(ev) if ev.name == "STOP" => {
+                        stopped_at = stopped_at.or(Some(Instant::now()));
+                    }
                     Ok(ev) if ev.name == "MIGRATION" => {
                         let s = ev.data["status"].as_str().unwrap_or_default();
                         if migration::qemu_status(s) == QemuStatus::Going {

@@ -29,7 +29,9 @@ pub const COUNTER_MARKER: &str = "HYPERSDK-COUNTER ";
 /// TLB entry that outlives a bitmap sync, and a migrated guest came out with stale kernel
 /// memory (oopses, list corruption) in a fair share of runs on a loaded machine. Page-table
 /// isolation reloads CR3 on every return to user space, which flushes QEMU's TLB and narrows
-/// that window (1 failure in 14 agent migrations remained: an idle vCPU stays in the kernel). KVM tracks dirty pages in the host and needs none of it.
+/// that window (1 failure in 14 agent migrations remained: an idle vCPU stays in the kernel),
+/// so the agent now pauses TCG guests for the copy; raw QEMU in the migration benchmark still
+/// migrates live. KVM tracks dirty pages in the host and needs none of it.
 pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check pti=on cryptomgr.notests";
 
 pub fn repo_root() -> PathBuf {

@@ -940,6 +940,8 @@ impl Supervisor {
                 qmp,
                 progress: progress.clone(),
                 cancel: cancel_rx,
+                pause_for_copy: self.ctx.accel.accel == Accel::Tcg,
+                paused_at: None,
             }
             .run()
             .instrument(tracing::Span::current()),
