@@ -659,8 +659,8 @@ fn shown(v: Option<f64>, unit: &str) -> String {
 #[tokio::main]
 async fn main() {
     let n = bench_rounds(3);
-    let src = Agent::start("bench-mig-a").await;
-    let dst = Agent::peer_of(&src, "bench-mig-b", &[]).await;
+    let src = Agent::for_bench("bench-mig-a").await;
+    let dst = Agent::peer_of(&src, "bench-mig-b", BENCH_FLAGS).await;
     let (accel, node) = agent_accel(&mut src.client().await).await;
     println!(
         "migration benchmark: N={n}, accelerator {} ({}), 1 GiB guest, 1 vCPU, loopback TCP",

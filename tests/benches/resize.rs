@@ -79,7 +79,7 @@ fn median(mut v: Vec<Duration>) -> f64 {
 #[tokio::main]
 async fn main() {
     let n = bench_rounds(5);
-    let agent = Agent::start("bench-resize").await;
+    let agent = Agent::for_bench("bench-resize").await;
     let mut c = agent.client().await;
     let (accel, node) = agent_accel(&mut c).await;
     println!("resize benchmark: N={n}, accelerator {}", node.accelerator);

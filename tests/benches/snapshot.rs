@@ -178,7 +178,7 @@ impl Samples {
 #[tokio::main]
 async fn main() {
     let n = bench_rounds(3);
-    let agent = Agent::start("bench-snap").await;
+    let agent = Agent::for_bench("bench-snap").await;
     let mut c = agent.client().await;
     let (accel, node) = agent_accel(&mut c).await;
     println!(

@@ -139,7 +139,7 @@ fn ms(d: Duration) -> f64 {
 #[tokio::main]
 async fn main() {
     let n = bench_rounds(7);
-    let agent = Agent::start("bench").await;
+    let agent = Agent::for_bench("bench").await;
     let mut c = agent.client().await;
     let (accel, node) = agent_accel(&mut c).await;
     println!(
