@@ -73,7 +73,7 @@ pid_after=$(hyperctl vm get demo-vm -o json | sed -n 's/.*"pid": \([0-9]*\).*/\1
 echo "QEMU pid before: $pid_before, after: $pid_after (adopted, not restarted)"
 hyperctl vm list
 
-step "Live-migrating demo-vm from node-1 to node-2 (pre-copy; the agent's defaults)"
+step "Migrating demo-vm from node-1 to node-2 (live pre-copy on KVM; under TCG the guest pauses for the copy)"
 hyperctl vm migrate demo-vm --to "$node2" --wait
 echo "node-1 now has:"
 hyperctl vm list
