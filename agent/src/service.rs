@@ -12,7 +12,6 @@ use tonic::{Request, Response, Status};
 
 use crate::migration::{Options, is_final};
 use crate::node::NodeFacts;
-use crate::snapshot::check_snapshot_name;
 use crate::spec::check_name;
 use crate::supervisor::{DEFAULT_STOP_TIMEOUT, Op, SnapshotRequest};
 use crate::vms::Vms;
@@ -269,7 +268,6 @@ impl AgentService for Service {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
         let r = req.into_inner();
-        check_snapshot_name(&r.snapshot)?;
         if r.description.len() > 1024 {
             return Err(Status::invalid_argument(
                 "description: must be at most 1024 bytes",
@@ -314,7 +312,6 @@ impl AgentService for Service {
         req: Request<pb::RestoreSnapshotRequest>,
     ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
         let r = req.into_inner();
-        check_snapshot_name(&r.snapshot)?;
         let (done, times) = tokio::sync::oneshot::channel();
         let op = Op::Restore {
             snapshot: r.snapshot,
@@ -336,7 +333,6 @@ impl AgentService for Service {
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
-        check_snapshot_name(&r.snapshot)?;
         let (freed, bytes) = tokio::sync::oneshot::channel();
         let op = Op::DeleteSnapshot {
             snapshot: r.snapshot,

@@ -2,10 +2,10 @@
 //! [`SpecError`] naming the field, which the reconciler turns into a condition.
 
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::quantity;
 
 use crate::crd::template::VMTemplateSpec;
 use crate::crd::vm::{RestartPolicy, VirtualMachineSpec};
-use crate::quantity;
 
 /// Labels that tie an agent VM back to its VirtualMachine.
 pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
@@ -56,19 +56,18 @@ pub fn build(
     let defaults = template
         .and_then(|t| t.default_spec.clone())
         .unwrap_or_default();
-    let memory_bytes = quantity::parse_bytes("spec.memory", &vm.memory)
-        .map_err(|e| err("spec.memory", e.to_string()))?;
+    let memory_bytes =
+        quantity::parse_bytes(&vm.memory).map_err(|e| err("spec.memory", e.to_string()))?;
     whole_mib("spec.memory", memory_bytes)?;
     let max_memory = vm
         .max_memory
         .clone()
         .or(defaults.max_memory)
-        .filter(|m| quantity::parse_bytes("", m).is_ok_and(|b| b >= memory_bytes));
+        .filter(|m| quantity::parse_bytes(m).is_ok_and(|b| b >= memory_bytes));
     if let Some(m) = &max_memory {
         whole_mib(
             "spec.maxMemory",
-            quantity::parse_bytes("spec.maxMemory", m)
-                .map_err(|e| err("spec.maxMemory", e.to_string()))?,
+            quantity::parse_bytes(m).map_err(|e| err("spec.maxMemory", e.to_string()))?,
         )?;
     }
     let max_cpus = vm

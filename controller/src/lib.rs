@@ -1,7 +1,7 @@
 //! The HyperSDK cluster controller: CRD types, the scheduler, and the reconcilers that place
 //! VirtualMachines on node agents.
 //!
-//! Pure parts (unit-tested without I/O): [`crd`], [`schema`], [`quantity`], [`scheduler`],
+//! Pure parts (unit-tested without I/O): [`crd`], [`schema`], [`scheduler`],
 //! [`agentspec`], [`leader::decide`], [`fakeapi::store`]. I/O: [`agents`] (gRPC to node agents),
 //! [`reconcile`] and [`run`] (kube-runtime controllers), [`fakeapi`] (the in-process API),
 //! [`standalone`], [`discovery`], [`http`].
@@ -17,7 +17,6 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
-pub mod quantity;
 pub mod reconcile;
 pub mod run;
 pub mod scheduler;

@@ -39,8 +39,6 @@ const SETTLE: Duration = Duration::from_secs(2);
 /// from 1 MiB) and rewrites all of it, whatever the boot order of the guests.
 const WARMUP: Duration = Duration::from_secs(15);
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
-/// The agent's target polls the incoming state every 2 ms; the raw target alike.
-const TARGET_POLL: Duration = Duration::from_millis(2);
 const SOURCE_POLL: Duration = Duration::from_millis(5);
 
 /// One migration. Pause figures are None when it did not complete.
@@ -295,7 +293,7 @@ impl RawVm {
             sample.call = sample.total;
             return sample;
         }
-        wait_loaded(&target).await;
+        target.wait_migration().await;
         target.qmp.execute(qapi::qmp::cont {}).await.unwrap();
         let running = Instant::now();
         let stopped_at = stopped.await.unwrap();
@@ -343,18 +341,6 @@ impl RawVm {
                     .unwrap();
             }
             tokio::time::sleep(SOURCE_POLL).await;
-        }
-    }
-}
-
-/// Waits until the target has loaded the whole state.
-async fn wait_loaded(target: &RawQemu) {
-    loop {
-        let reply = target.query_migrate().await;
-        match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
-            QemuStatus::Completed => return,
-            QemuStatus::Failed | QemuStatus::Cancelled => panic!("target failed: {reply}"),
-            _ => tokio::time::sleep(TARGET_POLL).await,
         }
     }
 }

@@ -63,27 +63,6 @@ struct Raw {
 }
 
 impl Raw {
-    async fn query_status(&self) -> String {
-        self.qemu
-            .qmp
-            .execute_value("query-migrate", json!({}))
-            .await
-            .unwrap()["status"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    async fn wait_migration(&self) {
-        loop {
-            match self.query_status().await.as_str() {
-                "completed" => return,
-                "failed" | "cancelled" => panic!("raw migration failed"),
-                _ => tokio::time::sleep(Duration::from_millis(2)).await,
-            }
-        }
-    }
-
     async fn configure(&self) {
         let q = &self.qemu.qmp;
         q.execute_value("migrate-set-capabilities", self.mode.capabilities(true))
@@ -105,7 +84,7 @@ impl Raw {
             .execute_value("migrate", json!({ "uri": uri }))
             .await
             .unwrap();
-        self.wait_migration().await;
+        self.qemu.wait_migration().await;
         self.qemu.qmp.execute(qapi::qmp::cont {}).await.unwrap();
         t0.elapsed()
     }
@@ -128,7 +107,7 @@ impl Raw {
             .execute_value("migrate-incoming", json!({ "uri": uri }))
             .await
             .unwrap();
-        self.wait_migration().await;
+        self.qemu.wait_migration().await;
         self.qemu.qmp.execute(qapi::qmp::cont {}).await.unwrap();
         t0.elapsed()
     }

@@ -55,6 +55,21 @@ impl RawQemu {
             .unwrap()
     }
 
+    /// Waits until this QEMU's migration (incoming, or to a file) has completed; polls every
+    /// 2 ms, as the agent does.
+    pub async fn wait_migration(&self) {
+        loop {
+            let reply = self.query_migrate().await;
+            match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
+                migration::QemuStatus::Completed => return,
+                migration::QemuStatus::Failed | migration::QemuStatus::Cancelled => {
+                    panic!("raw QEMU migration failed: {reply}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
     /// Sets the migration capabilities and parameters exactly as the agent does.
     pub async fn configure(&self, o: &Options, outgoing: bool) {
         let caps = migration::capabilities(o, outgoing);

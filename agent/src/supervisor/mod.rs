@@ -1139,9 +1139,9 @@ impl Supervisor {
             .as_ref()
             .map(|r| r.qmp.clone())
             .expect("Incoming has a process");
-        await_incoming(&qmp, INCOMING_LOAD_TIMEOUT)
+        await_migration(&qmp, INCOMING_LOAD_TIMEOUT)
             .await
-            .map_err(|why| self.qemu_error(why))?;
+            .map_err(|why| self.qemu_error(format!("loading the migrated state: {why}")))?;
         self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
             .await?;
         self.status.qemu_status = "running".into();
@@ -1170,8 +1170,6 @@ impl Supervisor {
             let _ = self.remove("IncomingFailed").await;
             return;
         }
-        // Reports still queued from this process's guest-agent watcher are dropped.
-        self.qga_rx = mpsc::channel(1).1;
         let exit = Exit {
             guest_shutdown: run.guest_shutdown.clone(),
             guest_panicked: run.guest_panicked,
@@ -1186,22 +1184,13 @@ impl Supervisor {
         }
         info!(?phase, message, "QEMU exited");
         let ran_for = Duration::from_millis((now_ms() - self.status.started_at_ms).max(0) as u64);
-        self.status.agent_connected = false;
-        self.status.guest = GuestView::default();
-        self.status.qemu_status.clear();
-        self.status.started_at_ms = 0;
+        self.forget_process();
         let reason = if phase == Phase::Failed {
             "ProcessExited"
         } else {
             "Stopped"
         };
         self.set_phase(phase, &message, reason);
-        for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
-            let _ = std::fs::remove_file(sock);
-        }
-        if let Ok(cg) = &self.ctx.cgroups {
-            cg.remove(&self.spec.name);
-        }
         match self.stopping.take() {
             Some(stopping) => {
                 let result = if stopping.restart {
@@ -1214,6 +1203,22 @@ impl Supervisor {
                 }
             }
             None => self.schedule_restart(ran_for),
+        }
+    }
+
+    /// Clears what belonged to the QEMU process that has just ended: its status figures, the
+    /// guest-agent reports still queued from it, its sockets and its cgroup.
+    fn forget_process(&mut self) {
+        self.qga_rx = mpsc::channel(1).1;
+        self.status.agent_connected = false;
+        self.status.guest = GuestView::default();
+        self.status.qemu_status.clear();
+        self.status.started_at_ms = 0;
+        for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
+            let _ = std::fs::remove_file(sock);
+        }
+        if let Ok(cg) = &self.ctx.cgroups {
+            cg.remove(&self.spec.name);
         }
     }
 
@@ -1428,8 +1433,9 @@ fn enum_name<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-/// Waits until an incoming migration (from a source QEMU or a file) has loaded completely.
-async fn await_incoming(qmp: &Qmp, limit: Duration) -> Result<(), String> {
+/// Waits until QEMU's migration has completed: an incoming one (from a source QEMU or a file)
+/// loaded, or one to a file written. Err: QEMU's reason, or the time limit.
+async fn await_migration(qmp: &Qmp, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {
         let reply = qmp
@@ -1439,13 +1445,13 @@ async fn await_incoming(qmp: &Qmp, limit: Duration) -> Result<(), String> {
         match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
             migration::QemuStatus::Completed => return Ok(()),
             migration::QemuStatus::Failed | migration::QemuStatus::Cancelled => {
-                return Err(format!(
-                    "loading the state failed: {}",
-                    reply["error-desc"].as_str().unwrap_or("no detail")
-                ));
+                return Err(reply["error-desc"]
+                    .as_str()
+                    .unwrap_or("QEMU gave no detail")
+                    .to_string());
             }
             _ if Instant::now() > deadline => {
-                return Err(format!("the state did not finish loading within {limit:?}"));
+                return Err(format!("not done within {limit:?}"));
             }
             _ => tokio::time::sleep(Duration::from_millis(2)).await,
         }

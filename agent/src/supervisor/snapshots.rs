@@ -9,7 +9,7 @@ use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Supervisor, await_incoming, has_vmem};
+use super::{Supervisor, await_migration, has_vmem};
 use crate::context::now_ms;
 use crate::error::AgentError;
 use crate::outgoing;
@@ -26,7 +26,6 @@ use crate::state::Phase;
 const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Loading it back.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
-const POLL: Duration = Duration::from_millis(2);
 /// How long a restored guest's agent may take to answer the thaw.
 const THAW_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -64,11 +63,14 @@ impl Supervisor {
             }
             Err(e) => return Err(AgentError::Internal(format!("snapshot directory: {e}"))),
         };
+        // The snapshot the disks descend from now (taking this one moves that on).
+        let parent = self.layers.current.clone();
         let result = if live {
             self.snapshot_live(&req, &dir, started).await
         } else {
             self.snapshot_stopped(&req, started).await
-        };
+        }
+        .map(|meta| SnapshotMeta { parent, ..meta });
         match result {
             Ok(meta) => {
                 let write = crate::store::write_json(&dir.join(META_FILE), &meta);
@@ -117,7 +119,6 @@ impl Supervisor {
             None
         };
         let was_running = self.status.phase == Phase::Running;
-        let parent = self.layers.current.clone();
         let quiesced = req.quiesce && self.freeze(true).await?;
         let paused_at = Instant::now();
         if mode.is_some() && was_running {
@@ -151,7 +152,7 @@ impl Supervisor {
             Some(Err(e)) => return Err(e),
             None => None,
         };
-        let mut meta = self.meta(
+        Ok(self.meta(
             req,
             memory,
             quiesced,
@@ -159,9 +160,7 @@ impl Supervisor {
             disk_layers,
             pause_ms,
             started,
-        );
-        meta.parent = parent;
-        Ok(meta)
+        ))
     }
 
     /// A stopped VM: each writable disk's current file is frozen and gets a new overlay.
@@ -170,7 +169,6 @@ impl Supervisor {
         req: &SnapshotRequest,
         started: Instant,
     ) -> Result<SnapshotMeta, String> {
-        let parent = self.layers.current.clone();
         let resolved = self.resolved_spec().map_err(|e| e.to_string())?;
         snapshot_files::ensure_layers_dir(&self.dir).map_err(|e| e.to_string())?;
         let mut frozen = std::collections::BTreeMap::new();
@@ -188,9 +186,7 @@ impl Supervisor {
             boot_memory_bytes: self.spec.memory,
             ..Layout::default()
         };
-        let mut meta = self.meta(req, None, false, layout, frozen, 0, started);
-        meta.parent = parent;
-        Ok(meta)
+        Ok(self.meta(req, None, false, layout, frozen, 0, started))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -211,7 +207,8 @@ impl Supervisor {
             created_at_ms: now_ms(),
             memory,
             quiesced,
-            parent: self.layers.current.clone(),
+            // Set by the caller, which saw the layers before the snapshot.
+            parent: None,
             qemu_version: self.ctx.qemu_version.clone(),
             spec: self.spec.clone(),
             layout,
@@ -316,16 +313,33 @@ impl Supervisor {
         format: DiskFormat,
         overlay: &Path,
     ) -> Result<(), String> {
+        let (backing, overlay) = (backing.as_os_str(), overlay.as_os_str());
+        let fmt = format.as_str().as_ref();
+        self.qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            fmt,
+            "-b".as_ref(),
+            backing,
+            overlay,
+        ])
+        .await
+    }
+
+    /// Runs qemu-img with `args` (the subcommand first); Err carries its own words.
+    async fn qemu_img(&self, args: &[&std::ffi::OsStr]) -> Result<(), String> {
         let out = tokio::process::Command::new(&self.ctx.qemu_img)
-            .args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
-            .arg(backing)
-            .arg(overlay)
+            .args(args)
             .output()
             .await
             .map_err(|e| format!("running {}: {e}", self.ctx.qemu_img.display()))?;
         if !out.status.success() {
             return Err(format!(
-                "qemu-img create: {}",
+                "qemu-img {}: {}",
+                args[0].to_string_lossy(),
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
@@ -526,7 +540,7 @@ impl Supervisor {
             qmp.execute_value("migrate-incoming", json!({"uri": file_uri(file)}))
                 .await
                 .map_err(|e| e.to_string())?;
-            await_incoming(&qmp, LOAD_TIMEOUT).await?;
+            await_migration(&qmp, LOAD_TIMEOUT).await?;
             qmp.execute_value("migrate-set-capabilities", mode.capabilities(false))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -647,19 +661,14 @@ impl Supervisor {
                     let Some(top) = self.layers.active.get(&disk.name) else {
                         continue;
                     };
-                    let out = tokio::process::Command::new(&self.ctx.qemu_img)
-                        .args(["commit", "-q", "-b"])
-                        .arg(&disk.path)
-                        .arg(top)
-                        .output()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if !out.status.success() {
-                        return Err(format!(
-                            "qemu-img commit: {}",
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        ));
-                    }
+                    self.qemu_img(&[
+                        "commit".as_ref(),
+                        "-q".as_ref(),
+                        "-b".as_ref(),
+                        disk.path.as_os_str(),
+                        top.as_os_str(),
+                    ])
+                    .await?;
                 }
             }
         }
@@ -674,13 +683,7 @@ impl Supervisor {
             run.qemu.kill();
             run.qemu.wait().await;
         }
-        for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
-            let _ = std::fs::remove_file(sock);
-        }
-        self.status.agent_connected = false;
-        self.status.guest = Default::default();
-        self.status.qemu_status.clear();
-        self.status.started_at_ms = 0;
+        self.forget_process();
         self.status.phase = Phase::Stopped;
     }
 }
@@ -742,43 +745,31 @@ async fn save_memory(qmp: &Qmp, mode: SaveMode, file: &Path) -> Result<(), Strin
     qmp.execute_value("migrate", json!({"uri": file_uri(file)}))
         .await
         .map_err(err)?;
-    let deadline = Instant::now() + SAVE_TIMEOUT;
-    let result = loop {
-        let reply = qmp
-            .execute_value("query-migrate", json!({}))
-            .await
-            .map_err(err)?;
-        match reply["status"].as_str().unwrap_or_default() {
-            "completed" => break Ok(()),
-            "failed" | "cancelled" => {
-                break Err(format!(
-                    "saving memory: {}",
-                    reply["error-desc"]
-                        .as_str()
-                        .unwrap_or("QEMU gave no detail")
-                ));
-            }
-            _ if Instant::now() > deadline => {
-                let _ = qmp.execute_value("migrate_cancel", json!({})).await;
-                break Err(format!("saving memory took longer than {SAVE_TIMEOUT:?}"));
-            }
-            _ => tokio::time::sleep(POLL).await,
-        }
-    };
+    let result = await_migration(qmp, SAVE_TIMEOUT).await;
+    if result.is_err() {
+        // Ends a save that timed out; nothing to end after a failure.
+        let _ = qmp.execute_value("migrate_cancel", json!({})).await;
+    }
     let _ = qmp
         .execute_value("migrate-set-capabilities", mode.capabilities(false))
         .await;
-    result
+    result.map_err(|why| format!("saving memory: {why}"))
+}
+
+/// [`snapshot_files::digest`], off the async threads.
+async fn digest(file: &Path) -> Result<String, String> {
+    let path = file.to_path_buf();
+    tokio::task::spawn_blocking(move || snapshot_files::digest(&path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading {}: {e}", file.display()))
 }
 
 /// The record of a memory file just written.
 async fn memory_state(dir: &Path, mode: SaveMode, layout: &Layout) -> Result<MemoryState, String> {
     let file = dir.join(MEMORY_FILE);
     let file_bytes = std::fs::metadata(&file).map_err(|e| e.to_string())?.len();
-    let digest = tokio::task::spawn_blocking(move || snapshot_files::digest(&file))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("reading back the memory file: {e}"))?;
+    let digest = digest(&file).await?;
     Ok(MemoryState {
         file: MEMORY_FILE.into(),
         file_bytes,
@@ -804,12 +795,7 @@ async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
     if !snapshot_files::looks_like_qemu_state(file) {
         return Err(format!("{} is not a QEMU state file", file.display()));
     }
-    let path = file.to_path_buf();
-    let digest = tokio::task::spawn_blocking(move || snapshot_files::digest(&path))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    if digest != m.digest {
+    if digest(file).await? != m.digest {
         return Err(format!(
             "{} does not match its digest (its content changed)",
             file.display()

@@ -21,7 +21,7 @@ pub const GROUP: &str = "hypersdk.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// A Kubernetes quantity as the seeds write sizes ("8Gi", "512Mi", "50G"). The scheduler parses
-/// it again (see [`crate::quantity`]); the pattern lets the API server refuse "8XB" up front.
+/// it again (see [`hypersdk_proto::quantity`]); the pattern lets the API server refuse "8XB" up front.
 pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
 /// A DNS-1123 label: what the agent accepts as a VM, disk or network name.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::quantity;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -18,7 +19,6 @@ use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
 use crate::crd::{Status, VMTemplate, set_condition};
 use crate::error::{Error, Result};
 use crate::placement::{Placed, VmKey};
-use crate::quantity;
 use crate::scheduler::Request;
 
 pub const FINALIZER: &str = "hypersdk.io/vm-cleanup";
@@ -220,7 +220,7 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
 /// The VM's node, placing it first if needed; None while it cannot (or need not) be placed.
 async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Option<String>> {
     let vm = pass.vm;
-    let memory_bytes = quantity::parse_bytes("spec.memory", &vm.spec.memory).unwrap_or(0);
+    let memory_bytes = quantity::parse_bytes(&vm.spec.memory).unwrap_or(0);
     if let Some(node) = &pass.status.node_name {
         let placed = Placed {
             node: node.clone(),
