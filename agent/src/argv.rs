@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::accel::Accel;
-use crate::hotplug::VMEM_ID;
-use crate::spec::{DiskFormat, NetworkBackend, VmSpec};
+use crate::hotplug::{VMEM_ID, dimm_slots};
+use crate::spec::{DiskFormat, MemoryHotplug, NetworkBackend, VmSpec};
 
 /// Files of one VM's QEMU process, all inside the VM's data directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +30,8 @@ impl VmFiles {
     }
 }
 
-/// Memory hotplug slots reserved when maxMemory is above memory.
-const MEMORY_SLOTS: u32 = 8;
+/// Memory hotplug slots reserved when maxMemory is above memory (virtio-mem needs none itself).
+const MEMORY_SLOTS: u64 = 8;
 
 fn mib(bytes: u64) -> String {
     format!("{}M", bytes >> 20)
@@ -75,24 +75,23 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
     // supervisor sees GUEST_PANICKED and the restart policy decides.
     push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
     push(&["-smp", &format!("{},maxcpus={}", spec.cpus, spec.max_cpus)]);
-    let memory = if spec.max_memory > spec.memory {
-        format!(
-            "size={},slots={MEMORY_SLOTS},maxmem={}",
+    let range = spec.max_memory.saturating_sub(spec.memory);
+    let dimms = spec.memory_hotplug == MemoryHotplug::Dimm;
+    let memory = match range {
+        0 => format!("size={}", mib(spec.memory)),
+        _ => format!(
+            "size={},slots={},maxmem={}",
             mib(spec.memory),
+            if dimms { dimm_slots(range) } else { MEMORY_SLOTS },
             mib(spec.max_memory)
-        )
-    } else {
-        format!("size={}", mib(spec.memory))
+        ),
     };
     push(&["-m", &memory]);
-    if spec.max_memory > spec.memory {
+    if range > 0 && !dimms {
         // Hotplug memory: one virtio-mem device spanning maxMemory - memory, empty at boot.
         push(&[
             "-object",
-            &format!(
-                "memory-backend-ram,id={VMEM_ID}-mem,size={}",
-                mib(spec.max_memory - spec.memory)
-            ),
+            &format!("memory-backend-ram,id={VMEM_ID}-mem,size={}", mib(range)),
             "-device",
             &format!("virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,requested-size=0"),
         ]);
@@ -189,6 +188,7 @@ mod tests {
             }],
             labels: Default::default(),
             restart_policy: Default::default(),
+            memory_hotplug: MemoryHotplug::VirtioMem,
         }
     }
 
@@ -229,6 +229,16 @@ mod tests {
         let argv = build(&s, &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
         assert_eq!(value_of(&argv, "-m"), ["size=512M"]);
         assert!(value_of(&argv, "-object").is_empty());
+    }
+
+    #[test]
+    fn dimm_hotplug_has_slots_and_no_virtio_mem() {
+        let mut s = spec();
+        s.memory_hotplug = MemoryHotplug::Dimm;
+        let argv = build(&s, &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        assert_eq!(value_of(&argv, "-m"), ["size=512M,slots=12,maxmem=2048M"]);
+        assert!(value_of(&argv, "-object").is_empty());
+        assert!(!argv.iter().any(|a| a.contains("virtio-mem")));
     }
 
     #[test]

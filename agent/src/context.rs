@@ -32,6 +32,8 @@ pub struct Context {
     pub migration_ports: PortRange,
     /// Memory VMs may have in all on this node.
     pub allocatable_memory: u64,
+    /// Whether this node's QEMU has virtio-mem-pci (else memory hotplug uses pc-dimm).
+    pub virtio_mem: bool,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -10,8 +10,8 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::hotplug::{CpuSlot, position};
-use crate::spec::FieldError;
+use crate::hotplug::{CpuSlot, Memory, dimm_slots, position};
+use crate::spec::{FieldError, MemoryHotplug, VmSpec};
 
 /// The agent's defaults, chosen so that a busy guest converges with a short pause (QEMU's own
 /// are 128 MiB/s and 300 ms, with which a guest dirtying memory fast never finishes).
@@ -216,10 +216,9 @@ pub fn is_final(phase: pb::MigrationPhase) -> bool {
     )
 }
 
-/// The layout of a running QEMU: boot vCPUs, hot-added vCPU slots, boot memory and the
-/// virtio-mem size, from `query-hotpluggable-cpus`, `query-memory-size-summary` and the
-/// device's `requested-size`.
-pub fn layout(slots: &[CpuSlot], memory_summary: &Value, vmem_requested: u64) -> pb::MachineLayout {
+/// The layout of a running QEMU: boot vCPUs, hot-added vCPU slots, boot memory, the virtio-mem
+/// size and the DIMMs, from `query-hotpluggable-cpus` and [`crate::hotplug::memory`].
+pub fn layout(slots: &[CpuSlot], memory: &Memory) -> pb::MachineLayout {
     let hot = |s: &CpuSlot| {
         s.qom_path
             .as_deref()
@@ -228,7 +227,7 @@ pub fn layout(slots: &[CpuSlot], memory_summary: &Value, vmem_requested: u64) ->
     let plugged: Vec<_> = slots.iter().filter(|s| s.qom_path.is_some()).collect();
     pb::MachineLayout {
         boot_cpus: plugged.iter().filter(|s| !hot(s)).count() as u32,
-        boot_memory_bytes: memory_summary["base-memory"].as_u64().unwrap_or(0),
+        boot_memory_bytes: memory.base,
         hotplugged_cpus: plugged
             .iter()
             .filter(|s| hot(s))
@@ -241,32 +240,46 @@ pub fn layout(slots: &[CpuSlot], memory_summary: &Value, vmem_requested: u64) ->
                 }
             })
             .collect(),
-        virtio_mem_requested_bytes: vmem_requested,
+        virtio_mem_requested_bytes: memory.vmem_requested,
+        dimms: memory.dimms.clone(),
     }
 }
 
-/// Checks a layout received from a source agent against the spec it came with.
-pub fn check_layout(
-    l: &pb::MachineLayout,
-    max_cpus: u32,
-    max_memory: u64,
-) -> Result<(), FieldError> {
+/// Guest memory in all for a layout (boot, virtio-mem and DIMMs), `None` on overflow.
+pub fn layout_memory(l: &pb::MachineLayout) -> Option<u64> {
+    l.dimms
+        .iter()
+        .try_fold(l.boot_memory_bytes, |sum, d| sum.checked_add(d.size_bytes))?
+        .checked_add(l.virtio_mem_requested_bytes)
+}
+
+/// Checks a layout received from a source agent (or read from a snapshot) against the spec it
+/// comes with.
+pub fn check_layout(l: &pb::MachineLayout, spec: &VmSpec) -> Result<(), FieldError> {
+    let bad = |m: String| Err(FieldError::new("layout", m));
     let cpus = l.boot_cpus as usize + l.hotplugged_cpus.len();
-    if l.boot_cpus == 0 || cpus > max_cpus as usize {
-        return Err(FieldError::new(
-            "layout",
-            format!("{cpus} vCPUs do not fit maxCpus {max_cpus}"),
+    if l.boot_cpus == 0 || cpus > spec.max_cpus as usize {
+        return bad(format!("{cpus} vCPUs do not fit maxCpus {}", spec.max_cpus));
+    }
+    if l.boot_memory_bytes == 0 || !layout_memory(l).is_some_and(|m| m <= spec.max_memory) {
+        return bad("boot memory plus hotplug memory does not fit maxMemory".into());
+    }
+    let dimm = spec.memory_hotplug == MemoryHotplug::Dimm;
+    if dimm && l.virtio_mem_requested_bytes > 0 || !dimm && !l.dimms.is_empty() {
+        return bad(format!(
+            "its hotplug memory does not match the spec's {:?}",
+            spec.memory_hotplug
         ));
     }
-    let memory = l
-        .boot_memory_bytes
-        .checked_add(l.virtio_mem_requested_bytes)
-        .filter(|m| *m <= max_memory && l.boot_memory_bytes > 0);
-    if memory.is_none() {
-        return Err(FieldError::new(
-            "layout",
-            "boot memory plus virtio-mem size does not fit maxMemory",
-        ));
+    let slots = dimm_slots(spec.max_memory - l.boot_memory_bytes);
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &l.dimms {
+        if u64::from(d.slot) >= slots || !seen.insert(d.slot) || d.size_bytes == 0 {
+            return bad(format!("DIMM slot {} is invalid or repeated", d.slot));
+        }
+        if !d.size_bytes.is_multiple_of(crate::hotplug::DIMM_BLOCK) {
+            return bad(format!("DIMM {} is not made of whole memory blocks", d.slot));
+        }
     }
     Ok(())
 }
@@ -421,7 +434,12 @@ mod tests {
 
     #[test]
     fn layout_names_boot_and_hot_added_vcpus() {
-        let l = layout(&slots(), &json!({"base-memory": 536870912u64}), 64 << 20);
+        let memory = Memory {
+            base: 512 << 20,
+            vmem_requested: 64 << 20,
+            ..Memory::default()
+        };
+        let l = layout(&slots(), &memory);
         assert_eq!(l.boot_cpus, 1);
         assert_eq!(l.boot_memory_bytes, 512 << 20);
         assert_eq!(
@@ -432,12 +450,38 @@ mod tests {
                 thread: 0
             }]
         );
-        check_layout(&l, 3, 1 << 30).unwrap();
-        assert!(check_layout(&l, 1, 1 << 30).is_err());
-        assert!(check_layout(&l, 3, 512 << 20).is_err());
+        let spec = |max_cpus, max_memory, memory_hotplug| VmSpec {
+            max_cpus,
+            max_memory,
+            memory_hotplug,
+            ..crate::spec::tests::minimal("vm")
+        };
+        let vmem = MemoryHotplug::VirtioMem;
+        check_layout(&l, &spec(3, 1 << 30, vmem)).unwrap();
+        assert!(check_layout(&l, &spec(1, 1 << 30, vmem)).is_err());
+        assert!(check_layout(&l, &spec(3, 512 << 20, vmem)).is_err());
         let mut zero = l.clone();
         zero.boot_cpus = 0;
-        assert!(check_layout(&zero, 3, 1 << 30).is_err());
+        assert!(check_layout(&zero, &spec(3, 1 << 30, vmem)).is_err());
+        let e = check_layout(&l, &spec(3, 1 << 30, MemoryHotplug::Dimm)).unwrap_err();
+        assert!(e.message.contains("does not match"), "{e}");
+
+        let dimm = |slot, size_bytes| pb::Dimm { slot, size_bytes };
+        let mut dimms = l.clone();
+        dimms.virtio_mem_requested_bytes = 0;
+        dimms.dimms = vec![dimm(0, 128 << 20), dimm(1, 128 << 20)];
+        let with_dimms = spec(3, 1 << 30, MemoryHotplug::Dimm);
+        check_layout(&dimms, &with_dimms).unwrap();
+        assert_eq!(layout_memory(&dimms), Some(768 << 20));
+        for bad in [
+            vec![dimm(0, 128 << 20), dimm(0, 128 << 20)],
+            vec![dimm(4, 128 << 20)],
+            vec![dimm(0, 1 << 20)],
+            vec![dimm(0, u64::MAX), dimm(1, u64::MAX)],
+        ] {
+            dimms.dimms = bad;
+            assert!(check_layout(&dimms, &with_dimms).is_err(), "{dimms:?}");
+        }
     }
 
     #[test]

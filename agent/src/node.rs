@@ -59,6 +59,15 @@ pub fn qemu_version(qemu: &Path) -> std::io::Result<String> {
         .to_string())
 }
 
+/// Whether `qemu` has the device `driver`, from `-device help` (which exits 0 either way).
+pub fn has_device(qemu: &Path, driver: &str) -> bool {
+    let listed = format!("name \"{driver}\",");
+    std::process::Command::new(qemu)
+        .args(["-nodefaults", "-device", "help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(&listed)))
+}
+
 impl NodeFacts {
     pub fn to_proto(&self, meminfo: &str, allocated: (u32, u64, u32)) -> pb::Node {
         let (total, available) = parse_meminfo(meminfo);

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::context::now_ms;
 use crate::migration::{self, Deadline, Options, QemuStatus};
-use crate::qmp::{self, Qmp};
+use crate::qmp::Qmp;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Starting a QEMU on the target, plugging its vCPUs and opening the port.
@@ -388,27 +388,14 @@ pub fn initial(name: &str, source_node: &str) -> pb::MigrationProgress {
 }
 
 /// The machine layout of the live QEMU behind `qmp`.
-pub async fn read_layout(qmp: &Qmp, has_vmem: bool) -> Result<pb::MachineLayout, qmp::QmpError> {
+pub async fn read_layout(qmp: &Qmp) -> Result<pb::MachineLayout, String> {
     let slots = qmp
         .execute_value("query-hotpluggable-cpus", json!({}))
-        .await?;
-    let memory = qmp
-        .execute_value("query-memory-size-summary", json!({}))
-        .await?;
-    let vmem = if has_vmem {
-        qmp.execute_value(
-            "qom-get",
-            json!({"path": crate::hotplug::VMEM_ID, "property": "requested-size"}),
-        )
-        .await?
-        .as_u64()
-        .unwrap_or(0)
-    } else {
-        0
-    };
+        .await
+        .map_err(|e| e.to_string())?;
+    let memory = crate::hotplug::memory(qmp).await?;
     Ok(migration::layout(
         &crate::hotplug::parse_slots(&slots),
         &memory,
-        vmem,
     ))
 }

@@ -94,6 +94,7 @@ pub async fn run(
     })?;
     let qemu_version =
         node::qemu_version(&qemu).map_err(|e| StartupError::Qemu(qemu.clone(), e))?;
+    let virtio_mem = node::has_device(&qemu, "virtio-mem-pci");
     let kvm = kvm::probe(Path::new("/sys/module"));
     let selection = accel::select(config.accel, &kvm)?;
     let hostname = nix::unistd::gethostname()
@@ -104,6 +105,7 @@ pub async fn run(
         node = node_name,
         qemu = %qemu.display(),
         version = qemu_version,
+        memory_hotplug = if virtio_mem { "virtio-mem" } else { "pc-dimm (no virtio-mem-pci)" },
         accel = selection.accel.as_str(),
         reason = selection.reason,
         "agent starting"
@@ -153,6 +155,7 @@ pub async fn run(
         migration_address: config.migration_address,
         migration_ports: config.migration_ports.clone(),
         allocatable_memory: config.allocatable_memory.unwrap_or(memory_total),
+        virtio_mem,
     });
     let vms = Arc::new(
         Vms::load(ctx)

@@ -72,6 +72,9 @@ pub struct Layout {
     /// Hot-plugged vCPUs as (socket, core, thread).
     pub hotplugged_cpus: Vec<(u32, u32, u32)>,
     pub virtio_mem_requested_bytes: u64,
+    /// Plugged DIMMs as (slot, bytes).
+    #[serde(default)]
+    pub dimms: Vec<(u32, u64)>,
 }
 
 impl From<&pb::MachineLayout> for Layout {
@@ -85,6 +88,7 @@ impl From<&pb::MachineLayout> for Layout {
                 .map(|c| (c.socket, c.core, c.thread))
                 .collect(),
             virtio_mem_requested_bytes: l.virtio_mem_requested_bytes,
+            dimms: l.dimms.iter().map(|d| (d.slot, d.size_bytes)).collect(),
         }
     }
 }
@@ -104,6 +108,11 @@ impl From<&Layout> for pb::MachineLayout {
                 })
                 .collect(),
             virtio_mem_requested_bytes: l.virtio_mem_requested_bytes,
+            dimms: l
+                .dimms
+                .iter()
+                .map(|&(slot, size_bytes)| pb::Dimm { slot, size_bytes })
+                .collect(),
         }
     }
 }
@@ -317,6 +326,10 @@ mod tests {
                 thread: 0,
             }],
             virtio_mem_requested_bytes: 128 << 20,
+            dimms: vec![pb::Dimm {
+                slot: 2,
+                size_bytes: 128 << 20,
+            }],
         };
         assert_eq!(pb::MachineLayout::from(&Layout::from(&l)), l);
     }

@@ -55,6 +55,60 @@ pub struct VmSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// `Auto` only between the request and [`MemoryHotplug::resolve`]; specs saved before this
+    /// field existed ran virtio-mem.
+    #[serde(default)]
+    pub memory_hotplug: MemoryHotplug,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryHotplug {
+    Auto,
+    #[default]
+    VirtioMem,
+    Dimm,
+}
+
+impl MemoryHotplug {
+    /// The device this node's QEMU will use: `Auto` becomes virtio-mem where QEMU has it, else
+    /// pc-dimm. pc-dimm needs the hotplug range (maxMemory - memory) in whole 128 MiB blocks.
+    pub fn resolve(
+        self,
+        memory: u64,
+        max_memory: u64,
+        has_virtio_mem: bool,
+    ) -> Result<MemoryHotplug, FieldError> {
+        let chosen = match self {
+            MemoryHotplug::Auto if has_virtio_mem => MemoryHotplug::VirtioMem,
+            MemoryHotplug::Auto => MemoryHotplug::Dimm,
+            MemoryHotplug::VirtioMem if !has_virtio_mem => {
+                return Err(FieldError::new(
+                    "spec.memoryHotplug",
+                    "this node's QEMU has no virtio-mem-pci device (use DIMM or AUTO)",
+                ));
+            }
+            other => other,
+        };
+        if chosen == MemoryHotplug::Dimm {
+            check_dimm_range("spec.maxMemory", memory, max_memory)?;
+        }
+        Ok(chosen)
+    }
+}
+
+/// pc-dimm memory comes in Linux memory blocks: the hotplug range must be made of them.
+pub fn check_dimm_range(field: &str, memory: u64, max_memory: u64) -> Result<(), FieldError> {
+    let block = crate::hotplug::DIMM_BLOCK;
+    if !(max_memory - memory.min(max_memory)).is_multiple_of(block) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "with pc-dimm hotplug, maxMemory must exceed memory by a multiple of {}",
+                format_bytes(block)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,8 +400,20 @@ impl TryFrom<pb::VmSpec> for VmSpec {
                 ));
             }
         };
+        let memory_hotplug = match pb::MemoryHotplug::try_from(s.memory_hotplug) {
+            Ok(pb::MemoryHotplug::Auto) => MemoryHotplug::Auto,
+            Ok(pb::MemoryHotplug::VirtioMem) => MemoryHotplug::VirtioMem,
+            Ok(pb::MemoryHotplug::Dimm) => MemoryHotplug::Dimm,
+            Err(_) => {
+                return Err(FieldError::new(
+                    "spec.memoryHotplug",
+                    format!("unknown value {}", s.memory_hotplug),
+                ));
+            }
+        };
         Ok(VmSpec {
             restart_policy,
+            memory_hotplug,
             name: s.name,
             cpus: s.cpus,
             max_cpus,
@@ -417,6 +483,11 @@ impl From<&VmSpec> for pb::VmSpec {
                 RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
                 RestartPolicy::Never => pb::RestartPolicy::Never,
             } as i32,
+            memory_hotplug: match s.memory_hotplug {
+                MemoryHotplug::Auto => pb::MemoryHotplug::Auto,
+                MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
+                MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
+            } as i32,
         }
     }
 }
@@ -442,6 +513,7 @@ pub(crate) mod tests {
             networks: vec![],
             labels: Default::default(),
             restart_policy: Default::default(),
+            memory_hotplug: Default::default(),
         }
     }
 
@@ -468,6 +540,7 @@ pub(crate) mod tests {
             }],
             labels: Default::default(),
             restart_policy: pb::RestartPolicy::Always as i32,
+            memory_hotplug: pb::MemoryHotplug::Auto as i32,
         }
     }
 
@@ -485,6 +558,23 @@ pub(crate) mod tests {
         assert_eq!(spec.max_cpus, 4);
         let again = VmSpec::try_from(pb::VmSpec::from(&spec)).unwrap();
         assert_eq!(spec, again);
+    }
+
+    #[test]
+    fn memory_hotplug_resolves_to_what_qemu_has() {
+        use MemoryHotplug::*;
+        let (mib, gib) = (1 << 20, 1 << 30);
+        assert_eq!(Auto.resolve(512 * mib, gib, true), Ok(VirtioMem));
+        assert_eq!(Auto.resolve(512 * mib, gib, false), Ok(Dimm));
+        assert_eq!(Dimm.resolve(512 * mib, gib, true), Ok(Dimm));
+        assert_eq!(
+            VirtioMem.resolve(512 * mib, gib, false).unwrap_err().field,
+            "spec.memoryHotplug"
+        );
+        let e = Dimm.resolve(512 * mib, 514 * mib, true).unwrap_err();
+        assert_eq!(e.field, "spec.maxMemory");
+        assert!(e.message.contains("multiple of 128Mi"), "{e}");
+        assert_eq!(Auto.resolve(512 * mib, 512 * mib, false), Ok(Dimm));
     }
 
     #[test]
@@ -547,6 +637,7 @@ pub(crate) mod tests {
         );
         assert_eq!(field_of(|s| s.disks[0].format = 7), "spec.disks[0].format");
         assert_eq!(field_of(|s| s.restart_policy = 9), "spec.restartPolicy");
+        assert_eq!(field_of(|s| s.memory_hotplug = 9), "spec.memoryHotplug");
         assert_eq!(
             field_of(|s| s.disks.push(s.disks[0].clone())),
             "spec.disks[1].name"

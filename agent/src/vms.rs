@@ -130,6 +130,9 @@ impl Vms {
     /// allocatable memory, and creates the VM (not started).
     async fn register(&self, spec: pb::VmSpec, reason: &str) -> Result<VmHandle, AgentError> {
         let mut spec = VmSpec::try_from(spec)?;
+        spec.memory_hotplug =
+            spec.memory_hotplug
+                .resolve(spec.memory, spec.max_memory, self.ctx.virtio_mem)?;
         let resolved = resolve_spec(&spec, &self.ctx.policy)?;
         // Keep the paths as the user wrote them, with the format read from each image.
         for (disk, seen) in spec.disks.iter_mut().zip(&resolved.disks) {

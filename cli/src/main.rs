@@ -139,6 +139,10 @@ struct CreateArgs {
     /// What the agent does when QEMU ends on its own.
     #[arg(long, value_enum, default_value = "never")]
     restart_policy: manifest::RestartPolicy,
+    /// How memory up to --max-memory is plugged: virtio-mem where QEMU has it (auto), or
+    /// ACPI pc-dimm for guests without a virtio-mem driver (dimm).
+    #[arg(long, value_enum, default_value = "auto")]
+    memory_hotplug: manifest::MemoryHotplug,
 }
 
 #[derive(Args)]
@@ -184,6 +188,7 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
         },
         labels: Default::default(),
         restart_policy: a.restart_policy.to_proto() as i32,
+        memory_hotplug: a.memory_hotplug.to_proto() as i32,
     }
 }
 

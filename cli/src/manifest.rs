@@ -55,6 +55,25 @@ impl RestartPolicy {
     }
 }
 
+/// `spec.memoryHotplug`, as in the VirtualMachine CRD.
+#[derive(Debug, Clone, Copy, Default, Deserialize, clap::ValueEnum)]
+pub enum MemoryHotplug {
+    #[default]
+    Auto,
+    VirtioMem,
+    Dimm,
+}
+
+impl MemoryHotplug {
+    pub fn to_proto(self) -> pb::MemoryHotplug {
+        match self {
+            MemoryHotplug::Auto => pb::MemoryHotplug::Auto,
+            MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
+            MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct HighAvailability {
@@ -73,6 +92,8 @@ struct Spec {
     max_cpus: u32,
     #[serde(default)]
     max_memory: String,
+    #[serde(default)]
+    memory_hotplug: MemoryHotplug,
     #[serde(default)]
     running: bool,
     #[serde(default)]
@@ -177,6 +198,7 @@ pub fn parse(yaml: &str) -> Result<(pb::VmSpec, bool), ManifestError> {
             .collect(),
         labels: m.metadata.labels.into_iter().collect(),
         restart_policy: m.spec.high_availability.restart_policy.to_proto() as i32,
+        memory_hotplug: m.spec.memory_hotplug.to_proto() as i32,
     };
     Ok((spec, m.spec.running))
 }

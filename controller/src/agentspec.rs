@@ -5,7 +5,7 @@ use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::quantity;
 
 use crate::crd::template::VMTemplateSpec;
-use crate::crd::vm::{RestartPolicy, VirtualMachineSpec};
+use crate::crd::vm::{MemoryHotplug, RestartPolicy, VirtualMachineSpec};
 
 /// Labels that tie an agent VM back to its VirtualMachine.
 pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
@@ -163,6 +163,11 @@ pub fn build(
             ]
             .into(),
             restart_policy: restart_policy as i32,
+            memory_hotplug: match vm.memory_hotplug.unwrap_or_default() {
+                MemoryHotplug::Auto => pb::MemoryHotplug::Auto,
+                MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
+                MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
+            } as i32,
         },
         unprovisioned_disks: unprovisioned,
     })

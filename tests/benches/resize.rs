@@ -1,5 +1,5 @@
 //! Resize benchmark: time from asking for a new size to the guest reporting it (through its
-//! guest agent), for vCPUs and memory, through the agent and by raw QMP on a raw QEMU with the
+//! guest agent), for vCPUs and memory (virtio-mem and pc-dimm), through the agent and by raw QMP on a raw QEMU with the
 //! same command line, in the same run. Prints medians and ratios.
 //!
 //! Run with `scripts/bench.sh resize`. `BENCH_N` sets the rounds (default 5).
@@ -12,7 +12,7 @@ use hypersdk_agent::argv::{self, VmFiles};
 use hypersdk_agent::hotplug;
 use hypersdk_agent::qga::Qga;
 use hypersdk_agent::qmp::Qmp;
-use hypersdk_agent::spec::{DiskFormat, VmSpec};
+use hypersdk_agent::spec::{DiskFormat, MemoryHotplug, VmSpec};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::*;
 
@@ -84,63 +84,75 @@ async fn main() {
     let (accel, node) = agent_accel(&mut c).await;
     println!("resize benchmark: N={n}, accelerator {}", node.accelerator);
 
-    let mut spec = agent.guest_spec("flex");
-    // Under TCG a QEMU process can start only maxCpus vCPUs in its life: one per round, plus one.
-    spec.max_cpus = n as u32 + 1;
-    spec.memory = "512Mi".into();
-    spec.max_memory = "1Gi".into();
-    create(&mut c, spec.clone(), true).await;
-    wait_vm(
-        &mut c,
-        "flex",
-        Duration::from_secs(120),
-        "guest view",
-        |s| s.guest_cpus == 1,
-    )
-    .await;
-    let mut raw_spec = VmSpec::try_from(agent.guest_spec("flex-raw")).unwrap();
-    raw_spec.max_cpus = n as u32 + 1;
-    raw_spec.memory = 512 * MIB;
-    raw_spec.max_memory = 1024 * MIB;
-    raw_spec.disks[0].format = Some(DiskFormat::Qcow2);
-    let mut raw = Raw::start(&raw_spec, &agent.dir.path().join("raw"), accel).await;
-    raw.until_guest_has(1, 512).await;
+    // Two VMs on each side: virtio-mem memory (with the vCPU steps), and pc-dimm memory.
+    let modes = [
+        ("flex", MemoryHotplug::VirtioMem),
+        ("flex-dimm", MemoryHotplug::Dimm),
+    ];
+    let mut raws = vec![];
+    for (name, mode) in modes {
+        let mut spec = agent.guest_spec(name);
+        // Under TCG a QEMU process can start only maxCpus vCPUs in its life: one per round, plus one.
+        spec.max_cpus = n as u32 + 1;
+        spec.memory = "512Mi".into();
+        spec.max_memory = "1Gi".into();
+        let mut raw_spec = VmSpec::try_from(spec.clone()).unwrap();
+        raw_spec.memory_hotplug = mode;
+        raw_spec.disks[0].format = Some(DiskFormat::Qcow2);
+        spec.memory_hotplug = pb::VmSpec::from(&raw_spec).memory_hotplug;
+        create(&mut c, spec, true).await;
+        wait_vm(&mut c, name, Duration::from_secs(120), "guest view", |s| {
+            s.guest_cpus == 1
+        })
+        .await;
+        raw_spec.name = format!("{name}-raw");
+        let mut raw = Raw::start(&raw_spec, &agent.dir.path().join(&raw_spec.name), accel).await;
+        raw.until_guest_has(1, 512).await;
+        raws.push(raw);
+    }
 
-    // (label, cpus, memory MiB) in order; each round goes up and back down.
-    let steps: [(&str, u32, u64); 4] = [
-        ("vCPU 1 → 2", 2, 512),
-        ("vCPU 2 → 1", 1, 512),
-        ("memory 512Mi → 1Gi", 1, 1024),
-        ("memory 1Gi → 512Mi", 1, 512),
+    // (label, VM, cpus, memory MiB) in order; each round goes up and back down.
+    let steps: [(&str, usize, u32, u64); 6] = [
+        ("vCPU 1 → 2", 0, 2, 512),
+        ("vCPU 2 → 1", 0, 1, 512),
+        ("virtio-mem 512Mi → 1Gi", 0, 1, 1024),
+        ("virtio-mem 1Gi → 512Mi", 0, 1, 512),
+        ("pc-dimm 512Mi → 1Gi", 1, 1, 1024),
+        ("pc-dimm 1Gi → 512Mi", 1, 1, 512),
     ];
     let mut ours = vec![vec![]; steps.len()];
     let mut theirs = vec![vec![]; steps.len()];
     for _ in 0..n {
-        for (i, (_, cpus, mib)) in steps.iter().enumerate() {
+        for (i, &(_, vm, cpus, mib)) in steps.iter().enumerate() {
             let t = Instant::now();
             let req = pb::ResizeVmRequest {
-                name: "flex".into(),
-                cpus: Some(*cpus),
+                name: modes[vm].0.into(),
+                cpus: Some(cpus),
                 memory: Some(format!("{mib}Mi")),
             };
             c.resize_vm(req).await.unwrap();
             ours[i].push(t.elapsed());
 
+            let raw = &mut raws[vm];
             let t = Instant::now();
-            hotplug::set_cpus(&raw.qmp, *cpus, &mut None).await.unwrap();
-            hotplug::set_memory(&raw.qmp, mib * MIB).await.unwrap();
-            raw.until_guest_has(*cpus, *mib).await;
+            hotplug::set_cpus(&raw.qmp, cpus, &mut None).await.unwrap();
+            hotplug::set_memory(&raw.qmp, modes[vm].1, 1024 * MIB, mib * MIB)
+                .await
+                .unwrap();
+            raw.until_guest_has(cpus, mib).await;
             theirs[i].push(t.elapsed());
         }
     }
     println!(
-        "\n{:<22} {:>12} {:>12} {:>8}",
+        "\n{:<24} {:>12} {:>12} {:>8}",
         "median (ms)", "raw QMP", "agent", "ratio"
     );
-    for (i, (label, _, _)) in steps.iter().enumerate() {
+    for (i, (label, ..)) in steps.iter().enumerate() {
         let (r, a) = (median(theirs[i].clone()), median(ours[i].clone()));
-        println!("{label:<22} {r:>12.1} {a:>12.1} {:>8.2}", a / r);
+        println!("{label:<24} {r:>12.1} {a:>12.1} {:>8.2}", a / r);
     }
-    let _ = raw.qmp.execute(qapi::qmp::quit {}).await;
-    let _ = raw.child.wait().await;
+    for mut raw in raws {
+        let _ = raw.qmp.execute(qapi::qmp::quit {}).await;
+        let _ = raw.child.wait().await;
+    }
 }

@@ -251,6 +251,7 @@ impl Agent {
             }],
             labels: Default::default(),
             restart_policy: pb::RestartPolicy::Never as i32,
+            memory_hotplug: pb::MemoryHotplug::Auto as i32,
         }
     }
 

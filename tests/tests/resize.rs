@@ -169,3 +169,61 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
     .await;
     assert_eq!(sizes(&seen), (3, 768, 3, 768));
 }
+
+/// For guests without a virtio-mem driver: pc-dimm memory grows and shrinks by whole DIMMs,
+/// the guest onlines and releases them, and a live migration recreates them on the target,
+/// where they can be unplugged again.
+#[tokio::test(flavor = "multi_thread")]
+async fn dimm_memory_grows_shrinks_and_moves() {
+    let src = Agent::start("dimm-a").await;
+    let dst = Agent::peer_of(&src, "dimm-b", &[]).await;
+    let (mut a, mut b) = (src.client().await, dst.client().await);
+    let mut spec = src.guest_spec("elastic");
+    spec.memory = "512Mi".into();
+    spec.max_memory = "1Gi".into();
+    spec.memory_hotplug = pb::MemoryHotplug::Dimm as i32;
+    let vm = create(&mut a, spec, true).await;
+    let pid = vm.status.as_ref().unwrap().pid;
+    let argv = String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    assert!(argv.contains("slots=4,maxmem=1024M"), "{argv}");
+    assert!(!argv.contains("virtio-mem"), "{argv}");
+    wait_vm(&mut a, "elastic", Duration::from_secs(60), "guest agent", |s| {
+        s.guest_memory_bytes > 0
+    })
+    .await;
+    let counter = last_counter(&serial(&vm)).unwrap_or(0);
+
+    for (memory, guest_mib) in [("1Gi", 1024), ("768Mi", 768)] {
+        let t = Instant::now();
+        let vm = resize(&mut a, None, Some(memory))
+            .await
+            .unwrap_or_else(|e| panic!("{memory}: {e}"));
+        println!("dimm resize to {memory}: {:?}, {:?}", t.elapsed(), sizes(&vm));
+        assert_eq!(sizes(&vm), (1, guest_mib, 1, guest_mib));
+    }
+    let e = resize(&mut a, None, Some("700Mi")).await.unwrap_err();
+    assert!(e.message().contains("whole DIMMs of 128Mi"), "{}", e.message());
+    assert_eq!(sizes(&get(&mut a, "elastic").await), (1, 768, 1, 768));
+
+    let progress = migrate(&mut a, "elastic", &dst.address, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(final_phase(&progress).0, pb::MigrationPhase::Completed);
+    let moved = wait_vm(&mut b, "elastic", Duration::from_secs(30), "guest agent", |s| {
+        s.guest_memory_bytes > 0
+    })
+    .await;
+    assert_eq!(sizes(&moved), (1, 768, 1, 768));
+    // The DIMMs plugged on the source exist on the target under the same ids.
+    for (memory, guest_mib) in [("512Mi", 512), ("1Gi", 1024)] {
+        let vm = resize(&mut b, None, Some(memory))
+            .await
+            .unwrap_or_else(|e| panic!("on the target, {memory}: {e}"));
+        assert_eq!(sizes(&vm), (1, guest_mib, 1, guest_mib));
+    }
+    wait_counter_above(&moved, counter + 2, Duration::from_secs(10)).await;
+    // The target's console has the counter, but no boot.
+    assert_eq!(count_markers(&serial(&moved), READY_MARKER), 0, "no reboot");
+}

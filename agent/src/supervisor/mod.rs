@@ -26,8 +26,7 @@ use crate::process;
 use crate::qmp::{self, Qmp};
 use crate::quantity::format_bytes;
 use crate::snapshot_files::DiskLayers;
-use crate::spec::VmSpec;
-use crate::spec::{FieldError, MIN_MEMORY};
+use crate::spec::{FieldError, MIN_MEMORY, MemoryHotplug, VmSpec};
 use crate::state::{self, Action, Exit, Phase};
 use crate::store::SavedState;
 
@@ -682,6 +681,9 @@ impl Supervisor {
             Phase::Running => {}
             Phase::Pending | Phase::Stopped | Phase::Failed => {
                 // Takes effect at the next start.
+                if self.spec.memory_hotplug == MemoryHotplug::Dimm {
+                    crate::spec::check_dimm_range("memory", want_memory, self.spec.max_memory)?;
+                }
                 self.spec.cpus = want_cpus;
                 self.spec.memory = want_memory;
                 self.save_spec()?;
@@ -709,7 +711,8 @@ impl Supervisor {
             }
         }
         if result.is_ok() && want_memory != self.spec.memory {
-            result = hotplug::set_memory(&qmp, want_memory).await;
+            let (mode, max) = (self.spec.memory_hotplug, self.spec.max_memory);
+            result = hotplug::set_memory(&qmp, mode, max, want_memory).await;
             if result.is_ok() {
                 self.spec.memory = want_memory;
             }
@@ -921,8 +924,7 @@ impl Supervisor {
             .as_ref()
             .map(|r| r.qmp.clone())
             .expect("Running has a process");
-        let vmem = has_vmem(&self.spec, &qmp).await;
-        let layout = outgoing::read_layout(&qmp, vmem)
+        let layout = outgoing::read_layout(&qmp)
             .await
             .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
         let (progress, progress_rx) =
@@ -1006,7 +1008,7 @@ impl Supervisor {
         if self.status.phase != Phase::Pending {
             return Err(self.conflict("already exists on this node".into()));
         }
-        migration::check_layout(layout, self.spec.max_cpus, self.spec.max_memory)?;
+        migration::check_layout(layout, &self.spec)?;
         let mut launch = self.spec.clone();
         launch.cpus = layout.boot_cpus;
         launch.memory = layout.boot_memory_bytes;
@@ -1072,6 +1074,9 @@ impl Supervisor {
                 }
                 run.cpu_adds_left = left;
             }
+        }
+        for dimm in &layout.dimms {
+            hotplug::plug_dimm(&qmp, dimm).await?;
         }
         if layout.virtio_mem_requested_bytes > 0 {
             qmp.execute_value(
@@ -1456,19 +1461,6 @@ async fn await_migration(qmp: &Qmp, limit: Duration) -> Result<(), String> {
             _ => tokio::time::sleep(Duration::from_millis(2)).await,
         }
     }
-}
-
-/// Whether the VM's QEMU has a virtio-mem device (from its spec, or asked of QEMU for a
-/// process started before a resize changed the spec).
-async fn has_vmem(spec: &VmSpec, qmp: &Qmp) -> bool {
-    spec.max_memory > spec.memory
-        || qmp
-            .execute_value(
-                "qom-get",
-                json!({"path": hotplug::VMEM_ID, "property": "size"}),
-            )
-            .await
-            .is_ok()
 }
 
 enum MigrationEvent {

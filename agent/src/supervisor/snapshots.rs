@@ -9,7 +9,7 @@ use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Supervisor, await_migration, has_vmem};
+use super::{Supervisor, await_migration};
 use crate::context::now_ms;
 use crate::error::AgentError;
 use crate::outgoing;
@@ -106,8 +106,7 @@ impl Supervisor {
         started: Instant,
     ) -> Result<SnapshotMeta, String> {
         let qmp = self.live_qmp()?;
-        let vmem = has_vmem(&self.spec, &qmp).await;
-        let layout = outgoing::read_layout(&qmp, vmem)
+        let layout = outgoing::read_layout(&qmp)
             .await
             .map(|l| Layout::from(&l))
             .map_err(|e| format!("reading the machine layout: {e}"))?;
@@ -476,6 +475,7 @@ impl Supervisor {
         spec.memory = meta.spec.memory;
         let mut launch = spec.clone();
         if meta.memory.is_some() {
+            crate::migration::check_layout(&(&meta.layout).into(), &spec)?;
             launch.cpus = meta.layout.boot_cpus;
             launch.memory = meta.layout.boot_memory_bytes;
         }
@@ -776,7 +776,7 @@ async fn memory_state(dir: &Path, mode: SaveMode, layout: &Layout) -> Result<Mem
         digest,
         mapped_ram: mode.mapped_ram,
         multifd_channels: mode.multifd_channels,
-        guest_bytes: layout.boot_memory_bytes + layout.virtio_mem_requested_bytes,
+        guest_bytes: crate::migration::layout_memory(&layout.into()).unwrap_or(0),
     })
 }
 

@@ -49,6 +49,11 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(QUANTITY_PATTERN))]
     pub max_memory: Option<String>,
+    /// How memory is added up to `maxMemory`: `VirtioMem` (2 MiB steps, needs the guest's
+    /// virtio-mem driver), `Dimm` (ACPI pc-dimm, steps of whole DIMMs of at least 128 MiB) or
+    /// `Auto` (virtio-mem where the node's QEMU has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_hotplug: Option<MemoryHotplug>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<VmImage>,
     /// Kernel boot; overrides the template's.
@@ -161,6 +166,14 @@ pub struct HighAvailability {
     pub restart_policy: RestartPolicy,
     #[serde(default)]
     pub eviction_strategy: EvictionStrategy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum MemoryHotplug {
+    #[default]
+    Auto,
+    VirtioMem,
+    Dimm,
 }
 
 /// What the agent does when the VM's QEMU ends without being asked to.
