@@ -82,7 +82,11 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
         _ => format!(
             "size={},slots={},maxmem={}",
             mib(spec.memory),
-            if dimms { dimm_slots(range) } else { MEMORY_SLOTS },
+            if dimms {
+                dimm_slots(range)
+            } else {
+                MEMORY_SLOTS
+            },
             mib(spec.max_memory)
         ),
     };

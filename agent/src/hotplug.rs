@@ -408,7 +408,9 @@ pub async fn plug_dimm(qmp: &Qmp, d: &pb::Dimm) -> Result<(), String> {
         )
         .await;
     if let Err(e) = added {
-        let _ = qmp.execute_value("object-del", json!({"id": backend})).await;
+        let _ = qmp
+            .execute_value("object-del", json!({"id": backend}))
+            .await;
         return Err(e.to_string());
     }
     Ok(())
@@ -561,7 +563,10 @@ mod tests {
     #[test]
     fn dimm_sizes_keep_slots_few() {
         let mib = 1 << 20;
-        assert_eq!((dimm_size(512 * mib), dimm_slots(512 * mib)), (128 * mib, 4));
+        assert_eq!(
+            (dimm_size(512 * mib), dimm_slots(512 * mib)),
+            (128 * mib, 4)
+        );
         assert_eq!((dimm_size(4 << 30), dimm_slots(4 << 30)), (128 * mib, 32));
         assert_eq!((dimm_size(5 << 30), dimm_slots(5 << 30)), (256 * mib, 20));
         // 384 MiB in 256 MiB DIMMs would be rare (ranges above 4 GiB), but the last one is smaller.

@@ -278,7 +278,10 @@ pub fn check_layout(l: &pb::MachineLayout, spec: &VmSpec) -> Result<(), FieldErr
             return bad(format!("DIMM slot {} is invalid or repeated", d.slot));
         }
         if !d.size_bytes.is_multiple_of(crate::hotplug::DIMM_BLOCK) {
-            return bad(format!("DIMM {} is not made of whole memory blocks", d.slot));
+            return bad(format!(
+                "DIMM {} is not made of whole memory blocks",
+                d.slot
+            ));
         }
     }
     Ok(())

@@ -65,7 +65,11 @@ pub fn has_device(qemu: &Path, driver: &str) -> bool {
     std::process::Command::new(qemu)
         .args(["-nodefaults", "-device", "help"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(&listed)))
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with(&listed))
+        })
 }
 
 impl NodeFacts {

@@ -4,6 +4,7 @@
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::quantity;
 
+use crate::crd::operation::MigrateSpec;
 use crate::crd::template::VMTemplateSpec;
 use crate::crd::vm::{MemoryHotplug, RestartPolicy, VirtualMachineSpec};
 
@@ -183,6 +184,66 @@ fn whole_mib(field: &str, bytes: u64) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// A VMOperation's `migrateSpec` as the agent's migration options: a bandwidth such as
+/// "100Mbps" (bits) or "50MBps" (bytes, decimal prefixes) and a downtime such as "50ms" or "1s".
+/// Whatever is unset keeps the agent's defaults.
+pub fn migration_options(m: &MigrateSpec) -> Result<pb::MigrationOptions, SpecError> {
+    let bandwidth = m
+        .bandwidth
+        .as_deref()
+        .map(|b| {
+            parse_bandwidth(b).ok_or_else(|| {
+                err(
+                    "migrateSpec.bandwidth",
+                    format!("{b:?} is not a rate such as 100Mbps or 1Gbps"),
+                )
+            })
+        })
+        .transpose()?;
+    let downtime = m
+        .max_downtime
+        .as_deref()
+        .map(|d| {
+            let ms = match d.strip_suffix("ms") {
+                Some(ms) => ms.parse::<u32>().ok(),
+                None => d
+                    .strip_suffix('s')
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .and_then(|s| s.checked_mul(1000)),
+            };
+            ms.filter(|ms| *ms > 0).ok_or_else(|| {
+                err(
+                    "migrateSpec.maxDowntime",
+                    format!("{d:?} is not a positive duration such as 50ms or 1s"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(pb::MigrationOptions {
+        bandwidth_bytes_per_second: bandwidth,
+        max_downtime_ms: downtime,
+        auto_converge: m.auto_converge.then_some(true),
+        ..Default::default()
+    })
+}
+
+/// "100Mbps" → 12.5e6 bytes/s; "50MBps" → 50e6 bytes/s. `None` for anything else or zero.
+fn parse_bandwidth(s: &str) -> Option<u64> {
+    let (number, bits) = match (s.strip_suffix("bps"), s.strip_suffix("Bps")) {
+        (Some(n), _) => (n, true),
+        (_, Some(n)) => (n, false),
+        _ => return None,
+    };
+    let (number, scale) = match number.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&number[..i], 1e3),
+        Some((i, 'M')) => (&number[..i], 1e6),
+        Some((i, 'G')) => (&number[..i], 1e9),
+        _ => (number, 1.0),
+    };
+    let value = number.parse::<f64>().ok()? * scale / if bits { 8.0 } else { 1.0 };
+    (value.is_finite() && value >= 1.0 && value < u64::MAX as f64).then_some(value as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +310,39 @@ mod tests {
             long.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         );
+    }
+
+    #[test]
+    fn migrate_spec_becomes_agent_options() {
+        let spec = |bandwidth: &str, downtime: &str| MigrateSpec {
+            target_node: None,
+            live: true,
+            bandwidth: Some(bandwidth.into()),
+            auto_converge: true,
+            max_downtime: Some(downtime.into()),
+        };
+        let o = migration_options(&spec("100Mbps", "50ms")).unwrap();
+        assert_eq!(o.bandwidth_bytes_per_second, Some(12_500_000));
+        assert_eq!((o.max_downtime_ms, o.auto_converge), (Some(50), Some(true)));
+        let o = migration_options(&spec("1.5GBps", "2s")).unwrap();
+        assert_eq!(
+            (o.bandwidth_bytes_per_second, o.max_downtime_ms),
+            (Some(1_500_000_000), Some(2000))
+        );
+        assert_eq!(
+            migration_options(&spec("0Mbps", "1s")).unwrap_err().field,
+            "migrateSpec.bandwidth"
+        );
+        assert_eq!(
+            migration_options(&spec("1Gbps", "0ms")).unwrap_err().field,
+            "migrateSpec.maxDowntime"
+        );
+        let unset = MigrateSpec {
+            bandwidth: None,
+            max_downtime: None,
+            auto_converge: false,
+            ..spec("1Gbps", "1s")
+        };
+        assert_eq!(migration_options(&unset).unwrap(), Default::default());
     }
 }

@@ -33,6 +33,13 @@ impl Placements {
         self.lock().insert(key, placed);
     }
 
+    /// The VM now runs on `node` (a migration), with the same size.
+    pub fn moved(&self, key: &VmKey, node: &str) {
+        if let Some(p) = self.lock().get_mut(key) {
+            p.node = node.to_string();
+        }
+    }
+
     pub fn release(&self, key: &VmKey) {
         self.lock().remove(key);
     }

@@ -91,12 +91,17 @@ async fn main() {
     ];
     let mut raws = vec![];
     for (name, mode) in modes {
-        let mut spec = agent.guest_spec(name);
-        // Under TCG a QEMU process can start only maxCpus vCPUs in its life: one per round, plus one.
-        spec.max_cpus = n as u32 + 1;
-        spec.memory = "512Mi".into();
-        spec.max_memory = "1Gi".into();
-        let mut raw_spec = VmSpec::try_from(spec.clone()).unwrap();
+        let sized = |name: &str| {
+            let mut spec = agent.guest_spec(name);
+            // Under TCG a QEMU process can start only maxCpus vCPUs in its life: one per round,
+            // plus one.
+            spec.max_cpus = n as u32 + 1;
+            spec.memory = "512Mi".into();
+            spec.max_memory = "1Gi".into();
+            spec
+        };
+        let mut spec = sized(name);
+        let mut raw_spec = VmSpec::try_from(sized(&format!("{name}-raw"))).unwrap();
         raw_spec.memory_hotplug = mode;
         raw_spec.disks[0].format = Some(DiskFormat::Qcow2);
         spec.memory_hotplug = pb::VmSpec::from(&raw_spec).memory_hotplug;
@@ -105,7 +110,6 @@ async fn main() {
             s.guest_cpus == 1
         })
         .await;
-        raw_spec.name = format!("{name}-raw");
         let mut raw = Raw::start(&raw_spec, &agent.dir.path().join(&raw_spec.name), accel).await;
         raw.until_guest_has(1, 512).await;
         raws.push(raw);

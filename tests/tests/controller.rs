@@ -21,12 +21,12 @@ use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::{self, Address};
 use hypersdk_tests::{
-    GUEST_CMDLINE, READY_MARKER, bin, count_markers, guest, qemu_pids_under, repo_root, serial,
-    wait_boots,
+    GUEST_CMDLINE, READY_MARKER, bin, count_markers, guest, last_counter, qemu_pids_under,
+    repo_root, serial, wait_boots, wait_counter_above,
 };
-use kube::Api;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
 /// An agent process whose --image-dir is shared with the other agents of the test, so that one
@@ -209,7 +209,7 @@ async fn wait_for<K>(
     name: &str,
     limit: Duration,
     what: &str,
-    pred: impl Fn(&K) -> bool,
+    mut pred: impl FnMut(&K) -> bool,
 ) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -441,6 +441,48 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(on_node().await.is_empty(), "deleted on the agent too");
+
+    // The seed's VMOperation migrate (live, 100Mbps cap, auto-converge), aimed at the other
+    // node: the guest moves without a reboot and the VM's nodeName follows it.
+    let other = nodes.iter().find(|n| n.name != node_name).unwrap();
+    let counter = last_counter(&serial(&on_agent)).unwrap_or(0);
+    let mut migrate = example("vmoperation-migrate-my-vm.yaml");
+    migrate["metadata"]["name"] = json!("migrate-my-vm-live");
+    migrate["spec"]["migrateSpec"]["targetNode"] = json!(other.name);
+    ctl.create::<VMOperation>(migrate).await.unwrap();
+    let mut saw_progress = false;
+    let op = wait_for(&ctl.ops(), "migrate-my-vm-live", BOOT, "done", |o| {
+        let s = o.status.as_ref();
+        saw_progress |= s
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| p.stage.as_deref().unwrap_or("").contains("sent"));
+        s.and_then(|s| s.phase)
+            .is_some_and(OperationPhase::is_final)
+    })
+    .await;
+    let status = op.status.unwrap();
+    println!("migrate: {:?}", status.message);
+    assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
+    assert!(saw_progress, "live progress was written");
+    let vm = wait_for(&ctl.vms(), "my-vm", Duration::from_secs(30), "moved", |v| {
+        v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(other.name.as_str())
+            && phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+    assert!(!vm.annotations().contains_key("hypersdk.io/migrating-to"));
+    assert_eq!(
+        agent_vm(node, "my-vm").await.unwrap_err().code(),
+        tonic::Code::NotFound,
+        "gone from the old node, not recreated there"
+    );
+    let node = other;
+    let on_agent = agent_vm(node, "my-vm").await.unwrap();
+    wait_counter_above(&on_agent, counter + 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        count_markers(&serial(&on_agent), READY_MARKER),
+        0,
+        "the guest did not boot on the new node"
+    );
 
     // running: false stops it on its agent.
     let stop = Patch::Merge(json!({"spec": {"running": false}}));

@@ -189,9 +189,13 @@ async fn dimm_memory_grows_shrinks_and_moves() {
         .replace('\0', " ");
     assert!(argv.contains("slots=4,maxmem=1024M"), "{argv}");
     assert!(!argv.contains("virtio-mem"), "{argv}");
-    wait_vm(&mut a, "elastic", Duration::from_secs(60), "guest agent", |s| {
-        s.guest_memory_bytes > 0
-    })
+    wait_vm(
+        &mut a,
+        "elastic",
+        Duration::from_secs(60),
+        "guest agent",
+        |s| s.guest_memory_bytes > 0,
+    )
     .await;
     let counter = last_counter(&serial(&vm)).unwrap_or(0);
 
@@ -200,20 +204,32 @@ async fn dimm_memory_grows_shrinks_and_moves() {
         let vm = resize(&mut a, None, Some(memory))
             .await
             .unwrap_or_else(|e| panic!("{memory}: {e}"));
-        println!("dimm resize to {memory}: {:?}, {:?}", t.elapsed(), sizes(&vm));
+        println!(
+            "dimm resize to {memory}: {:?}, {:?}",
+            t.elapsed(),
+            sizes(&vm)
+        );
         assert_eq!(sizes(&vm), (1, guest_mib, 1, guest_mib));
     }
     let e = resize(&mut a, None, Some("700Mi")).await.unwrap_err();
-    assert!(e.message().contains("whole DIMMs of 128Mi"), "{}", e.message());
+    assert!(
+        e.message().contains("whole DIMMs of 128Mi"),
+        "{}",
+        e.message()
+    );
     assert_eq!(sizes(&get(&mut a, "elastic").await), (1, 768, 1, 768));
 
     let progress = migrate(&mut a, "elastic", &dst.address, Default::default())
         .await
         .unwrap();
     assert_eq!(final_phase(&progress).0, pb::MigrationPhase::Completed);
-    let moved = wait_vm(&mut b, "elastic", Duration::from_secs(30), "guest agent", |s| {
-        s.guest_memory_bytes > 0
-    })
+    let moved = wait_vm(
+        &mut b,
+        "elastic",
+        Duration::from_secs(30),
+        "guest agent",
+        |s| s.guest_memory_bytes > 0,
+    )
     .await;
     assert_eq!(sizes(&moved), (1, 768, 1, 768));
     // The DIMMs plugged on the source exist on the target under the same ids.

@@ -113,6 +113,19 @@ fn yes() -> bool {
     true
 }
 
+/// No `migrateSpec`: live, to a node the scheduler chooses, with the agent's defaults.
+impl Default for MigrateSpec {
+    fn default() -> Self {
+        MigrateSpec {
+            target_node: None,
+            live: true,
+            bandwidth: None,
+            auto_converge: false,
+            max_downtime: None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResizeSpec {

@@ -1,6 +1,7 @@
 //! VMOperation: runs a one-shot action on a VirtualMachine and records how it ended. Start and
 //! stop change `spec.running` (so the VM reconciler does not undo them) and finish when the VM
-//! gets there; snapshot creates a VMSnapshot and waits for it; the rest call the VM's agent.
+//! gets there; snapshot creates a VMSnapshot and waits for it; migrate moves the VM
+//! ([`super::migrate`]); the rest call the VM's agent.
 //! A finished operation is never run again.
 
 use std::sync::Arc;
@@ -41,7 +42,7 @@ pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action
     }
     let mut status = old.clone();
     status.start_time.get_or_insert_with(now);
-    let outcome = run(&op, &ns, &ctx).await?;
+    let outcome = run(&op, &ns, &ctx, &api).await?;
     let (phase, message, requeue) = match outcome {
         Outcome::Done(m) => (OperationPhase::Succeeded, m, None),
         Outcome::Failed(m) => (OperationPhase::Failed, m, None),
@@ -105,14 +106,14 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-enum Outcome {
+pub(super) enum Outcome {
     Done(String),
     Failed(String),
     /// Under way: percent done and what it waits for.
     Waiting(u32, String),
 }
 
-async fn run(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> {
+async fn run(op: &VMOperation, ns: &str, ctx: &Context, ops: &Api<VMOperation>) -> Result<Outcome> {
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
     let vm_name = &op.spec.vm_ref.name;
     let Some(vm) = vms.get_opt(vm_name).await? else {
@@ -150,28 +151,7 @@ async fn run(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> {
         | OperationKind::Pause
         | OperationKind::Resume
         | OperationKind::Resize => on_agent(op, &vm, ns, ctx).await,
-        OperationKind::Migrate => {
-            let target = op
-                .spec
-                .migrate_spec
-                .as_ref()
-                .and_then(|m| m.target_node.clone());
-            if let Some(t) = target
-                && ctx.agents.get(&t).is_none()
-            {
-                let known: Vec<String> = ctx
-                    .agents
-                    .all()
-                    .iter()
-                    .map(|a| a.info.node.clone())
-                    .collect();
-                return Ok(Outcome::Failed(format!(
-                    "migrateSpec.targetNode: node {t:?} is not known (known nodes: {})",
-                    known.join(", ")
-                )));
-            }
-            Ok(Outcome::Failed(unsupported(kind)))
-        }
+        OperationKind::Migrate => super::migrate::run(op, &vm, ns, ctx, ops).await,
         OperationKind::Snapshot => snapshot(op, ns, ctx).await,
         OperationKind::Restore => restore(op, &vm, ns, ctx).await,
         OperationKind::Clone => Ok(Outcome::Failed(unsupported(kind))),

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::agents::Client;
 use crate::agentspec::{self, Built};
 use crate::context::Context;
-use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
+use crate::crd::vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus, VmPhase};
 use crate::crd::{Status, VMTemplate, set_condition};
 use crate::error::{Error, Result};
 use crate::placement::{Placed, VmKey};
@@ -141,6 +141,23 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     let current = match agent.vm(&built.spec.name) {
         Some(v) => v,
         None => {
+            if let Some(other) = found_elsewhere(ctx, &node, &built.spec.name) {
+                // Moved by a live migration (a VMOperation, or hyperctl): follow it.
+                info!(from = node, to = other, "VM found on another node");
+                pass.status.node_name = Some(other.clone());
+                ctx.event(
+                    &pass.vm.object_ref(&()),
+                    false,
+                    "Moved",
+                    format!("now runs on node {other} (was {node})"),
+                )
+                .await;
+                return Ok(Action::requeue(Duration::from_millis(10)));
+            }
+            if vm.annotations().contains_key(super::migrate::MIGRATING) {
+                // Leaving this node; not to be created here again.
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
             info!(node, "creating VM on agent");
             let req = pb::CreateVmRequest {
                 spec: Some(built.spec.clone()),
@@ -180,6 +197,15 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     agent.observe(current.clone());
     report(pass, &current);
     Ok(Action::requeue(RESYNC))
+}
+
+/// Another reachable node whose agent has the VM.
+fn found_elsewhere(ctx: &Context, node: &str, name: &str) -> Option<String> {
+    ctx.agents
+        .all()
+        .into_iter()
+        .find(|a| a.info.node != node && a.client().is_some() && a.vm(name).is_some())
+        .map(|a| a.info.node.clone())
 }
 
 /// Records a problem that needs the user (or another object) to change.
@@ -236,17 +262,7 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         pass.set(READY, Status::False, "Stopped", "spec.running is false");
         return Ok(None);
     }
-    let req = Request {
-        cpus: vm.spec.cpus,
-        memory_bytes,
-        node_selector: vm.spec.node_selector.clone(),
-        carbon_aware: vm
-            .spec
-            .carbon_aware
-            .as_ref()
-            .filter(|c| c.enabled)
-            .map(|c| c.max_intensity),
-    };
+    let req = request(&vm.spec);
     match ctx
         .placements
         .place(pass.key.clone(), &req, &ctx.agents, &ctx.settings.policy)
@@ -288,6 +304,20 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
             .await;
             Ok(Some(node))
         }
+    }
+}
+
+/// What the scheduler is asked to find room for.
+pub fn request(spec: &VirtualMachineSpec) -> Request {
+    Request {
+        cpus: spec.cpus,
+        memory_bytes: quantity::parse_bytes(&spec.memory).unwrap_or(0),
+        node_selector: spec.node_selector.clone(),
+        carbon_aware: spec
+            .carbon_aware
+            .as_ref()
+            .filter(|c| c.enabled)
+            .map(|c| c.max_intensity),
     }
 }
 

@@ -1,0 +1,290 @@
+//! VMOperation `migrate`: moves a running VM to another node. Live (the default): the source
+//! agent copies it to the target agent (MigrateVm) while the operation's progress follows
+//! the stream. Not live: the VM is stopped and deleted on its node and started on the target
+//! from the same (shared) disks. Either way the VM's `status.nodeName` follows.
+//!
+//! While it runs the VM carries the [`MIGRATING`] annotation, so the VM reconciler does not
+//! recreate on the old node a VM that has just left it.
+
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::info;
+
+use super::operation::Outcome;
+use crate::agentspec::{agent_name, migration_options};
+use crate::context::Context;
+use crate::crd::operation::{Progress, VMOperation};
+use crate::crd::vm::{VirtualMachine, VmPhase};
+use crate::error::{Error, Result};
+use crate::scheduler;
+
+/// Annotation on a VM that a VMOperation is moving; its value is the target node.
+pub const MIGRATING: &str = "hypersdk.io/migrating-to";
+
+/// How often live progress is written to the operation's status.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+pub(super) async fn run(
+    op: &VMOperation,
+    vm: &VirtualMachine,
+    ns: &str,
+    ctx: &Context,
+    ops: &Api<VMOperation>,
+) -> Result<Outcome> {
+    let spec = op.spec.migrate_spec.clone().unwrap_or_default();
+    let vm_name = vm.name_any();
+    let agent_vm = agent_name(ns, &vm_name);
+    let Some(source) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
+        return Ok(Outcome::Failed(format!(
+            "VM {vm_name} is not placed on a node"
+        )));
+    };
+    let target = match &spec.target_node {
+        Some(t) => t.clone(),
+        None => match choose_target(vm, &source, ctx) {
+            Ok(t) => t,
+            Err(why) => return Ok(Outcome::Failed(why)),
+        },
+    };
+    let Some(target_agent) = ctx.agents.get(&target) else {
+        let known: Vec<String> = ctx
+            .agents
+            .all()
+            .iter()
+            .map(|a| a.info.node.clone())
+            .collect();
+        return Ok(Outcome::Failed(format!(
+            "migrateSpec.targetNode: node {target:?} is not known (known nodes: {})",
+            known.join(", ")
+        )));
+    };
+    // Done already (the controller restarted after the hand-over, before recording it).
+    if source == target {
+        return Ok(if is_moving(vm) {
+            finish(vm, ns, &target, ctx).await?;
+            Outcome::Done(format!("VM {vm_name} runs on node {target}"))
+        } else {
+            Outcome::Failed(format!(
+                "migrateSpec.targetNode: VM {vm_name} already runs on node {target}"
+            ))
+        });
+    }
+    if target_agent.vm(&agent_vm).is_some() && is_moving(vm) {
+        finish(vm, ns, &target, ctx).await?;
+        return Ok(Outcome::Done(format!(
+            "VM {vm_name} moved from {source} to {target}"
+        )));
+    }
+    if vm.status.as_ref().and_then(|s| s.phase) != Some(VmPhase::Running) {
+        return Ok(Outcome::Failed(format!(
+            "VM {vm_name} is not running (only a running VM migrates)"
+        )));
+    }
+    let Some(mut client) = ctx.agents.get(&source).and_then(|a| a.client()) else {
+        return Ok(Outcome::Failed(format!(
+            "agent on node {source} does not answer"
+        )));
+    };
+    if target_agent.client().is_none() {
+        return Ok(Outcome::Failed(format!(
+            "migrateSpec.targetNode: agent on node {target} does not answer"
+        )));
+    }
+    let options = match migration_options(&spec) {
+        Ok(o) => o,
+        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+    };
+    mark(vm, ns, ctx, Some(&target)).await?;
+    info!(source, target, live = spec.live, "migrating");
+    let outcome = if spec.live {
+        live(
+            op,
+            ops,
+            &mut client,
+            &agent_vm,
+            &target_agent.info.address.to_string(),
+            options,
+        )
+        .await
+    } else {
+        cold(&mut client, &agent_vm, ctx).await
+    };
+    match outcome {
+        Ok(message) => {
+            finish(vm, ns, &target, ctx).await?;
+            ctx.event(&vm.object_ref(&()), false, "Migrated", message.clone())
+                .await;
+            Ok(Outcome::Done(message))
+        }
+        Err(message) => {
+            mark(vm, ns, ctx, None).await?;
+            Ok(Outcome::Failed(message))
+        }
+    }
+}
+
+/// The scheduler's choice among the other nodes.
+fn choose_target(
+    vm: &VirtualMachine,
+    source: &str,
+    ctx: &Context,
+) -> std::result::Result<String, String> {
+    let nodes: Vec<_> = ctx
+        .placements
+        .inventory(&ctx.agents)
+        .into_iter()
+        .filter(|n| n.name != source)
+        .collect();
+    let req = super::vm::request(&vm.spec);
+    scheduler::schedule(&nodes, &req, &ctx.settings.policy)
+        .map(|n| n.name.clone())
+        .map_err(|why| format!("migrateSpec.targetNode: no other node fits: {why}"))
+}
+
+/// Follows the source agent's migration stream, writing progress to the operation.
+async fn live(
+    op: &VMOperation,
+    ops: &Api<VMOperation>,
+    client: &mut crate::agents::Client,
+    name: &str,
+    target: &str,
+    options: pb::MigrationOptions,
+) -> std::result::Result<String, String> {
+    let req = pb::MigrateVmRequest {
+        name: name.to_string(),
+        target: target.to_string(),
+        options: Some(options),
+    };
+    let mut stream = client
+        .migrate_vm(req)
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut written = Instant::now() - PROGRESS_EVERY;
+    let mut last = pb::MigrationProgress::default();
+    loop {
+        match stream.message().await {
+            Ok(Some(p)) => {
+                if written.elapsed() >= PROGRESS_EVERY {
+                    written = Instant::now();
+                    // Progress is informative: a failed write does not stop the migration.
+                    let _ = write_progress(ops, op, &p).await;
+                }
+                last = p;
+            }
+            Ok(None) => break,
+            Err(s) => return Err(format!("migration stream: {}", s.message())),
+        }
+    }
+    match last.phase() {
+        pb::MigrationPhase::Completed => Ok(format!(
+            "migrated live from {} to {} in {} ms, guest paused {} ms, {} sent",
+            last.source_node,
+            last.target_node,
+            last.elapsed_ms,
+            last.downtime_ms,
+            hypersdk_proto::quantity::format_bytes(last.transferred_bytes)
+        )),
+        phase => Err(format!(
+            "migration {}: {}",
+            phase
+                .as_str_name()
+                .trim_start_matches("MIGRATION_PHASE_")
+                .to_lowercase(),
+            last.message
+        )),
+    }
+}
+
+async fn write_progress(
+    ops: &Api<VMOperation>,
+    op: &VMOperation,
+    p: &pb::MigrationProgress,
+) -> Result<()> {
+    let total = p.transferred_bytes + p.remaining_bytes;
+    let percent = match total {
+        0 => 0,
+        t => (p.transferred_bytes * 99 / t) as u32,
+    };
+    let stage = format!(
+        "{}: {} of {} sent, {} passes",
+        p.phase()
+            .as_str_name()
+            .trim_start_matches("MIGRATION_PHASE_")
+            .to_lowercase(),
+        hypersdk_proto::quantity::format_bytes(p.transferred_bytes),
+        hypersdk_proto::quantity::format_bytes(total),
+        p.iterations
+    );
+    let progress = Progress {
+        percent,
+        stage: Some(stage),
+    };
+    ops.patch_status(
+        &op.name_any(),
+        &PatchParams::apply(super::MANAGER),
+        &Patch::Merge(json!({"status": {"phase": "Running", "progress": progress}})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Not live: stop the guest and remove the VM here; the VM reconciler starts it on the target.
+async fn cold(
+    client: &mut crate::agents::Client,
+    name: &str,
+    ctx: &Context,
+) -> std::result::Result<String, String> {
+    let stop = pb::StopVmRequest {
+        name: name.to_string(),
+        timeout_seconds: ctx.settings.stop_timeout_seconds,
+        force: false,
+    };
+    client
+        .stop_vm(stop)
+        .await
+        .map_err(|s| format!("stopping: {}", s.message()))?;
+    client
+        .delete_vm(pb::DeleteVmRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|s| format!("removing from its node: {}", s.message()))?;
+    Ok("stopped on its node; starting on the target".into())
+}
+
+fn is_moving(vm: &VirtualMachine) -> bool {
+    vm.annotations().contains_key(MIGRATING)
+}
+
+/// Sets (or with `None` removes) the [`MIGRATING`] annotation.
+async fn mark(vm: &VirtualMachine, ns: &str, ctx: &Context, target: Option<&str>) -> Result<()> {
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = json!({"metadata": {"annotations": {MIGRATING: target}}});
+    api.patch(
+        &vm.name_any(),
+        &PatchParams::apply(super::MANAGER),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// The VM now belongs to `target`: placement, status and annotation follow.
+async fn finish(vm: &VirtualMachine, ns: &str, target: &str, ctx: &Context) -> Result<()> {
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    let name = vm.name_any();
+    api.patch_status(
+        &name,
+        &PatchParams::apply(super::MANAGER),
+        &Patch::Merge(json!({"status": {"nodeName": target}})),
+    )
+    .await?;
+    ctx.placements.moved(&(ns.to_string(), name), target);
+    mark(vm, ns, ctx, None).await
+}
