@@ -21,6 +21,8 @@ pub struct Context {
     pub qemu_img: PathBuf,
     pub accel: Selection,
     pub policy: PathPolicy,
+    /// The agent's own image dir (DATA/images), where clones' disks go.
+    pub images_dir: PathBuf,
     pub store: Store,
     pub snapshots: SnapshotDirs,
     /// Per-VM cgroups, or why there are none on this node.

@@ -107,11 +107,20 @@ fn read_header(path: &Path) -> std::io::Result<Header> {
 /// The backing file `path` names in its qcow2 header (relative names are taken from `path`'s
 /// directory, as QEMU does), or None for a raw image, an image without one, or an unreadable file.
 pub fn backing_file(path: &Path) -> Option<PathBuf> {
+    backing(path).map(|(file, _)| file)
+}
+
+/// [`backing_file`] with the backing format the header records ("" when it records none).
+pub fn backing(path: &Path) -> Option<(PathBuf, String)> {
     match read_header(path).ok()? {
         Header::Qcow2 {
             backing_file: Some(name),
+            backing_format,
             ..
-        } => Some(path.parent().unwrap_or(Path::new("/")).join(name)),
+        } => Some((
+            path.parent().unwrap_or(Path::new("/")).join(name),
+            backing_format.unwrap_or_default(),
+        )),
         _ => None,
     }
 }

@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod argv;
 pub mod cgroup;
+pub mod clone;
 pub mod config;
 pub mod context;
 pub mod error;

@@ -83,9 +83,10 @@ pub async fn run(
     let own_images = data_dir.join("images");
     std::fs::create_dir_all(&own_images)
         .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
-    let policy =
-        PathPolicy::new(std::iter::once(own_images).chain(config.image_dirs.iter().cloned()))
-            .map_err(StartupError::ImageDir)?;
+    let policy = PathPolicy::new(
+        std::iter::once(own_images.clone()).chain(config.image_dirs.iter().cloned()),
+    )
+    .map_err(StartupError::ImageDir)?;
     let qemu = find_program(&config.qemu).ok_or_else(|| {
         StartupError::Qemu(
             config.qemu.clone(),
@@ -144,6 +145,7 @@ pub async fn run(
         qemu_img: find_program(&config.qemu_img).unwrap_or_else(|| config.qemu_img.clone()),
         accel: selection,
         policy,
+        images_dir: own_images,
         store,
         snapshots: {
             let dirs = SnapshotDirs::new(snapshot_dir);

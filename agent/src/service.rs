@@ -263,6 +263,10 @@ impl AgentService for Service {
         Ok(Response::new(pb::AbortIncomingResponse {}))
     }
 
+    async fn clone_vm(&self, req: Request<pb::CloneVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        Ok(Response::new(self.vms.clone_vm(req.into_inner()).await?))
+    }
+
     async fn create_snapshot(
         &self,
         req: Request<pb::CreateSnapshotRequest>,

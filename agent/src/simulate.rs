@@ -396,6 +396,23 @@ impl AgentService for Simulator {
     }
 
     // Nor memory or disks to snapshot.
+    /// A simulated clone: the source's spec under the new name (there are no disks to copy).
+    async fn clone_vm(&self, req: Request<pb::CloneVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let req = req.into_inner();
+        check_name("targetName", &req.target_name)?;
+        let source = self.update(&req.name, "", |_| Ok(()))?;
+        let mut spec = source.spec.unwrap_or_default();
+        spec.name = req.target_name;
+        if !req.labels.is_empty() {
+            spec.labels = req.labels;
+        }
+        let create = pb::CreateVmRequest {
+            spec: Some(spec),
+            start: req.start,
+        };
+        self.create_vm(Request::new(create)).await
+    }
+
     async fn create_snapshot(
         &self,
         _: Request<pb::CreateSnapshotRequest>,

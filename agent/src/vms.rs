@@ -81,6 +81,36 @@ impl Vms {
         }
     }
 
+    /// A new VM on this node with `req.name`'s spec and copies of its disks (see
+    /// [`crate::clone`]); started when asked.
+    pub async fn clone_vm(&self, req: pb::CloneVmRequest) -> Result<pb::Vm, AgentError> {
+        crate::spec::check_name("targetName", &req.target_name)?;
+        if self.handle(&req.target_name).await.is_ok() {
+            return Err(AgentError::AlreadyExists(req.target_name));
+        }
+        let source = self.handle(&req.name).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let op = Op::CloneDisks {
+            target: req.target_name.clone(),
+            linked: req.linked,
+            labels: req.labels.into_iter().collect(),
+            spec: tx,
+        };
+        source.call(&req.name, op).await?;
+        let spec = rx
+            .await
+            .map_err(|_| AgentError::Internal("the clone gave no spec".into()))?;
+        match self.register(pb::VmSpec::from(&spec), "Cloned").await {
+            Ok(handle) if req.start => handle.call(&spec.name, Op::Start).await,
+            Ok(handle) => Ok(handle.current()),
+            Err(e) => {
+                let dir = crate::clone::clone_dir(&self.ctx.images_dir, &spec.name);
+                let _ = std::fs::remove_dir_all(dir);
+                Err(e)
+            }
+        }
+    }
+
     /// Target side of a live migration: the VM as the source runs it, in a QEMU waiting for
     /// its state. Returns where that QEMU listens.
     pub async fn prepare_incoming(

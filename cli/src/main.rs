@@ -88,6 +88,18 @@ enum VmCommand {
     Delete {
         name: String,
     },
+    /// A new VM on the same node with NAME's spec and copies of its disks, taken at one
+    /// instant (a running NAME keeps running).
+    Clone {
+        name: String,
+        target: String,
+        /// Share read-only disks and copy only the top layer of disks with a backing file.
+        #[arg(long)]
+        linked: bool,
+        /// Start the clone.
+        #[arg(long)]
+        start: bool,
+    },
     /// Live-migrate a running VM to another node's agent.
     Migrate(migrate::MigrateArgs),
     /// Stop a migration under way; the VM keeps running where it is.
@@ -283,6 +295,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             VmCommand::Resize { name, cpus, memory } => {
                 let req = pb::ResizeVmRequest { name, cpus, memory };
                 print_vm(client.resize_vm(req).await?.into_inner())?
+            }
+            VmCommand::Clone {
+                name,
+                target,
+                linked,
+                start,
+            } => {
+                let req = pb::CloneVmRequest {
+                    name,
+                    target_name: target,
+                    linked,
+                    start,
+                    labels: Default::default(),
+                };
+                print_vm(client.clone_vm(req).await?.into_inner())?
             }
             VmCommand::Pause { name } => print_vm(
                 client

@@ -3,6 +3,7 @@
 //!
 //! Reads (GetVm, ListVms) never wait for the task: they read the last published status.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use crate::spec::{FieldError, MIN_MEMORY, MemoryHotplug, VmSpec};
 use crate::state::{self, Action, Exit, Phase};
 use crate::store::SavedState;
 
+mod clone;
 mod snapshots;
 pub use snapshots::SnapshotRequest;
 
@@ -96,6 +98,13 @@ pub enum Op {
     DeleteSnapshot {
         snapshot: String,
         freed: oneshot::Sender<u64>,
+    },
+    /// Copies the disks for a clone named `target`; `spec` gets the clone's spec.
+    CloneDisks {
+        target: String,
+        linked: bool,
+        labels: BTreeMap<String, String>,
+        spec: oneshot::Sender<VmSpec>,
     },
 }
 
@@ -379,6 +388,18 @@ impl Supervisor {
             Op::DeleteSnapshot { snapshot, freed } => match self.delete_snapshot(&snapshot).await {
                 Ok(bytes) => {
                     let _ = freed.send(bytes);
+                    Ok(self.snapshot())
+                }
+                Err(e) => Err(e),
+            },
+            Op::CloneDisks {
+                target,
+                linked,
+                labels,
+                spec,
+            } => match self.clone_disks(&target, linked, labels).await {
+                Ok(s) => {
+                    let _ = spec.send(s);
                     Ok(self.snapshot())
                 }
                 Err(e) => Err(e),
@@ -891,6 +912,16 @@ impl Supervisor {
             .map_err(|e| AgentError::Internal(format!("removing {}: {e}", self.dir.display())))?;
         // Snapshots of a VM that left this node cannot be restored here.
         self.ctx.snapshots.remove_vm(&self.spec.name);
+        if reason == "Deleted" {
+            // The disks a clone was given go with it (after a migration they may be in use on
+            // the target, which sees them through shared storage: kept then).
+            let dir = crate::clone::clone_dir(&self.ctx.images_dir, &self.spec.name);
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!("removing {}: {e}", dir.display());
+            }
+        }
         info!(reason, "removed from this node");
         self.gone = true;
         let vm = self.snapshot();

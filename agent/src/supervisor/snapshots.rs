@@ -329,7 +329,7 @@ impl Supervisor {
     }
 
     /// Runs qemu-img with `args` (the subcommand first); Err carries its own words.
-    async fn qemu_img(&self, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    pub(super) async fn qemu_img(&self, args: &[&std::ffi::OsStr]) -> Result<(), String> {
         let out = tokio::process::Command::new(&self.ctx.qemu_img)
             .args(args)
             .output()
@@ -359,7 +359,7 @@ impl Supervisor {
         resolve_with_layers(spec, layers, &layers_dir, &self.ctx.policy)
     }
 
-    fn live_qmp(&self) -> Result<Qmp, String> {
+    pub(super) fn live_qmp(&self) -> Result<Qmp, String> {
         self.running
             .as_ref()
             .map(|r| r.qmp.clone())
