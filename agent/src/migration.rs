@@ -261,7 +261,7 @@ pub fn check_layout(l: &pb::MachineLayout, spec: &VmSpec) -> Result<(), FieldErr
     if l.boot_cpus == 0 || cpus > spec.max_cpus as usize {
         return bad(format!("{cpus} vCPUs do not fit maxCpus {}", spec.max_cpus));
     }
-    if l.boot_memory_bytes == 0 || !layout_memory(l).is_some_and(|m| m <= spec.max_memory) {
+    if l.boot_memory_bytes == 0 || layout_memory(l).is_none_or(|m| m > spec.max_memory) {
         return bad("boot memory plus hotplug memory does not fit maxMemory".into());
     }
     let dimm = spec.memory_hotplug == MemoryHotplug::Dimm;
