@@ -107,7 +107,7 @@ pub fn spec(
 mod tests {
     use super::*;
 
-    fn source(path: &str, read_only: bool, own: bool, backing: Option<&str>) -> Source<'_> {
+    fn source<'a>(path: &'a str, read_only: bool, own: bool, backing: Option<&str>) -> Source<'a> {
         Source {
             path: Path::new(path),
             format: DiskFormat::Qcow2,
