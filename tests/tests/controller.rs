@@ -255,9 +255,11 @@ const BOOT: Duration = Duration::from_secs(180);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing() {
     let images = images();
+    // The seed VM has 8Gi (TCG allocates it lazily); its clone as well.
+    let room = ["--allocatable-memory", "32Gi"];
     let nodes = [
-        Node::start("node-1", images.path(), &[]),
-        Node::start("node-2", images.path(), &[]),
+        Node::start("node-1", images.path(), &room),
+        Node::start("node-2", images.path(), &room),
     ];
     let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
     ctl.create::<VMTemplate>(guest_template(images.path()))
@@ -483,6 +485,45 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         0,
         "the guest did not boot on the new node"
     );
+
+    // The seed's VMOperation clone, unchanged (linked, started): a VM my-vm-clone on the same
+    // node, sharing the template's read-only image, boots; my-vm runs on.
+    ctl.create::<VMOperation>(example("vmoperation-clone-my-vm.yaml"))
+        .await
+        .unwrap();
+    let op = wait_for(&ctl.ops(), "clone-my-vm", BOOT, "done", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(OperationPhase::is_final)
+    })
+    .await;
+    let status = op.status.unwrap();
+    assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
+    let clone = wait_for(&ctl.vms(), "my-vm-clone", BOOT, "Running", |v| {
+        phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+    assert_eq!(
+        clone.status.unwrap().node_name.as_deref(),
+        Some(node.name.as_str()),
+        "the clone stays where its disks are"
+    );
+    let on_node = agent_vm(node, "my-vm-clone").await.unwrap();
+    assert_eq!(
+        on_node.spec.as_ref().unwrap().disks[0].path,
+        images.path().join("disk.qcow2").to_string_lossy(),
+        "a linked clone shares the template's read-only image"
+    );
+    wait_boots(&on_node, 1, BOOT).await;
+    assert_eq!(
+        agent_vm(node, "my-vm").await.unwrap().status.unwrap().phase,
+        pb::VmPhase::Running as i32
+    );
+    ctl.vms()
+        .delete("my-vm-clone", &DeleteParams::default())
+        .await
+        .unwrap();
 
     // running: false stops it on its agent.
     let stop = Patch::Merge(json!({"spec": {"running": false}}));

@@ -1,6 +1,7 @@
 //! One reconciler per kind, each idempotent: it reads the object and the agents, does what is
 //! missing, and writes status only when it changed.
 
+pub mod clone;
 pub mod migrate;
 pub mod operation;
 pub mod snapshot;

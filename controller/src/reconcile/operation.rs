@@ -1,7 +1,8 @@
 //! VMOperation: runs a one-shot action on a VirtualMachine and records how it ended. Start and
 //! stop change `spec.running` (so the VM reconciler does not undo them) and finish when the VM
 //! gets there; snapshot creates a VMSnapshot and waits for it; migrate moves the VM
-//! ([`super::migrate`]); the rest call the VM's agent.
+//! ([`super::migrate`]); clone makes a new VM from its disks ([`super::clone`]); the rest call
+//! the VM's agent.
 //! A finished operation is never run again.
 
 use std::sync::Arc;
@@ -154,7 +155,7 @@ async fn run(op: &VMOperation, ns: &str, ctx: &Context, ops: &Api<VMOperation>) 
         OperationKind::Migrate => super::migrate::run(op, &vm, ns, ctx, ops).await,
         OperationKind::Snapshot => snapshot(op, ns, ctx).await,
         OperationKind::Restore => restore(op, &vm, ns, ctx).await,
-        OperationKind::Clone => Ok(Outcome::Failed(unsupported(kind))),
+        OperationKind::Clone => super::clone::run(op, &vm, ns, ctx).await,
     }
 }
 
@@ -238,13 +239,6 @@ async fn restore(
         ))),
         Some(_) => on_agent(op, vm, ns, ctx).await,
     }
-}
-
-fn unsupported(kind: OperationKind) -> String {
-    format!(
-        "operation {} is not supported by the node agent API yet",
-        kind.as_str()
-    )
 }
 
 /// Operations the VM's agent performs directly.

@@ -199,7 +199,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(RESYNC))
 }
 
-/// Another reachable node whose agent has the VM.
+/// A reachable node other than `node` whose agent has the VM.
 fn found_elsewhere(ctx: &Context, node: &str, name: &str) -> Option<String> {
     ctx.agents
         .all()
@@ -255,6 +255,25 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         };
         ctx.placements.record(pass.key.clone(), placed);
         return Ok(Some(node.clone()));
+    }
+    // Already on a node's agent (a clone made there, or a placement lost with the controller's
+    // state): it stays where its disks are.
+    if let Some(node) = found_elsewhere(ctx, "", &built.spec.name) {
+        info!(node, "found on a node's agent");
+        pass.status.node_name = Some(node.clone());
+        let placed = Placed {
+            node: node.clone(),
+            cpus: built.spec.cpus,
+            memory_bytes,
+        };
+        ctx.placements.record(pass.key.clone(), placed);
+        pass.set(
+            SCHEDULED,
+            Status::True,
+            "Found",
+            format!("already on node {node}"),
+        );
+        return Ok(Some(node));
     }
     if !vm.spec.running {
         pass.status.phase = Some(VmPhase::Stopped);
