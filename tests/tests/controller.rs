@@ -590,6 +590,32 @@ async fn lost_node_is_reported_and_highly_available_vms_move() {
         phase(v) == Some(VmPhase::Running)
     })
     .await;
+    let placed = ha.status.unwrap().node_name.unwrap();
+    // A cold migration (live: false): stopped here, started on the other node, nodeName follows.
+    let other = nodes
+        .iter()
+        .find(|n| n.name != placed)
+        .unwrap()
+        .name
+        .clone();
+    let cold = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
+        "metadata": {"name": "move-ha"}, "spec": {"vmRef": {"name": "ha"}, "operation": "migrate",
+        "migrateSpec": {"targetNode": other, "live": false}}});
+    ctl.create::<VMOperation>(cold).await.unwrap();
+    wait_for(&ctl.ops(), "move-ha", BOOT, "Succeeded", |o| {
+        o.status.as_ref().and_then(|s| s.phase) == Some(OperationPhase::Succeeded)
+    })
+    .await;
+    let ha = wait_for(&ctl.vms(), "ha", BOOT, "Running on the other node", |v| {
+        phase(v) == Some(VmPhase::Running)
+            && v.status.as_ref().unwrap().node_name.as_deref() == Some(other.as_str())
+    })
+    .await;
+    let old = nodes.iter().find(|n| n.name == placed).unwrap();
+    assert_eq!(
+        agent_vm(old, "ha").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
     let first = ha.status.unwrap().node_name.unwrap();
     // A VM without high availability on the same node.
     ctl.create::<VirtualMachine>(small_vm("pinned", false, Some(&first)))
