@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The controller demo, standalone (no cluster): two node agents, a manifest directory with a
 # VMTemplate for the test guest and the user's own VirtualMachine manifest (unchanged). The
-# controller places the VM on one of the two nodes, it boots; `running: false` stops it;
-# removing the manifest deletes it from its node.
+# controller places the VM on one of the two nodes, it boots; the seed's VMOperations migrate
+# it live to the other node and clone it there; `running: false` stops it; removing the
+# manifest deletes it from its node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -70,6 +71,31 @@ serial=$(ls "$work/$node"/vms/*/serial.log)
 for _ in $(seq 1800); do grep -q HYPERSDK-GUEST-READY "$serial" && break; sleep 0.1; done
 echo "serial console of the guest on $node:"
 tail -n 3 "$serial" | sed 's/^/  | /'
+
+opstatus() { echo "$work/vms/status/vmoperation-default-$1.yaml"; }
+wait_op() { # NAME: waits until the operation has finished, then shows it
+  for _ in $(seq 1800); do grep -qE "phase: (Succeeded|Failed)" "$(opstatus "$1")" 2>/dev/null && break; sleep 0.1; done
+  grep -E "phase|message|percent" "$(opstatus "$1")" | sed 's/^/  /'
+}
+other=$([ "$node" = node-2 ] && echo node-1 || echo node-2)
+step "The seed VMOperation migrate (live, 100Mbps, auto-converge) to $other; under TCG the guest pauses for the copy"
+sed "s/targetNode: node-2/targetNode: $other/" deploy/examples/vmoperation-migrate-my-vm.yaml \
+  > "$work/vms/migrate.yaml"
+wait_op migrate-my-vm
+wait_status "nodeName: $other"
+grep -E "phase|nodeName" "$status"
+node=$other
+serial=$(ls "$work/$node"/vms/*/serial.log)
+for _ in $(seq 100); do grep -q HYPERSDK-COUNTER "$serial" && break; sleep 0.1; done
+echo "serial console on $node (the guest counts on, no boot):"
+tail -n 2 "$serial" | sed 's/^/  | /'
+
+step "The seed VMOperation clone, unchanged: my-vm-clone, linked, started, on $node"
+cp deploy/examples/vmoperation-clone-my-vm.yaml "$work/vms/clone.yaml"
+wait_op clone-my-vm
+clone_status="$work/vms/status/virtualmachine-default-my-vm-clone.yaml"
+for _ in $(seq 1800); do grep -q "phase: Running" "$clone_status" 2>/dev/null && break; sleep 0.1; done
+grep -E "phase|nodeName" "$clone_status"
 
 step "Setting running: false in the manifest"
 sed -i 's/running: true/running: false/' "$work/vms/my-vm.yaml"

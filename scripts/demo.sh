@@ -110,4 +110,5 @@ step "Deleting"
 hyperctl vm delete demo-vm
 hyperctl vm list
 echo
-echo "demo finished"
+echo "agent demo finished; next, the same through the controller"
+scripts/demo-controller.sh

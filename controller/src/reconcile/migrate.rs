@@ -182,12 +182,12 @@ async fn live(
     }
     match last.phase() {
         pb::MigrationPhase::Completed => Ok(format!(
-            "migrated live from {} to {} in {} ms, guest paused {} ms, {} sent",
+            "migrated from {} to {} in {} ms, guest paused {} ms, {} sent",
             last.source_node,
             last.target_node,
             last.elapsed_ms,
             last.downtime_ms,
-            hypersdk_proto::quantity::format_bytes(last.transferred_bytes)
+            mib(last.transferred_bytes)
         )),
         phase => Err(format!(
             "migration {}: {}",
@@ -255,6 +255,10 @@ async fn cold(
         .await
         .map_err(|s| format!("removing from its node: {}", s.message()))?;
     Ok("stopped on its node; starting on the target".into())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn is_moving(vm: &VirtualMachine) -> bool {
