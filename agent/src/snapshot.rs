@@ -57,10 +57,48 @@ pub struct MemoryState {
     /// [`crate::snapshot_files::digest`] of its content: restore refuses a damaged file
     /// before it touches the VM.
     pub digest: String,
+    /// The file as the agent left it after the save. While it is unchanged (same inode, size,
+    /// modification and change times: any write moves the change time, which no caller can
+    /// set) a restore trusts the digest recorded; a file changed since is read and checked.
+    #[serde(default)]
+    pub written: Option<FileStamp>,
     pub mapped_ram: bool,
     pub multifd_channels: u32,
     /// Guest memory (boot and plugged).
     pub guest_bytes: u64,
+}
+
+/// What `stat` says of a file: enough to tell that nothing has written to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileStamp {
+    pub inode: u64,
+    pub bytes: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        FileStamp {
+            inode: m.ino(),
+            bytes: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether a write after this stamp is sure to move the file's change time: file times
+    /// come from a coarse clock (one tick, a few ms), so a write in the same tick as the last
+    /// one could leave them as they are.
+    pub fn settled(&self, now: std::time::SystemTime) -> bool {
+        let now_ns = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now_ns - self.ctime_ns.max(self.mtime_ns) > 20_000_000
+    }
 }
 
 /// [`pb::MachineLayout`], kept on disk.
@@ -313,6 +351,21 @@ mod tests {
 
     fn p(s: &str) -> PathBuf {
         PathBuf::from(s)
+    }
+
+    #[test]
+    fn a_stamp_is_trusted_once_the_clock_has_moved_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m");
+        std::fs::write(&f, b"QEVM").unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&f).unwrap());
+        assert_eq!(stamp, FileStamp::of(&std::fs::metadata(&f).unwrap()));
+        assert!(!stamp.settled(std::time::SystemTime::now()));
+        let later = std::time::SystemTime::now() + std::time::Duration::from_millis(100);
+        assert!(stamp.settled(later));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"QEVN").unwrap();
+        assert_ne!(stamp, FileStamp::of(&std::fs::metadata(&f).unwrap()));
     }
 
     #[test]

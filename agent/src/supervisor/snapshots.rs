@@ -16,7 +16,8 @@ use crate::outgoing;
 use crate::qmp::Qmp;
 use crate::resolve::{resolve_spec, resolve_with_layers};
 use crate::snapshot::{
-    Layout, MemoryState, SaveMode, SnapshotMeta, check_snapshot_name, overlay_transaction,
+    FileStamp, Layout, MemoryState, SaveMode, SnapshotMeta, check_snapshot_name,
+    overlay_transaction,
 };
 use crate::snapshot_files::{self, DiskLayers, MEMORY_FILE, META_FILE};
 use crate::spec::{DiskFormat, FieldError, VmSpec};
@@ -464,12 +465,17 @@ impl Supervisor {
         meta: &SnapshotMeta,
         dir: &Path,
     ) -> Result<(DiskLayers, VmSpec, VmSpec), AgentError> {
-        if let Some(m) = &meta.memory {
-            check_memory_file(&dir.join(&m.file), m)
-                .await
-                .map_err(|why| self.conflict(format!("snapshot {snapshot:?} is damaged: {why}")))?;
-        }
-        let layers = self.restore_layers(snapshot, meta).await?;
+        // The memory file is checked while the new layers are made; the caller collects
+        // layers left over by a failure.
+        let check = async {
+            match &meta.memory {
+                Some(m) => check_memory_file(&dir.join(&m.file), m).await,
+                None => Ok(()),
+            }
+        };
+        let (checked, layers) = tokio::join!(check, self.restore_layers(snapshot, meta));
+        checked.map_err(|why| self.conflict(format!("snapshot {snapshot:?} is damaged: {why}")))?;
+        let layers = layers?;
         let mut spec = self.spec.clone();
         spec.cpus = meta.spec.cpus;
         spec.memory = meta.spec.memory;
@@ -768,12 +774,29 @@ async fn digest(file: &Path) -> Result<String, String> {
 /// The record of a memory file just written.
 async fn memory_state(dir: &Path, mode: SaveMode, layout: &Layout) -> Result<MemoryState, String> {
     let file = dir.join(MEMORY_FILE);
-    let file_bytes = std::fs::metadata(&file).map_err(|e| e.to_string())?.len();
+    let stamp = || {
+        std::fs::metadata(&file)
+            .map(|m| FileStamp::of(&m))
+            .map_err(|e| e.to_string())
+    };
+    let written = stamp()?;
     let digest = digest(&file).await?;
+    // Past the clock tick of the last write, any later write shows in the stamp.
+    while !written.settled(std::time::SystemTime::now()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if stamp()? != written {
+        return Err(format!("{} changed while it was read", file.display()));
+    }
     Ok(MemoryState {
         file: MEMORY_FILE.into(),
-        file_bytes,
+        file_bytes: written.bytes,
         digest,
+        // A write in the same clock tick as the save could go unseen: then restores read
+        // the file (a large file takes longer than a tick to digest).
+        written: written
+            .settled(std::time::SystemTime::now())
+            .then_some(written),
         mapped_ram: mode.mapped_ram,
         multifd_channels: mode.multifd_channels,
         guest_bytes: crate::migration::layout_memory(&layout.into()).unwrap_or(0),
@@ -794,6 +817,10 @@ async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
     }
     if !snapshot_files::looks_like_qemu_state(file) {
         return Err(format!("{} is not a QEMU state file", file.display()));
+    }
+    let now = std::fs::metadata(file).map(|m| FileStamp::of(&m)).ok();
+    if now.is_some() && now == m.written {
+        return Ok(());
     }
     if digest(file).await? != m.digest {
         return Err(format!(
