@@ -54,8 +54,10 @@ pub struct MemoryState {
     pub file: String,
     /// Its length, which a truncated file no longer has.
     pub file_bytes: u64,
-    /// [`crate::snapshot_files::digest`] of its content: restore refuses a damaged file
+    /// [`crate::snapshot_files::digest`] of its content, recorded in the background after the
+    /// save (empty until then, or if the file changed first): restore refuses a damaged file
     /// before it touches the VM.
+    #[serde(default)]
     pub digest: String,
     /// The file as the agent left it after the save. While it is unchanged (same inode, size,
     /// modification and change times: any write moves the change time, which no caller can
@@ -173,6 +175,10 @@ impl SnapshotMeta {
             pause_ms: self.pause_ms,
             duration_ms: self.duration_ms,
             memory_format: self.memory.as_ref().map_or(String::new(), memory_format),
+            memory_digest: self
+                .memory
+                .as_ref()
+                .map_or(String::new(), |m| m.digest.clone()),
             disk_layers: self
                 .disk_layers
                 .iter()

@@ -300,6 +300,23 @@ async fn snapshot_failures_leave_the_vm_as_it_was() {
     let vm = running_guest(&agent, &mut c, "fail", 2).await;
     let pid = vm.status.as_ref().unwrap().pid;
     snapshot(&mut c, "fail", "good", true, false).await.unwrap();
+    // The digest is recorded in the background, after the save returned.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = c
+            .list_snapshots(pb::ListSnapshotsRequest {
+                name: "fail".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+        if listed.iter().any(|s| !s.memory_digest.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no digest recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let memory = agent.data_dir().join("snapshots/fail/good/memory.bin");
     let len = std::fs::metadata(&memory).unwrap().len();
     let original = std::fs::read(&memory).unwrap();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::{Supervisor, await_migration};
 use crate::context::now_ms;
@@ -78,6 +78,9 @@ impl Supervisor {
                 if let Err(e) = write {
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(AgentError::Internal(format!("writing the snapshot: {e}")));
+                }
+                if let Some(stamp) = meta.memory.as_ref().and_then(|m| m.written) {
+                    record_digest(dir.clone(), stamp);
                 }
                 info!(
                     snapshot = meta.name,
@@ -771,7 +774,7 @@ async fn digest(file: &Path) -> Result<String, String> {
         .map_err(|e| format!("reading {}: {e}", file.display()))
 }
 
-/// The record of a memory file just written.
+/// The record of a memory file just written. Its digest comes later ([`record_digest`]).
 async fn memory_state(dir: &Path, mode: SaveMode, layout: &Layout) -> Result<MemoryState, String> {
     let file = dir.join(MEMORY_FILE);
     let stamp = || {
@@ -779,28 +782,54 @@ async fn memory_state(dir: &Path, mode: SaveMode, layout: &Layout) -> Result<Mem
             .map(|m| FileStamp::of(&m))
             .map_err(|e| e.to_string())
     };
-    let written = stamp()?;
-    let digest = digest(&file).await?;
     // Past the clock tick of the last write, any later write shows in the stamp.
+    let mut written = stamp()?;
     while !written.settled(std::time::SystemTime::now()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if stamp()? != written {
-        return Err(format!("{} changed while it was read", file.display()));
+        written = stamp()?;
     }
     Ok(MemoryState {
         file: MEMORY_FILE.into(),
         file_bytes: written.bytes,
-        digest,
-        // A write in the same clock tick as the save could go unseen: then restores read
-        // the file (a large file takes longer than a tick to digest).
-        written: written
-            .settled(std::time::SystemTime::now())
-            .then_some(written),
+        digest: String::new(),
+        written: Some(written),
         mapped_ram: mode.mapped_ram,
         multifd_channels: mode.multifd_channels,
         guest_bytes: crate::migration::layout_memory(&layout.into()).unwrap_or(0),
     })
+}
+
+/// Reads the memory file of the snapshot in `dir` and records its digest in `meta.json`, in
+/// the background: the save does not wait for it. Given up if the file is not the one saved
+/// (`stamp`) before or after it is read: a digest of changed content would vouch for it.
+fn record_digest(dir: PathBuf, stamp: FileStamp) {
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            let file = dir.join(MEMORY_FILE);
+            let same = || std::fs::metadata(&file).is_ok_and(|m| FileStamp::of(&m) == stamp);
+            if !same() {
+                return warn!("{} changed before its digest was taken", file.display());
+            }
+            let digest = match digest(&file).await {
+                Ok(d) if same() => d,
+                Ok(_) => return warn!("{} changed while its digest was taken", file.display()),
+                Err(e) => return warn!("digest: {e}"),
+            };
+            let path = dir.join(META_FILE);
+            let Ok(mut meta) = crate::store::read_json::<SnapshotMeta>(&path) else {
+                return; // deleted meanwhile
+            };
+            match &mut meta.memory {
+                Some(m) if m.written == Some(stamp) => m.digest = digest,
+                _ => return,
+            }
+            if let Err(e) = crate::store::write_json(&path, &meta) {
+                warn!("recording the digest in {}: {e}", path.display());
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// Checks a memory file against its record: present, whole, and unchanged.
@@ -821,6 +850,12 @@ async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
     let now = std::fs::metadata(file).map(|m| FileStamp::of(&m)).ok();
     if now.is_some() && now == m.written {
         return Ok(());
+    }
+    if m.digest.is_empty() {
+        return Err(format!(
+            "{} changed since the save, before its digest was recorded: it cannot be checked",
+            file.display()
+        ));
     }
     if digest(file).await? != m.digest {
         return Err(format!(
