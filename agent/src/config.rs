@@ -61,6 +61,17 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_MIGRATION_PORTS", default_value = "49152-49215")]
     pub migration_ports: PortRange,
 
+    /// How an outgoing migration copies memory: `live` (pre-copy while the guest runs),
+    /// `pause` (the guest paused for the whole copy), or `auto`: live under KVM, paused under
+    /// TCG, where QEMU 10.0's software dirty tracking can miss guest writes during a live copy.
+    #[arg(
+        long,
+        env = "HYPERSDK_MIGRATION_COPY",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub migration_copy: MigrationCopy,
+
     /// Memory this agent may give to VMs in all (e.g. "64Gi"); defaults to the node's total.
     #[arg(long, env = "HYPERSDK_ALLOCATABLE_MEMORY", value_parser = parse_quantity)]
     pub allocatable_memory: Option<u64>,
@@ -105,5 +116,37 @@ impl Config {
             memory_bytes: self.simulate_memory,
             boot: std::time::Duration::from_millis(self.simulate_boot_ms),
         })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigrationCopy {
+    Auto,
+    Live,
+    Pause,
+}
+
+impl MigrationCopy {
+    /// Whether the guest is paused for the copy under `accel`.
+    pub fn pauses(self, accel: crate::accel::Accel) -> bool {
+        match self {
+            MigrationCopy::Auto => accel == crate::accel::Accel::Tcg,
+            MigrationCopy::Live => false,
+            MigrationCopy::Pause => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::Accel;
+
+    #[test]
+    fn migrations_pause_for_the_copy_under_tcg_by_default() {
+        assert!(MigrationCopy::Auto.pauses(Accel::Tcg));
+        assert!(!MigrationCopy::Auto.pauses(Accel::Kvm));
+        assert!(!MigrationCopy::Live.pauses(Accel::Tcg));
+        assert!(MigrationCopy::Pause.pauses(Accel::Kvm));
     }
 }

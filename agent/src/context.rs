@@ -32,6 +32,8 @@ pub struct Context {
     /// Where incoming migrations listen.
     pub migration_address: IpAddr,
     pub migration_ports: PortRange,
+    /// Outgoing migrations pause the guest for the copy (see `--migration-copy`).
+    pub pause_for_copy: bool,
     /// Memory VMs may have in all on this node.
     pub allocatable_memory: u64,
     /// Whether this node's QEMU has virtio-mem-pci (else memory hotplug uses pc-dimm).

@@ -39,9 +39,10 @@ pub struct Outgoing {
     pub progress: watch::Sender<pb::MigrationProgress>,
     /// Becomes true when a cancel is asked for.
     pub cancel: watch::Receiver<bool>,
-    /// Pause the guest for the whole copy (a stop-and-copy, not a live migration): under
-    /// TCG, QEMU 10's dirty tracking misses writes made through TLB entries that outlive a
-    /// bitmap sync, and guests arrived with stale memory. KVM tracks dirty pages in the host.
+    /// Pause the guest for the whole copy (a stop-and-copy, not a live migration), as
+    /// `--migration-copy` says: by default under TCG, where QEMU 10's dirty tracking misses
+    /// writes made through TLB entries that outlive a bitmap sync, and guests arrived with
+    /// stale memory. KVM tracks dirty pages in the host.
     pub pause_for_copy: bool,
     /// When the guest was paused for the copy.
     pub paused_at: Option<Instant>,
@@ -128,7 +129,7 @@ impl Outgoing {
                 .map_err(|e| format!("pausing the guest for the copy: {e}"))?;
             self.paused_at = Some(Instant::now());
             self.update(|p| {
-                p.message = "TCG: the guest is paused for the copy (QEMU's software dirty tracking is not reliable for a live copy)".into();
+                p.message = "the guest is paused for the copy (--migration-copy; by default under TCG, whose software dirty tracking is not reliable for a live copy)".into();
             });
         }
         // Capabilities and parameters are the source's to set per migration.

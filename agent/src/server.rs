@@ -138,6 +138,7 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| data_dir.join("snapshots")),
     )?;
+    let pause_for_copy = config.migration_copy.pauses(selection.accel);
     let ctx = Arc::new(Context {
         node_name,
         qemu,
@@ -158,6 +159,7 @@ pub async fn run(
         migration_ports: config.migration_ports.clone(),
         allocatable_memory: config.allocatable_memory.unwrap_or(memory_total),
         virtio_mem,
+        pause_for_copy,
     });
     let vms = Arc::new(
         Vms::load(ctx)

@@ -8,6 +8,9 @@
 //! and one rewriting 256 MiB over and over; (b) raw QEMU with QEMU's own defaults on the
 //! rewriting guest, cancelled if it has not finished within 30 s. Prints medians and ratios.
 //!
+//! The agents run with `--migration-copy live`, so that under TCG they migrate live like raw
+//! QEMU (their default there pauses the guest for the copy).
+//!
 //! Run with `scripts/bench.sh migration` (release build). `BENCH_N` sets N (default 3).
 
 use std::path::{Path, PathBuf};
@@ -645,8 +648,12 @@ fn shown(v: Option<f64>, unit: &str) -> String {
 #[tokio::main]
 async fn main() {
     let n = bench_rounds(3);
-    let src = Agent::for_bench("bench-mig-a").await;
-    let dst = Agent::peer_of(&src, "bench-mig-b", BENCH_FLAGS).await;
+    // Live on both sides, as raw QEMU migrates: under TCG the agent's default pauses the guest
+    // for the copy (`--migration-copy auto`), which would compare two different things.
+    let flags = [BENCH_FLAGS, &["--migration-copy", "live"]].concat();
+    println!("agents: {}", flags.join(" "));
+    let src = Agent::start_with("bench-mig-a", &flags).await;
+    let dst = Agent::peer_of(&src, "bench-mig-b", &flags).await;
     let (accel, node) = agent_accel(&mut src.client().await).await;
     println!(
         "migration benchmark: N={n}, accelerator {} ({}), 1 GiB guest, 1 vCPU, loopback TCP",

@@ -973,7 +973,7 @@ impl Supervisor {
                 qmp,
                 progress: progress.clone(),
                 cancel: cancel_rx,
-                pause_for_copy: self.ctx.accel.accel == Accel::Tcg,
+                pause_for_copy: self.ctx.pause_for_copy,
                 paused_at: None,
             }
             .run()
