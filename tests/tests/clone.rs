@@ -82,15 +82,7 @@ async fn running_and_layered_vms_clone_at_one_instant() {
     stop(&mut c, "src", false).await;
     let mut spec = agent.small_spec("layered");
     spec.disks[0].path = top.to_string_lossy().into();
-    create(&mut c, spec, true).await;
-    let layered = wait_vm(
-        &mut c,
-        "layered",
-        Duration::from_secs(60),
-        "counting",
-        |s| s.phase == pb::VmPhase::Running as i32,
-    )
-    .await;
+    let layered = create(&mut c, spec, true).await;
     wait_counter_above(&layered, 1, Duration::from_secs(60)).await;
     stop(&mut c, "layered", false).await;
     let linked = c
