@@ -19,6 +19,8 @@ use crate::state::Phase;
 
 /// A copy that takes longer than this is cancelled.
 const COPY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a cancelled copy may take to let go of its files.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Supervisor {
     /// Copies the disks into the clone's directory and returns the clone's spec; on any
@@ -144,12 +146,18 @@ impl Supervisor {
                 .execute_value("transaction", json!({ "actions": actions }))
                 .await
             {
-                Ok(_) => await_jobs(&qmp, &added).await,
+                Ok(_) => await_jobs(&qmp, &added, COPY_TIMEOUT, true).await,
                 Err(e) => Err(e.to_string()),
             };
         }
+        if result.is_err() {
+            for id in &added {
+                let _ = qmp.execute_value("job-cancel", json!({ "id": id })).await;
+            }
+            // A cancelled job lets go of its target node once it has concluded.
+            let _ = await_jobs(&qmp, &added, CANCEL_TIMEOUT, false).await;
+        }
         for id in &added {
-            let _ = qmp.execute_value("job-cancel", json!({ "id": id })).await;
             let _ = qmp.execute_value("job-dismiss", json!({ "id": id })).await;
             let _ = qmp
                 .execute_value("blockdev-del", json!({ "node-name": id }))
@@ -179,9 +187,15 @@ fn inserted(blocks: &Value, index: usize) -> Option<(String, u64)> {
     })
 }
 
-/// Waits until every job in `ids` has concluded; the first error wins.
-async fn await_jobs(qmp: &Qmp, ids: &[String]) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + COPY_TIMEOUT;
+/// Waits until every job in `ids` has concluded; with `fail_fast`, the first error ends the
+/// wait.
+async fn await_jobs(
+    qmp: &Qmp,
+    ids: &[String],
+    limit: Duration,
+    fail_fast: bool,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let jobs = qmp
             .execute_value("query-jobs", json!({}))
@@ -193,14 +207,15 @@ async fn await_jobs(qmp: &Qmp, ids: &[String]) -> Result<(), String> {
             .flatten()
             .filter(|j| ids.iter().any(|id| j["id"] == id.as_str()))
             .collect();
-        if let Some(e) = ours.iter().find_map(|j| j["error"].as_str()) {
+        let error = ours.iter().find_map(|j| j["error"].as_str());
+        if let Some(e) = error.filter(|_| fail_fast) {
             return Err(e.to_string());
         }
         if ours.iter().all(|j| j["status"] == "concluded") {
-            return Ok(());
+            return error.map_or(Ok(()), |e| Err(e.to_string()));
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("the copy took longer than {COPY_TIMEOUT:?}"));
+            return Err(format!("the copy took longer than {limit:?}"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

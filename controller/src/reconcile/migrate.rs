@@ -73,11 +73,24 @@ pub(super) async fn run(
             ))
         });
     }
-    if target_agent.vm(&agent_vm).is_some() && is_moving(vm) {
-        finish(vm, ns, &target, ctx).await?;
-        return Ok(Outcome::Done(format!(
-            "VM {vm_name} moved from {source} to {target}"
-        )));
+    if is_moving(vm) {
+        // Started before a controller restart: the source agent drives it on its own.
+        let phase = |v: pb::Vm| v.status.map(|s| s.phase());
+        match target_agent.vm(&agent_vm).map(phase) {
+            Some(Some(p)) if p != pb::VmPhase::Migrating => {
+                finish(vm, ns, &target, ctx).await?;
+                return Ok(Outcome::Done(format!(
+                    "VM {vm_name} moved from {source} to {target}"
+                )));
+            }
+            Some(_) => {
+                return Ok(Outcome::Waiting(
+                    50,
+                    format!("VM {vm_name} is arriving on node {target}"),
+                ));
+            }
+            None => {}
+        }
     }
     if vm.status.as_ref().and_then(|s| s.phase) != Some(VmPhase::Running) {
         return Ok(Outcome::Failed(format!(
