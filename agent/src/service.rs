@@ -299,14 +299,16 @@ impl AgentService for Service {
         if !name.is_empty() {
             self.vms.get(&name).await?;
         }
-        let snapshots = &self.vms.context().snapshots;
-        let (found, broken) = snapshots.list((!name.is_empty()).then_some(name.as_str()));
+        let ctx = self.vms.context();
+        let (found, broken) = ctx
+            .snapshots
+            .list((!name.is_empty()).then_some(name.as_str()));
         for why in broken {
             tracing::warn!("unreadable snapshot left out of the list: {why}");
         }
         let snapshots = found
             .iter()
-            .map(|m| m.to_proto(snapshots.usage(&m.vm, &m.name)))
+            .map(|m| m.to_proto(ctx.snapshots.usage(m, &ctx.store.vm_dir(&m.vm))))
             .collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }

@@ -156,8 +156,30 @@ impl SnapshotDirs {
     }
 
     /// Space the snapshot's directory takes on disk.
-    pub fn usage(&self, vm: &str, snapshot: &str) -> u64 {
-        dir_usage(&self.dir(vm, snapshot))
+    /// Space only `meta` keeps: its directory, and the layers in its VM's layer directory
+    /// (`vm_dir/layers`) that neither the VM now nor its other snapshots need.
+    pub fn usage(&self, meta: &SnapshotMeta, vm_dir: &Path) -> u64 {
+        let (all, _) = self.list(Some(&meta.vm));
+        let active = DiskLayers::load(vm_dir).unwrap_or_default();
+        let others = needed_layers(
+            active.active.into_values().chain(
+                all.iter()
+                    .filter(|s| s.name != meta.name)
+                    .flat_map(|s| s.disk_layers.values().cloned()),
+            ),
+            crate::image::backing_file,
+        );
+        let own = needed_layers(
+            meta.disk_layers.values().cloned(),
+            crate::image::backing_file,
+        );
+        let layers = layers_dir(vm_dir);
+        let exclusive: u64 = own
+            .difference(&others)
+            .filter(|p| p.starts_with(&layers))
+            .map(|p| disk_usage(p))
+            .sum();
+        dir_usage(&self.dir(&meta.vm, &meta.name)) + exclusive
     }
 }
 
@@ -312,5 +334,65 @@ mod tests {
         // Creating it again clears the leftover.
         let again = dirs.create("vm", "half").unwrap();
         assert!(!again.join(MEMORY_FILE).exists());
+    }
+
+    #[test]
+    fn usage_counts_the_layers_only_that_snapshot_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = SnapshotDirs::new(dir.path().join("snapshots"));
+        let vm_dir = dir.path().join("vm");
+        ensure_layers_dir(&vm_dir).unwrap();
+        let layer = |name: &str, kib: usize| {
+            let p = layers_dir(&vm_dir).join(name);
+            std::fs::write(&p, vec![1u8; kib << 10]).unwrap();
+            p
+        };
+        let (own, shared, active) = (layer("own", 64), layer("shared", 32), layer("active", 16));
+        let disk_outside = dir.path().join("disk.raw");
+        std::fs::write(&disk_outside, vec![1u8; 128 << 10]).unwrap();
+        let meta = |name: &str, layers: &[&Path]| SnapshotMeta {
+            vm: "vm".into(),
+            name: name.into(),
+            disk_layers: layers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("d{i}"), p.to_path_buf()))
+                .collect(),
+            description: String::new(),
+            created_at_ms: 0,
+            memory: None,
+            quiesced: false,
+            parent: None,
+            qemu_version: String::new(),
+            spec: crate::spec::tests::minimal("vm"),
+            layout: Default::default(),
+            pause_ms: 0,
+            duration_ms: 0,
+        };
+        let (s1, s2) = (meta("s1", &[&own, &disk_outside]), meta("s2", &[&shared]));
+        for m in [&s1, &s2] {
+            let d = dirs.create("vm", &m.name).unwrap();
+            write_json(&d.join(META_FILE), m).unwrap();
+        }
+        let with_active = |layers: &[&Path]| {
+            DiskLayers {
+                active: layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (format!("d{i}"), p.to_path_buf()))
+                    .collect(),
+                current: None,
+            }
+            .save(&vm_dir)
+            .unwrap()
+        };
+        with_active(&[&active, &shared]);
+        let base = |m: &SnapshotMeta| dir_usage(&dirs.dir("vm", &m.name));
+        // s1 alone keeps `own`; the disk's own file is not a layer of the agent's.
+        assert_eq!(dirs.usage(&s1, &vm_dir) - base(&s1), disk_usage(&own));
+        // s2's layer is the VM's too.
+        assert_eq!(dirs.usage(&s2, &vm_dir), base(&s2));
+        with_active(&[&active]);
+        assert_eq!(dirs.usage(&s2, &vm_dir) - base(&s2), disk_usage(&shared));
     }
 }

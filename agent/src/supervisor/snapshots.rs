@@ -89,7 +89,7 @@ impl Supervisor {
                     "snapshot ready"
                 );
                 self.publish("SnapshotCreated", &req.snapshot);
-                let size = self.ctx.snapshots.usage(&self.spec.name, &req.snapshot);
+                let size = self.ctx.snapshots.usage(&meta, &self.dir);
                 Ok(meta.to_proto(size))
             }
             Err(why) => {
