@@ -38,6 +38,16 @@ pub struct SnapshotRequest {
     pub description: String,
 }
 
+/// What taking a snapshot captured, before it is recorded as a [`SnapshotMeta`].
+struct Captured {
+    memory: Option<MemoryState>,
+    quiesced: bool,
+    layout: Layout,
+    /// Disk name → the frozen layer.
+    disk_layers: std::collections::BTreeMap<String, PathBuf>,
+    pause_ms: u32,
+}
+
 impl Supervisor {
     pub(super) async fn create_snapshot(
         &mut self,
@@ -67,11 +77,25 @@ impl Supervisor {
         // The snapshot the disks descend from now (taking this one moves that on).
         let parent = self.layers.current.clone();
         let result = if live {
-            self.snapshot_live(&req, &dir, started).await
+            self.snapshot_live(&req, &dir).await
         } else {
-            self.snapshot_stopped(&req, started).await
+            self.snapshot_stopped(&req).await
         }
-        .map(|meta| SnapshotMeta { parent, ..meta });
+        .map(|c| SnapshotMeta {
+            vm: self.spec.name.clone(),
+            name: req.snapshot.clone(),
+            description: req.description.clone(),
+            created_at_ms: now_ms(),
+            memory: c.memory,
+            quiesced: c.quiesced,
+            parent,
+            qemu_version: self.ctx.qemu_version.clone(),
+            spec: self.spec.clone(),
+            layout: c.layout,
+            pause_ms: c.pause_ms,
+            duration_ms: started.elapsed().as_millis() as u32,
+            disk_layers: c.disk_layers,
+        });
         match result {
             Ok(meta) => {
                 let write = crate::store::write_json(&dir.join(META_FILE), &meta);
@@ -107,8 +131,7 @@ impl Supervisor {
         &mut self,
         req: &SnapshotRequest,
         dir: &Path,
-        started: Instant,
-    ) -> Result<SnapshotMeta, String> {
+    ) -> Result<Captured, String> {
         let qmp = self.live_qmp()?;
         let layout = outgoing::read_layout(&qmp)
             .await
@@ -155,23 +178,17 @@ impl Supervisor {
             Some(Err(e)) => return Err(e),
             None => None,
         };
-        Ok(self.meta(
-            req,
+        Ok(Captured {
             memory,
             quiesced,
             layout,
             disk_layers,
             pause_ms,
-            started,
-        ))
+        })
     }
 
     /// A stopped VM: each writable disk's current file is frozen and gets a new overlay.
-    async fn snapshot_stopped(
-        &mut self,
-        req: &SnapshotRequest,
-        started: Instant,
-    ) -> Result<SnapshotMeta, String> {
+    async fn snapshot_stopped(&mut self, req: &SnapshotRequest) -> Result<Captured, String> {
         let resolved = self.resolved_spec().map_err(|e| e.to_string())?;
         snapshot_files::ensure_layers_dir(&self.dir).map_err(|e| e.to_string())?;
         let mut frozen = std::collections::BTreeMap::new();
@@ -189,36 +206,13 @@ impl Supervisor {
             boot_memory_bytes: self.spec.memory,
             ..Layout::default()
         };
-        Ok(self.meta(req, None, false, layout, frozen, 0, started))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn meta(
-        &self,
-        req: &SnapshotRequest,
-        memory: Option<MemoryState>,
-        quiesced: bool,
-        layout: Layout,
-        disk_layers: std::collections::BTreeMap<String, PathBuf>,
-        pause_ms: u32,
-        started: Instant,
-    ) -> SnapshotMeta {
-        SnapshotMeta {
-            vm: self.spec.name.clone(),
-            name: req.snapshot.clone(),
-            description: req.description.clone(),
-            created_at_ms: now_ms(),
-            memory,
-            quiesced,
-            // Set by the caller, which saw the layers before the snapshot.
-            parent: None,
-            qemu_version: self.ctx.qemu_version.clone(),
-            spec: self.spec.clone(),
+        Ok(Captured {
+            memory: None,
+            quiesced: false,
             layout,
-            pause_ms,
-            duration_ms: started.elapsed().as_millis() as u32,
-            disk_layers,
-        }
+            disk_layers: frozen,
+            pause_ms: 0,
+        })
     }
 
     /// Freezes (or thaws) the guest's filesystems through its agent. Returns whether it froze.
