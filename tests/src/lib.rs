@@ -279,20 +279,26 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
+impl Agent {
+    /// The whole node dies: the agent and every QEMU it started, found by their command lines
+    /// (state files may be exactly what a test damaged).
+    pub fn kill_node(&mut self) {
         if let Some(mut p) = self.process.take() {
             let _ = p.kill();
             let _ = p.wait();
         }
-        // Every QEMU started for this agent, found by its command line: state files may be
-        // exactly what a test damaged.
         for pid in qemu_pids_under(self.dir.path()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill_node();
         if std::thread::panicking() {
             eprintln!("--- agent {} log ---\n{}", self.name, self.agent_log());
             print_serial_tails(&self.name, &self.data_dir());

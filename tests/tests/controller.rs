@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,103 +19,35 @@ use hypersdk_controller::fakeapi::FakeApi;
 use hypersdk_controller::scheduler::Policy;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
-use hypersdk_proto::endpoint::{self, Address};
 use hypersdk_tests::{
-    GUEST_CMDLINE, READY_MARKER, bin, count_markers, guest, last_counter, qemu_pids_under,
-    repo_root, serial, wait_boots, wait_counter_above,
+    Agent, GUEST_CMDLINE, READY_MARKER, bin, count_markers, guest, last_counter, repo_root, serial,
+    wait_boots, wait_counter_above,
 };
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-/// An agent process whose --image-dir is shared with the other agents of the test, so that one
-/// VMTemplate (image paths are node paths) fits every node. Ends the agent and its QEMUs on drop.
-struct Node {
-    name: String,
-    dir: tempfile::TempDir,
-    address: Address,
-    process: Option<Child>,
+/// A node of the test: an agent whose --image-dir is shared with the other agents of the test,
+/// so that one VMTemplate (image paths are node paths) fits every node.
+async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
+    let mut args = vec![
+        "--image-dir",
+        images.to_str().unwrap(),
+        "--cgroup-parent",
+        "",
+    ];
+    args.extend_from_slice(extra);
+    Agent::start_with(name, &args).await
 }
 
-impl Node {
-    fn start(name: &str, images: &Path, extra: &[&str]) -> Node {
-        let dir = tempfile::Builder::new()
-            .prefix("hs-ctl-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let address = Address::Unix(dir.path().join("agent.sock"));
-        let accel = std::env::var("HYPERSDK_TEST_ACCEL").unwrap_or_else(|_| "auto".into());
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let process = Command::new(bin("hypersdk-agent"))
-            .args([
-                "--node-name",
-                name,
-                "--accel",
-                &accel,
-                "--cgroup-parent",
-                "",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen")
-            .arg(address.to_string())
-            .arg("--image-dir")
-            .arg(images)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning hypersdk-agent");
-        let sock = dir.path().join("agent.sock");
-        hypersdk_tests::wait_until(Duration::from_secs(20), "agent socket", || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
-        Node {
-            name: name.into(),
-            dir,
-            address,
-            process: Some(process),
-        }
-    }
-
-    fn info(&self) -> AgentInfo {
-        AgentInfo {
-            node: self.name.clone(),
-            address: self.address.clone(),
-            labels: BTreeMap::from([("hypersdk.io/node".to_string(), self.name.clone())]),
-            carbon_intensity: None,
-        }
-    }
-
-    async fn client(&self) -> hypersdk_tests::Client {
-        endpoint::connect(&self.address).await.unwrap()
-    }
-
-    /// The node dies: its agent and every VM on it.
-    fn kill(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-        for pid in qemu_pids_under(self.dir.path()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
-            eprintln!("--- agent {} log ---\n{log}", self.name);
-            hypersdk_tests::print_serial_tails(&self.name, &self.dir.path().join("data"));
-        }
+/// How the controller finds `agent`, labelled with its node name for nodeSelectors.
+fn info(agent: &Agent) -> AgentInfo {
+    AgentInfo {
+        node: agent.name.clone(),
+        address: agent.address.clone(),
+        labels: BTreeMap::from([("hypersdk.io/node".to_string(), agent.name.clone())]),
+        carbon_intensity: None,
     }
 }
 
@@ -140,10 +72,10 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(nodes: &[&Node], settings: Settings) -> Controller {
+    fn start(nodes: &[&Agent], settings: Settings) -> Controller {
         let client = FakeApi::new().client("default");
         let agents = Arc::new(Agents::default());
-        agents.sync(nodes.iter().map(|n| n.info()).collect());
+        agents.sync(nodes.iter().map(|n| info(n)).collect());
         let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
         let task = tokio::spawn(hypersdk_controller::run::run(ctx, std::future::pending()));
         Controller {
@@ -241,7 +173,7 @@ fn cond<'a>(
     condition(&vm.status.as_ref()?.conditions, type_)
 }
 
-async fn agent_vm(node: &Node, name: &str) -> Result<pb::Vm, tonic::Status> {
+async fn agent_vm(node: &Agent, name: &str) -> Result<pb::Vm, tonic::Status> {
     let agent_name = hypersdk_controller::agentspec::agent_name("default", name);
     node.client()
         .await
@@ -258,8 +190,8 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     // The seed VM has 8Gi (TCG allocates it lazily); its clone as well.
     let room = ["--allocatable-memory", "32Gi"];
     let nodes = [
-        Node::start("node-1", images.path(), &room),
-        Node::start("node-2", images.path(), &room),
+        start_node("node-1", images.path(), &room).await,
+        start_node("node-2", images.path(), &room).await,
     ];
     let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
     ctl.create::<VMTemplate>(guest_template(images.path()))
@@ -576,8 +508,8 @@ fn small_vm(name: &str, ha: bool, selector: Option<&str>) -> Value {
 async fn lost_node_is_reported_and_highly_available_vms_move() {
     let images = images();
     let mut nodes = [
-        Node::start("node-1", images.path(), &[]),
-        Node::start("node-2", images.path(), &[]),
+        start_node("node-1", images.path(), &[]).await,
+        start_node("node-2", images.path(), &[]).await,
     ];
     let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
     ctl.create::<VMTemplate>(guest_template(images.path()))
@@ -627,7 +559,7 @@ async fn lost_node_is_reported_and_highly_available_vms_move() {
     .await;
 
     let lost = nodes.iter_mut().find(|n| n.name == first).unwrap();
-    lost.kill();
+    lost.kill_node();
     let pinned = wait_for(
         &ctl.vms(),
         "pinned",
@@ -673,8 +605,8 @@ async fn standalone_binary_applies_a_manifest_directory() {
         "16Gi",
     ];
     let nodes = [
-        Node::start("sim-1", images.path(), &sim),
-        Node::start("sim-2", images.path(), &sim),
+        start_node("sim-1", images.path(), &sim).await,
+        start_node("sim-2", images.path(), &sim).await,
     ];
     let manifests = tempfile::tempdir().unwrap();
     let dir = manifests.path();
