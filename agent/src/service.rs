@@ -54,11 +54,8 @@ impl AgentService for Service {
         &self,
         req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let req = req.into_inner();
-        let spec = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        Ok(Response::new(self.vms.create(spec, req.start).await?))
+        let (spec, start) = unpack_create(req)?;
+        Ok(Response::new(self.vms.create(spec, start).await?))
     }
 
     async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
@@ -350,4 +347,13 @@ impl AgentService for Service {
             .map_err(|_| Status::internal("the delete gave no answer"))?;
         Ok(Response::new(pb::DeleteSnapshotResponse { freed_bytes }))
     }
+}
+
+/// A CreateVm request's spec (required) and whether to start the VM.
+pub fn unpack_create(req: Request<pb::CreateVmRequest>) -> Result<(pb::VmSpec, bool), Status> {
+    let req = req.into_inner();
+    let spec = req
+        .spec
+        .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+    Ok((spec, req.start))
 }

@@ -179,10 +179,7 @@ impl AgentService for Simulator {
         &self,
         req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let req = req.into_inner();
-        let spec = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let (spec, start) = crate::service::unpack_create(req)?;
         // Stored as the real agent stores it: checked, ceilings filled in.
         let spec = pb::VmSpec::from(&VmSpec::try_from(spec)?);
         let name = spec.name.clone();
@@ -207,7 +204,7 @@ impl AgentService for Simulator {
             vms.insert(name.clone(), vm.clone());
         }
         self.publish(pb::EventType::Added, vm.clone(), "Created");
-        Ok(Response::new(if req.start {
+        Ok(Response::new(if start {
             self.boot(&name)?
         } else {
             vm
