@@ -204,11 +204,7 @@ impl AgentService for Simulator {
             vms.insert(name.clone(), vm.clone());
         }
         self.publish(pb::EventType::Added, vm.clone(), "Created");
-        Ok(Response::new(if start {
-            self.boot(&name)?
-        } else {
-            vm
-        }))
+        Ok(Response::new(if start { self.boot(&name)? } else { vm }))
     }
 
     async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
