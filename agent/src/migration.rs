@@ -16,7 +16,10 @@ use crate::spec::{FieldError, MemoryHotplug, VmSpec};
 /// The agent's defaults, chosen so that a busy guest converges with a short pause (QEMU's own
 /// are 128 MiB/s and 300 ms, with which a guest dirtying memory fast never finishes).
 pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
-pub const DEFAULT_MULTIFD_CHANNELS: u32 = 4;
+/// Multifd channels: 4, or one per host CPU on smaller hosts. More sending and receiving
+/// threads than CPUs only compete: on a 2-CPU host, 4 channels doubled an idle guest's
+/// downtime (131-137 ms against 63-76 ms with 2) for no faster copy.
+pub const MAX_DEFAULT_MULTIFD_CHANNELS: u32 = 4;
 pub const DEFAULT_COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_MULTIFD_CHANNELS: u32 = 64;
 /// QEMU's `downtime-limit` maximum is 2000 s; an hour of pause is no live migration.
@@ -33,13 +36,20 @@ pub struct Options {
     pub completion_timeout: Duration,
 }
 
+/// See [`MAX_DEFAULT_MULTIFD_CHANNELS`].
+pub fn default_multifd_channels(host_cpus: u32) -> u32 {
+    host_cpus.clamp(1, MAX_DEFAULT_MULTIFD_CHANNELS)
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
             bandwidth: None,
             max_downtime: DEFAULT_MAX_DOWNTIME,
             auto_converge: true,
-            multifd_channels: DEFAULT_MULTIFD_CHANNELS,
+            multifd_channels: default_multifd_channels(
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            ),
             completion_timeout: DEFAULT_COMPLETION_TIMEOUT,
         }
     }
@@ -338,7 +348,12 @@ mod tests {
         let p = parameters(&o, true);
         assert_eq!(p["max-bandwidth"], 0);
         assert_eq!(p["downtime-limit"], 50);
-        assert_eq!(p["multifd-channels"], 4);
+        assert_eq!(p["multifd-channels"], o.multifd_channels);
+        assert_eq!(
+            [1, 2, 4, 64].map(default_multifd_channels),
+            [1, 2, 4, 4],
+            "one channel per CPU, at most 4"
+        );
         let caps = capabilities(&o, true).to_string();
         assert!(caps.contains(r#"{"capability":"auto-converge","state":true}"#));
         assert!(caps.contains(r#"{"capability":"multifd","state":true}"#));

@@ -28,7 +28,8 @@ pub struct MigrateArgs {
     /// Throttle a guest that dirties memory faster than it is sent (default true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     auto_converge: Option<bool>,
-    /// Parallel connections for memory; 0 turns multifd off (default 4).
+    /// Parallel connections for memory; 0 turns multifd off (default 4, or one per host CPU
+    /// on hosts with fewer).
     #[arg(long)]
     multifd: Option<u32>,
     /// After this long the agent throttles hard; after twice as long it cancels (default 2m).
