@@ -82,13 +82,16 @@ async fn fsfreeze(conn: &mut Option<Qga>, freeze: bool) -> Result<(), String> {
     done.map_err(|e| e.to_string())
 }
 
-async fn view(qga: &mut Qga, probe: bool) -> Result<GuestView, QgaError> {
+/// What the guest reports now. `memory_before` is the last memory figure seen: listing memory
+/// blocks fails now and then while the guest adds or removes them (a block's sysfs entry goes
+/// away under the guest agent), and that is no reason to report no memory at all.
+async fn view(qga: &mut Qga, probe: bool, memory_before: u64) -> Result<GuestView, QgaError> {
     qga.sync(if probe { PROBE_TIMEOUT } else { TIMEOUT })
         .await?;
     qga.execute(qapi::qga::guest_ping {}, TIMEOUT).await?;
     let cpus = qga.execute(qapi::qga::guest_get_vcpus {}, TIMEOUT).await?;
-    // A guest without memory-block support reports 0; a timeout ends this look (its late
-    // reply must not be read as the answer to the next command).
+    // A guest without memory-block support reports 0 (it never had a figure); a timeout ends
+    // this look (its late reply must not be read as the answer to the next command).
     let memory_bytes = match (
         qga.execute(qapi::qga::guest_get_memory_blocks {}, TIMEOUT)
             .await,
@@ -99,7 +102,7 @@ async fn view(qga: &mut Qga, probe: bool) -> Result<GuestView, QgaError> {
         (Ok(blocks), Ok(info)) => {
             (blocks.iter().filter(|b| b.online).count() as u64).saturating_mul(info.size)
         }
-        _ => 0,
+        _ => memory_before,
     };
     Ok(GuestView {
         connected: true,
@@ -123,8 +126,10 @@ pub async fn watch(
             conn = Qga::connect(&socket).await.ok();
         }
         let now = match &mut conn {
-            Some(qga) => match view(qga, !last.connected).await {
+            Some(qga) => match view(qga, !last.connected, last.memory_bytes).await {
                 Ok(v) => v,
+                // It answered, with an error: a passing one (the guest is changing), not news.
+                Err(QgaError::Command { .. }) if last.connected => last,
                 Err(QgaError::Timeout(_) | QgaError::Command { .. }) => GuestView::default(),
                 Err(_) => {
                     conn = None;
