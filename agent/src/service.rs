@@ -30,6 +30,16 @@ impl Service {
         check_name("name", name)?;
         Ok(Response::new(self.vms.call(name, op).await?))
     }
+
+    /// [`Service::call`] for an op that answers with a value besides the VM.
+    async fn call_for<T>(
+        &self,
+        name: &str,
+        op: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Op,
+    ) -> Result<(pb::Vm, T), Status> {
+        check_name("name", name)?;
+        Ok(self.vms.call_for(name, op).await?)
+    }
 }
 
 fn stop_timeout(seconds: u32) -> Duration {
@@ -274,17 +284,15 @@ impl AgentService for Service {
                 "description: must be at most 1024 bytes",
             ));
         }
-        let (done, snapshot) = tokio::sync::oneshot::channel();
         let request = SnapshotRequest {
             snapshot: r.snapshot,
             memory: r.memory,
             quiesce: r.quiesce,
             description: r.description,
         };
-        self.call(&r.name, Op::Snapshot { request, done }).await?;
-        let snapshot = snapshot
-            .await
-            .map_err(|_| Status::internal("the snapshot gave no answer"))?;
+        let (_, snapshot) = self
+            .call_for(&r.name, |done| Op::Snapshot { request, done })
+            .await?;
         Ok(Response::new(snapshot))
     }
 
@@ -305,7 +313,7 @@ impl AgentService for Service {
         }
         let snapshots = found
             .iter()
-            .map(|m| m.to_proto(ctx.snapshots.usage(m, &ctx.store.vm_dir(&m.vm))))
+            .map(|m| m.to_proto(ctx.snapshots.usage(m, &found, &ctx.store.vm_dir(&m.vm))))
             .collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
@@ -315,15 +323,10 @@ impl AgentService for Service {
         req: Request<pb::RestoreSnapshotRequest>,
     ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let (done, times) = tokio::sync::oneshot::channel();
-        let op = Op::Restore {
-            snapshot: r.snapshot,
-            done,
-        };
-        let vm = self.call(&r.name, op).await?.into_inner();
-        let (restore_ms, load_ms) = times
-            .await
-            .map_err(|_| Status::internal("the restore gave no answer"))?;
+        let snapshot = r.snapshot;
+        let (vm, (restore_ms, load_ms)) = self
+            .call_for(&r.name, |done| Op::Restore { snapshot, done })
+            .await?;
         Ok(Response::new(pb::RestoreSnapshotResponse {
             vm: Some(vm),
             restore_ms,
@@ -336,15 +339,10 @@ impl AgentService for Service {
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let (freed, bytes) = tokio::sync::oneshot::channel();
-        let op = Op::DeleteSnapshot {
-            snapshot: r.snapshot,
-            freed,
-        };
-        self.call(&r.name, op).await?;
-        let freed_bytes = bytes
-            .await
-            .map_err(|_| Status::internal("the delete gave no answer"))?;
+        let snapshot = r.snapshot;
+        let (_, freed_bytes) = self
+            .call_for(&r.name, |freed| Op::DeleteSnapshot { snapshot, freed })
+            .await?;
         Ok(Response::new(pb::DeleteSnapshotResponse { freed_bytes }))
     }
 }

@@ -157,14 +157,15 @@ impl SnapshotDirs {
 
     /// Space the snapshot's directory takes on disk.
     /// Space only `meta` keeps: its directory, and the layers in its VM's layer directory
-    /// (`vm_dir/layers`) that neither the VM now nor its other snapshots need.
-    pub fn usage(&self, meta: &SnapshotMeta, vm_dir: &Path) -> u64 {
-        let (all, _) = self.list(Some(&meta.vm));
+    /// (`vm_dir/layers`) that neither the VM now nor its other snapshots need. `listed` holds
+    /// the snapshots as listed (those of other VMs are passed over).
+    pub fn usage(&self, meta: &SnapshotMeta, listed: &[SnapshotMeta], vm_dir: &Path) -> u64 {
         let active = DiskLayers::load(vm_dir).unwrap_or_default();
         let others = needed_layers(
             active.active.into_values().chain(
-                all.iter()
-                    .filter(|s| s.name != meta.name)
+                listed
+                    .iter()
+                    .filter(|s| s.vm == meta.vm && s.name != meta.name)
                     .flat_map(|s| s.disk_layers.values().cloned()),
             ),
             crate::image::backing_file,
@@ -389,10 +390,17 @@ mod tests {
         with_active(&[&active, &shared]);
         let base = |m: &SnapshotMeta| dir_usage(&dirs.dir("vm", &m.name));
         // s1 alone keeps `own`; the disk's own file is not a layer of the agent's.
-        assert_eq!(dirs.usage(&s1, &vm_dir) - base(&s1), disk_usage(&own));
+        let listed = dirs.list(Some("vm")).0;
+        assert_eq!(
+            dirs.usage(&s1, &listed, &vm_dir) - base(&s1),
+            disk_usage(&own)
+        );
         // s2's layer is the VM's too.
-        assert_eq!(dirs.usage(&s2, &vm_dir), base(&s2));
+        assert_eq!(dirs.usage(&s2, &listed, &vm_dir), base(&s2));
         with_active(&[&active]);
-        assert_eq!(dirs.usage(&s2, &vm_dir) - base(&s2), disk_usage(&shared));
+        assert_eq!(
+            dirs.usage(&s2, &listed, &vm_dir) - base(&s2),
+            disk_usage(&shared)
+        );
     }
 }

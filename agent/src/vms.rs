@@ -84,22 +84,18 @@ impl Vms {
     /// A new VM on this node with `req.name`'s spec and copies of its disks (see
     /// [`crate::clone`]); started when asked.
     pub async fn clone_vm(&self, req: pb::CloneVmRequest) -> Result<pb::Vm, AgentError> {
-        crate::spec::check_name("targetName", &req.target_name)?;
+        // Before anything is copied (the name itself is checked with the clone's spec).
         if self.handle(&req.target_name).await.is_ok() {
             return Err(AgentError::AlreadyExists(req.target_name));
         }
-        let source = self.handle(&req.name).await?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let op = Op::CloneDisks {
-            target: req.target_name.clone(),
-            linked: req.linked,
-            labels: req.labels.into_iter().collect(),
-            spec: tx,
-        };
-        source.call(&req.name, op).await?;
-        let spec = rx
-            .await
-            .map_err(|_| AgentError::Internal("the clone gave no spec".into()))?;
+        let (_, spec) = self
+            .call_for(&req.name, |spec| Op::CloneDisks {
+                target: req.target_name.clone(),
+                linked: req.linked,
+                labels: req.labels.into_iter().collect(),
+                spec,
+            })
+            .await?;
         match self.register(pb::VmSpec::from(&spec), "Cloned").await {
             Ok(handle) if req.start => handle.call(&spec.name, Op::Start).await,
             Ok(handle) => Ok(handle.current()),
@@ -266,6 +262,21 @@ impl Vms {
 
     pub async fn call(&self, name: &str, op: Op) -> Result<pb::Vm, AgentError> {
         self.handle(name).await?.call(name, op).await
+    }
+
+    /// [`Vms::call`] for an op that answers with a value besides the VM (a snapshot, a spec):
+    /// `op` makes the op around the sender of that value.
+    pub async fn call_for<T>(
+        &self,
+        name: &str,
+        op: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Op,
+    ) -> Result<(pb::Vm, T), AgentError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let vm = self.call(name, op(tx)).await?;
+        let value = rx
+            .await
+            .map_err(|_| AgentError::Internal(format!("{name}: the operation gave no answer")))?;
+        Ok((vm, value))
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), AgentError> {

@@ -371,39 +371,27 @@ impl Supervisor {
                     .await
             }
             Op::FinishIncoming => self.finish_incoming().await,
-            Op::Snapshot { request, done } => match self.create_snapshot(request).await {
-                Ok(s) => {
-                    let _ = done.send(s);
-                    Ok(self.snapshot())
-                }
-                Err(e) => Err(e),
-            },
-            Op::Restore { snapshot, done } => match self.restore_snapshot(&snapshot).await {
-                Ok(times) => {
-                    let _ = done.send(times);
-                    Ok(self.snapshot())
-                }
-                Err(e) => Err(e),
-            },
-            Op::DeleteSnapshot { snapshot, freed } => match self.delete_snapshot(&snapshot).await {
-                Ok(bytes) => {
-                    let _ = freed.send(bytes);
-                    Ok(self.snapshot())
-                }
-                Err(e) => Err(e),
-            },
+            Op::Snapshot { request, done } => {
+                let r = self.create_snapshot(request).await;
+                self.answer(r, done)
+            }
+            Op::Restore { snapshot, done } => {
+                let r = self.restore_snapshot(&snapshot).await;
+                self.answer(r, done)
+            }
+            Op::DeleteSnapshot { snapshot, freed } => {
+                let r = self.delete_snapshot(&snapshot).await;
+                self.answer(r, freed)
+            }
             Op::CloneDisks {
                 target,
                 linked,
                 labels,
                 spec,
-            } => match self.clone_disks(&target, linked, labels).await {
-                Ok(s) => {
-                    let _ = spec.send(s);
-                    Ok(self.snapshot())
-                }
-                Err(e) => Err(e),
-            },
+            } => {
+                let r = self.clone_disks(&target, linked, labels).await;
+                self.answer(r, spec)
+            }
             Op::AbortIncoming => match self.status.phase {
                 Phase::Incoming => self.remove("IncomingAborted").await,
                 other => Err(self.conflict(format!(
@@ -413,6 +401,18 @@ impl Supervisor {
             },
         };
         let _ = reply.send(result);
+    }
+
+    /// For an op that answers with a value besides the VM: the value goes to `to`, the
+    /// caller's reply is the VM as it is now.
+    fn answer<T>(
+        &self,
+        result: Result<T, AgentError>,
+        to: oneshot::Sender<T>,
+    ) -> Result<pb::Vm, AgentError> {
+        let value = result?;
+        let _ = to.send(value);
+        Ok(self.snapshot())
     }
 
     // ----- requests -------------------------------------------------------------------------

@@ -113,7 +113,8 @@ impl Supervisor {
                     "snapshot ready"
                 );
                 self.publish("SnapshotCreated", &req.snapshot);
-                let size = self.ctx.snapshots.usage(&meta, &self.dir);
+                let (listed, _) = self.ctx.snapshots.list(Some(&self.spec.name));
+                let size = self.ctx.snapshots.usage(&meta, &listed, &self.dir);
                 Ok(meta.to_proto(size))
             }
             Err(why) => {
@@ -828,9 +829,10 @@ fn record_digest(dir: PathBuf, stamp: FileStamp) {
 
 /// Checks a memory file against its record: present, whole, and unchanged.
 async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
-    let len = std::fs::metadata(file)
-        .map_err(|e| format!("{}: {e}", file.display()))?
-        .len();
+    let now = std::fs::metadata(file)
+        .map(|meta| FileStamp::of(&meta))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let len = now.bytes;
     if len != m.file_bytes {
         return Err(format!(
             "{} has {len} bytes, {} were written (truncated or replaced)",
@@ -841,8 +843,7 @@ async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
     if !snapshot_files::looks_like_qemu_state(file) {
         return Err(format!("{} is not a QEMU state file", file.display()));
     }
-    let now = std::fs::metadata(file).map(|m| FileStamp::of(&m)).ok();
-    if now.is_some() && now == m.written {
+    if Some(now) == m.written {
         return Ok(());
     }
     if m.digest.is_empty() {
