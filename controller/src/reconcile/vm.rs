@@ -141,7 +141,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     let current = match agent.vm(&built.spec.name) {
         Some(v) => v,
         None => {
-            if let Some(other) = found_elsewhere(ctx, &node, &built.spec.name) {
+            if let Some(other) = found_on_agent(ctx, &built.spec.name, Some(&node)) {
                 // Moved by a live migration (a VMOperation, or hyperctl): follow it.
                 info!(from = node, to = other, "VM found on another node");
                 pass.status.node_name = Some(other.clone());
@@ -199,12 +199,14 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(RESYNC))
 }
 
-/// A reachable node other than `node` whose agent has the VM.
-fn found_elsewhere(ctx: &Context, node: &str, name: &str) -> Option<String> {
+/// A reachable node (other than `except`) whose agent has the VM.
+fn found_on_agent(ctx: &Context, name: &str, except: Option<&str>) -> Option<String> {
     ctx.agents
         .all()
         .into_iter()
-        .find(|a| a.info.node != node && a.client().is_some() && a.vm(name).is_some())
+        .find(|a| {
+            Some(a.info.node.as_str()) != except && a.client().is_some() && a.vm(name).is_some()
+        })
         .map(|a| a.info.node.clone())
 }
 
@@ -247,6 +249,16 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
 async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Option<String>> {
     let vm = pass.vm;
     let memory_bytes = quantity::parse_bytes(&vm.spec.memory).unwrap_or(0);
+    if pass.status.node_name.is_none() {
+        // Already on a node's agent (a clone made there, or a placement lost with the
+        // controller's state): it stays where its disks are.
+        if let Some(node) = found_on_agent(ctx, &built.spec.name, None) {
+            info!(node, "found on a node's agent");
+            let msg = format!("already on node {node}");
+            pass.set(SCHEDULED, Status::True, "Found", msg);
+            pass.status.node_name = Some(node);
+        }
+    }
     if let Some(node) = &pass.status.node_name {
         let placed = Placed {
             node: node.clone(),
@@ -255,25 +267,6 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         };
         ctx.placements.record(pass.key.clone(), placed);
         return Ok(Some(node.clone()));
-    }
-    // Already on a node's agent (a clone made there, or a placement lost with the controller's
-    // state): it stays where its disks are.
-    if let Some(node) = found_elsewhere(ctx, "", &built.spec.name) {
-        info!(node, "found on a node's agent");
-        pass.status.node_name = Some(node.clone());
-        let placed = Placed {
-            node: node.clone(),
-            cpus: built.spec.cpus,
-            memory_bytes,
-        };
-        ctx.placements.record(pass.key.clone(), placed);
-        pass.set(
-            SCHEDULED,
-            Status::True,
-            "Found",
-            format!("already on node {node}"),
-        );
-        return Ok(Some(node));
     }
     if !vm.spec.running {
         pass.status.phase = Some(VmPhase::Stopped);
