@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -27,18 +28,34 @@ pub struct GuestView {
     pub memory_bytes: u64,
 }
 
-/// Asks the watcher to look often for a while: the guest is expected to change (a resize).
+/// Asks the watcher to look now: once (the guest runs again after a move or a restore), or
+/// often for a while (a resize, which the guest carries out over seconds). Looking often means
+/// a guest agent command every [`ATTENTIVE_INTERVAL`]: work for the guest and for QEMU, so it
+/// is kept to when a change is expected.
 #[derive(Debug, Clone, Default)]
-pub struct Refresh(Arc<Notify>);
+pub struct Refresh {
+    wake: Arc<Notify>,
+    closely: Arc<AtomicBool>,
+}
 
 /// How often the watcher looks while the guest is expected to change.
 const ATTENTIVE_INTERVAL: Duration = Duration::from_millis(20);
-/// How long the watcher keeps looking often after [`Refresh::now`].
+/// How long the watcher keeps looking often after [`Refresh::closely`].
 const ATTENTIVE_FOR: Duration = Duration::from_secs(30);
 
 impl Refresh {
     pub fn now(&self) {
-        self.0.notify_one();
+        self.wake.notify_one();
+    }
+
+    pub fn closely(&self) {
+        self.closely.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// For the watcher, once woken: whether to look often (asked for since the last wake).
+    fn take_closely(&self) -> bool {
+        self.closely.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -152,10 +169,32 @@ pub async fn watch(
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = refresh.0.notified() => attentive_until = tokio::time::Instant::now() + ATTENTIVE_FOR,
+            _ = refresh.wake.notified() => {
+                if refresh.take_closely() {
+                    attentive_until = tokio::time::Instant::now() + ATTENTIVE_FOR;
+                }
+            }
             Some((freeze, reply)) = commands.recv() => {
                 let _ = reply.send(fsfreeze(&mut conn, freeze).await);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_close_refresh_makes_the_watcher_look_often() {
+        let r = Refresh::default();
+        r.now();
+        assert!(
+            !r.take_closely(),
+            "a look after a move or restore is a single one"
+        );
+        r.closely();
+        assert!(r.take_closely());
+        assert!(!r.take_closely(), "once per request");
     }
 }

@@ -123,6 +123,16 @@ pub fn capabilities(o: &Options, outgoing: bool) -> Value {
     json!({ "capabilities": caps })
 }
 
+/// QEMU's `downtime-limit` for a pause of at most `max_downtime`: half of it. QEMU switches
+/// over once what is left to send would take that long at the rate the source sends at, but
+/// the guest's pause also covers the target loading what is still in flight, the device state,
+/// and starting the guest: with the whole budget given to QEMU, idle 1 GiB guests paused
+/// 34 ms (median, up to 50 ms) with 5-16 MiB left at the switch-over; with half, 19 ms, and no
+/// slower to converge when busy (2-CPU host, TCG, loopback).
+pub fn qemu_downtime_limit(max_downtime: Duration) -> u64 {
+    (max_downtime.as_millis() as u64 / 2).max(1)
+}
+
 /// `migrate-set-parameters` for the source (`outgoing`) or the target.
 pub fn parameters(o: &Options, outgoing: bool) -> Value {
     let mut p = serde_json::Map::new();
@@ -134,7 +144,7 @@ pub fn parameters(o: &Options, outgoing: bool) -> Value {
         p.insert("max-bandwidth".into(), json!(o.bandwidth.unwrap_or(0)));
         p.insert(
             "downtime-limit".into(),
-            json!(o.max_downtime.as_millis() as u64),
+            json!(qemu_downtime_limit(o.max_downtime)),
         );
     }
     Value::Object(p)
@@ -347,7 +357,7 @@ mod tests {
         assert_eq!(o, Options::default());
         let p = parameters(&o, true);
         assert_eq!(p["max-bandwidth"], 0);
-        assert_eq!(p["downtime-limit"], 50);
+        assert_eq!(p["downtime-limit"], 25, "half the pause the agent allows");
         assert_eq!(p["multifd-channels"], o.multifd_channels);
         assert_eq!(
             [1, 2, 4, 64].map(default_multifd_channels),
@@ -388,7 +398,8 @@ mod tests {
         assert_eq!(set.bandwidth, Some(32 << 20));
         let p = parameters(&set, true);
         assert_eq!(p["max-bandwidth"], 32 << 20);
-        assert_eq!(p["downtime-limit"], 300);
+        assert_eq!(p["downtime-limit"], 150);
+        assert_eq!(qemu_downtime_limit(Duration::from_millis(1)), 1);
         assert!(p.get("multifd-channels").is_none());
         assert!(
             capabilities(&set, true)

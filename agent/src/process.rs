@@ -112,6 +112,72 @@ pub fn spawn(qemu: &Path, argv: &[String], vm_dir: &Path) -> std::io::Result<Qem
     cmd.spawn().map(Qemu::Child)
 }
 
+/// The nice value of a QEMU's main thread while it receives a live migration. The threads
+/// that receive and load the state must keep up with the sender: data they fall behind on
+/// waits in socket buffers and is loaded only after the source has paused the guest, which
+/// lengthens the pause. Measured with both ends on one 2-CPU host: 15-20 MiB queued, and a
+/// median pause of 34 ms at normal priority against 19 ms. Only the main thread is raised
+/// (it loads the state and starts the receiving threads, which inherit its priority): with
+/// every thread of QEMU raised, the pause was 35 ms again.
+pub const LOADING_NICE: i32 = -10;
+
+/// Raises the priority of the main thread of process `pid` to [`LOADING_NICE`], for the
+/// threads it starts from now on too. Needs CAP_SYS_NICE.
+pub fn prioritize_loading(pid: u32) -> std::io::Result<()> {
+    // SAFETY: a plain syscall; a process's main thread has the process's id.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, LOADING_NICE) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's nice value: the agent's own.
+pub fn own_priority() -> i32 {
+    // SAFETY: a plain syscall. It cannot fail for the calling thread, so its result (which
+    // may be -1) is the priority.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
+/// Gives every thread of process `pid` the agent's own priority again. Linux keeps a nice
+/// value per thread, and a new thread inherits its creator's: a second pass catches threads
+/// started during the first.
+pub fn reset_priority(pid: u32) -> std::io::Result<()> {
+    let own = own_priority();
+    for _ in 0..2 {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Some(tid) = entry?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            // SAFETY: a plain syscall on a thread id.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, own) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The nice value of each thread of process `pid`, from `/proc/PID/task/*/stat`.
+pub fn thread_priorities(pid: u32) -> std::io::Result<Vec<i32>> {
+    let mut nices = vec![];
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(entry?.path().join("stat"))?;
+        nices.extend(stat_nice(&stat));
+    }
+    Ok(nices)
+}
+
+/// The nice field of a `stat` line: the 17th after the command name, which may hold spaces
+/// and parentheses and so is skipped to its last `)`.
+fn stat_nice(stat: &str) -> Option<i32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()
+}
+
 /// Adopts a running QEMU if `pid` is alive and its command line holds `expected_arg` (the VM's
 /// own QMP socket option), so a recycled pid is never mistaken for the VM.
 pub fn adopt(pid: u32, expected_arg: &str) -> std::io::Result<Qemu> {
@@ -178,6 +244,33 @@ pub fn stderr_len(vm_dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nice_is_read_past_the_command_name() {
+        let stat = "42 (qemu (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 5 3 0 0 30 -10 7 0 123";
+        assert_eq!(stat_nice(stat), Some(-10));
+        assert_eq!(stat_nice("42 (short) S 1"), None);
+    }
+
+    #[tokio::test]
+    async fn a_process_priority_is_raised_and_reset() {
+        let argv = ["30".to_string()];
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = spawn(Path::new("sleep"), &argv, dir.path()).unwrap();
+        let pid = child.pid();
+        let own = own_priority();
+        assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
+        // Root (the agent's usual user) may raise a priority; others are refused.
+        match prioritize_loading(pid) {
+            Ok(()) => assert_eq!(thread_priorities(pid).unwrap(), vec![LOADING_NICE]),
+            // SAFETY: a plain syscall without arguments.
+            Err(_) => assert_ne!(unsafe { libc::geteuid() }, 0),
+        }
+        reset_priority(pid).unwrap();
+        assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
+        child.kill();
+        child.wait().await;
+    }
 
     #[tokio::test]
     async fn adopts_only_the_expected_process_and_sees_it_end() {

@@ -1,7 +1,8 @@
 //! Live-migration benchmark: the same 1 GiB, 1 vCPU test guest moved back and forth between two
 //! places, N times each, in the same run:
 //! - by raw QEMU: two `qemu-system-x86_64` processes with the agent's very argv (the target with
-//!   `-S -incoming defer`, as the agent starts it), driven over QMP by this bench;
+//!   `-S -incoming defer` and the raised priority of its loading threads, as the agent starts
+//!   it), driven over QMP by this bench;
 //! - by the agent: two real `hypersdk-agent` processes sharing the image directory.
 //!
 //! Cases: (a) raw QEMU with the agent's migration settings against the agent, for an idle guest
@@ -20,6 +21,7 @@ use hypersdk_agent::accel::Accel;
 use hypersdk_agent::argv::{self, VmFiles};
 use hypersdk_agent::migration::{self, Options, QemuStatus};
 use hypersdk_agent::paths::PathPolicy;
+use hypersdk_agent::process;
 use hypersdk_agent::qga::Qga;
 use hypersdk_agent::qmp::Qmp;
 use hypersdk_agent::resolve::resolve_spec;
@@ -262,6 +264,7 @@ impl RawVm {
         let to = 1 - self.at;
         let incoming = ["-S", "-incoming", "defer"];
         let target = RawQemu::spawn(&self.spec, &self.dirs[to], self.accel, &incoming).await;
+        process::prioritize_loading(target.child.id().unwrap()).unwrap();
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         if let Some(o) = &self.settings {
             target.configure(o, false).await;
@@ -299,6 +302,7 @@ impl RawVm {
         target.wait_migration().await;
         target.qmp.execute(qapi::qmp::cont {}).await.unwrap();
         let running = Instant::now();
+        process::reset_priority(target.child.id().unwrap()).unwrap();
         let stopped_at = stopped.await.unwrap();
         std::mem::replace(&mut self.qemu, target).quit().await;
         self.at = to;

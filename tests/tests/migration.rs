@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use hypersdk_agent::process;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::*;
@@ -26,6 +27,36 @@ fn report(what: &str, progress: &[pb::MigrationProgress]) {
         p.iterations,
         progress.len()
     );
+}
+
+/// Watches `name` arrive on the target agent behind `client`: the main-thread priority of its
+/// QEMU while it loads the state (None if never seen loading), and its pid once it runs.
+async fn watch_arrival(mut client: Client, name: &str) -> (Option<i32>, u32) {
+    let mut loading = None;
+    loop {
+        if let Ok(vm) = client.get_vm(pb::GetVmRequest { name: name.into() }).await {
+            let vm = vm.into_inner();
+            let s = vm.status.as_ref().unwrap();
+            match (phase(&vm), s.pid) {
+                (pb::VmPhase::Running, pid) => return (loading, pid),
+                (pb::VmPhase::Migrating, pid) if pid > 0 => {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+                    // The 19th field, after the command name in parentheses.
+                    let nice = stat.ok().and_then(|st| {
+                        st.rsplit_once(')')?
+                            .1
+                            .split_whitespace()
+                            .nth(16)?
+                            .parse()
+                            .ok()
+                    });
+                    loading = loading.or(nice);
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A running guest moves with its memory, disk, vCPUs and hot-plugged memory; the guest never
@@ -58,10 +89,26 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
         let t = Instant::now();
         // The idle guest moves by the gRPC call, the busy one by hyperctl (its JSON figures).
         let figures = if name == "idle" {
+            let arrival = tokio::spawn(watch_arrival(dst.client().await, name));
             let progress = migrate(&mut a, name, &dst.address, Default::default())
                 .await
                 .unwrap();
             report(name, &progress);
+            // The receiving QEMU loads at a raised priority (the agent runs as root here),
+            // and runs the guest at the agent's own.
+            let (loading, pid) = arrival.await.unwrap();
+            // SAFETY: a plain syscall without arguments.
+            if unsafe { libc::geteuid() } == 0 {
+                assert_eq!(loading, Some(process::LOADING_NICE));
+            }
+            assert!(
+                process::thread_priorities(pid)
+                    .unwrap()
+                    .iter()
+                    .all(|n| *n == process::own_priority()),
+                "{:?}",
+                process::thread_priorities(pid)
+            );
             assert!(
                 progress
                     .iter()

@@ -370,7 +370,17 @@ impl Supervisor {
                 self.incoming(&layout, multifd_channels, &source_node, uri)
                     .await
             }
-            Op::FinishIncoming => self.finish_incoming().await,
+            Op::FinishIncoming => {
+                // The source waits for this answer with the guest paused there: QEMU's
+                // figures are read after it.
+                let r = self.finish_incoming().await;
+                let ran = r.is_ok();
+                let _ = reply.send(r);
+                if ran {
+                    self.refresh_from_qemu().await;
+                }
+                return;
+            }
             Op::Snapshot { request, done } => {
                 let r = self.create_snapshot(request).await;
                 self.answer(r, done)
@@ -762,7 +772,7 @@ impl Supervisor {
     /// memory in blocks (128 MiB on x86), so memory matches to within one block.
     async fn await_guest_size(&mut self, cpus: u32, memory: u64) -> Result<(), String> {
         if let Some(run) = &self.running {
-            run.refresh.now();
+            run.refresh.closely();
         }
         let deadline = tokio::time::Instant::now() + GUEST_RESIZE_TIMEOUT;
         loop {
@@ -1050,6 +1060,11 @@ impl Supervisor {
             resolved.max_cpus - resolved.cpus,
         )
         .await?;
+        if let Some(run) = &self.running
+            && let Err(e) = process::prioritize_loading(run.pid)
+        {
+            warn!("the incoming QEMU runs at normal priority: {e}");
+        }
         self.set_phase(
             Phase::Incoming,
             &format!("arriving by live migration from {source_node}"),
@@ -1180,12 +1195,14 @@ impl Supervisor {
             .map_err(|why| self.qemu_error(format!("loading the migrated state: {why}")))?;
         self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
             .await?;
-        self.status.qemu_status = "running".into();
-        self.set_phase(Phase::Running, "arrived by live migration", "Migrated");
-        self.refresh_from_qemu().await;
         if let Some(run) = &self.running {
+            if let Err(e) = process::reset_priority(run.pid) {
+                warn!("QEMU keeps the raised priority of loading a migration: {e}");
+            }
             run.refresh.now();
         }
+        self.status.qemu_status = "running".into();
+        self.set_phase(Phase::Running, "arrived by live migration", "Migrated");
         Ok(self.snapshot())
     }
 
@@ -1473,6 +1490,9 @@ fn enum_name<T: serde::Serialize>(v: &T) -> String {
 /// loaded, or one to a file written. Err: QEMU's reason, or the time limit.
 async fn await_migration(qmp: &Qmp, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
+    // A live migration's end is announced (its "events" capability is on) and answered at
+    // once; saves and restores, which have no events, are polled.
+    let mut events = qmp.events();
     loop {
         let reply = qmp
             .execute_value("query-migrate", json!({}))
@@ -1489,7 +1509,9 @@ async fn await_migration(qmp: &Qmp, limit: Duration) -> Result<(), String> {
             _ if Instant::now() > deadline => {
                 return Err(format!("not done within {limit:?}"));
             }
-            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            _ => {
+                let _ = tokio::time::timeout(Duration::from_millis(2), events.recv()).await;
+            }
         }
     }
 }
