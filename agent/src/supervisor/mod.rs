@@ -37,6 +37,9 @@ pub use snapshots::SnapshotRequest;
 
 /// How long QEMU may take from launch to answering QMP.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait between looks for the QMP socket of a starting QEMU (a stat each): QEMU
+/// creates it 50-100 ms after exec, and every millisecond of overshoot delays the start.
+const QMP_POLL_MAX: Duration = Duration::from_millis(4);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a migration target may take to load the last of the state once the source is done.
 const INCOMING_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -629,7 +632,7 @@ impl Supervisor {
                 return Err(format!("QMP did not answer within {QMP_CONNECT_TIMEOUT:?}"));
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(20));
+            delay = (delay * 2).min(QMP_POLL_MAX);
         }
     }
 
