@@ -165,7 +165,7 @@ pub fn thread_priorities(pid: u32) -> std::io::Result<Vec<i32>> {
 
 /// The nice field of a `stat` line: the 17th after the command name, which may hold spaces
 /// and parentheses and so is skipped to its last `)`.
-fn stat_nice(stat: &str) -> Option<i32> {
+pub fn stat_nice(stat: &str) -> Option<i32> {
     stat.rsplit_once(')')?
         .1
         .split_whitespace()

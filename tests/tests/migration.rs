@@ -41,16 +41,7 @@ async fn watch_arrival(mut client: Client, name: &str) -> (Option<i32>, u32) {
                 (pb::VmPhase::Running, pid) => return (loading, pid),
                 (pb::VmPhase::Migrating, pid) if pid > 0 => {
                     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-                    // The 19th field, after the command name in parentheses.
-                    let nice = stat.ok().and_then(|st| {
-                        st.rsplit_once(')')?
-                            .1
-                            .split_whitespace()
-                            .nth(16)?
-                            .parse()
-                            .ok()
-                    });
-                    loading = loading.or(nice);
+                    loading = loading.or(stat.ok().and_then(|s| process::stat_nice(&s)));
                 }
                 _ => {}
             }
