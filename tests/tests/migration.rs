@@ -87,7 +87,10 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
             report(name, &progress);
             // The receiving QEMU loads at a raised priority (the agent runs as root here),
             // and runs the guest at the agent's own.
-            let (loading, pid) = arrival.await.unwrap();
+            let (loading, pid) = tokio::time::timeout(Duration::from_secs(30), arrival)
+                .await
+                .expect("the VM runs on the target")
+                .unwrap();
             // SAFETY: a plain syscall without arguments.
             if unsafe { libc::geteuid() } == 0 {
                 assert_eq!(loading, Some(process::LOADING_NICE));
