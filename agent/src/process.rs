@@ -153,19 +153,32 @@ pub fn reset_priority(pid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The nice value of each thread of process `pid`, from `/proc/PID/task/*/stat`.
+/// The nice value of the main thread of process `pid`.
+pub fn priority(pid: u32) -> std::io::Result<i32> {
+    read_nice(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// The nice value of each thread of process `pid`.
 pub fn thread_priorities(pid: u32) -> std::io::Result<Vec<i32>> {
-    let mut nices = vec![];
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let stat = std::fs::read_to_string(entry?.path().join("stat"))?;
-        nices.extend(stat_nice(&stat));
-    }
-    Ok(nices)
+    std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .map(|entry| read_nice(&entry?.path().join("stat")))
+        .collect()
+}
+
+/// The nice value in a `stat` file.
+fn read_nice(stat_file: &Path) -> std::io::Result<i32> {
+    let stat = std::fs::read_to_string(stat_file)?;
+    stat_nice(&stat).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: no nice field", stat_file.display()),
+        )
+    })
 }
 
 /// The nice field of a `stat` line: the 17th after the command name, which may hold spaces
 /// and parentheses and so is skipped to its last `)`.
-pub fn stat_nice(stat: &str) -> Option<i32> {
+fn stat_nice(stat: &str) -> Option<i32> {
     stat.rsplit_once(')')?
         .1
         .split_whitespace()
@@ -258,7 +271,10 @@ mod tests {
         assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
         // Root (the agent's usual user) may raise a priority; others are refused.
         match prioritize_loading(pid) {
-            Ok(()) => assert_eq!(thread_priorities(pid).unwrap(), vec![LOADING_NICE]),
+            Ok(()) => {
+                assert_eq!(priority(pid).unwrap(), LOADING_NICE);
+                assert_eq!(thread_priorities(pid).unwrap(), vec![LOADING_NICE]);
+            }
             // SAFETY: a plain syscall without arguments.
             Err(_) => assert_ne!(unsafe { libc::geteuid() }, 0),
         }

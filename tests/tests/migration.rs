@@ -40,8 +40,7 @@ async fn watch_arrival(mut client: Client, name: &str) -> (Option<i32>, u32) {
             match (phase(&vm), s.pid) {
                 (pb::VmPhase::Running, pid) => return (loading, pid),
                 (pb::VmPhase::Migrating, pid) if pid > 0 => {
-                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-                    loading = loading.or(stat.ok().and_then(|s| process::stat_nice(&s)));
+                    loading = loading.or(process::priority(pid).ok());
                 }
                 _ => {}
             }
