@@ -7,10 +7,10 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::debug;
 
-use crate::agents::Agents;
 use crate::metrics::Metrics;
-use crate::placement::Placements;
-use crate::scheduler::Policy;
+use crate::nodes::Agents;
+use crate::scheduling::Policy;
+use crate::scheduling::placement::Placements;
 
 #[derive(Debug, Clone)]
 pub struct Settings {

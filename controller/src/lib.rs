@@ -1,24 +1,22 @@
 //! The HyperSDK cluster controller: CRD types, the scheduler, and the reconcilers that place
 //! VirtualMachines on node agents.
 //!
-//! Pure parts (unit-tested without I/O): [`crd`], [`schema`], [`scheduler`],
-//! [`agentspec`], [`leader::decide`], [`fakeapi::store`]. I/O: [`agents`] (gRPC to node agents),
-//! [`reconcile`] and [`run`] (kube-runtime controllers), [`fakeapi`] (the in-process API),
-//! [`standalone`], [`discovery`], [`http`].
+//! - [`crd`]: the `hypersdk.io/v1alpha1` types (the CRDs are generated from them).
+//! - [`controllers`]: the kube-runtime Controllers and what triggers each; [`reconcile`]: one
+//!   reconciler per kind; [`context`]: what they share.
+//! - [`scheduling`]: choosing a node (pure) and the accounting of placed VMs.
+//! - [`nodes`]: the agents (registry, gRPC connections, discovery) and the agent's VM spec.
+//! - [`standalone`]: the in-process API and the manifest directory, for running without a cluster.
+//! - [`leader`] (Lease election), [`http`] (`/metrics`, `/healthz`, `/readyz`), [`metrics`].
 
-pub mod agents;
-pub mod agentspec;
 pub mod context;
+pub mod controllers;
 pub mod crd;
-pub mod discovery;
 pub mod error;
-pub mod fakeapi;
 pub mod http;
 pub mod leader;
 pub mod metrics;
-pub mod placement;
+pub mod nodes;
 pub mod reconcile;
-pub mod run;
-pub mod scheduler;
-pub mod schema;
+pub mod scheduling;
 pub mod standalone;

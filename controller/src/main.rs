@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use hypersdk_controller::agents::Agents;
 use hypersdk_controller::context::{Context, Settings};
-use hypersdk_controller::fakeapi::FakeApi;
 use hypersdk_controller::http::{self, Readiness};
 use hypersdk_controller::leader::Elector;
-use hypersdk_controller::scheduler::{Policy, Strategy};
-use hypersdk_controller::standalone::Standalone;
-use hypersdk_controller::{crd, discovery, run};
+use hypersdk_controller::nodes::{Agents, discover};
+use hypersdk_controller::scheduling::{Policy, Strategy};
+use hypersdk_controller::standalone::{FakeApi, Standalone};
+use hypersdk_controller::{controllers, crd};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -149,7 +148,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         if !dir.is_dir() {
             bail!("--manifests {}: not a directory", dir.display());
         }
-        agents.sync(discovery::from_flags(
+        agents.sync(discover::from_flags(
             &args.agents,
             &args.node_labels,
             &args.carbon,
@@ -164,13 +163,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     } else if !args.agents.is_empty() {
-        agents.sync(discovery::from_flags(
+        agents.sync(discover::from_flags(
             &args.agents,
             &args.node_labels,
             &args.carbon,
         )?);
     } else {
-        tokio::spawn(discovery::watch_pods(
+        tokio::spawn(discover::watch_pods(
             client.clone(),
             agents.clone(),
             args.agent_namespace.clone(),
@@ -213,7 +212,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     ready.set(true);
     info!(identity, "controllers starting");
     tokio::select! {
-        _ = run::run(ctx, shutdown_signal()) => Ok(()),
+        _ = controllers::run(ctx, shutdown_signal()) => Ok(()),
         _ = elector.hold() => bail!("lost the leader lease; exiting so that only one replica reconciles"),
     }
 }

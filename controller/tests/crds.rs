@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use hypersdk_controller::crd::{
     self, VMOperationSpec, VMSnapshotSpec, VMTemplateSpec, VirtualMachineSpec,
 };
-use hypersdk_controller::schema::{self, openapi_schema};
 use hypersdk_controller::standalone::parse_documents;
+use hypersdk_controller::standalone::schema::{self, openapi_schema};
 use serde_json::{Value, json};
 
 fn repo() -> PathBuf {

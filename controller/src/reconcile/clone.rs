@@ -10,11 +10,11 @@ use kube::api::{Api, PostParams};
 use kube::{Resource, ResourceExt};
 
 use super::operation::Outcome;
-use crate::agentspec::{NAME_LABEL, NAMESPACE_LABEL, agent_name};
 use crate::context::Context;
 use crate::crd::operation::{CloneSpec, VMOperation};
 use crate::crd::vm::{Boot, Disk, VirtualMachine, VirtualMachineSpec};
 use crate::error::Result;
+use crate::nodes::spec::{NAME_LABEL, NAMESPACE_LABEL, agent_name};
 
 /// Annotation on a VirtualMachine made by a clone operation: the operation's name.
 pub const CLONED_BY: &str = "hypersdk.io/cloned-by";

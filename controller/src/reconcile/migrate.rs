@@ -15,12 +15,12 @@ use serde_json::json;
 use tracing::info;
 
 use super::operation::Outcome;
-use crate::agentspec::{agent_name, migration_options};
 use crate::context::Context;
 use crate::crd::operation::{Progress, VMOperation};
 use crate::crd::vm::{VirtualMachine, VmPhase};
 use crate::error::{Error, Result};
-use crate::scheduler;
+use crate::nodes::spec::{agent_name, migration_options};
+use crate::scheduling;
 
 /// Annotation on a VM that a VMOperation is moving; its value is the target node.
 pub const MIGRATING: &str = "hypersdk.io/migrating-to";
@@ -152,8 +152,8 @@ fn choose_target(
         .into_iter()
         .filter(|n| n.name != source)
         .collect();
-    let req = super::vm::request(&vm.spec);
-    scheduler::schedule(&nodes, &req, &ctx.settings.policy)
+    let req = scheduling::Request::for_vm(&vm.spec);
+    scheduling::schedule(&nodes, &req, &ctx.settings.policy)
         .map(|n| n.name.clone())
         .map_err(|why| format!("migrateSpec.targetNode: no other node fits: {why}"))
 }
@@ -162,7 +162,7 @@ fn choose_target(
 async fn live(
     op: &VMOperation,
     ops: &Api<VMOperation>,
-    client: &mut crate::agents::Client,
+    client: &mut crate::nodes::Client,
     name: &str,
     target: &str,
     options: pb::MigrationOptions,
@@ -248,7 +248,7 @@ async fn write_progress(
 
 /// Not live: stop the guest and remove the VM here; the VM reconciler starts it on the target.
 async fn cold(
-    client: &mut crate::agents::Client,
+    client: &mut crate::nodes::Client,
     name: &str,
     ctx: &Context,
 ) -> std::result::Result<String, String> {

@@ -16,13 +16,13 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::agentspec::agent_name;
 use crate::context::Context;
 use crate::crd::operation::{OperationKind, OperationPhase, Progress, VMOperation};
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotSpec};
 use crate::crd::vm::{VirtualMachine, VmPhase};
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
+use crate::nodes::spec::agent_name;
 
 /// Condition on a finished operation: True when it succeeded.
 pub const SUCCEEDED: &str = "Succeeded";

@@ -13,12 +13,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use tracing::{info, warn};
 
-use crate::agentspec::agent_name;
 use crate::context::Context;
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotStatus};
 use crate::crd::vm::VirtualMachine;
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
+use crate::nodes::spec::agent_name;
 
 pub const READY: &str = "Ready";
 const FINALIZER: &str = "hypersdk.io/snapshot";
@@ -44,7 +44,7 @@ pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Actio
 enum Target {
     On {
         node: String,
-        client: crate::agents::Client,
+        client: crate::nodes::Client,
         vm: String,
     },
     /// Not now, with the reason and the phase to report.

@@ -12,14 +12,14 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::agents::Client;
-use crate::agentspec::{self, Built};
 use crate::context::Context;
-use crate::crd::vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus, VmPhase};
+use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
 use crate::crd::{Status, VMTemplate, set_condition};
 use crate::error::{Error, Result};
-use crate::placement::{Placed, VmKey};
-use crate::scheduler::Request;
+use crate::nodes::Client;
+use crate::nodes::spec::{self, Built};
+use crate::scheduling::Request;
+use crate::scheduling::placement::{Placed, VmKey};
 
 pub const FINALIZER: &str = "hypersdk.io/vm-cleanup";
 
@@ -117,7 +117,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
             }
         }
     };
-    let built = match agentspec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
+    let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
         Ok(b) => b,
         Err(e) => return Ok(not_ready(pass, "InvalidSpec", e.to_string())),
     };
@@ -274,7 +274,7 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         pass.set(READY, Status::False, "Stopped", "spec.running is false");
         return Ok(None);
     }
-    let req = request(&vm.spec);
+    let req = Request::for_vm(&vm.spec);
     match ctx
         .placements
         .place(pass.key.clone(), &req, &ctx.agents, &ctx.settings.policy)
@@ -316,20 +316,6 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
             .await;
             Ok(Some(node))
         }
-    }
-}
-
-/// What the scheduler is asked to find room for.
-pub fn request(spec: &VirtualMachineSpec) -> Request {
-    Request {
-        cpus: spec.cpus,
-        memory_bytes: quantity::parse_bytes(&spec.memory).unwrap_or(0),
-        node_selector: spec.node_selector.clone(),
-        carbon_aware: spec
-            .carbon_aware
-            .as_ref()
-            .filter(|c| c.enabled)
-            .map(|c| c.max_intensity),
     }
 }
 
@@ -492,7 +478,7 @@ fn call<T>(node: &str, r: std::result::Result<tonic::Response<T>, tonic::Status>
 async fn cleanup(vm: &VirtualMachine, ns: &str, ctx: &Context) -> Result<Action> {
     let key = (ns.to_string(), vm.name_any());
     if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
-        let agent_name = agentspec::agent_name(ns, &vm.name_any());
+        let agent_name = spec::agent_name(ns, &vm.name_any());
         match ctx
             .agents
             .get(&node)

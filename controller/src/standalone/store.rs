@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::schema;
+use super::schema;
 
 /// Which collection: `(group, plural)`; the core group is "".
 pub type Resource = (String, String);

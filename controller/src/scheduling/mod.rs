@@ -1,11 +1,18 @@
-//! Placement: a pure function from the node inventory and one VM's needs to a node, or the reason
+//! Scheduling: a pure function from the node inventory and one VM's needs to a node, or the reason
 //! none fits (in the shape kube-scheduler reports: "0/3 nodes are available: ...").
+//! [`placement`] keeps the controller's accounting of placed VMs and places new ones with it.
 //!
 //! Filters: node reachable, KVM (when required), free cpu and memory under the overcommit ratios,
 //! nodeSelector, carbon intensity ceiling. Scores: spread (most free after placement) or bin-pack
 //! (least free), plus lower carbon intensity for carbon-aware VMs and a preference for KVM nodes.
 
+pub mod placement;
+
 use std::collections::BTreeMap;
+
+use hypersdk_proto::quantity;
+
+use crate::crd::VirtualMachineSpec;
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +40,22 @@ pub struct Request {
     pub node_selector: BTreeMap<String, String>,
     /// Carbon-aware placement: `Some(ceiling)`; `Some(None)` prefers greener nodes without a ceiling.
     pub carbon_aware: Option<Option<u32>>,
+}
+
+impl Request {
+    /// What a VirtualMachine asks for.
+    pub fn for_vm(spec: &VirtualMachineSpec) -> Request {
+        Request {
+            cpus: spec.cpus,
+            memory_bytes: quantity::parse_bytes(&spec.memory).unwrap_or(0),
+            node_selector: spec.node_selector.clone(),
+            carbon_aware: spec
+                .carbon_aware
+                .as_ref()
+                .filter(|c| c.enabled)
+                .map(|c| c.max_intensity),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -12,7 +12,7 @@ use kube::Api;
 use kube::api::ListParams;
 use tracing::warn;
 
-use crate::agents::{AgentInfo, Agents};
+use crate::nodes::{AgentInfo, Agents};
 
 /// Node annotation with the grid carbon intensity (gCO2eq/kWh) where the node runs.
 pub const CARBON_ANNOTATION: &str = "hypersdk.io/carbon-intensity";

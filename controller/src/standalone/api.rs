@@ -3,9 +3,6 @@
 //! delete (finalizers honoured) and the status subresource. The standalone mode and the tests run
 //! the real kube-runtime controllers over it; only the transport differs from a cluster.
 
-mod path;
-pub mod store;
-
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,8 +14,8 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use path::{ApiPath, Query};
-use store::{ApiError, Change, Store};
+use super::path::{ApiPath, Query};
+use super::store::{ApiError, Change, Store};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -44,7 +41,7 @@ impl FakeApi {
             store.register_schema(
                 (crd.spec.group.clone(), crd.spec.names.plural.clone()),
                 crd.spec.names.kind.clone(),
-                crate::schema::openapi_schema(&crd),
+                super::schema::openapi_schema(&crd),
             );
         }
         FakeApi {

@@ -10,9 +10,9 @@ use kube::runtime::{Controller, watcher};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::agents::Signal;
 use crate::context::Context;
 use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use crate::nodes::Signal;
 use crate::reconcile::{operation, snapshot, template, vm};
 
 /// Runs every controller until `shutdown` resolves.

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::agents::Agents;
-use crate::scheduler::{self, NodeInfo, Policy, Request, Unschedulable};
+use super::{NodeInfo, Policy, Request, Unschedulable, schedule};
+use crate::nodes::Agents;
 
 /// A VirtualMachine's identity: namespace and name.
 pub type VmKey = (String, String);
@@ -55,7 +55,7 @@ impl Placements {
         let mut placed = self.lock();
         placed.remove(&key);
         let nodes = inventory(agents, &placed);
-        let node = scheduler::schedule(&nodes, req, policy)?.name.clone();
+        let node = schedule(&nodes, req, policy)?.name.clone();
         placed.insert(
             key,
             Placed {

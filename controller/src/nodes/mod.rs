@@ -1,6 +1,14 @@
-//! The node agents the controller talks to: one connection task per agent keeps its node facts
-//! (GetNode) and a live copy of its VMs (WatchVms), and signals every change so the reconcilers
-//! run again. An agent whose stream breaks is unreachable until it answers again.
+//! The nodes: their agents, what each last reported, and how the controller finds and reaches
+//! them.
+//!
+//! This file is the registry ([`Agents`], [`Agent`]): node facts and a live copy of each agent's
+//! VMs, and [`Signal`]s for the reconcilers to look again. [`connect`] keeps each agent
+//! connected (gRPC), [`discover`] finds agents (flags, or the agent pods of a cluster), and
+//! [`spec`] turns a VirtualMachine into what its agent runs (pure).
+
+pub mod connect;
+pub mod discover;
+pub mod spec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -8,18 +16,14 @@ use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
-use hypersdk_proto::endpoint::{self, Address};
+use hypersdk_proto::endpoint::Address;
 use tokio::sync::broadcast;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span};
 
-use crate::agentspec::{NAME_LABEL, NAMESPACE_LABEL};
+use spec::{NAME_LABEL, NAMESPACE_LABEL};
 
 pub type Client = AgentServiceClient<Channel>;
-
-/// How often node facts (capacity, allocations) are refreshed.
-const NODE_REFRESH: Duration = Duration::from_secs(5);
 
 /// An agent as discovered: where it is and what the scheduler may know about its node.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +113,31 @@ impl Agent {
     pub fn forget(&self, name: &str) {
         self.write().vms.remove(name);
     }
+
+    /// A new connected period: what the agent reported before is stale.
+    fn connected(&self, client: Client, node: pb::Node) {
+        let mut s = self.write();
+        s.client = Some(client);
+        s.node = Some(node);
+        s.vms.clear();
+        s.lost_since = None;
+    }
+
+    /// The connection broke; true when it was up until now.
+    fn mark_lost(&self) -> bool {
+        let mut s = self.write();
+        let was = s.lost_since.is_none() && s.client.is_some();
+        s.lost_since.get_or_insert_with(Instant::now);
+        was
+    }
+
+    /// Records fresh node facts; true when they changed.
+    fn set_node(&self, node: pb::Node) -> bool {
+        let mut s = self.write();
+        let changed = s.node.as_ref() != Some(&node);
+        s.node = Some(node);
+        changed
+    }
 }
 
 /// Every known agent, by node name.
@@ -166,7 +195,7 @@ impl Agents {
             agents.insert(node.clone(), agent.clone());
             let this = Arc::downgrade(self);
             tokio::spawn(
-                connection(this, Arc::downgrade(&agent))
+                connect::connection(this, Arc::downgrade(&agent))
                     .instrument(info_span!("agent", node = node.as_str())),
             );
             let _ = self.signals.send(Signal::Node(node));
@@ -178,108 +207,11 @@ impl Agents {
     }
 }
 
+/// The VirtualMachine an agent VM belongs to, from its identity labels.
 fn vm_signal(vm: &pb::Vm) -> Option<Signal> {
     let labels = &vm.spec.as_ref()?.labels;
     Some(Signal::Vm {
         namespace: labels.get(NAMESPACE_LABEL)?.clone(),
         name: labels.get(NAME_LABEL)?.clone(),
     })
-}
-
-/// Keeps one agent connected until it is removed from the registry.
-async fn connection(agents: std::sync::Weak<Agents>, agent: std::sync::Weak<Agent>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let Some(a) = agent.upgrade() else { return };
-        let address = a.info.address.clone();
-        drop(a);
-        match session(&agents, &agent, &address).await {
-            Ok(()) => return,
-            Err(e) => {
-                let Some(a) = agent.upgrade() else { return };
-                let was_connected = {
-                    let mut s = a.write();
-                    let was = s.lost_since.is_none() && s.client.is_some();
-                    if s.lost_since.is_none() {
-                        s.lost_since = Some(Instant::now());
-                    }
-                    was
-                };
-                if was_connected {
-                    warn!(%address, error = %e, "agent unreachable");
-                    backoff = Duration::from_millis(100);
-                }
-                if let Some(reg) = agents.upgrade() {
-                    reg.signal(Signal::Node(a.info.node.clone()));
-                    // Its VMs' conditions change too.
-                    let vms: Vec<_> = a.read().vms.values().filter_map(vm_signal).collect();
-                    vms.into_iter().for_each(|s| reg.signal(s));
-                }
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// One connected period: Ok when the agent was removed, Err when the connection broke.
-async fn session(
-    agents: &std::sync::Weak<Agents>,
-    agent: &std::sync::Weak<Agent>,
-    address: &Address,
-) -> Result<(), tonic::Status> {
-    let mut client = endpoint::connect(address)
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
-    let mut stream = client
-        .watch_vms(pb::WatchVmsRequest {
-            name: String::new(),
-        })
-        .await?
-        .into_inner();
-    {
-        let Some(a) = agent.upgrade() else {
-            return Ok(());
-        };
-        let mut s = a.write();
-        s.client = Some(client.clone());
-        s.node = Some(node);
-        s.vms.clear();
-        s.lost_since = None;
-        info!(%address, "agent connected");
-    }
-    if let (Some(reg), Some(a)) = (agents.upgrade(), agent.upgrade()) {
-        reg.signal(Signal::Node(a.info.node.clone()));
-    }
-    let mut refresh = tokio::time::interval(NODE_REFRESH);
-    refresh.tick().await;
-    loop {
-        tokio::select! {
-            event = stream.next() => {
-                let event = event.ok_or_else(|| tonic::Status::unavailable("watch stream ended"))??;
-                let (Some(a), Some(reg)) = (agent.upgrade(), agents.upgrade()) else { return Ok(()) };
-                let Some(vm) = event.vm else { continue };
-                let signal = vm_signal(&vm);
-                let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-                if event.r#type == pb::EventType::Deleted as i32 {
-                    a.forget(&name);
-                } else {
-                    a.observe(vm);
-                }
-                if let Some(s) = signal {
-                    reg.signal(s);
-                }
-            }
-            _ = refresh.tick() => {
-                let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
-                let Some(a) = agent.upgrade() else { return Ok(()) };
-                let changed = a.read().node.as_ref() != Some(&node);
-                a.write().node = Some(node);
-                if changed && let Some(reg) = agents.upgrade() {
-                    reg.signal(Signal::Node(a.info.node.clone()));
-                }
-            }
-        }
-    }
 }

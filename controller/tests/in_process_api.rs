@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use hypersdk_controller::crd::VirtualMachine;
-use hypersdk_controller::fakeapi::FakeApi;
+use hypersdk_controller::standalone::FakeApi;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;

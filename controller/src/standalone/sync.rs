@@ -1,42 +1,14 @@
-//! Standalone mode: a directory of manifests is the desired state. Every pass applies each
-//! manifest to the in-process API (create, or replace when it changed), deletes objects whose
-//! manifest is gone, and writes every object's status to `DIR/status/<kind>-<namespace>-<name>.yaml`
-//! (problems with the manifests themselves go to `DIR/status/errors.yaml`).
+//! One pass over the manifest directory: apply each manifest to the API (create, or replace when
+//! it changed), delete objects whose manifest is gone, write the status files.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
-use kube::core::ApiResource;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
-
-/// One object a manifest names: kind, namespace, name.
-type ObjectKey = (String, String, String);
-
-/// The documents of a (multi-document) YAML or JSON manifest file; empty documents are skipped.
-pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let v = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
-fn resources() -> Vec<ApiResource> {
-    vec![
-        ApiResource::erase::<VirtualMachine>(&()),
-        ApiResource::erase::<VMOperation>(&()),
-        ApiResource::erase::<VMSnapshot>(&()),
-        ApiResource::erase::<VMTemplate>(&()),
-    ]
-}
+use super::{ObjectKey, changed, parse_documents, resources, to_yaml};
 
 pub struct Standalone {
     client: kube::Client,
@@ -202,23 +174,6 @@ impl Standalone {
     }
 }
 
-/// Whether the file's content differs from the object (ignoring what the server owns).
-fn changed(cur: &DynamicObject, doc: &Value) -> bool {
-    let cur_labels = cur.metadata.labels.clone().unwrap_or_default();
-    let cur_ann = cur.metadata.annotations.clone().unwrap_or_default();
-    let want_labels: BTreeMap<String, String> =
-        serde_json::from_value(doc["metadata"]["labels"].clone()).unwrap_or_default();
-    let want_ann: BTreeMap<String, String> =
-        serde_json::from_value(doc["metadata"]["annotations"].clone()).unwrap_or_default();
-    let body_differs = doc
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, _)| !matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"))
-        .any(|(k, v)| cur.data.get(k) != Some(v));
-    body_differs || cur_labels != want_labels || cur_ann != want_ann
-}
-
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -241,10 +196,6 @@ fn api_error(e: kube::Error) -> String {
     }
 }
 
-fn to_yaml(v: &Value) -> String {
-    serde_yaml_ng::to_string(v).unwrap_or_default()
-}
-
 /// Rewrites a file only when its content changes (so watchers of the directory see real changes),
 /// through a temporary file so readers never see half a file.
 fn write_if_changed(path: &Path, content: &str) -> std::io::Result<()> {
@@ -254,17 +205,4 @@ fn write_if_changed(path: &Path, content: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("yaml.tmp");
     std::fs::write(&tmp, content)?;
     std::fs::rename(tmp, path)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_multi_document_files() {
-        let docs = parse_documents("a: 1\n---\n---\nb: 2\n").unwrap();
-        assert_eq!(docs, vec![json!({"a": 1}), json!({"b": 2})]);
-        let e = parse_documents("a: 1\n---\nb: [\n").unwrap_err();
-        assert!(e.starts_with("document 2: "), "{e}");
-    }
 }

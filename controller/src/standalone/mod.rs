@@ -1,0 +1,86 @@
+//! Standalone mode: no cluster. An in-process Kubernetes API ([`api`]: routes over `path.rs`, the
+//! object [`store`], admission by [`schema`]) serves the same reconcilers a cluster would, and a
+//! directory of manifests is the desired state ([`sync`]): every pass applies each manifest, deletes
+//! objects whose manifest is gone, and writes every object's status to
+//! `DIR/status/<kind>-<namespace>-<name>.yaml` (problems with the manifests themselves go to
+//! `DIR/status/errors.yaml`).
+//!
+//! This file holds the pure part: reading manifests and comparing them with objects.
+
+pub mod api;
+mod path;
+pub mod schema;
+pub mod store;
+pub mod sync;
+
+use std::collections::BTreeMap;
+
+use kube::api::DynamicObject;
+use kube::core::ApiResource;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+
+pub use api::FakeApi;
+pub use sync::Standalone;
+
+/// One object a manifest names: kind, namespace, name.
+type ObjectKey = (String, String, String);
+
+/// The documents of a (multi-document) YAML or JSON manifest file; empty documents are skipped.
+pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let v = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The kinds served, as the API names them.
+fn resources() -> Vec<ApiResource> {
+    vec![
+        ApiResource::erase::<VirtualMachine>(&()),
+        ApiResource::erase::<VMOperation>(&()),
+        ApiResource::erase::<VMSnapshot>(&()),
+        ApiResource::erase::<VMTemplate>(&()),
+    ]
+}
+
+/// Whether the file's content differs from the object (ignoring what the server owns).
+fn changed(cur: &DynamicObject, doc: &Value) -> bool {
+    let cur_labels = cur.metadata.labels.clone().unwrap_or_default();
+    let cur_ann = cur.metadata.annotations.clone().unwrap_or_default();
+    let want_labels: BTreeMap<String, String> =
+        serde_json::from_value(doc["metadata"]["labels"].clone()).unwrap_or_default();
+    let want_ann: BTreeMap<String, String> =
+        serde_json::from_value(doc["metadata"]["annotations"].clone()).unwrap_or_default();
+    let body_differs = doc
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"))
+        .any(|(k, v)| cur.data.get(k) != Some(v));
+    body_differs || cur_labels != want_labels || cur_ann != want_ann
+}
+
+fn to_yaml(v: &Value) -> String {
+    serde_yaml_ng::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn splits_multi_document_files() {
+        let docs = parse_documents("a: 1\n---\n---\nb: 2\n").unwrap();
+        assert_eq!(docs, vec![json!({"a": 1}), json!({"b": 2})]);
+        let e = parse_documents("a: 1\n---\nb: [\n").unwrap_err();
+        assert!(e.starts_with("document 2: "), "{e}");
+    }
+}
