@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use hypersdk_proto::endpoint::Address;
 
-use crate::accel::AccelMode;
+use crate::host::accel::AccelMode;
 use crate::migration::PortRange;
 
 #[derive(Debug, Clone, Parser)]
@@ -109,8 +109,8 @@ fn parse_quantity(s: &str) -> Result<u64, String> {
 
 impl Config {
     /// The simulated node, with --simulate.
-    pub fn simulated_node(&self) -> Option<crate::simulate::SimNode> {
-        self.simulate.then(|| crate::simulate::SimNode {
+    pub fn simulated_node(&self) -> Option<crate::api::simulate::SimNode> {
+        self.simulate.then(|| crate::api::simulate::SimNode {
             node_name: self.node_name.clone().unwrap_or_else(|| "simulated".into()),
             cpus: self.simulate_cpus,
             memory_bytes: self.simulate_memory,
@@ -128,9 +128,9 @@ pub enum MigrationCopy {
 
 impl MigrationCopy {
     /// Whether the guest is paused for the copy under `accel`.
-    pub fn pauses(self, accel: crate::accel::Accel) -> bool {
+    pub fn pauses(self, accel: crate::host::accel::Accel) -> bool {
         match self {
-            MigrationCopy::Auto => accel == crate::accel::Accel::Tcg,
+            MigrationCopy::Auto => accel == crate::host::accel::Accel::Tcg,
             MigrationCopy::Live => false,
             MigrationCopy::Pause => true,
         }
@@ -140,7 +140,7 @@ impl MigrationCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accel::Accel;
+    use crate::host::accel::Accel;
 
     #[test]
     fn migrations_pause_for_the_copy_under_tcg_by_default() {

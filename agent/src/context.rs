@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use hypersdk_proto::agent::v1 as pb;
 use tokio::sync::broadcast;
 
-use crate::accel::Selection;
-use crate::cgroup::Cgroups;
+use crate::host::accel::Selection;
+use crate::host::cgroup::Cgroups;
+use crate::host::paths::PathPolicy;
 use crate::migration::PortRange;
-use crate::paths::PathPolicy;
-use crate::snapshot_files::SnapshotDirs;
+use crate::snapshot::files::SnapshotDirs;
 use crate::store::Store;
 
 #[derive(Debug)]

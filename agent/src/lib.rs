@@ -1,37 +1,28 @@
 //! The HyperSDK node agent: launches QEMU VMs, supervises them through QMP and the guest agent,
 //! and serves the `hypersdk.agent.v1` gRPC API.
 //!
-//! Pure logic (tested without processes): [`spec`], [`quantity`], [`argv`], [`state`], [`accel`],
-//! [`image`] header parsing. I/O at the edges: [`process`], [`qmp`], [`qga`], [`store`], [`kvm`],
-//! [`service`], [`server`]. [`simulate`] stands in for QEMU with `--simulate`. [`supervisor`] owns one VM's lifecycle; [`vms`] is the registry.
+//! One folder per feature; in each, `mod.rs` is the pure part (plans, validation, figures) and
+//! files named after a verb or a side hold the I/O:
+//!
+//! - [`api`]: the gRPC service and server, and the `--simulate` stand-in.
+//! - [`spec`]: VmSpec validation, the QEMU argv builder, path resolution.
+//! - [`vm`]: the per-VM actor (run loop, phase state machine, lifecycle, resize, guest view)
+//!   and the registry of VMs.
+//! - [`qemu`]: process spawn, the QMP client, the guest-agent client.
+//! - [`host`]: accelerator choice, KVM probe, node facts, cgroups, path policy, image checks.
+//! - [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
 
-pub mod accel;
-pub mod argv;
-pub mod cgroup;
+pub mod api;
 pub mod clone;
 pub mod config;
 pub mod context;
 pub mod error;
-pub mod guest;
+pub mod host;
 pub mod hotplug;
-pub mod image;
-pub mod kvm;
 pub mod migration;
-pub mod node;
-pub mod outgoing;
-pub mod paths;
-pub mod process;
-pub mod qga;
-pub mod qmp;
+pub mod qemu;
 pub use hypersdk_proto::quantity;
-pub mod resolve;
-pub mod server;
-pub mod service;
-pub mod simulate;
 pub mod snapshot;
-pub mod snapshot_files;
 pub mod spec;
-pub mod state;
 pub mod store;
-pub mod supervisor;
-pub mod vms;
+pub mod vm;

@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::parse();
-    hypersdk_agent::server::run(config, shutdown_signal()).await?;
+    hypersdk_agent::api::server::run(config, shutdown_signal()).await?;
     Ok(())
 }
 

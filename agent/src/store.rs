@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::spec::VmSpec;
-use crate::state::Phase;
+use crate::vm::phase::Phase;
 
 pub const SPEC_FILE: &str = "spec.json";
 pub const STATE_FILE: &str = "state.json";

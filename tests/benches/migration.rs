@@ -17,15 +17,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hypersdk_agent::accel::Accel;
-use hypersdk_agent::argv::{self, VmFiles};
+use hypersdk_agent::host::accel::Accel;
+use hypersdk_agent::host::paths::PathPolicy;
 use hypersdk_agent::migration::{self, Options, QemuStatus};
-use hypersdk_agent::paths::PathPolicy;
-use hypersdk_agent::process;
-use hypersdk_agent::qga::Qga;
-use hypersdk_agent::qmp::Qmp;
-use hypersdk_agent::resolve::resolve_spec;
+use hypersdk_agent::qemu::process;
+use hypersdk_agent::qemu::qga::Qga;
+use hypersdk_agent::qemu::qmp::Qmp;
 use hypersdk_agent::spec::VmSpec;
+use hypersdk_agent::spec::argv::{self, VmFiles};
+use hypersdk_agent::spec::resolve::resolve_spec;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::*;

@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hypersdk_agent::accel::Accel;
-use hypersdk_agent::argv::{self, VmFiles};
+use hypersdk_agent::host::accel::Accel;
 use hypersdk_agent::hotplug;
-use hypersdk_agent::qga::Qga;
-use hypersdk_agent::qmp::Qmp;
+use hypersdk_agent::qemu::qga::Qga;
+use hypersdk_agent::qemu::qmp::Qmp;
+use hypersdk_agent::spec::argv::{self, VmFiles};
 use hypersdk_agent::spec::{DiskFormat, MemoryHotplug, VmSpec};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::*;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use hypersdk_controller::scheduler::{NodeInfo, Policy, Request, Strategy, schedule};
+use hypersdk_controller::scheduling::{NodeInfo, Policy, Request, Strategy, schedule};
 use hypersdk_tests::bench_rounds;
 
 const GI: u64 = 1 << 30;

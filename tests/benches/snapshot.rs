@@ -16,11 +16,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hypersdk_agent::accel::Accel;
-use hypersdk_agent::paths::PathPolicy;
-use hypersdk_agent::resolve::resolve_spec;
+use hypersdk_agent::host::accel::Accel;
+use hypersdk_agent::host::paths::PathPolicy;
 use hypersdk_agent::snapshot::SaveMode;
 use hypersdk_agent::spec::VmSpec;
+use hypersdk_agent::spec::resolve::resolve_spec;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::*;
 use serde_json::json;

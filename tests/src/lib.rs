@@ -371,15 +371,15 @@ pub fn bench_rounds(default: usize) -> usize {
 }
 
 /// The accelerator the agent runs VMs with, so a baseline QEMU can use the same.
-pub async fn agent_accel(c: &mut Client) -> (hypersdk_agent::accel::Accel, pb::Node) {
+pub async fn agent_accel(c: &mut Client) -> (hypersdk_agent::host::accel::Accel, pb::Node) {
     let node = c
         .get_node(pb::GetNodeRequest {})
         .await
         .unwrap()
         .into_inner();
     let accel = match node.accelerator.as_str() {
-        "kvm" => hypersdk_agent::accel::Accel::Kvm,
-        _ => hypersdk_agent::accel::Accel::Tcg,
+        "kvm" => hypersdk_agent::host::accel::Accel::Kvm,
+        _ => hypersdk_agent::host::accel::Accel::Tcg,
     };
     (accel, node)
 }

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hypersdk_agent::accel::Accel;
-use hypersdk_agent::argv::{self, VmFiles};
+use hypersdk_agent::host::accel::Accel;
 use hypersdk_agent::migration::{self, Options};
-use hypersdk_agent::qmp::Qmp;
+use hypersdk_agent::qemu::qmp::Qmp;
 use hypersdk_agent::spec::VmSpec;
+use hypersdk_agent::spec::argv::{self, VmFiles};
 use serde_json::{Value, json};
 
 /// One raw QEMU process, started with the agent's argv for `spec` (plus `extra`), and a QMP

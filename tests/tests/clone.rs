@@ -92,7 +92,7 @@ async fn running_and_layered_vms_clone_at_one_instant() {
         .into_inner();
     let copy = std::path::PathBuf::from(&linked.spec.as_ref().unwrap().disks[0].path);
     assert_eq!(
-        hypersdk_agent::image::backing_file(&copy),
+        hypersdk_agent::host::image::backing_file(&copy),
         Some(base.clone()),
         "the linked clone's disk is a top layer over the same base"
     );

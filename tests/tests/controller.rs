@@ -9,14 +9,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hypersdk_controller::agents::{AgentInfo, Agents};
+use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine, condition};
-use hypersdk_controller::fakeapi::FakeApi;
-use hypersdk_controller::scheduler::Policy;
+use hypersdk_controller::standalone::FakeApi;
+use hypersdk_controller::scheduling::Policy;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::{
@@ -77,7 +77,7 @@ impl Controller {
         let agents = Arc::new(Agents::default());
         agents.sync(nodes.iter().map(|n| info(n)).collect());
         let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
-        let task = tokio::spawn(hypersdk_controller::run::run(ctx, std::future::pending()));
+        let task = tokio::spawn(hypersdk_controller::controllers::run(ctx, std::future::pending()));
         Controller {
             client,
             agents,
@@ -174,7 +174,7 @@ fn cond<'a>(
 }
 
 async fn agent_vm(node: &Agent, name: &str) -> Result<pb::Vm, tonic::Status> {
-    let agent_name = hypersdk_controller::agentspec::agent_name("default", name);
+    let agent_name = hypersdk_controller::nodes::spec::agent_name("default", name);
     node.client()
         .await
         .get_vm(pb::GetVmRequest { name: agent_name })
@@ -321,7 +321,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         node.client()
             .await
             .list_snapshots(pb::ListSnapshotsRequest {
-                name: hypersdk_controller::agentspec::agent_name("default", "my-vm"),
+                name: hypersdk_controller::nodes::spec::agent_name("default", "my-vm"),
             })
             .await
             .unwrap()

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use hypersdk_agent::process;
+use hypersdk_agent::qemu::process;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::*;

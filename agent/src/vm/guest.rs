@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::qga::{Qga, QgaError};
+use crate::qemu::qga::{Qga, QgaError};
 
 /// Quickly while the guest agent is not up yet, slowly once it is.
 const RETRY: Duration = Duration::from_millis(100);

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use hypersdk_proto::agent::v1 as pb;
 
-use crate::accel::Selection;
-use crate::kvm::KvmFacts;
+use crate::host::accel::Selection;
+use crate::host::kvm::KvmFacts;
 
 /// Facts that do not change while the agent runs, read once at start.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! Snapshots, the pure parts: what a snapshot records, how its memory state is written (the QMP
 //! capabilities and parameters of a save), and which disk layers are still needed once
-//! snapshots come and go. The files live in [`crate::snapshot_files`]; the QEMU side runs in the
+//! snapshots come and go. The files live in [`crate::snapshot::files`]; the QEMU side runs in the
 //! VM's supervisor.
 //!
 //! Disks are snapshotted with external qcow2 overlays: at the snapshot, each writable disk's
@@ -16,6 +16,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::spec::{FieldError, VmSpec, check_name};
+
+/// Writing the memory state: at disk speed, a few seconds per GiB at worst.
+pub const SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Loading it back.
+pub const LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long a restored guest's agent may take to answer the thaw.
+pub const THAW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+pub(crate) mod create;
+pub(crate) mod delete;
+pub mod files;
+pub(crate) mod layers;
+pub(crate) mod restore;
 
 /// Parallel channels for the memory file when `mapped-ram` is available.
 pub const SAVE_MULTIFD_CHANNELS: u32 = 4;
@@ -54,7 +67,7 @@ pub struct MemoryState {
     pub file: String,
     /// Its length, which a truncated file no longer has.
     pub file_bytes: u64,
-    /// [`crate::snapshot_files::digest`] of its content, recorded in the background after the
+    /// [`crate::snapshot::files::digest`] of its content, recorded in the background after the
     /// save (empty until then, or if the file changed first): restore refuses a damaged file
     /// before it touches the VM.
     #[serde(default)]

@@ -60,7 +60,7 @@ pub fn ensure_layers_dir(vm_dir: &Path) -> std::io::Result<()> {
 /// Deletes the files of `vm_dir/layers` that neither `roots` (the VM's active layers and every
 /// snapshot's layers) nor their backing chains need. Returns the bytes freed.
 pub fn collect_layers(vm_dir: &Path, roots: impl IntoIterator<Item = PathBuf>) -> u64 {
-    let needed = needed_layers(roots, crate::image::backing_file);
+    let needed = needed_layers(roots, crate::host::image::backing_file);
     let Ok(entries) = std::fs::read_dir(layers_dir(vm_dir)) else {
         return 0;
     };
@@ -168,11 +168,11 @@ impl SnapshotDirs {
                     .filter(|s| s.vm == meta.vm && s.name != meta.name)
                     .flat_map(|s| s.disk_layers.values().cloned()),
             ),
-            crate::image::backing_file,
+            crate::host::image::backing_file,
         );
         let own = needed_layers(
             meta.disk_layers.values().cloned(),
-            crate::image::backing_file,
+            crate::host::image::backing_file,
         );
         let layers = layers_dir(vm_dir);
         let exclusive: u64 = own

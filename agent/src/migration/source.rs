@@ -9,14 +9,17 @@ use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use serde_json::json;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tonic::Code;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::context::now_ms;
+use crate::error::AgentError;
 use crate::migration::{self, Deadline, Options, QemuStatus};
-use crate::qmp::Qmp;
+use crate::qemu::qmp::Qmp;
+use crate::vm::actor::{Migration, Supervisor};
+use crate::vm::phase::{Action, Phase};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Starting a QEMU on the target, plugging its vCPUs and opening the port.
@@ -399,4 +402,96 @@ pub async fn read_layout(qmp: &Qmp) -> Result<pb::MachineLayout, String> {
         &crate::hotplug::parse_slots(&slots),
         &memory,
     ))
+}
+
+impl Supervisor {
+    /// Starts moving the VM to the agent at `target`; the work goes on in an [`Outgoing`] task
+    /// while this supervisor keeps answering (a cancel, a delete).
+    pub(crate) async fn migrate(
+        &mut self,
+        target: Address,
+        options: Options,
+        progress_tx: oneshot::Sender<watch::Receiver<pb::MigrationProgress>>,
+    ) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Migrate)?;
+        if !self.layers.active.is_empty() {
+            return Err(self.conflict(
+                "its disks run on snapshot layers in this node's data dir, which the target cannot see; delete its snapshots first (that merges the layers back into the disks)".into(),
+            ));
+        }
+        let qmp = self
+            .running
+            .as_ref()
+            .map(|r| r.qmp.clone())
+            .expect("Running has a process");
+        let layout = read_layout(&qmp)
+            .await
+            .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
+        let (progress, progress_rx) = watch::channel(initial(&self.spec.name, &self.ctx.node_name));
+        let (cancel, cancel_rx) = watch::channel(false);
+        info!(%target, "migration starting");
+        let task = tokio::spawn(
+            Outgoing {
+                name: self.spec.name.clone(),
+                source_node: self.ctx.node_name.clone(),
+                target,
+                spec: pb::VmSpec::from(&self.spec),
+                layout,
+                options,
+                qmp,
+                progress: progress.clone(),
+                cancel: cancel_rx,
+                pause_for_copy: self.ctx.pause_for_copy,
+                paused_at: None,
+            }
+            .run()
+            .instrument(tracing::Span::current()),
+        );
+        self.status.migration = Some(progress_rx.borrow().clone());
+        let _ = progress_tx.send(progress_rx.clone());
+        self.migration = Some(Migration {
+            progress: progress_rx,
+            publish: progress,
+            cancel,
+            task,
+        });
+        self.set_phase(Phase::Migrating, "live migration under way", "Migrating");
+        Ok(self.snapshot())
+    }
+
+    pub(crate) fn cancel_migration(&mut self) -> Result<pb::Vm, AgentError> {
+        match &self.migration {
+            Some(m) => {
+                let _ = m.cancel.send(true);
+                Ok(self.snapshot())
+            }
+            None => Err(self.conflict("no migration is under way".into())),
+        }
+    }
+
+    pub(crate) async fn on_migration_end(&mut self, ended: Ended) {
+        let Some(m) = self.migration.take() else {
+            return;
+        };
+        let mut last = m.progress.borrow().clone();
+        last.phase = ended.phase as i32;
+        last.message = ended.message.clone();
+        let message = ended.message;
+        self.status.migration = Some(last.clone());
+        match ended.outcome {
+            Outcome::HandedOver => {
+                info!("migrated away");
+                let _ = self.remove("MigratedAway").await;
+            }
+            Outcome::NotMoved | Outcome::Unknown if self.running.is_some() => {
+                self.status.phase = Phase::Running;
+                self.refresh_from_qemu().await;
+                let phase = self.status.phase;
+                self.set_phase(phase, &message, "MigrationFailed");
+            }
+            // QEMU ended meanwhile: its exit has set the phase.
+            _ => self.publish("MigrationFailed", &message),
+        }
+        m.publish.send_replace(last);
+    }
 }

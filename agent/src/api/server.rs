@@ -9,18 +9,18 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::info;
 
-use crate::accel;
-use crate::cgroup::Cgroups;
+use crate::api::service::Service;
+use crate::api::simulate::Simulator;
 use crate::config::Config;
 use crate::context::Context;
-use crate::kvm;
-use crate::node::{self, NodeFacts};
-use crate::paths::PathPolicy;
-use crate::service::Service;
-use crate::simulate::Simulator;
-use crate::snapshot_files::SnapshotDirs;
+use crate::host::accel;
+use crate::host::cgroup::Cgroups;
+use crate::host::kvm;
+use crate::host::node::{self, NodeFacts};
+use crate::host::paths::PathPolicy;
+use crate::snapshot::files::SnapshotDirs;
 use crate::store::Store;
-use crate::vms::Vms;
+use crate::vm::registry::Vms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {

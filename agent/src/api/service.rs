@@ -10,11 +10,11 @@ use hypersdk_proto::endpoint::Address;
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
+use crate::host::node::NodeFacts;
 use crate::migration::{Options, is_final};
-use crate::node::NodeFacts;
 use crate::spec::check_name;
-use crate::supervisor::{DEFAULT_STOP_TIMEOUT, Op, SnapshotRequest};
-use crate::vms::Vms;
+use crate::vm::actor::{DEFAULT_STOP_TIMEOUT, Op, SnapshotRequest};
+use crate::vm::registry::Vms;
 
 pub struct Service {
     vms: Arc<Vms>,

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::paths::PathPolicy;
+use crate::host::paths::PathPolicy;
 use crate::spec::{DiskFormat, FieldError};
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";

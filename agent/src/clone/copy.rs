@@ -10,12 +10,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::Supervisor;
 use crate::clone::{self, DiskCopy, How};
 use crate::error::AgentError;
-use crate::qmp::Qmp;
+use crate::qemu::qmp::Qmp;
 use crate::spec::VmSpec;
-use crate::state::Phase;
+use crate::vm::actor::Supervisor;
+use crate::vm::phase::Phase;
 
 /// A copy that takes longer than this is cancelled.
 const COPY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -25,7 +25,7 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 impl Supervisor {
     /// Copies the disks into the clone's directory and returns the clone's spec; on any
     /// failure nothing of the clone is left.
-    pub(super) async fn clone_disks(
+    pub(crate) async fn clone_disks(
         &mut self,
         target: &str,
         linked: bool,
@@ -48,7 +48,7 @@ impl Supervisor {
                     format: d.format.unwrap_or(crate::spec::DiskFormat::Raw),
                     read_only: d.read_only,
                     own_file: !self.layers.active.contains_key(&d.name),
-                    backing: crate::image::backing(&d.path),
+                    backing: crate::host::image::backing(&d.path),
                 };
                 (d.name.clone(), source)
             })
@@ -77,7 +77,7 @@ impl Supervisor {
         Ok(spec)
     }
 
-    async fn copy_offline(&self, copies: &[DiskCopy]) -> Result<(), String> {
+    pub(crate) async fn copy_offline(&self, copies: &[DiskCopy]) -> Result<(), String> {
         for c in copies {
             let from_format = c.from_format.as_str();
             let mut args: Vec<&OsStr> = ["convert", "-q", "-f", from_format, "-O", "qcow2"]
@@ -97,7 +97,7 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn copy_live(&self, copies: &[DiskCopy]) -> Result<(), String> {
+    pub(crate) async fn copy_live(&self, copies: &[DiskCopy]) -> Result<(), String> {
         let qmp = self.live_qmp()?;
         let blocks = qmp
             .execute_value("query-block", json!({}))

@@ -179,7 +179,7 @@ impl AgentService for Simulator {
         &self,
         req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let (spec, start) = crate::service::unpack_create(req)?;
+        let (spec, start) = crate::api::service::unpack_create(req)?;
         // Stored as the real agent stores it: checked, ceilings filled in.
         let spec = pb::VmSpec::from(&VmSpec::try_from(spec)?);
         let name = spec.name.clone();

@@ -1,11 +1,13 @@
 //! Cloning a VM, the pure part: which disks are copied and how, where the copies go, and the
-//! clone's spec. The copying itself is in [`crate::supervisor`] (QMP `blockdev-backup` for a
+//! clone's spec. The copying itself is in [`crate::vm::actor`] (QMP `blockdev-backup` for a
 //! running source, `qemu-img convert` for a stopped one).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::spec::{DiskFormat, FieldError, VmSpec, check_name};
+
+mod copy;
 
 /// Under the agent's own image dir: `clones/<vm>/<disk>.qcow2`.
 pub const CLONES_DIR: &str = "clones";

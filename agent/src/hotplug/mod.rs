@@ -7,7 +7,7 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::{Map, Value, json};
 
-use crate::qmp::Qmp;
+use crate::qemu::qmp::Qmp;
 use crate::quantity::format_bytes;
 use crate::spec::MemoryHotplug;
 

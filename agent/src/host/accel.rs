@@ -1,6 +1,6 @@
 //! Which accelerator VMs run with: KVM where it really works, else TCG (software emulation).
 
-use crate::kvm::KvmFacts;
+use crate::host::kvm::KvmFacts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {

@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use crate::image;
-use crate::paths::PathPolicy;
-use crate::snapshot_files::DiskLayers;
+use crate::host::image;
+use crate::host::paths::PathPolicy;
+use crate::snapshot::files::DiskLayers;
 use crate::spec::{FieldError, VmSpec};
 
 /// Resolves kernel, initrd and disks inside the allowed roots and reads each disk's format.

@@ -1,7 +1,7 @@
 //! The VM specification as the agent keeps it: validated from the gRPC request, field by field.
 //!
 //! Everything here is pure: checks on the request's own values. Checks that need the file system
-//! (paths inside allowed directories, disk headers) live in [`crate::paths`] and [`crate::image`].
+//! (paths inside allowed directories, disk headers) live in [`crate::host::paths`] and [`crate::host::image`].
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -10,6 +10,9 @@ use hypersdk_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::quantity::{format_bytes, parse_bytes};
+
+pub mod argv;
+pub mod resolve;
 
 /// Highest vCPU count accepted in a spec (QEMU's q35 limit without an IOMMU).
 pub const MAX_VCPUS: u32 = 255;
@@ -148,7 +151,7 @@ impl DiskFormat {
 pub struct Disk {
     pub name: String,
     pub path: PathBuf,
-    /// `None` until the image header has been read (see [`crate::image`]).
+    /// `None` until the image header has been read (see [`crate::host::image`]).
     pub format: Option<DiskFormat>,
     #[serde(default)]
     pub read_only: bool,

@@ -10,16 +10,16 @@ use tracing::{info, warn};
 use crate::context::Context;
 use crate::error::AgentError;
 use crate::quantity::format_bytes;
-use crate::resolve::resolve_spec;
+use crate::spec::resolve::resolve_spec;
 use crate::spec::{FieldError, VmSpec};
 
 /// Longest unix socket path Linux accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
-use crate::argv::{self, VmFiles};
-use crate::process;
-use crate::state::Phase;
+use crate::qemu::process;
+use crate::spec::argv::{self, VmFiles};
 use crate::store::SavedState;
-use crate::supervisor::{self, Init, Op, VmHandle};
+use crate::vm::actor::{self, Init, Op, VmHandle};
+use crate::vm::phase::Phase;
 
 pub struct Vms {
     ctx: Arc<Context>,
@@ -48,7 +48,7 @@ impl Vms {
                     let ctx = ctx.clone();
                     let spec = loaded.spec;
                     // Adoptions talk to QMP: run them side by side.
-                    starting.push(async move { (name, supervisor::spawn(ctx, spec, init).await) });
+                    starting.push(async move { (name, actor::spawn(ctx, spec, init).await) });
                 }
                 Err(e) => {
                     warn!(vm = %name, "VM cannot be loaded: {e}");
@@ -123,7 +123,7 @@ impl Vms {
             return Err(FieldError::new("multifdChannels", "is too large").into());
         }
         let memory = crate::spec::parse_memory("spec.memory", &spec.memory)?;
-        let available = crate::node::memory().1;
+        let available = crate::host::node::memory().1;
         if memory > available {
             return Err(FieldError::new(
                 "spec.memory",
@@ -205,7 +205,7 @@ impl Vms {
                 phase: Phase::Pending,
                 message: String::new(),
             };
-            let handle = supervisor::spawn(self.ctx.clone(), spec, init).await;
+            let handle = actor::spawn(self.ctx.clone(), spec, init).await;
             vms.insert(name.clone(), handle.clone());
             handle
         };

@@ -1,7 +1,7 @@
 //! Live migration, the pure parts: options and their defaults, the QMP capabilities and
 //! parameters they become, what `query-migrate` says, the machine layout both QEMUs must share,
-//! and the port range of incoming migrations. The source side runs in [`crate::outgoing`], the
-//! target side in the supervisor ([`crate::supervisor`]).
+//! and the port range of incoming migrations. The source side runs in [`crate::migration::source`], the
+//! target side in the supervisor ([`crate::vm::actor`]).
 
 use std::ops::RangeInclusive;
 use std::str::FromStr;
@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 
 use crate::hotplug::{CpuSlot, Memory, dimm_slots, position};
 use crate::spec::{FieldError, MemoryHotplug, VmSpec};
+
+pub mod source;
+pub mod target;
 
 /// The agent's defaults, chosen so that a busy guest converges with a short pause (QEMU's own
 /// are 128 MiB/s and 300 ms, with which a guest dirtying memory fast never finishes).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::accel::Accel;
+use crate::host::accel::Accel;
 use crate::hotplug::{VMEM_ID, dimm_slots};
 use crate::spec::{DiskFormat, MemoryHotplug, NetworkBackend, VmSpec};
 

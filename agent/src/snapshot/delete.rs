@@ -1,0 +1,144 @@
+//! Deleting a snapshot, and merging the layers back into the disks' own files when the last
+//! one goes.
+
+use crate::error::AgentError;
+use crate::qemu::qmp::Qmp;
+use crate::snapshot::SAVE_TIMEOUT;
+use crate::snapshot::check_snapshot_name;
+use crate::snapshot::layers::{node_of_file, top_node};
+use crate::spec::FieldError;
+use crate::spec::resolve::resolve_spec;
+use crate::vm::actor::Supervisor;
+use crate::vm::phase::Phase;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+impl Supervisor {
+    /// Removes a snapshot. When the VM's last snapshot goes, its disks are merged back into
+    /// their own files, so the VM no longer depends on layers in this node's data dir.
+    pub(crate) async fn delete_snapshot(&mut self, snapshot: &str) -> Result<u64, AgentError> {
+        check_snapshot_name(snapshot)?;
+        let exists = self.ctx.snapshots.dir(&self.spec.name, snapshot).exists();
+        if !exists {
+            return Err(FieldError::new(
+                "snapshot",
+                format!("VM {:?} has no snapshot {snapshot:?}", self.spec.name),
+            )
+            .into());
+        }
+        if matches!(
+            self.status.phase,
+            Phase::Migrating | Phase::Incoming | Phase::Starting
+        ) {
+            return Err(self.conflict(format!(
+                "cannot delete a snapshot while {}",
+                self.status.phase.name()
+            )));
+        }
+        let mut freed = self
+            .ctx
+            .snapshots
+            .remove(&self.spec.name, snapshot)
+            .map_err(|e| AgentError::Internal(format!("removing snapshot {snapshot:?}: {e}")))?;
+        if self.layers.current.as_deref() == Some(snapshot) {
+            let active = self.layers.active.clone();
+            self.set_layers(active, None)
+                .map_err(AgentError::Internal)?;
+        }
+        let (left, _) = self.ctx.snapshots.list(Some(&self.spec.name));
+        if left.is_empty()
+            && !self.layers.active.is_empty()
+            && let Err(why) = self.merge_layers().await
+        {
+            // The chain stays valid as it is; only the space is not given back yet.
+            warn!("merging the disk layers back: {why}");
+        }
+        freed += self.collect_layers();
+        self.publish("SnapshotDeleted", snapshot);
+        Ok(freed)
+    }
+
+    /// Writes each disk's layers back into the disk's own file and runs on that file again:
+    /// `block-commit` while QEMU runs, `qemu-img commit` while it does not.
+    pub(crate) async fn merge_layers(&mut self) -> Result<(), String> {
+        let bases = resolve_spec(&self.spec, &self.ctx.policy).map_err(|e| e.to_string())?;
+        match self.running.as_ref().map(|r| r.qmp.clone()) {
+            Some(qmp) => {
+                let blocks = qmp
+                    .execute_value("query-block", json!({}))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for (i, disk) in bases.disks.iter().enumerate() {
+                    if !self.layers.active.contains_key(&disk.name) {
+                        continue;
+                    }
+                    let top = top_node(&blocks, i).ok_or("disk not found in QEMU")?;
+                    let base = node_of_file(&qmp, &disk.path).await?;
+                    active_commit(&qmp, &top, &base, &format!("merge-disk{i}")).await?;
+                    // A top opened from the command line (a restored VM's) outlives the commit
+                    // as a node of its own, still holding the disk as its backing: let it go.
+                    // Overlays made by a snapshot are gone already (the error is expected).
+                    let _ = qmp
+                        .execute_value("blockdev-del", json!({"node-name": top}))
+                        .await;
+                }
+            }
+            None => {
+                for disk in bases.disks.iter() {
+                    let Some(top) = self.layers.active.get(&disk.name) else {
+                        continue;
+                    };
+                    self.qemu_img(&[
+                        "commit".as_ref(),
+                        "-q".as_ref(),
+                        "-b".as_ref(),
+                        disk.path.as_os_str(),
+                        top.as_os_str(),
+                    ])
+                    .await?;
+                }
+            }
+        }
+        self.set_layers(Default::default(), None)
+    }
+}
+
+/// Commits the active layer `top` into `base` while the guest runs, then switches to `base`.
+async fn active_commit(qmp: &Qmp, top: &str, base: &str, job: &str) -> Result<(), String> {
+    let err = |e: crate::qemu::qmp::QmpError| format!("block-commit: {e}");
+    qmp.execute_value(
+        "block-commit",
+        json!({"job-id": job, "device": top, "base-node": base}),
+    )
+    .await
+    .map_err(err)?;
+    let deadline = Instant::now() + SAVE_TIMEOUT;
+    let mut completing = false;
+    loop {
+        let jobs = qmp
+            .execute_value("query-block-jobs", json!({}))
+            .await
+            .map_err(err)?;
+        let this = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["device"] == job).cloned());
+        match this {
+            None if completing => return Ok(()),
+            None => return Err("the commit job ended before it was ready".into()),
+            Some(j) if j["ready"] == true && !completing => {
+                qmp.execute_value("block-job-complete", json!({"device": job}))
+                    .await
+                    .map_err(err)?;
+                completing = true;
+            }
+            Some(_) if Instant::now() > deadline => {
+                let _ = qmp
+                    .execute_value("block-job-cancel", json!({"device": job}))
+                    .await;
+                return Err(format!("the commit took longer than {SAVE_TIMEOUT:?}"));
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Restoring a snapshot: every check before the VM is touched, then a new QEMU on fresh
+//! overlays over the snapshot's layers, loading its memory file.
+
+use crate::error::AgentError;
+use crate::migration::target::await_migration;
+use crate::snapshot::create::{digest, file_uri};
+use crate::snapshot::files::{self, DiskLayers};
+use crate::snapshot::{FileStamp, MemoryState, SaveMode, SnapshotMeta, check_snapshot_name};
+use crate::snapshot::{LOAD_TIMEOUT, THAW_TIMEOUT};
+use crate::spec::{FieldError, VmSpec};
+use crate::vm::actor::Supervisor;
+use crate::vm::phase::Phase;
+use hypersdk_proto::agent::v1 as pb;
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+impl Supervisor {
+    /// Returns the VM to `snapshot`. Everything that can be checked is checked before the VM
+    /// is touched: the snapshot's files, their digest, the layers, the spec it will run with.
+    /// Returns (restore, memory load) in milliseconds.
+    pub(crate) async fn restore_snapshot(
+        &mut self,
+        snapshot: &str,
+    ) -> Result<(u32, u32), AgentError> {
+        check_snapshot_name(snapshot)?;
+        let started = Instant::now();
+        match self.status.phase {
+            Phase::Running | Phase::Paused | Phase::Stopped | Phase::Pending | Phase::Failed => {}
+            other => {
+                return Err(self.conflict(format!("cannot be restored while {}", other.name())));
+            }
+        }
+        let meta = self.read_snapshot(snapshot)?;
+        let dir = self.ctx.snapshots.dir(&self.spec.name, snapshot);
+        let was_running = matches!(self.status.phase, Phase::Running | Phase::Paused);
+        // The guest's state is about to be replaced: paused, it leaves the CPU to the checks.
+        // Should they fail, it runs on.
+        let paused_here = self.status.phase == Phase::Running
+            && self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
+                .await
+                .is_ok();
+        let (layers, spec, resolved) = match self.prepare_restore(snapshot, &meta, &dir).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                if paused_here {
+                    let _ = self
+                        .qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
+                        .await;
+                }
+                self.collect_layers();
+                return Err(e);
+            }
+        };
+        // From here on the VM's current state is replaced.
+        self.discard_process().await;
+        self.spec = spec;
+        self.save_spec()?;
+        self.set_layers(layers.active, Some(snapshot.to_string()))
+            .map_err(AgentError::Internal)?;
+        self.collect_layers();
+        let loaded = Instant::now();
+        let outcome = match &meta.memory {
+            Some(m) => {
+                self.load_memory(&meta, &resolved, &dir.join(&m.file), m)
+                    .await
+            }
+            None if was_running => {
+                self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
+                    .await
+            }
+            None => Ok(()),
+        };
+        let load_ms = match meta.memory {
+            Some(_) => loaded.elapsed().as_millis() as u32,
+            None => 0,
+        };
+        if outcome.is_ok() && meta.memory.is_some() && meta.quiesced {
+            // The saved guest had its filesystems frozen (the thaw came after the save).
+            self.thaw_restored().await;
+        }
+        match outcome {
+            Ok(()) => {
+                let phase = if meta.memory.is_some() || was_running {
+                    self.status.phase
+                } else {
+                    Phase::Stopped
+                };
+                self.set_phase(
+                    phase,
+                    &format!("restored from snapshot {snapshot}"),
+                    "Restored",
+                );
+                info!(snapshot, load_ms, "restored");
+                Ok((started.elapsed().as_millis() as u32, load_ms))
+            }
+            Err(e) => {
+                if self.status.phase != Phase::Failed {
+                    self.set_phase(Phase::Failed, &e.to_string(), "RestoreFailed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything a restore checks and makes before it touches the VM: the memory file checked,
+    /// the new layers, the spec the VM will have and the one its QEMU starts with (resolved).
+    pub(crate) async fn prepare_restore(
+        &self,
+        snapshot: &str,
+        meta: &SnapshotMeta,
+        dir: &Path,
+    ) -> Result<(DiskLayers, VmSpec, VmSpec), AgentError> {
+        // The memory file is checked while the new layers are made; the caller collects
+        // layers left over by a failure.
+        let check = async {
+            match &meta.memory {
+                Some(m) => check_memory_file(&dir.join(&m.file), m).await,
+                None => Ok(()),
+            }
+        };
+        let (checked, layers) = tokio::join!(check, self.restore_layers(snapshot, meta));
+        checked.map_err(|why| self.conflict(format!("snapshot {snapshot:?} is damaged: {why}")))?;
+        let layers = layers?;
+        let mut spec = self.spec.clone();
+        spec.cpus = meta.spec.cpus;
+        spec.memory = meta.spec.memory;
+        let mut launch = spec.clone();
+        if meta.memory.is_some() {
+            crate::migration::check_layout(&(&meta.layout).into(), &spec)?;
+            launch.cpus = meta.layout.boot_cpus;
+            launch.memory = meta.layout.boot_memory_bytes;
+        }
+        let resolved = self.resolve_on(&launch, &layers)?;
+        Ok((layers, spec, resolved))
+    }
+
+    /// New overlays on the snapshot's layers (the snapshot itself is never written): the
+    /// layers the VM will run on after the restore.
+    pub(crate) async fn restore_layers(
+        &self,
+        snapshot: &str,
+        meta: &SnapshotMeta,
+    ) -> Result<DiskLayers, AgentError> {
+        let layers_dir = files::layers_dir(&self.dir);
+        let chains = files::ensure_layers_dir(&self.dir)
+            .and_then(|()| self.ctx.policy.with(&layers_dir))
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let mut out = DiskLayers {
+            active: self.layers.active.clone(),
+            current: Some(snapshot.to_string()),
+        };
+        for (disk, layer) in &meta.disk_layers {
+            let format = crate::host::image::inspect("layer", layer, None, &chains)
+                .map_err(|e| self.conflict(format!("snapshot {snapshot:?}: disk {disk:?}: {e}")))?;
+            let tag = format!("{snapshot}-restore");
+            let overlay = files::new_layer_path(&self.dir, disk, &tag);
+            self.create_overlay(layer, format, &overlay)
+                .await
+                .map_err(|e| self.qemu_error(e))?;
+            out.active.insert(disk.clone(), overlay);
+        }
+        Ok(out)
+    }
+
+    /// A QEMU started paused with `-incoming defer`, laid out as at the snapshot, loads the
+    /// memory file and runs.
+    pub(crate) async fn load_memory(
+        &mut self,
+        meta: &SnapshotMeta,
+        resolved: &VmSpec,
+        file: &Path,
+        m: &MemoryState,
+    ) -> Result<(), AgentError> {
+        self.launch(
+            resolved,
+            &["-S", "-incoming", "defer"],
+            resolved.max_cpus - resolved.cpus,
+        )
+        .await?;
+        let qmp = self.live_qmp().map_err(|e| self.qemu_error(e))?;
+        let mode = SaveMode::of(m);
+        let layout = pb::MachineLayout::from(&meta.layout);
+        let load = async {
+            self.replay_layout(&layout).await?;
+            qmp.execute_value("migrate-set-capabilities", mode.capabilities(true))
+                .await
+                .map_err(|e| e.to_string())?;
+            qmp.execute_value("migrate-set-parameters", mode.parameters())
+                .await
+                .map_err(|e| e.to_string())?;
+            qmp.execute_value("migrate-incoming", json!({"uri": file_uri(file)}))
+                .await
+                .map_err(|e| e.to_string())?;
+            await_migration(&qmp, LOAD_TIMEOUT).await?;
+            qmp.execute_value("migrate-set-capabilities", mode.capabilities(false))
+                .await
+                .map_err(|e| e.to_string())?;
+            qmp.execute(qapi::qmp::cont {})
+                .await
+                .map_err(|e| e.to_string())
+        };
+        if let Err(why) = load.await {
+            self.discard_process().await;
+            return Err(self.qemu_error(format!("loading the snapshot's memory: {why}")));
+        }
+        self.status.qemu_status = "running".into();
+        self.status.phase = Phase::Running;
+        self.refresh_from_qemu().await;
+        if let Some(run) = &self.running {
+            run.refresh.now();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read_snapshot(&self, snapshot: &str) -> Result<SnapshotMeta, AgentError> {
+        self.ctx
+            .snapshots
+            .read(&self.spec.name, snapshot)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => AgentError::Invalid(FieldError::new(
+                    "snapshot",
+                    format!("VM {:?} has no snapshot {snapshot:?}", self.spec.name),
+                )),
+                _ => self.conflict(format!("snapshot {snapshot:?} cannot be read: {e}")),
+            })
+    }
+
+    /// Thaws the filesystems of a guest restored from a quiesced memory snapshot, as soon as
+    /// its guest agent answers.
+    pub(crate) async fn thaw_restored(&mut self) {
+        let Some(commands) = self.running.as_ref().map(|r| r.guest_commands.clone()) else {
+            return;
+        };
+        let deadline = Instant::now() + THAW_TIMEOUT;
+        loop {
+            match commands.fsfreeze(false).await {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => {
+                    warn!("the restored guest's filesystems may still be frozen: {e}");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Ends the QEMU process (if any) without the exit counting as a crash.
+    pub(crate) async fn discard_process(&mut self) {
+        self.stopping = None;
+        self.status.restart_at = None;
+        if let Some(mut run) = self.running.take() {
+            run.qemu.kill();
+            run.qemu.wait().await;
+        }
+        self.forget_process();
+        self.status.phase = Phase::Stopped;
+    }
+}
+
+/// Checks a memory file against its record: present, whole, and unchanged.
+async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
+    let now = std::fs::metadata(file)
+        .map(|meta| FileStamp::of(&meta))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let len = now.bytes;
+    if len != m.file_bytes {
+        return Err(format!(
+            "{} has {len} bytes, {} were written (truncated or replaced)",
+            file.display(),
+            m.file_bytes
+        ));
+    }
+    if !files::looks_like_qemu_state(file) {
+        return Err(format!("{} is not a QEMU state file", file.display()));
+    }
+    if Some(now) == m.written {
+        return Ok(());
+    }
+    if m.digest.is_empty() {
+        return Err(format!(
+            "{} changed since the save, before its digest was recorded: it cannot be checked",
+            file.display()
+        ));
+    }
+    if digest(file).await? != m.digest {
+        return Err(format!(
+            "{} does not match its digest (its content changed)",
+            file.display()
+        ));
+    }
+    Ok(())
+}

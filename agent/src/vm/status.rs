@@ -1,0 +1,114 @@
+//! The VM's status as the actor publishes it: phase changes, the saved state, events.
+
+use crate::context::now_ms;
+use crate::store::SavedState;
+use crate::vm::actor::Supervisor;
+use crate::vm::guest::GuestView;
+use crate::vm::phase::Phase;
+use hypersdk_proto::agent::v1 as pb;
+use tracing::warn;
+
+impl Supervisor {
+    pub(crate) fn set_phase(&mut self, phase: Phase, message: &str, reason: &str) {
+        if phase != self.status.phase {
+            self.status.phase_changed_at_ms = now_ms();
+        }
+        self.status.phase = phase;
+        self.status.message = message.to_string();
+        self.save_state();
+        self.publish(reason, message);
+    }
+
+    /// Writes what survives an agent restart about the process.
+    pub(crate) fn save_state(&self) {
+        let saved = SavedState {
+            phase: self.status.phase,
+            message: self.status.message.clone(),
+            pid: self.running.as_ref().map_or(0, |r| r.pid),
+            started_at_ms: self.status.started_at_ms,
+            cpu_adds_left: self.running.as_ref().and_then(|r| r.cpu_adds_left),
+        };
+        if let Err(e) = self.ctx.store.save_state(&self.spec.name, &saved) {
+            warn!("saving state: {e}");
+        }
+    }
+
+    pub(crate) fn publish(&mut self, reason: &str, message: &str) {
+        self.status.revision += 1;
+        let vm = self.snapshot();
+        self.publish.send_replace(vm.clone());
+        let _ = self.ctx.events.send(pb::VmEvent {
+            r#type: pb::EventType::Modified as i32,
+            vm: Some(vm),
+            reason: reason.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    pub(crate) fn snapshot(&self) -> pb::Vm {
+        let s = &self.status;
+        pb::Vm {
+            spec: Some(pb::VmSpec::from(&self.spec)),
+            status: Some(pb::VmStatus {
+                phase: pb::VmPhase::from(s.phase) as i32,
+                message: s.message.clone(),
+                pid: self.running.as_ref().map_or(0, |r| r.pid),
+                cpus: s.cpus,
+                memory_bytes: s.memory_bytes,
+                agent_connected: s.agent_connected,
+                qemu_status: s.qemu_status.clone(),
+                accelerator: self.ctx.accel.accel.as_str().into(),
+                node_name: self.ctx.node_name.clone(),
+                started_at_ms: s.started_at_ms,
+                phase_changed_at_ms: s.phase_changed_at_ms,
+                serial_log: self.files.serial_log.to_string_lossy().into(),
+                data_dir: self.dir.to_string_lossy().into(),
+                revision: s.revision,
+                startup: Some(s.timings),
+                restart_count: s.restart_count,
+                next_restart_at_ms: s.restart_at.map_or(0, |(_, ms)| ms),
+                guest_cpus: s.guest.cpus,
+                guest_memory_bytes: s.guest.memory_bytes,
+                migration: s.migration.clone(),
+            }),
+        }
+    }
+}
+
+/// What the supervisor knows about the VM, published as `pb::VmStatus`.
+#[derive(Debug, Clone)]
+pub(crate) struct Status {
+    pub(crate) phase: Phase,
+    pub(crate) message: String,
+    pub(crate) qemu_status: String,
+    pub(crate) cpus: u32,
+    pub(crate) memory_bytes: u64,
+    pub(crate) agent_connected: bool,
+    pub(crate) started_at_ms: i64,
+    pub(crate) phase_changed_at_ms: i64,
+    pub(crate) revision: u64,
+    pub(crate) timings: pb::StartupTimings,
+    pub(crate) restart_count: u32,
+    /// What the guest agent reports.
+    pub(crate) guest: GuestView,
+    /// When the restart policy starts the VM again.
+    pub(crate) restart_at: Option<(tokio::time::Instant, i64)>,
+    /// The migration under way, or the last one.
+    pub(crate) migration: Option<pb::MigrationProgress>,
+}
+
+pub(crate) fn phase_reason(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Running => "Running",
+        Phase::Paused => "Paused",
+        _ => "PhaseChanged",
+    }
+}
+
+/// QAPI enums serialise as their QMP string ("running").
+pub(crate) fn enum_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}

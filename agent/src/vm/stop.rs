@@ -1,0 +1,163 @@
+//! Pausing, resuming, stopping (ACPI power-down with a deadline, or a kill) and removing a VM.
+
+use crate::error::AgentError;
+use crate::vm::actor::POWERDOWN_REPEAT;
+use crate::vm::actor::Reply;
+use crate::vm::actor::Stopping;
+use crate::vm::actor::Supervisor;
+use crate::vm::phase::{Action, Phase};
+use hypersdk_proto::agent::v1 as pb;
+use std::time::Duration;
+use tracing::{info, warn};
+
+impl Supervisor {
+    pub(crate) async fn pause(&mut self) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Pause)?;
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
+            .await?;
+        self.status.qemu_status = "paused".into();
+        self.set_phase(Phase::Paused, "paused", "Paused");
+        Ok(self.snapshot())
+    }
+
+    pub(crate) async fn resume(&mut self) -> Result<pb::Vm, AgentError> {
+        self.check(Action::Resume)?;
+        self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
+            .await?;
+        self.status.qemu_status = "running".into();
+        self.set_phase(Phase::Running, "resumed", "Resumed");
+        Ok(self.snapshot())
+    }
+
+    /// Begins a stop; `reply` is answered when QEMU has exited (and, for a restart, started again).
+    pub(crate) async fn stop(
+        &mut self,
+        timeout: Duration,
+        force: bool,
+        restart: bool,
+        reply: Reply,
+    ) {
+        let action = if restart {
+            Action::Restart
+        } else {
+            Action::Stop
+        };
+        if !restart && self.status.restart_at.take().is_some() {
+            // Stopping a VM that waits for its restart policy cancels the restart.
+            self.set_phase(
+                Phase::Stopped,
+                "restart cancelled by a stop request",
+                "Stopped",
+            );
+            let _ = reply.send(Ok(self.snapshot()));
+            return;
+        }
+        if let Err(e) = self.check(action) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if let Some(stopping) = &mut self.stopping {
+            // Already stopping: join the wait; a forced stop cuts the grace period short.
+            stopping.waiters.push(reply);
+            // A stop wins over a restart under way; a restart joins a stop as a stop.
+            stopping.restart &= restart;
+            if force {
+                self.kill();
+            }
+            return;
+        }
+        // A paused guest cannot react to ACPI, and a starting one may not listen yet.
+        let graceful = !force && self.status.phase == Phase::Running;
+        self.stopping = Some(Stopping {
+            deadline: tokio::time::Instant::now() + if graceful { timeout } else { Duration::ZERO },
+            next_powerdown: graceful.then(|| tokio::time::Instant::now() + POWERDOWN_REPEAT),
+            waiters: vec![reply],
+            restart,
+        });
+        self.set_phase(
+            Phase::Stopping,
+            if graceful {
+                "ACPI power-down sent"
+            } else {
+                "stopping"
+            },
+            "Stopping",
+        );
+        if graceful {
+            if let Err(e) = self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::system_powerdown {}).await })
+                .await
+            {
+                warn!("system_powerdown failed, ending QEMU: {e}");
+                self.kill();
+            }
+        } else {
+            self.kill();
+        }
+    }
+
+    pub(crate) async fn on_stop_tick(&mut self) {
+        let Some(s) = &mut self.stopping else { return };
+        let now = tokio::time::Instant::now();
+        if now < s.deadline {
+            s.next_powerdown = Some(now + POWERDOWN_REPEAT);
+            let _ = self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::system_powerdown {}).await })
+                .await;
+            return;
+        }
+        if let Some(s) = &mut self.stopping {
+            // Only once: the process exit ends the stop.
+            s.next_powerdown = None;
+            s.deadline = now + Duration::from_secs(3600);
+            warn!("guest did not power off in time; ending QEMU");
+            self.status.message = "guest did not power off in time; QEMU ended".into();
+            self.kill();
+        }
+    }
+
+    /// Ends the VM here: its QEMU (if any) and its files. `reason` goes out with the DELETED
+    /// event ("Deleted", "MigratedAway", "IncomingAborted").
+    pub(crate) async fn remove(&mut self, reason: &str) -> Result<pb::Vm, AgentError> {
+        if let Some(m) = &self.migration {
+            let _ = m.cancel.send(true);
+        }
+        if let Some(mut run) = self.running.take() {
+            run.qemu.kill();
+            run.qemu.wait().await;
+        }
+        for waiter in self.stopping.take().into_iter().flat_map(|s| s.waiters) {
+            let _ = waiter.send(Err(AgentError::NotFound(self.spec.name.clone())));
+        }
+        self.status.restart_at = None;
+        if let Ok(cg) = &self.ctx.cgroups {
+            cg.remove(&self.spec.name);
+        }
+        self.ctx
+            .store
+            .remove(&self.spec.name)
+            .map_err(|e| AgentError::Internal(format!("removing {}: {e}", self.dir.display())))?;
+        // Snapshots of a VM that left this node cannot be restored here.
+        self.ctx.snapshots.remove_vm(&self.spec.name);
+        if reason == "Deleted" {
+            // The disks a clone was given go with it (after a migration they may be in use on
+            // the target, which sees them through shared storage: kept then).
+            let dir = crate::clone::clone_dir(&self.ctx.images_dir, &self.spec.name);
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!("removing {}: {e}", dir.display());
+            }
+        }
+        info!(reason, "removed from this node");
+        self.gone = true;
+        let vm = self.snapshot();
+        let _ = self.ctx.events.send(pb::VmEvent {
+            r#type: pb::EventType::Deleted as i32,
+            vm: Some(vm.clone()),
+            reason: reason.into(),
+            message: String::new(),
+        });
+        Ok(vm)
+    }
+}
