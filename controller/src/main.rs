@@ -132,7 +132,6 @@ fn write_crds(out: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let agents = Arc::new(Agents::default());
     let client = if args.standalone {
         FakeApi::new().client("default")
     } else {
@@ -140,67 +139,16 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the Kubernetes API")?
     };
-    if args.standalone {
-        let dir = args
-            .manifests
-            .clone()
-            .expect("clap requires --manifests with --standalone");
-        if !dir.is_dir() {
-            bail!("--manifests {}: not a directory", dir.display());
-        }
-        agents.sync(discover::from_flags(
-            &args.agents,
-            &args.node_labels,
-            &args.carbon,
-        )?);
-        let mut standalone = Standalone::new(client.clone(), dir.clone());
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = standalone.sync().await {
-                    error!(dir = %dir.display(), error = %e, "reading manifests");
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
-    } else if !args.agents.is_empty() {
-        agents.sync(discover::from_flags(
-            &args.agents,
-            &args.node_labels,
-            &args.carbon,
-        )?);
-    } else {
-        tokio::spawn(discover::watch_pods(
-            client.clone(),
-            agents.clone(),
-            args.agent_namespace.clone(),
-            args.agent_selector.clone(),
-            args.agent_port,
-        ));
-    }
-    let settings = Settings {
-        policy: Policy {
-            cpu_overcommit: args.cpu_overcommit,
-            memory_overcommit: args.memory_overcommit,
-            strategy: args.strategy,
-            require_kvm: args.require_kvm,
-        },
-        node_lost_grace: Duration::from_secs(args.node_lost_grace),
-        stop_timeout_seconds: args.stop_timeout,
-    };
-    let ctx = Arc::new(Context::new(client.clone(), agents, settings));
+    let agents = Arc::new(Agents::default());
+    find_agents(&args, &client, &agents)?;
+    let ctx = Arc::new(Context::new(client.clone(), agents, settings(&args)));
     let ready = Arc::new(Readiness::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
     tokio::spawn(http::serve(listener, ctx.clone(), ready.clone()));
 
-    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
-        format!(
-            "{}-{}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "controller".into()),
-            std::process::id()
-        )
-    });
+    let identity = identity();
     let elector = Elector::new(
         client,
         &args.lease_namespace,
@@ -215,6 +163,71 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         _ = controllers::run(ctx, shutdown_signal()) => Ok(()),
         _ = elector.hold() => bail!("lost the leader lease; exiting so that only one replica reconciles"),
     }
+}
+
+/// Standalone: the manifest directory feeds the API and `--agent` names the agents. In a cluster:
+/// `--agent` if given, else the agent pods.
+fn find_agents(args: &RunArgs, client: &kube::Client, agents: &Arc<Agents>) -> anyhow::Result<()> {
+    if args.standalone {
+        let dir = args
+            .manifests
+            .clone()
+            .expect("clap requires --manifests with --standalone");
+        if !dir.is_dir() {
+            bail!("--manifests {}: not a directory", dir.display());
+        }
+        tokio::spawn(follow_manifests(Standalone::new(client.clone(), dir)));
+    }
+    if args.standalone || !args.agents.is_empty() {
+        agents.sync(discover::from_flags(
+            &args.agents,
+            &args.node_labels,
+            &args.carbon,
+        )?);
+    } else {
+        tokio::spawn(discover::watch_pods(
+            client.clone(),
+            agents.clone(),
+            args.agent_namespace.clone(),
+            args.agent_selector.clone(),
+            args.agent_port,
+        ));
+    }
+    Ok(())
+}
+
+/// Applies the manifest directory every half second.
+async fn follow_manifests(mut standalone: Standalone) {
+    loop {
+        if let Err(e) = standalone.sync().await {
+            error!(error = %e, "reading manifests");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn settings(args: &RunArgs) -> Settings {
+    Settings {
+        policy: Policy {
+            cpu_overcommit: args.cpu_overcommit,
+            memory_overcommit: args.memory_overcommit,
+            strategy: args.strategy,
+            require_kvm: args.require_kvm,
+        },
+        node_lost_grace: Duration::from_secs(args.node_lost_grace),
+        stop_timeout_seconds: args.stop_timeout,
+    }
+}
+
+/// This replica's name in the leader Lease: the pod's, else host and process.
+fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "controller".into()),
+            std::process::id()
+        )
+    })
 }
 
 /// SIGTERM or SIGINT.

@@ -4,9 +4,11 @@
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::quantity;
 
+use std::collections::HashMap;
+
 use crate::crd::operation::MigrateSpec;
-use crate::crd::template::VMTemplateSpec;
-use crate::crd::vm::{MemoryHotplug, RestartPolicy, VirtualMachineSpec};
+use crate::crd::template::{DefaultSpec, ImageFormat, VMTemplateSpec};
+use crate::crd::vm::{Disk, MemoryHotplug, Network, RestartPolicy, VirtualMachineSpec};
 
 /// Labels that tie an agent VM back to its VirtualMachine.
 pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
@@ -57,92 +59,25 @@ pub fn build(
     let defaults = template
         .and_then(|t| t.default_spec.clone())
         .unwrap_or_default();
-    let memory_bytes =
-        quantity::parse_bytes(&vm.memory).map_err(|e| err("spec.memory", e.to_string()))?;
-    whole_mib("spec.memory", memory_bytes)?;
-    let max_memory = vm
-        .max_memory
-        .clone()
-        .or(defaults.max_memory)
-        .filter(|m| quantity::parse_bytes(m).is_ok_and(|b| b >= memory_bytes));
-    if let Some(m) = &max_memory {
-        whole_mib(
-            "spec.maxMemory",
-            quantity::parse_bytes(m).map_err(|e| err("spec.maxMemory", e.to_string()))?,
-        )?;
-    }
+    let max_memory = max_memory(vm, &defaults)?;
     let max_cpus = vm
         .max_cpus
         .or(defaults.max_cpus)
         .filter(|m| *m >= vm.cpus)
         .unwrap_or(0);
-    let boot = vm.boot.clone().or(defaults.boot).ok_or_else(|| {
+    let boot = vm.boot.clone().or(defaults.boot.clone()).ok_or_else(|| {
         err("spec.boot.kernel", "no kernel to boot: set spec.boot.kernel or use a template whose defaultSpec.boot sets one")
     })?;
-
-    let mut disks = Vec::new();
-    let mut unprovisioned = Vec::new();
     let spec_disks = if vm.disks.is_empty() {
         &defaults.disks
     } else {
         &vm.disks
     };
-    // The template image is the root disk, shared read-only by every VM made from it.
-    let root_name = spec_disks
-        .iter()
-        .find(|d| d.path.is_none())
-        .map_or("root".to_string(), |d| d.name.clone());
-    if let Some(t) = template {
-        let source = t
-            .image
-            .source
-            .strip_prefix("file://")
-            .unwrap_or(&t.image.source);
-        if !source.starts_with('/') {
-            return Err(err(
-                "image.source",
-                format!("{source:?} must be an absolute path on the nodes"),
-            ));
-        }
-        disks.push(pb::Disk {
-            name: root_name.clone(),
-            path: source.into(),
-            format: match t.image.format {
-                Some(crate::crd::template::ImageFormat::Qcow2) => pb::DiskFormat::Qcow2 as i32,
-                Some(crate::crd::template::ImageFormat::Raw) => pb::DiskFormat::Raw as i32,
-                None => pb::DiskFormat::Unspecified as i32,
-            },
-            read_only: true,
-        });
-    }
-    for d in spec_disks {
-        match &d.path {
-            Some(path) => disks.push(pb::Disk {
-                name: d.name.clone(),
-                path: path.clone(),
-                format: pb::DiskFormat::Unspecified as i32,
-                read_only: d.read_only,
-            }),
-            None if template.is_some() && d.name == root_name => {}
-            None => unprovisioned.push(d.name.clone()),
-        }
-    }
+    let (disks, unprovisioned_disks) = disks(spec_disks, template)?;
     let nets = if vm.networks.is_empty() {
         &defaults.networks
     } else {
         &vm.networks
-    };
-    let networks = nets
-        .iter()
-        .map(|n| pb::Network {
-            name: n.name.clone(),
-            backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
-        })
-        .collect();
-    let restart_policy = match vm.high_availability.as_ref().map(|h| h.restart_policy) {
-        Some(RestartPolicy::Always) => pb::RestartPolicy::Always,
-        Some(RestartPolicy::Never) => pb::RestartPolicy::Never,
-        Some(RestartPolicy::OnFailure) | None => pb::RestartPolicy::OnFailure,
     };
     Ok(Built {
         spec: pb::VmSpec {
@@ -157,21 +92,128 @@ pub fn build(
                 cmdline: boot.cmdline.unwrap_or_default(),
             }),
             disks,
-            networks,
-            labels: [
-                (NAMESPACE_LABEL.to_string(), namespace.to_string()),
-                (NAME_LABEL.to_string(), name.to_string()),
-            ]
-            .into(),
-            restart_policy: restart_policy as i32,
-            memory_hotplug: match vm.memory_hotplug.unwrap_or_default() {
-                MemoryHotplug::Auto => pb::MemoryHotplug::Auto,
-                MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
-                MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
-            } as i32,
+            networks: nets.iter().map(network).collect(),
+            labels: identity_labels(namespace, name),
+            restart_policy: restart_policy(vm) as i32,
+            memory_hotplug: memory_hotplug(vm) as i32,
         },
-        unprovisioned_disks: unprovisioned,
+        unprovisioned_disks,
     })
+}
+
+/// The labels that tie an agent VM to `namespace/name`.
+pub fn identity_labels(namespace: &str, name: &str) -> HashMap<String, String> {
+    [
+        (NAMESPACE_LABEL.to_string(), namespace.to_string()),
+        (NAME_LABEL.to_string(), name.to_string()),
+    ]
+    .into()
+}
+
+/// `spec.maxMemory` (or the template's), when it is at least `spec.memory`; both whole MiB.
+fn max_memory(
+    vm: &VirtualMachineSpec,
+    defaults: &DefaultSpec,
+) -> Result<Option<String>, SpecError> {
+    let memory_bytes = parse_mib("spec.memory", &vm.memory)?;
+    let max_memory = vm
+        .max_memory
+        .clone()
+        .or(defaults.max_memory.clone())
+        .filter(|m| quantity::parse_bytes(m).is_ok_and(|b| b >= memory_bytes));
+    if let Some(m) = &max_memory {
+        parse_mib("spec.maxMemory", m)?;
+    }
+    Ok(max_memory)
+}
+
+/// The agent's disks: the template image as the read-only root disk, then every disk with a
+/// path; disks with neither are returned by name, as not provisioned.
+fn disks(
+    spec_disks: &[Disk],
+    template: Option<&VMTemplateSpec>,
+) -> Result<(Vec<pb::Disk>, Vec<String>), SpecError> {
+    // The template image is the root disk, shared read-only by every VM made from it.
+    let root_name = spec_disks
+        .iter()
+        .find(|d| d.path.is_none())
+        .map_or("root".to_string(), |d| d.name.clone());
+    let mut disks: Vec<pb::Disk> = template
+        .map(|t| root_disk(t, &root_name))
+        .transpose()?
+        .into_iter()
+        .collect();
+    let mut unprovisioned = Vec::new();
+    for d in spec_disks {
+        match &d.path {
+            Some(path) => disks.push(pb::Disk {
+                name: d.name.clone(),
+                path: path.clone(),
+                format: pb::DiskFormat::Unspecified as i32,
+                read_only: d.read_only,
+            }),
+            None if template.is_some() && d.name == root_name => {}
+            None => unprovisioned.push(d.name.clone()),
+        }
+    }
+    Ok((disks, unprovisioned))
+}
+
+/// The template's image, as the disk `name`.
+fn root_disk(t: &VMTemplateSpec, name: &str) -> Result<pb::Disk, SpecError> {
+    let source = t
+        .image
+        .source
+        .strip_prefix("file://")
+        .unwrap_or(&t.image.source);
+    if !source.starts_with('/') {
+        return Err(err(
+            "image.source",
+            format!("{source:?} must be an absolute path on the nodes"),
+        ));
+    }
+    let format = match t.image.format {
+        Some(ImageFormat::Qcow2) => pb::DiskFormat::Qcow2,
+        Some(ImageFormat::Raw) => pb::DiskFormat::Raw,
+        None => pb::DiskFormat::Unspecified,
+    };
+    Ok(pb::Disk {
+        name: name.into(),
+        path: source.into(),
+        format: format as i32,
+        read_only: true,
+    })
+}
+
+/// Every network is NAT through the node (QEMU user networking) today.
+fn network(n: &Network) -> pb::Network {
+    pb::Network {
+        name: n.name.clone(),
+        backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+    }
+}
+
+fn restart_policy(vm: &VirtualMachineSpec) -> pb::RestartPolicy {
+    match vm.high_availability.as_ref().map(|h| h.restart_policy) {
+        Some(RestartPolicy::Always) => pb::RestartPolicy::Always,
+        Some(RestartPolicy::Never) => pb::RestartPolicy::Never,
+        Some(RestartPolicy::OnFailure) | None => pb::RestartPolicy::OnFailure,
+    }
+}
+
+fn memory_hotplug(vm: &VirtualMachineSpec) -> pb::MemoryHotplug {
+    match vm.memory_hotplug.unwrap_or_default() {
+        MemoryHotplug::Auto => pb::MemoryHotplug::Auto,
+        MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
+        MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
+    }
+}
+
+/// A quantity that must be a positive whole number of MiB, in bytes.
+fn parse_mib(field: &str, value: &str) -> Result<u64, SpecError> {
+    let bytes = quantity::parse_bytes(value).map_err(|e| err(field, e.to_string()))?;
+    whole_mib(field, bytes)?;
+    Ok(bytes)
 }
 
 fn whole_mib(field: &str, bytes: u64) -> Result<(), SpecError> {

@@ -14,7 +14,7 @@ use crate::context::Context;
 use crate::crd::operation::{CloneSpec, VMOperation};
 use crate::crd::vm::{Boot, Disk, VirtualMachine, VirtualMachineSpec};
 use crate::error::Result;
-use crate::nodes::spec::{NAME_LABEL, NAMESPACE_LABEL, agent_name};
+use crate::nodes::spec::{agent_name, identity_labels};
 
 /// Annotation on a VirtualMachine made by a clone operation: the operation's name.
 pub const CLONED_BY: &str = "hypersdk.io/cloned-by";
@@ -47,68 +47,55 @@ pub(super) async fn run(
             vm.name_any()
         )));
     };
-    let Some(mut client) = ctx.agents.get(&node).and_then(|a| a.client()) else {
-        return Ok(Outcome::Failed(format!(
-            "agent on node {node} does not answer"
-        )));
+    let cloned = match clone_on_agent(vm, ns, &node, &spec, ctx).await {
+        Ok(c) => c,
+        Err(why) => return Ok(Outcome::Failed(why)),
     };
-    let target_agent_name = agent_name(ns, target);
-    let req = pb::CloneVmRequest {
-        name: agent_name(ns, &vm.name_any()),
-        target_name: target_agent_name.clone(),
-        linked: spec.linked_clone,
-        start: spec.start_after_clone,
-        labels: [
-            (NAMESPACE_LABEL.to_string(), ns.to_string()),
-            (NAME_LABEL.to_string(), target.clone()),
-        ]
-        .into(),
-    };
-    let cloned = match client.clone_vm(req).await {
-        Ok(r) => r.into_inner(),
-        // Made before a controller restart: take it.
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            match client
-                .get_vm(pb::GetVmRequest {
-                    name: target_agent_name,
-                })
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    return Ok(Outcome::Failed(format!(
-                        "agent on node {node}: {}",
-                        s.message()
-                    )));
-                }
-            }
-        }
-        Err(s) => {
-            return Ok(Outcome::Failed(format!(
-                "agent on node {node}: {}",
-                s.message()
-            )));
-        }
-    };
-    if let Some(agent) = ctx.agents.get(&node) {
-        agent.observe(cloned.clone());
-    }
     let mut new = VirtualMachine::new(target, clone_spec(&vm.spec, &spec, &cloned));
     new.metadata.namespace = Some(ns.to_string());
     new.metadata.annotations = Some([(CLONED_BY.to_string(), op.name_any())].into());
     vms.create(&PostParams::default(), &new).await?;
     let how = if spec.linked_clone { "linked" } else { "full" };
-    ctx.event(
-        &vm.object_ref(&()),
-        false,
-        "Cloned",
-        format!("{how} clone {target} made on node {node}"),
-    )
-    .await;
+    let msg = format!("{how} clone {target} made on node {node}");
+    ctx.event(&vm.object_ref(&()), false, "Cloned", msg).await;
     Ok(Outcome::Done(format!(
         "{how} clone {target} of VM {} made on node {node}",
         vm.name_any()
     )))
+}
+
+/// Has the VM's agent copy it as `cloneSpec.targetName`; a clone it made already (before a
+/// controller restart) is taken as it is.
+async fn clone_on_agent(
+    vm: &VirtualMachine,
+    ns: &str,
+    node: &str,
+    spec: &CloneSpec,
+    ctx: &Context,
+) -> std::result::Result<pb::Vm, String> {
+    let agent = ctx.agents.get(node);
+    let Some((agent, mut client)) = agent.and_then(|a| Some((a.clone(), a.client()?))) else {
+        return Err(format!("agent on node {node} does not answer"));
+    };
+    let target = agent_name(ns, &spec.target_name);
+    let req = pb::CloneVmRequest {
+        name: agent_name(ns, &vm.name_any()),
+        target_name: target.clone(),
+        linked: spec.linked_clone,
+        start: spec.start_after_clone,
+        labels: identity_labels(ns, &spec.target_name),
+    };
+    let cloned = match client.clone_vm(req).await {
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            client.get_vm(pb::GetVmRequest { name: target }).await
+        }
+        other => other,
+    };
+    let cloned = cloned
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("agent on node {node}: {}", s.message()))?;
+    agent.observe(cloned.clone());
+    Ok(cloned)
 }
 
 /// The clone's VirtualMachine: the source's, booting and running from what the agent made

@@ -6,6 +6,7 @@
 //! While it runs the VM carries the [`MIGRATING`] annotation, so the VM reconciler does not
 //! recreate on the old node a VM that has just left it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
@@ -16,10 +17,11 @@ use tracing::info;
 
 use super::operation::Outcome;
 use crate::context::Context;
-use crate::crd::operation::{Progress, VMOperation};
+use crate::crd::operation::{MigrateSpec, Progress, VMOperation};
 use crate::crd::vm::{VirtualMachine, VmPhase};
 use crate::error::{Error, Result};
 use crate::nodes::spec::{agent_name, migration_options};
+use crate::nodes::{Agent, Client};
 use crate::scheduling;
 
 /// Annotation on a VM that a VMOperation is moving; its value is the target node.
@@ -37,92 +39,28 @@ pub(super) async fn run(
 ) -> Result<Outcome> {
     let spec = op.spec.migrate_spec.clone().unwrap_or_default();
     let vm_name = vm.name_any();
-    let agent_vm = agent_name(ns, &vm_name);
     let Some(source) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
         return Ok(Outcome::Failed(format!(
             "VM {vm_name} is not placed on a node"
         )));
     };
-    let target = match &spec.target_node {
-        Some(t) => t.clone(),
-        None => match choose_target(vm, &source, ctx) {
-            Ok(t) => t,
-            Err(why) => return Ok(Outcome::Failed(why)),
-        },
+    let (target, target_agent) = match target(vm, &spec, &source, ctx) {
+        Ok(t) => t,
+        Err(why) => return Ok(Outcome::Failed(why)),
     };
-    let Some(target_agent) = ctx.agents.get(&target) else {
-        let known: Vec<String> = ctx
-            .agents
-            .all()
-            .iter()
-            .map(|a| a.info.node.clone())
-            .collect();
-        return Ok(Outcome::Failed(format!(
-            "migrateSpec.targetNode: node {target:?} is not known (known nodes: {})",
-            known.join(", ")
-        )));
-    };
-    // Done already (the controller restarted after the hand-over, before recording it).
-    if source == target {
-        return Ok(if is_moving(vm) {
-            finish(vm, ns, &target, ctx).await?;
-            Outcome::Done(format!("VM {vm_name} runs on node {target}"))
-        } else {
-            Outcome::Failed(format!(
-                "migrateSpec.targetNode: VM {vm_name} already runs on node {target}"
-            ))
-        });
+    if let Some(outcome) = resume(vm, ns, &source, &target_agent, ctx).await? {
+        return Ok(outcome);
     }
-    if is_moving(vm) {
-        // Started before a controller restart: the source agent drives it on its own.
-        let phase = |v: pb::Vm| v.status.map(|s| s.phase());
-        match target_agent.vm(&agent_vm).map(phase) {
-            Some(Some(p)) if p != pb::VmPhase::Migrating => {
-                finish(vm, ns, &target, ctx).await?;
-                return Ok(Outcome::Done(format!(
-                    "VM {vm_name} moved from {source} to {target}"
-                )));
-            }
-            Some(_) => {
-                return Ok(Outcome::Waiting(
-                    50,
-                    format!("VM {vm_name} is arriving on node {target}"),
-                ));
-            }
-            None => {}
-        }
-    }
-    if vm.status.as_ref().and_then(|s| s.phase) != Some(VmPhase::Running) {
-        return Ok(Outcome::Failed(format!(
-            "VM {vm_name} is not running (only a running VM migrates)"
-        )));
-    }
-    let Some(mut client) = ctx.agents.get(&source).and_then(|a| a.client()) else {
-        return Ok(Outcome::Failed(format!(
-            "agent on node {source} does not answer"
-        )));
-    };
-    if target_agent.client().is_none() {
-        return Ok(Outcome::Failed(format!(
-            "migrateSpec.targetNode: agent on node {target} does not answer"
-        )));
-    }
-    let options = match migration_options(&spec) {
-        Ok(o) => o,
-        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+    let (mut client, options) = match preflight(vm, &spec, &source, &target_agent, ctx) {
+        Ok(ready) => ready,
+        Err(why) => return Ok(Outcome::Failed(why)),
     };
     mark(vm, ns, ctx, Some(&target)).await?;
     info!(source, target, live = spec.live, "migrating");
+    let agent_vm = agent_name(ns, &vm_name);
     let outcome = if spec.live {
-        live(
-            op,
-            ops,
-            &mut client,
-            &agent_vm,
-            &target_agent.info.address.to_string(),
-            options,
-        )
-        .await
+        let to = target_agent.info.address.to_string();
+        live(op, ops, &mut client, &agent_vm, &to, options).await
     } else {
         cold(&mut client, &agent_vm, ctx).await
     };
@@ -138,6 +76,104 @@ pub(super) async fn run(
             Ok(Outcome::Failed(message))
         }
     }
+}
+
+/// The target node (`migrateSpec.targetNode`, or the scheduler's choice) and its agent.
+fn target(
+    vm: &VirtualMachine,
+    spec: &MigrateSpec,
+    source: &str,
+    ctx: &Context,
+) -> std::result::Result<(String, Arc<Agent>), String> {
+    let target = match &spec.target_node {
+        Some(t) => t.clone(),
+        None => choose_target(vm, source, ctx)?,
+    };
+    match ctx.agents.get(&target) {
+        Some(agent) => Ok((target, agent)),
+        None => {
+            let known: Vec<String> = ctx
+                .agents
+                .all()
+                .iter()
+                .map(|a| a.info.node.clone())
+                .collect();
+            Err(format!(
+                "migrateSpec.targetNode: node {target:?} is not known (known nodes: {})",
+                known.join(", ")
+            ))
+        }
+    }
+}
+
+/// A migration this operation started before a controller restart: done already (the hand-over
+/// happened, not recorded yet), or still under way (the source agent drives it on its own).
+/// None when there is none to resume.
+async fn resume(
+    vm: &VirtualMachine,
+    ns: &str,
+    source: &str,
+    target: &Agent,
+    ctx: &Context,
+) -> Result<Option<Outcome>> {
+    let vm_name = vm.name_any();
+    let to = &target.info.node;
+    if source == to {
+        return Ok(Some(if is_moving(vm) {
+            finish(vm, ns, to, ctx).await?;
+            Outcome::Done(format!("VM {vm_name} runs on node {to}"))
+        } else {
+            Outcome::Failed(format!(
+                "migrateSpec.targetNode: VM {vm_name} already runs on node {to}"
+            ))
+        }));
+    }
+    if !is_moving(vm) {
+        return Ok(None);
+    }
+    let phase = |v: pb::Vm| v.status.map(|s| s.phase());
+    Ok(match target.vm(&agent_name(ns, &vm_name)).map(phase) {
+        Some(Some(p)) if !matches!(p, pb::VmPhase::Migrating | pb::VmPhase::Incoming) => {
+            finish(vm, ns, to, ctx).await?;
+            Some(Outcome::Done(format!(
+                "VM {vm_name} moved from {source} to {to}"
+            )))
+        }
+        Some(_) => Some(Outcome::Waiting(
+            50,
+            format!("VM {vm_name} is arriving on node {to}"),
+        )),
+        None => None,
+    })
+}
+
+/// What a migration needs before it starts: a running VM, both agents answering, valid options.
+fn preflight(
+    vm: &VirtualMachine,
+    spec: &MigrateSpec,
+    source: &str,
+    target: &Agent,
+    ctx: &Context,
+) -> std::result::Result<(Client, pb::MigrationOptions), String> {
+    if vm.status.as_ref().and_then(|s| s.phase) != Some(VmPhase::Running) {
+        return Err(format!(
+            "VM {} is not running (only a running VM migrates)",
+            vm.name_any()
+        ));
+    }
+    let client = ctx
+        .agents
+        .get(source)
+        .and_then(|a| a.client())
+        .ok_or_else(|| format!("agent on node {source} does not answer"))?;
+    if target.client().is_none() {
+        return Err(format!(
+            "migrateSpec.targetNode: agent on node {} does not answer",
+            target.info.node
+        ));
+    }
+    let options = migration_options(spec).map_err(|e| e.to_string())?;
+    Ok((client, options))
 }
 
 /// The scheduler's choice among the other nodes.
@@ -162,7 +198,7 @@ fn choose_target(
 async fn live(
     op: &VMOperation,
     ops: &Api<VMOperation>,
-    client: &mut crate::nodes::Client,
+    client: &mut Client,
     name: &str,
     target: &str,
     options: pb::MigrationOptions,
@@ -248,7 +284,7 @@ async fn write_progress(
 
 /// Not live: stop the guest and remove the VM here; the VM reconciler starts it on the target.
 async fn cold(
-    client: &mut crate::nodes::Client,
+    client: &mut Client,
     name: &str,
     ctx: &Context,
 ) -> std::result::Result<String, String> {

@@ -17,11 +17,14 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::crd::operation::{OperationKind, OperationPhase, Progress, VMOperation};
+use crate::crd::operation::{
+    OperationKind, OperationPhase, Progress, ResizeSpec, VMOperation, VMOperationStatus,
+};
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotSpec};
 use crate::crd::vm::{VirtualMachine, VmPhase};
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
+use crate::nodes::Client;
 use crate::nodes::spec::agent_name;
 
 /// Condition on a finished operation: True when it succeeded.
@@ -37,63 +40,76 @@ pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action
     let Some(op) = api.get_opt(&op.name_any()).await? else {
         return Ok(Action::await_change());
     };
-    let old = op.status.clone().unwrap_or_default();
-    if old.phase.is_some_and(OperationPhase::is_final) {
+    if op
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(OperationPhase::is_final)
+    {
         return Ok(Action::await_change());
     }
-    let mut status = old.clone();
-    status.start_time.get_or_insert_with(now);
     let outcome = run(&op, &ns, &ctx, &api).await?;
-    let (phase, message, requeue) = match outcome {
-        Outcome::Done(m) => (OperationPhase::Succeeded, m, None),
-        Outcome::Failed(m) => (OperationPhase::Failed, m, None),
-        Outcome::Waiting(percent, m) => {
-            status.progress = Some(Progress {
-                percent,
-                stage: Some(m.clone()),
-            });
-            (OperationPhase::Running, m, Some(Duration::from_secs(1)))
-        }
-    };
-    status.phase = Some(phase);
-    status.message = Some(message.clone());
-    if phase.is_final() {
-        status.completion_time = Some(now());
-        if phase == OperationPhase::Succeeded {
-            status.progress = Some(Progress {
-                percent: 100,
-                stage: None,
-            });
-        }
-        let (s, reason) = match phase {
-            OperationPhase::Succeeded => (Status::True, "Succeeded"),
-            _ => (Status::False, "Failed"),
-        };
-        set_condition(
-            &mut status.conditions,
-            SUCCEEDED,
-            s,
-            reason,
-            message.clone(),
-            op.metadata.generation,
-        );
+    let status = conclude(&op, &outcome);
+    if let Outcome::Done(message) | Outcome::Failed(message) = &outcome {
         let verb = op.spec.operation.as_str();
-        info!(verb, ?phase, message, "operation finished");
-        let reason = if phase == OperationPhase::Succeeded {
-            "Succeeded"
-        } else {
-            "Failed"
-        };
+        let failed = matches!(outcome, Outcome::Failed(_));
+        info!(verb, failed, message, "operation finished");
+        let reason = if failed { "Failed" } else { "Succeeded" };
         ctx.event(
             &op.object_ref(&()),
-            phase != OperationPhase::Succeeded,
+            failed,
             reason,
             format!("{verb}: {message}"),
         )
         .await;
     }
     super::write_status(&api, &op.name_any(), op.status.as_ref(), &status).await?;
-    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+    Ok(match outcome {
+        Outcome::Waiting(..) => Action::requeue(Duration::from_secs(1)),
+        _ => Action::await_change(),
+    })
+}
+
+/// The operation's status after `outcome`.
+fn conclude(op: &VMOperation, outcome: &Outcome) -> VMOperationStatus {
+    let mut status = op.status.clone().unwrap_or_default();
+    status.start_time.get_or_insert_with(now);
+    let (phase, message) = match outcome {
+        Outcome::Done(m) => (OperationPhase::Succeeded, m),
+        Outcome::Failed(m) => (OperationPhase::Failed, m),
+        Outcome::Waiting(percent, m) => {
+            status.progress = Some(Progress {
+                percent: *percent,
+                stage: Some(m.clone()),
+            });
+            (OperationPhase::Running, m)
+        }
+    };
+    status.phase = Some(phase);
+    status.message = Some(message.clone());
+    if !phase.is_final() {
+        return status;
+    }
+    status.completion_time = Some(now());
+    let (s, reason) = if phase == OperationPhase::Succeeded {
+        status.progress = Some(Progress {
+            percent: 100,
+            stage: None,
+        });
+        (Status::True, "Succeeded")
+    } else {
+        (Status::False, "Failed")
+    };
+    let generation = op.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        SUCCEEDED,
+        s,
+        reason,
+        message.clone(),
+        generation,
+    );
+    status
 }
 
 pub fn error_policy(op: Arc<VMOperation>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -255,13 +271,39 @@ async fn on_agent(
             vm.spec.running
         )));
     };
-    let Some(mut client) = ctx.agents.get(&node).and_then(|a| a.client()) else {
+    let agent = ctx.agents.get(&node);
+    let Some((agent, client)) = agent.and_then(|a| Some((a.clone(), a.client()?))) else {
         return Ok(Outcome::Failed(format!(
             "agent on node {node} does not answer"
         )));
     };
-    let name = agent_name(ns, &vm_name);
-    let reply = match op.spec.operation {
+    let reply = call(op, client, agent_name(ns, &vm_name), ctx).await;
+    if reply.is_ok()
+        && let Some(resize) = &op.spec.resize_spec
+        && op.spec.operation == OperationKind::Resize
+    {
+        declare_size(vm, ns, resize, ctx).await?;
+    }
+    Ok(match reply {
+        Ok(r) => {
+            agent.observe(r.into_inner());
+            Outcome::Done(format!(
+                "{} of VM {vm_name} done on node {node}",
+                op.spec.operation.as_str()
+            ))
+        }
+        Err(s) => Outcome::Failed(format!("agent on node {node}: {}", s.message())),
+    })
+}
+
+/// The agent call of a restart, pause, resume, restore or resize of the agent's VM `name`.
+async fn call(
+    op: &VMOperation,
+    mut client: Client,
+    name: String,
+    ctx: &Context,
+) -> std::result::Result<tonic::Response<pb::Vm>, tonic::Status> {
+    match op.spec.operation {
         OperationKind::Restart => {
             let req = pb::RestartVmRequest {
                 name,
@@ -285,50 +327,37 @@ async fn on_agent(
                 .map(|r| r.map(|r| r.vm.unwrap_or_default()))
         }
         _ => {
-            let spec = op
-                .spec
-                .resize_spec
-                .clone()
-                .unwrap_or(crate::crd::operation::ResizeSpec {
-                    cpus: None,
-                    memory: None,
-                });
+            let spec = op.spec.resize_spec.clone();
             let req = pb::ResizeVmRequest {
                 name,
-                cpus: spec.cpus,
-                memory: spec.memory.clone(),
+                cpus: spec.as_ref().and_then(|s| s.cpus),
+                memory: spec.and_then(|s| s.memory),
             };
-            let reply = client.resize_vm(req).await;
-            if reply.is_ok() {
-                // The declared size follows, so the VM's next start keeps it.
-                let mut patch = serde_json::Map::new();
-                if let Some(c) = spec.cpus {
-                    patch.insert("cpus".into(), json!(c));
-                }
-                if let Some(m) = spec.memory {
-                    patch.insert("memory".into(), json!(m));
-                }
-                let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
-                vms.patch(
-                    &vm_name,
-                    &PatchParams::apply(super::MANAGER),
-                    &Patch::Merge(json!({"spec": patch})),
-                )
-                .await?;
-            }
-            reply
+            client.resize_vm(req).await
         }
-    };
-    Ok(match reply {
-        Ok(r) => {
-            if let Some(agent) = ctx.agents.get(&node) {
-                agent.observe(r.into_inner());
-            }
-            Outcome::Done(format!(
-                "{} of VM {vm_name} done on node {node}",
-                op.spec.operation.as_str()
-            ))
-        }
-        Err(s) => Outcome::Failed(format!("agent on node {node}: {}", s.message())),
-    })
+    }
+}
+
+/// The declared size follows a resize, so the VM's next start keeps it.
+async fn declare_size(
+    vm: &VirtualMachine,
+    ns: &str,
+    spec: &ResizeSpec,
+    ctx: &Context,
+) -> Result<()> {
+    let mut patch = serde_json::Map::new();
+    if let Some(c) = spec.cpus {
+        patch.insert("cpus".into(), json!(c));
+    }
+    if let Some(m) = &spec.memory {
+        patch.insert("memory".into(), json!(m));
+    }
+    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    vms.patch(
+        &vm.name_any(),
+        &PatchParams::apply(super::MANAGER),
+        &Patch::Merge(json!({"spec": patch})),
+    )
+    .await?;
+    Ok(())
 }

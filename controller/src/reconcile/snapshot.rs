@@ -14,10 +14,11 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotStatus};
+use crate::crd::snapshot::{SnapshotPhase, VMSnapshot};
 use crate::crd::vm::VirtualMachine;
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
+use crate::nodes::Client;
 use crate::nodes::spec::agent_name;
 
 pub const READY: &str = "Ready";
@@ -44,7 +45,7 @@ pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Actio
 enum Target {
     On {
         node: String,
-        client: crate::nodes::Client,
+        client: Client,
         vm: String,
     },
     /// Not now, with the reason and the phase to report.
@@ -90,48 +91,64 @@ async fn apply(
     api: &Api<VMSnapshot>,
     ctx: &Context,
 ) -> Result<Action> {
-    let mut status = snap.status.clone().unwrap_or_default();
-    if let Some(expires) = expiry(snap)
-        && k8s_openapi::jiff::Timestamp::now() >= expires
-    {
-        if snap.spec.retention.as_ref().is_some_and(|r| r.auto_delete) {
-            api.delete(&snap.name_any(), &DeleteParams::default())
-                .await?;
-            return Ok(Action::await_change());
-        }
-        status.phase = Some(SnapshotPhase::Expired);
-        status.message = Some("past retention.keepDays".into());
-        super::write_status(api, &snap.name_any(), snap.status.as_ref(), &status).await?;
-        return Ok(Action::await_change());
+    if let Some(action) = retention(snap, api).await? {
+        return Ok(action);
     }
+    let phase = snap.status.as_ref().and_then(|s| s.phase);
     if matches!(
-        status.phase,
+        phase,
         Some(SnapshotPhase::Ready | SnapshotPhase::Failed | SnapshotPhase::Expired)
     ) {
         return Ok(Action::requeue(RESYNC));
     }
-    let name = snap.name_any();
-    let (node, mut client, vm) = match target(snap, ns, ctx).await? {
-        Target::On { node, client, vm } => (node, client, vm),
-        Target::Not(phase, reason, message) => {
-            report(
-                snap,
-                api,
-                &mut status,
-                phase,
-                Status::False,
-                reason,
-                message,
-            )
-            .await?;
-            return Ok(Action::requeue(Duration::from_secs(5)));
-        }
+    let (verdict, action) = match target(snap, ns, ctx).await? {
+        Target::Not(phase, reason, message) => (
+            Verdict::not_ready(phase, reason, message),
+            Action::requeue(Duration::from_secs(5)),
+        ),
+        Target::On { node, client, vm } => (
+            take(snap, api, &node, client, vm).await?,
+            Action::requeue(RESYNC),
+        ),
     };
-    // Taken already (a pass that ended before its status was written)?
+    verdict.write(snap, api).await?;
+    Ok(action)
+}
+
+/// Past `retention.keepDays`: deleted (`autoDelete`) or marked Expired; then nothing to wait for.
+async fn retention(snap: &VMSnapshot, api: &Api<VMSnapshot>) -> Result<Option<Action>> {
+    let Some(expires) = expiry(snap) else {
+        return Ok(None);
+    };
+    if k8s_openapi::jiff::Timestamp::now() < expires {
+        return Ok(None);
+    }
+    if snap.spec.retention.as_ref().is_some_and(|r| r.auto_delete) {
+        api.delete(&snap.name_any(), &DeleteParams::default())
+            .await?;
+        return Ok(Some(Action::await_change()));
+    }
+    let mut status = snap.status.clone().unwrap_or_default();
+    status.phase = Some(SnapshotPhase::Expired);
+    status.message = Some("past retention.keepDays".into());
+    super::write_status(api, &snap.name_any(), snap.status.as_ref(), &status).await?;
+    Ok(Some(Action::await_change()))
+}
+
+/// Takes the snapshot on `node` unless it is there already (a pass that ended before its status
+/// was written); says how it went.
+async fn take(
+    snap: &VMSnapshot,
+    api: &Api<VMSnapshot>,
+    node: &str,
+    mut client: Client,
+    vm: String,
+) -> Result<Verdict> {
+    let name = snap.name_any();
     let taken = client
         .list_snapshots(pb::ListSnapshotsRequest { name: vm.clone() })
         .await
-        .map_err(|s| Error::agent(&node, s))?
+        .map_err(|s| Error::agent(node, s))?
         .into_inner()
         .snapshots
         .into_iter()
@@ -140,91 +157,80 @@ async fn apply(
         Some(s) => Ok(s),
         None => {
             let message = format!("taking the snapshot on node {node}");
-            report(
-                snap,
-                api,
-                &mut status,
-                SnapshotPhase::Creating,
-                Status::False,
-                "Creating",
-                message,
-            )
-            .await?;
+            Verdict::not_ready(SnapshotPhase::Creating, "Creating", message)
+                .write(snap, api)
+                .await?;
+            let req = pb::CreateSnapshotRequest {
+                name: vm,
+                snapshot: name.clone(),
+                memory: snap.spec.include_memory,
+                quiesce: snap.spec.quiesce,
+                description: snap.spec.description.clone().unwrap_or_default(),
+            };
             client
-                .create_snapshot(pb::CreateSnapshotRequest {
-                    name: vm,
-                    snapshot: name.clone(),
-                    memory: snap.spec.include_memory,
-                    quiesce: snap.spec.quiesce,
-                    description: snap.spec.description.clone().unwrap_or_default(),
-                })
+                .create_snapshot(req)
                 .await
                 .map(tonic::Response::into_inner)
         }
     };
-    match result {
+    Ok(match result {
         Ok(s) => {
             info!(node, pause_ms = s.pause_ms, "snapshot ready");
-            let message = format!(
-                "on node {node}: {} MiB{}",
-                s.size_bytes >> 20,
-                if s.memory {
-                    format!(", memory included, guest paused {} ms", s.pause_ms)
-                } else {
-                    String::new()
-                }
-            );
-            report(
-                snap,
-                api,
-                &mut status,
-                SnapshotPhase::Ready,
-                Status::True,
-                "Created",
-                message,
-            )
-            .await?;
-            Ok(Action::requeue(RESYNC))
+            Verdict {
+                phase: SnapshotPhase::Ready,
+                ready: Status::True,
+                reason: "Created",
+                message: ready_message(node, &s),
+            }
         }
         Err(s) => {
             let message = format!("agent on node {node}: {}", s.message());
-            report(
-                snap,
-                api,
-                &mut status,
-                SnapshotPhase::Failed,
-                Status::False,
-                "Failed",
-                message,
-            )
-            .await?;
-            Ok(Action::requeue(RESYNC))
+            Verdict::not_ready(SnapshotPhase::Failed, "Failed", message)
         }
-    }
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn report(
-    snap: &VMSnapshot,
-    api: &Api<VMSnapshot>,
-    status: &mut VMSnapshotStatus,
+fn ready_message(node: &str, s: &pb::Snapshot) -> String {
+    let memory = if s.memory {
+        format!(", memory included, guest paused {} ms", s.pause_ms)
+    } else {
+        String::new()
+    };
+    format!("on node {node}: {} MiB{memory}", s.size_bytes >> 20)
+}
+
+/// What the snapshot's status says after a pass: its phase and its Ready condition.
+struct Verdict {
     phase: SnapshotPhase,
     ready: Status,
-    reason: &str,
+    reason: &'static str,
     message: String,
-) -> Result<()> {
-    status.phase = Some(phase);
-    status.message = Some(message.clone());
-    set_condition(
-        &mut status.conditions,
-        READY,
-        ready,
-        reason,
-        message,
-        snap.metadata.generation,
-    );
-    super::write_status(api, &snap.name_any(), snap.status.as_ref(), status).await?;
-    Ok(())
+}
+
+impl Verdict {
+    fn not_ready(phase: SnapshotPhase, reason: &'static str, message: String) -> Self {
+        Verdict {
+            phase,
+            ready: Status::False,
+            reason,
+            message,
+        }
+    }
+
+    async fn write(self, snap: &VMSnapshot, api: &Api<VMSnapshot>) -> Result<()> {
+        let mut status = snap.status.clone().unwrap_or_default();
+        status.phase = Some(self.phase);
+        status.message = Some(self.message.clone());
+        set_condition(
+            &mut status.conditions,
+            READY,
+            self.ready,
+            self.reason,
+            self.message,
+            snap.metadata.generation,
+        );
+        super::write_status(api, &snap.name_any(), snap.status.as_ref(), &status).await
+    }
 }
 
 /// Deletes the snapshot from the VM's agent. A VM or agent that is gone cannot hold the

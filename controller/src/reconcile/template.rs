@@ -9,7 +9,7 @@ use kube::runtime::controller::Action;
 use tracing::warn;
 
 use crate::context::Context;
-use crate::crd::template::VMTemplate;
+use crate::crd::template::{VMTemplate, VMTemplateSpec};
 use crate::crd::vm::VirtualMachine;
 use crate::crd::{Status, set_condition};
 use crate::error::{Error, Result};
@@ -36,35 +36,16 @@ pub async fn reconcile(tpl: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action
         .count();
     let mut status = tpl.status.clone().unwrap_or_default();
     status.usage_count = usage as u32;
-    let source = tpl
-        .spec
-        .image
-        .source
-        .strip_prefix("file://")
-        .unwrap_or(&tpl.spec.image.source);
+    let (ready, reason, message) = image_check(&tpl.spec);
     let generation = tpl.metadata.generation;
-    if source.starts_with('/') {
-        set_condition(
-            &mut status.conditions,
-            READY,
-            Status::True,
-            "ImageReferenced",
-            format!("image {source}"),
-            generation,
-        );
-    } else {
-        let msg = format!(
-            "image.source: {source:?} must be an absolute path on the nodes (or file:///path)"
-        );
-        set_condition(
-            &mut status.conditions,
-            READY,
-            Status::False,
-            "InvalidImage",
-            msg,
-            generation,
-        );
-    }
+    set_condition(
+        &mut status.conditions,
+        READY,
+        ready,
+        reason,
+        message,
+        generation,
+    );
     let api: Api<VMTemplate> = Api::namespaced(ctx.client.clone(), &ns);
     super::write_status(&api, &name, tpl.status.as_ref(), &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
@@ -75,4 +56,21 @@ pub fn error_policy(tpl: Arc<VMTemplate>, error: &Error, ctx: Arc<Context>) -> A
         .inc("hypersdk_reconcile_errors_total", "VMTemplate");
     warn!(template = %tpl.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// The template's image reference: an absolute node path (or `file://` URL) is usable.
+fn image_check(spec: &VMTemplateSpec) -> (Status, &'static str, String) {
+    let source = spec
+        .image
+        .source
+        .strip_prefix("file://")
+        .unwrap_or(&spec.image.source);
+    if source.starts_with('/') {
+        (Status::True, "ImageReferenced", format!("image {source}"))
+    } else {
+        let msg = format!(
+            "image.source: {source:?} must be an absolute path on the nodes (or file:///path)"
+        );
+        (Status::False, "InvalidImage", msg)
+    }
 }

@@ -14,10 +14,10 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
-use crate::crd::{Status, VMTemplate, set_condition};
+use crate::crd::{Status, VMTemplate, VMTemplateSpec, set_condition};
 use crate::error::{Error, Result};
-use crate::nodes::Client;
 use crate::nodes::spec::{self, Built};
+use crate::nodes::{Agent, Client};
 use crate::scheduling::Request;
 use crate::scheduling::placement::{Placed, VmKey};
 
@@ -99,23 +99,9 @@ async fn apply(
 
 async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     let vm = pass.vm;
-    let template = match &vm.spec.image {
-        None => None,
-        Some(image) => {
-            let tpl = &image.template_ref.name;
-            match Api::<VMTemplate>::namespaced(ctx.client.clone(), ns)
-                .get_opt(tpl)
-                .await?
-            {
-                Some(t) => Some(t.spec),
-                None => {
-                    let msg = format!(
-                        "spec.image.templateRef: VMTemplate {tpl:?} not found in namespace {ns}"
-                    );
-                    return Ok(not_ready(pass, "TemplateNotFound", msg));
-                }
-            }
-        }
+    let template = match template(vm, ns, ctx).await? {
+        Ok(t) => t,
+        Err(msg) => return Ok(not_ready(pass, "TemplateNotFound", msg)),
     };
     let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
         Ok(b) => b,
@@ -127,7 +113,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(Duration::from_secs(60)));
     };
     let agent = ctx.agents.get(&node);
-    let Some(client) = agent.as_ref().and_then(|a| a.client()) else {
+    let Some((agent, client)) = agent.as_ref().and_then(|a| Some((a, a.client()?))) else {
         let lost_for = agent.map_or(Duration::MAX, |a| a.lost_for());
         return node_lost(pass, &node, lost_for, ctx).await;
     };
@@ -137,66 +123,82 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
         "AgentAnswers",
         format!("agent on {node} answers"),
     );
-    let agent = agent.expect("a client comes from an agent");
     let current = match agent.vm(&built.spec.name) {
         Some(v) => v,
-        None => {
-            if let Some(other) = found_on_agent(ctx, &built.spec.name, Some(&node)) {
-                // Moved by a live migration (a VMOperation, or hyperctl): follow it.
-                info!(from = node, to = other, "VM found on another node");
-                pass.status.node_name = Some(other.clone());
-                ctx.event(
-                    &pass.vm.object_ref(&()),
-                    false,
-                    "Moved",
-                    format!("now runs on node {other} (was {node})"),
-                )
-                .await;
-                return Ok(Action::requeue(Duration::from_millis(10)));
-            }
-            if vm.annotations().contains_key(super::migrate::MIGRATING) {
-                // Leaving this node; not to be created here again.
-                return Ok(Action::requeue(Duration::from_secs(1)));
-            }
-            info!(node, "creating VM on agent");
-            let req = pb::CreateVmRequest {
-                spec: Some(built.spec.clone()),
-                start: vm.spec.running,
-            };
-            let created = call(&node, client.clone().create_vm(req).await);
-            let vm = match created {
-                Err(Error::Agent { status, .. }) if status.code() == tonic::Code::AlreadyExists => {
-                    let req = pb::GetVmRequest {
-                        name: built.spec.name.clone(),
-                    };
-                    call(&node, client.clone().get_vm(req).await)?
-                }
-                Err(Error::Agent { status, .. })
-                    if status.code() == tonic::Code::InvalidArgument =>
-                {
-                    return Ok(not_ready(
-                        pass,
-                        "AgentRefused",
-                        status.message().to_string(),
-                    ));
-                }
-                other => other?,
-            };
-            agent.observe(vm.clone());
-            ctx.event(
-                &pass.vm.object_ref(&()),
-                false,
-                "Created",
-                format!("created on node {node}"),
-            )
-            .await;
-            vm
-        }
+        None => match create(pass, &node, agent, client.clone(), &built, ctx).await? {
+            Ok(v) => v,
+            Err(action) => return Ok(action),
+        },
     };
     let current = converge(pass, &node, client, current, ctx).await?;
     agent.observe(current.clone());
     report(pass, &current);
     Ok(Action::requeue(RESYNC))
+}
+
+/// The spec of the VM's template; Err(message) when it names one that does not exist.
+async fn template(
+    vm: &VirtualMachine,
+    ns: &str,
+    ctx: &Context,
+) -> Result<std::result::Result<Option<VMTemplateSpec>, String>> {
+    let Some(image) = &vm.spec.image else {
+        return Ok(Ok(None));
+    };
+    let tpl = &image.template_ref.name;
+    let found = Api::<VMTemplate>::namespaced(ctx.client.clone(), ns)
+        .get_opt(tpl)
+        .await?;
+    Ok(found.map(|t| Some(t.spec)).ok_or_else(|| {
+        format!("spec.image.templateRef: VMTemplate {tpl:?} not found in namespace {ns}")
+    }))
+}
+
+/// The VM is not on its node's agent: it moved (follow it), is leaving (wait), or is created
+/// there now. Err is what to do instead of going on.
+async fn create(
+    pass: &mut Pass<'_>,
+    node: &str,
+    agent: &Agent,
+    mut client: Client,
+    built: &Built,
+    ctx: &Context,
+) -> Result<std::result::Result<pb::Vm, Action>> {
+    let vm = pass.vm;
+    if let Some(other) = found_on_agent(ctx, &built.spec.name, Some(node)) {
+        // Moved by a live migration (a VMOperation, or hyperctl): follow it.
+        info!(from = node, to = other, "VM found on another node");
+        pass.status.node_name = Some(other.clone());
+        let msg = format!("now runs on node {other} (was {node})");
+        ctx.event(&vm.object_ref(&()), false, "Moved", msg).await;
+        return Ok(Err(Action::requeue(Duration::from_millis(10))));
+    }
+    if vm.annotations().contains_key(super::migrate::MIGRATING) {
+        // Leaving this node; not to be created here again.
+        return Ok(Err(Action::requeue(Duration::from_secs(1))));
+    }
+    info!(node, "creating VM on agent");
+    let req = pb::CreateVmRequest {
+        spec: Some(built.spec.clone()),
+        start: vm.spec.running,
+    };
+    let created = match client.create_vm(req).await {
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            let req = pb::GetVmRequest {
+                name: built.spec.name.clone(),
+            };
+            call(node, client.get_vm(req).await)?
+        }
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            let message = s.message().to_string();
+            return Ok(Err(not_ready(pass, "AgentRefused", message)));
+        }
+        other => call(node, other)?,
+    };
+    agent.observe(created.clone());
+    let msg = format!("created on node {node}");
+    ctx.event(&vm.object_ref(&()), false, "Created", msg).await;
+    Ok(Ok(created))
 }
 
 /// A reachable node (other than `except`) whose agent has the VM.
@@ -275,48 +277,43 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         return Ok(None);
     }
     let req = Request::for_vm(&vm.spec);
-    match ctx
+    let placed = ctx
         .placements
-        .place(pass.key.clone(), &req, &ctx.agents, &ctx.settings.policy)
-    {
+        .place(pass.key.clone(), &req, &ctx.agents, &ctx.settings.policy);
+    match placed {
         Err(why) => {
-            ctx.metrics
-                .inc("hypersdk_scheduling_failures_total", "VirtualMachine");
-            pass.status.phase = Some(VmPhase::Pending);
-            pass.status.message = Some(why.to_string());
-            pass.set(SCHEDULED, Status::False, "Unschedulable", why.to_string());
-            pass.set(READY, Status::False, "Unschedulable", why.to_string());
-            ctx.event(
-                &vm.object_ref(&()),
-                true,
-                "FailedScheduling",
-                why.to_string(),
-            )
-            .await;
+            unschedulable(pass, &why.to_string(), ctx).await;
             Ok(None)
         }
         Ok(node) => {
-            ctx.metrics
-                .inc("hypersdk_vms_placed_total", "VirtualMachine");
-            info!(node, "placed");
-            pass.status.node_name = Some(node.clone());
-            pass.status.phase = Some(VmPhase::Creating);
-            pass.set(
-                SCHEDULED,
-                Status::True,
-                "Scheduled",
-                format!("placed on node {node}"),
-            );
-            ctx.event(
-                &vm.object_ref(&()),
-                false,
-                "Scheduled",
-                format!("placed on node {node}"),
-            )
-            .await;
+            scheduled(pass, &node, ctx).await;
             Ok(Some(node))
         }
     }
+}
+
+async fn unschedulable(pass: &mut Pass<'_>, why: &str, ctx: &Context) {
+    ctx.metrics
+        .inc("hypersdk_scheduling_failures_total", "VirtualMachine");
+    pass.status.phase = Some(VmPhase::Pending);
+    pass.status.message = Some(why.to_string());
+    pass.set(SCHEDULED, Status::False, "Unschedulable", why);
+    pass.set(READY, Status::False, "Unschedulable", why);
+    let vm = pass.vm.object_ref(&());
+    ctx.event(&vm, true, "FailedScheduling", why.to_string())
+        .await;
+}
+
+async fn scheduled(pass: &mut Pass<'_>, node: &str, ctx: &Context) {
+    ctx.metrics
+        .inc("hypersdk_vms_placed_total", "VirtualMachine");
+    info!(node, "placed");
+    pass.status.node_name = Some(node.to_string());
+    pass.status.phase = Some(VmPhase::Creating);
+    let msg = format!("placed on node {node}");
+    pass.set(SCHEDULED, Status::True, "Scheduled", msg.clone());
+    ctx.event(&pass.vm.object_ref(&()), false, "Scheduled", msg)
+        .await;
 }
 
 /// The VM's agent does not answer: say so, and move a highly available VM once the grace is over.
@@ -427,7 +424,7 @@ pub fn phase_from_agent(phase: pb::VmPhase, running: bool) -> VmPhase {
     match phase {
         P::Running | P::Stopping => VmPhase::Running,
         P::Paused => VmPhase::Paused,
-        P::Migrating => VmPhase::Migrating,
+        P::Migrating | P::Incoming => VmPhase::Migrating,
         P::Failed => VmPhase::Failed,
         P::Stopped => VmPhase::Stopped,
         P::Pending if !running => VmPhase::Stopped,

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use serde_json::{Value, json};
+use tokio::sync::mpsc::Sender;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -180,55 +181,7 @@ impl FakeApi {
     /// `timeoutSeconds`, as newline-delimited JSON.
     fn watch(&self, path: ApiPath, query: Query) -> Response<Body> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-        let api = self.clone();
-        let mut changed = self.changed.subscribe();
-        let timeout = Duration::from_secs(query.timeout_seconds.unwrap_or(300).min(3600));
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + timeout;
-            let mut cursor = match query.resource_version {
-                Some(rv) if rv > 0 => rv,
-                _ => {
-                    let (items, rv) = {
-                        let store = api.lock();
-                        (
-                            store.list(&path.resource, path.ns(), &query.label_selector),
-                            store.resource_version(),
-                        )
-                    };
-                    for item in items {
-                        if tx.send(line("ADDED", &item)).await.is_err() {
-                            return;
-                        }
-                    }
-                    rv
-                }
-            };
-            loop {
-                let events = api.lock().events_since(&path.resource, path.ns(), cursor);
-                match events {
-                    Err(gone) => {
-                        let _ = tx.send(line("ERROR", &gone.status())).await;
-                        return;
-                    }
-                    Ok(events) => {
-                        for e in events {
-                            cursor = e.rv;
-                            let labels_ok = query.label_selector.iter().all(|(k, v)| {
-                                e.object["metadata"]["labels"][k].as_str() == Some(v)
-                            });
-                            if labels_ok && tx.send(line(e.type_, &e.object)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                tokio::select! {
-                    r = changed.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep_until(deadline) => return,
-                    _ = tx.closed() => return,
-                }
-            }
-        });
+        tokio::spawn(self.clone().stream_events(path, query, tx));
         let stream =
             ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(http_body::Frame::data(b)));
         Response::builder()
@@ -236,6 +189,60 @@ impl FakeApi {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
             .expect("static response parts")
+    }
+
+    /// Sends a watch's events into `tx` until its timeout, the client leaving, or 410 Gone.
+    async fn stream_events(self, path: ApiPath, query: Query, tx: Sender<Bytes>) {
+        let timeout = Duration::from_secs(query.timeout_seconds.unwrap_or(300).min(3600));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changed = self.changed.subscribe();
+        let mut cursor = match query.resource_version {
+            Some(rv) if rv > 0 => rv,
+            _ => match self.send_initial(&path, &query, &tx).await {
+                Some(rv) => rv,
+                None => return,
+            },
+        };
+        loop {
+            let events = self.lock().events_since(&path.resource, path.ns(), cursor);
+            let events = match events {
+                Ok(events) => events,
+                Err(gone) => {
+                    let _ = tx.send(line("ERROR", &gone.status())).await;
+                    return;
+                }
+            };
+            for e in events {
+                cursor = e.rv;
+                let labels_ok = query
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| e.object["metadata"]["labels"][k].as_str() == Some(v));
+                if labels_ok && tx.send(line(e.type_, &e.object)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    /// ADDED for every object now; the resourceVersion to go on from (None: the client left).
+    async fn send_initial(&self, path: &ApiPath, query: &Query, tx: &Sender<Bytes>) -> Option<u64> {
+        let (items, rv) = {
+            let store = self.lock();
+            (
+                store.list(&path.resource, path.ns(), &query.label_selector),
+                store.resource_version(),
+            )
+        };
+        for item in items {
+            tx.send(line("ADDED", &item)).await.ok()?;
+        }
+        Some(rv)
     }
 }
 

@@ -84,89 +84,21 @@ impl Schema {
 }
 
 fn check(schema: &Value, v: &Value, path: &str, patterns: &Patterns, out: &mut Vec<Invalid>) {
-    let mut bad = |message: String| {
-        out.push(Invalid {
-            field: if path.is_empty() {
-                "<root>".into()
-            } else {
-                path.into()
-            },
-            message,
-        })
-    };
-    if v.is_null() {
-        if schema["nullable"] != Value::Bool(true) {
-            bad("must not be null".into());
-        }
+    let field = if path.is_empty() { "<root>" } else { path };
+    out.extend(
+        check_value(schema, v, patterns)
+            .into_iter()
+            .map(|message| Invalid {
+                field: field.into(),
+                message,
+            }),
+    );
+    let int_or_string = schema["x-kubernetes-int-or-string"] == Value::Bool(true);
+    if v.is_null() || int_or_string || !schema_type_ok(schema, v) {
         return;
-    }
-    if schema["x-kubernetes-int-or-string"] == Value::Bool(true) {
-        if !(v.is_i64() || v.is_u64() || v.is_string()) {
-            bad("must be an integer or a string".into());
-        }
-        return;
-    }
-    let ty = schema["type"].as_str().unwrap_or("");
-    let type_ok = match ty {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "integer" => v.is_i64() || v.is_u64(),
-        "number" => v.is_number(),
-        "boolean" => v.is_boolean(),
-        _ => true,
-    };
-    if !type_ok {
-        bad(format!("must be of type {ty}, got {}", json_type(v)));
-        return;
-    }
-    if let Some(allowed) = schema["enum"].as_array()
-        && !allowed.contains(v)
-    {
-        let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
-        bad(format!("{v} is not one of {}", list.join(", ")));
     }
     match v {
-        Value::String(s) => {
-            let len = s.chars().count() as u64;
-            if let Some(min) = schema["minLength"].as_u64()
-                && len < min
-            {
-                bad(format!("must be at least {min} characters"));
-            }
-            if let Some(max) = schema["maxLength"].as_u64()
-                && len > max
-            {
-                bad(format!("must be at most {max} characters"));
-            }
-            if let Some(p) = schema["pattern"].as_str() {
-                match patterns.get(p) {
-                    Some(Ok(re)) if re.is_match(s) => {}
-                    Some(Ok(_)) => bad(format!("{s:?} does not match {p}")),
-                    Some(Err(e)) => bad(format!("schema pattern {p}: {e}")),
-                    None => bad(format!("schema pattern {p} was not compiled")),
-                }
-            }
-        }
-        Value::Number(n) => {
-            let n = n.as_f64().unwrap_or(f64::NAN);
-            if let Some(min) = schema["minimum"].as_f64()
-                && n < min
-            {
-                bad(format!("must be at least {min}"));
-            }
-            if let Some(max) = schema["maximum"].as_f64()
-                && n > max
-            {
-                bad(format!("must be at most {max}"));
-            }
-        }
         Value::Array(items) => {
-            if let Some(max) = schema["maxItems"].as_u64()
-                && items.len() as u64 > max
-            {
-                bad(format!("must have at most {max} items"));
-            }
             for (i, item) in items.iter().enumerate() {
                 check(
                     &schema["items"],
@@ -180,6 +112,98 @@ fn check(schema: &Value, v: &Value, path: &str, patterns: &Patterns, out: &mut V
         Value::Object(map) => check_object(schema, map, path, patterns, out),
         _ => {}
     }
+}
+
+/// Whether `v` has the schema's type (an untyped schema takes anything).
+fn schema_type_ok(schema: &Value, v: &Value) -> bool {
+    match schema["type"].as_str().unwrap_or("") {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        _ => true,
+    }
+}
+
+/// What is wrong with `v` itself (not with its items or fields).
+fn check_value(schema: &Value, v: &Value, patterns: &Patterns) -> Vec<String> {
+    if v.is_null() {
+        return match schema["nullable"] == Value::Bool(true) {
+            true => vec![],
+            false => vec!["must not be null".into()],
+        };
+    }
+    if schema["x-kubernetes-int-or-string"] == Value::Bool(true) {
+        return match v.is_i64() || v.is_u64() || v.is_string() {
+            true => vec![],
+            false => vec!["must be an integer or a string".into()],
+        };
+    }
+    if !schema_type_ok(schema, v) {
+        let ty = schema["type"].as_str().unwrap_or("");
+        return vec![format!("must be of type {ty}, got {}", json_type(v))];
+    }
+    let mut out = Vec::new();
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(v)
+    {
+        let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+        out.push(format!("{v} is not one of {}", list.join(", ")));
+    }
+    match v {
+        Value::String(s) => out.extend(check_string(schema, s, patterns)),
+        Value::Number(n) => out.extend(check_number(schema, n.as_f64().unwrap_or(f64::NAN))),
+        Value::Array(items) => {
+            if let Some(max) = schema["maxItems"].as_u64()
+                && items.len() as u64 > max
+            {
+                out.push(format!("must have at most {max} items"));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn check_string(schema: &Value, s: &str, patterns: &Patterns) -> Vec<String> {
+    let mut out = Vec::new();
+    let len = s.chars().count() as u64;
+    if let Some(min) = schema["minLength"].as_u64()
+        && len < min
+    {
+        out.push(format!("must be at least {min} characters"));
+    }
+    if let Some(max) = schema["maxLength"].as_u64()
+        && len > max
+    {
+        out.push(format!("must be at most {max} characters"));
+    }
+    if let Some(p) = schema["pattern"].as_str() {
+        match patterns.get(p) {
+            Some(Ok(re)) if re.is_match(s) => {}
+            Some(Ok(_)) => out.push(format!("{s:?} does not match {p}")),
+            Some(Err(e)) => out.push(format!("schema pattern {p}: {e}")),
+            None => out.push(format!("schema pattern {p} was not compiled")),
+        }
+    }
+    out
+}
+
+fn check_number(schema: &Value, n: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(min) = schema["minimum"].as_f64()
+        && n < min
+    {
+        out.push(format!("must be at least {min}"));
+    }
+    if let Some(max) = schema["maximum"].as_f64()
+        && n > max
+    {
+        out.push(format!("must be at most {max}"));
+    }
+    out
 }
 
 fn check_object(

@@ -217,35 +217,7 @@ impl Store {
         let key = (ns.map(str::to_string), name.to_string());
         let old = self.get(r, ns, name)?;
         let mut new = old.clone();
-        let expected_rv = match &change {
-            Change::MergePatch(p) => {
-                json_patch::merge(&mut new, p);
-                p["metadata"]["resourceVersion"]
-                    .as_str()
-                    .map(str::to_string)
-            }
-            Change::JsonPatch(p) => {
-                // As the API server's JSON patch does, a missing field tests equal to null.
-                let ops: Vec<_> =
-                    p.0.iter()
-                        .filter(|op| {
-                            !matches!(op, json_patch::PatchOperation::Test(t)
-                            if t.value.is_null() && new.pointer(t.path.as_str()).is_none())
-                        })
-                        .cloned()
-                        .collect();
-                json_patch::patch(&mut new, &ops)
-                    .map_err(|e| ApiError::Invalid(format!("json patch: {e}")))?;
-                None
-            }
-            Change::Replace(v) => {
-                new = (*v).clone();
-                v["metadata"]["resourceVersion"]
-                    .as_str()
-                    .map(str::to_string)
-            }
-        };
-        if let Some(rv) = expected_rv
+        if let Some(rv) = apply(&mut new, &change)?
             && old["metadata"]["resourceVersion"].as_str() != Some(rv.as_str())
         {
             return Err(ApiError::Conflict(format!(
@@ -253,37 +225,8 @@ impl Store {
                 r.1
             )));
         }
-        // Fields the server owns, and the half of the object this endpoint does not write.
-        let has_status = self.schemas.contains_key(r);
-        for k in [
-            "uid",
-            "creationTimestamp",
-            "generation",
-            "namespace",
-            "name",
-            "deletionTimestamp",
-        ] {
-            restore(&mut new["metadata"], &old["metadata"], k);
-        }
-        if status {
-            let keep_status = new["status"].take();
-            new = old.clone();
-            new["status"] = keep_status;
-            if new["status"].is_null() {
-                new.as_object_mut().map(|o| o.remove("status"));
-            }
-        } else if has_status {
-            restore(&mut new, &old, "status");
-        }
-        let mut spec_new = new.clone();
-        let mut spec_old = old.clone();
-        for v in [&mut spec_new, &mut spec_old] {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("metadata");
-                o.remove("status");
-            }
-        }
-        if spec_new != spec_old {
+        let mut new = server_owned(new, &old, status, self.schemas.contains_key(r));
+        if without_meta_and_status(&new) != without_meta_and_status(&old) {
             self.validate(r, name, &new, Some(&old))?;
             let generation = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
             new["metadata"]["generation"] = json!(generation);
@@ -384,6 +327,75 @@ impl Store {
             object: Arc::new(object),
         });
     }
+}
+
+/// Applies `change` to `obj`; returns the resourceVersion the change expects, if it names one.
+fn apply(obj: &mut Value, change: &Change<'_>) -> Result<Option<String>, ApiError> {
+    let expected = |v: &Value| {
+        v["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string)
+    };
+    match change {
+        Change::MergePatch(p) => {
+            json_patch::merge(obj, p);
+            Ok(expected(p))
+        }
+        Change::JsonPatch(p) => {
+            // As the API server's JSON patch does, a missing field tests equal to null.
+            let ops: Vec<_> =
+                p.0.iter()
+                    .filter(|op| {
+                        !matches!(op, json_patch::PatchOperation::Test(t)
+                            if t.value.is_null() && obj.pointer(t.path.as_str()).is_none())
+                    })
+                    .cloned()
+                    .collect();
+            json_patch::patch(obj, &ops)
+                .map_err(|e| ApiError::Invalid(format!("json patch: {e}")))?;
+            Ok(None)
+        }
+        Change::Replace(v) => {
+            *obj = (*v).clone();
+            Ok(expected(v))
+        }
+    }
+}
+
+/// `new` with what the server owns taken from `old`: identity and timestamps, and the half of the
+/// object the endpoint does not write (`status` is the status subresource's, the rest is not).
+fn server_owned(mut new: Value, old: &Value, status: bool, has_status: bool) -> Value {
+    for k in [
+        "uid",
+        "creationTimestamp",
+        "generation",
+        "namespace",
+        "name",
+        "deletionTimestamp",
+    ] {
+        restore(&mut new["metadata"], &old["metadata"], k);
+    }
+    if status {
+        let keep_status = new["status"].take();
+        new = old.clone();
+        new["status"] = keep_status;
+        if new["status"].is_null() {
+            new.as_object_mut().map(|o| o.remove("status"));
+        }
+    } else if has_status {
+        restore(&mut new, old, "status");
+    }
+    new
+}
+
+/// The object without metadata and status: what a generation counts changes of.
+fn without_meta_and_status(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("metadata");
+        o.remove("status");
+    }
+    v
 }
 
 fn restore(new: &mut Value, old: &Value, key: &str) {
