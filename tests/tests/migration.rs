@@ -39,7 +39,7 @@ async fn watch_arrival(mut client: Client, name: &str) -> (Option<i32>, u32) {
             let s = vm.status.as_ref().unwrap();
             match (phase(&vm), s.pid) {
                 (pb::VmPhase::Running, pid) => return (loading, pid),
-                (pb::VmPhase::Migrating, pid) if pid > 0 => {
+                (pb::VmPhase::Incoming, pid) if pid > 0 => {
                     loading = loading.or(process::priority(pid).ok());
                 }
                 _ => {}

@@ -1,5 +1,6 @@
 //! The gRPC service: a thin layer mapping requests onto the VM registry.
 
+use crate::vm::reason::Reason;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,7 +172,7 @@ impl AgentService for Service {
             .map(|vm| pb::VmEvent {
                 r#type: pb::EventType::Added as i32,
                 vm: Some(vm),
-                reason: "Existing".into(),
+                reason: Reason::Existing.as_str().into(),
                 message: String::new(),
             })
             .collect();

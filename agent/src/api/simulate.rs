@@ -14,7 +14,9 @@ use tokio::sync::broadcast;
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
+use crate::error::AgentError;
 use crate::spec::{VmSpec, check_name};
+use crate::vm::phase::{self, Action, Phase};
 
 /// What a simulated node reports.
 #[derive(Debug, Clone)]
@@ -88,17 +90,14 @@ impl Simulator {
 
     /// Starting now, Running after the simulated boot time (unless something else happened).
     fn boot(&self, name: &str) -> Result<pb::Vm, Status> {
-        let vm = self.update(name, "Starting", |vm| {
-            set_phase(vm, pb::VmPhase::Starting);
-            Ok(())
-        })?;
+        let vm = self.update(name, "Starting", |vm| set_phase(vm, Phase::Starting))?;
         let sim = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(sim.0.node.boot).await;
             let _ = sim.update(&name, "Started", |vm| {
                 if phase(vm) == pb::VmPhase::Starting {
-                    set_phase(vm, pb::VmPhase::Running);
+                    set_phase(vm, Phase::Running)?;
                     let spec = vm.spec.clone().unwrap_or_default();
                     let status = vm.status.get_or_insert_default();
                     status.cpus = spec.cpus;
@@ -147,24 +146,33 @@ fn phase(vm: &pb::Vm) -> pb::VmPhase {
         .unwrap_or_default()
 }
 
-fn set_phase(vm: &mut pb::Vm, p: pb::VmPhase) {
+/// The VM's phase in the agent's state machine (a simulated VM has one from its creation).
+fn machine_phase(vm: &pb::Vm) -> Result<Phase, Status> {
+    Phase::try_from(phase(vm)).map_err(|p| Status::internal(format!("VM in phase {p:?}")))
+}
+
+/// Changes the phase by the real VMs' state machine.
+fn set_phase(vm: &mut pb::Vm, to: Phase) -> Result<(), Status> {
+    let from = machine_phase(vm)?;
+    phase::valid_transition(from, to).map_err(|e| Status::internal(e.to_string()))?;
     let status = vm.status.get_or_insert_default();
-    status.phase = p as i32;
-    if !matches!(p, pb::VmPhase::Running | pb::VmPhase::Paused) {
+    status.phase = pb::VmPhase::from(to) as i32;
+    if !matches!(to, Phase::Running | Phase::Paused) {
         status.cpus = 0;
         status.memory_bytes = 0;
     }
+    Ok(())
 }
 
-fn not_in(vm: &pb::Vm, allowed: &[pb::VmPhase], what: &str) -> Result<(), Status> {
-    let p = phase(vm);
-    if allowed.contains(&p) {
-        return Ok(());
-    }
-    Err(Status::failed_precondition(format!(
-        "cannot {what} a VM that is {}",
-        p.as_str_name()
-    )))
+/// Refuses `action` where a real VM in the same phase would refuse it, with the same status.
+fn allow(vm: &pb::Vm, action: Action) -> Result<(), Status> {
+    phase::check(machine_phase(vm)?, action).map_err(|e| {
+        AgentError::Conflict {
+            name: vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+            why: e.to_string(),
+        }
+        .into()
+    })
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
@@ -236,18 +244,16 @@ impl AgentService for Simulator {
 
     async fn start_vm(&self, req: Request<pb::StartVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let name = req.into_inner().name;
-        let vm = self.update(&name, "", |_| Ok(()))?;
-        match phase(&vm) {
-            pb::VmPhase::Running | pb::VmPhase::Starting => Ok(Response::new(vm)),
-            _ => self.boot(&name).map(Response::new),
-        }
+        self.update(&name, "", |vm| allow(vm, Action::Start))?;
+        self.boot(&name).map(Response::new)
     }
 
     async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let name = req.into_inner().name;
         self.update(&name, "Stopped", |vm| {
-            set_phase(vm, pb::VmPhase::Stopped);
-            Ok(())
+            allow(vm, Action::Stop)?;
+            set_phase(vm, Phase::Stopping)?;
+            set_phase(vm, Phase::Stopped)
         })
         .map(Response::new)
     }
@@ -257,17 +263,18 @@ impl AgentService for Simulator {
         req: Request<pb::RestartVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
         let name = req.into_inner().name;
-        self.update(&name, "", |vm| {
-            not_in(vm, &[pb::VmPhase::Running, pb::VmPhase::Paused], "restart")
+        self.update(&name, "Stopped", |vm| {
+            allow(vm, Action::Restart)?;
+            set_phase(vm, Phase::Stopping)?;
+            set_phase(vm, Phase::Stopped)
         })?;
         self.boot(&name).map(Response::new)
     }
 
     async fn pause_vm(&self, req: Request<pb::PauseVmRequest>) -> Result<Response<pb::Vm>, Status> {
         self.update(&req.into_inner().name, "Paused", |vm| {
-            not_in(vm, &[pb::VmPhase::Running, pb::VmPhase::Paused], "pause")?;
-            vm.status.get_or_insert_default().phase = pb::VmPhase::Paused as i32;
-            Ok(())
+            allow(vm, Action::Pause)?;
+            set_phase(vm, Phase::Paused)
         })
         .map(Response::new)
     }
@@ -277,9 +284,8 @@ impl AgentService for Simulator {
         req: Request<pb::ResumeVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
         self.update(&req.into_inner().name, "Resumed", |vm| {
-            not_in(vm, &[pb::VmPhase::Running, pb::VmPhase::Paused], "resume")?;
-            vm.status.get_or_insert_default().phase = pb::VmPhase::Running as i32;
-            Ok(())
+            allow(vm, Action::Resume)?;
+            set_phase(vm, Phase::Running)
         })
         .map(Response::new)
     }
@@ -562,6 +568,62 @@ mod tests {
         assert_eq!(
             s.create_vm(Request::new(bad)).await.unwrap_err().code(),
             tonic::Code::InvalidArgument
+        );
+    }
+
+    /// A simulated VM refuses what a real one refuses, with the same words.
+    #[tokio::test]
+    async fn refuses_what_a_real_vm_refuses() {
+        let s = sim();
+        let name = || "a".to_string();
+        let req = pb::CreateVmRequest {
+            spec: Some(spec("a")),
+            start: false,
+        };
+        s.create_vm(Request::new(req)).await.unwrap();
+        let mut watch = s
+            .watch_vms(Request::new(pb::WatchVmsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        let refused = s
+            .pause_vm(Request::new(pb::PauseVmRequest { name: name() }))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            refused.message(),
+            "VM \"a\": cannot pause a VM that is Pending"
+        );
+        s.start_vm(Request::new(pb::StartVmRequest { name: name() }))
+            .await
+            .unwrap();
+        let again = s
+            .start_vm(Request::new(pb::StartVmRequest { name: name() }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            again.message(),
+            "VM \"a\": cannot start a VM that is Starting"
+        );
+        let booted = |ev: &pb::VmEvent| phase(ev.vm.as_ref().unwrap()) == pb::VmPhase::Running;
+        while !booted(&watch.next().await.unwrap().unwrap()) {}
+        s.pause_vm(Request::new(pb::PauseVmRequest { name: name() }))
+            .await
+            .unwrap();
+        let twice = s
+            .pause_vm(Request::new(pb::PauseVmRequest { name: name() }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            twice.message(),
+            "VM \"a\": cannot pause a VM that is Paused"
+        );
+        let resume = pb::ResumeVmRequest { name: name() };
+        s.resume_vm(Request::new(resume.clone())).await.unwrap();
+        assert_eq!(
+            s.resume_vm(Request::new(resume)).await.unwrap_err().code(),
+            tonic::Code::FailedPrecondition
         );
     }
 }

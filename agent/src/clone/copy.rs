@@ -98,7 +98,7 @@ impl Supervisor {
     }
 
     pub(crate) async fn copy_live(&self, copies: &[DiskCopy]) -> Result<(), String> {
-        let qmp = self.live_qmp()?;
+        let qmp = self.live_qmp().map_err(|e| e.to_string())?;
         let blocks = qmp
             .execute_value("query-block", json!({}))
             .await

@@ -18,8 +18,9 @@ use crate::context::now_ms;
 use crate::error::AgentError;
 use crate::migration::{self, Deadline, Options, QemuStatus};
 use crate::qemu::qmp::Qmp;
-use crate::vm::actor::{Migration, Supervisor};
+use crate::vm::actor::{Migration, Supervisor, Task};
 use crate::vm::phase::{Action, Phase};
+use crate::vm::reason::Reason;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Starting a QEMU on the target, plugging its vCPUs and opening the port.
@@ -419,11 +420,7 @@ impl Supervisor {
                 "its disks run on snapshot layers in this node's data dir, which the target cannot see; delete its snapshots first (that merges the layers back into the disks)".into(),
             ));
         }
-        let qmp = self
-            .running
-            .as_ref()
-            .map(|r| r.qmp.clone())
-            .expect("Running has a process");
+        let qmp = self.live_qmp()?;
         let layout = read_layout(&qmp)
             .await
             .map_err(|e| self.qemu_error(format!("reading the machine layout: {e}")))?;
@@ -449,30 +446,48 @@ impl Supervisor {
         );
         self.status.migration = Some(progress_rx.borrow().clone());
         let _ = progress_tx.send(progress_rx.clone());
-        self.migration = Some(Migration {
+        self.task = Task::Migrating(Migration {
             progress: progress_rx,
             publish: progress,
             cancel,
             task,
         });
-        self.set_phase(Phase::Migrating, "live migration under way", "Migrating");
+        self.set_phase(
+            Phase::Migrating,
+            "live migration under way",
+            Reason::Migrating,
+        );
         Ok(self.snapshot())
     }
 
     pub(crate) fn cancel_migration(&mut self) -> Result<pb::Vm, AgentError> {
-        match &self.migration {
-            Some(m) => {
+        match &self.task {
+            Task::Migrating(m) => {
                 let _ = m.cancel.send(true);
                 Ok(self.snapshot())
             }
-            None => Err(self.conflict("no migration is under way".into())),
+            _ => Err(self.conflict("no migration is under way".into())),
         }
     }
 
     pub(crate) async fn on_migration_end(&mut self, ended: Ended) {
-        let Some(m) = self.migration.take() else {
+        if let Some(m) = self.task.take_migration() {
+            self.conclude_migration(m, ended).await;
+        }
+    }
+
+    /// The QEMU a migration reads from has ended: the migration cannot go on. It is seen to
+    /// its end before the exit is handled, so that its outcome is published first.
+    pub(crate) async fn end_migration_with_process(&mut self) {
+        let Some(mut m) = self.task.take_migration() else {
             return;
         };
+        let _ = m.cancel.send(true);
+        let ended = joined(&mut m.task).await;
+        self.conclude_migration(m, ended).await;
+    }
+
+    async fn conclude_migration(&mut self, m: Migration, ended: Ended) {
         let mut last = m.progress.borrow().clone();
         last.phase = ended.phase as i32;
         last.message = ended.message.clone();
@@ -481,17 +496,27 @@ impl Supervisor {
         match ended.outcome {
             Outcome::HandedOver => {
                 info!("migrated away");
-                let _ = self.remove("MigratedAway").await;
+                let _ = self.remove(Reason::MigratedAway).await;
             }
             Outcome::NotMoved | Outcome::Unknown if self.running.is_some() => {
-                self.status.phase = Phase::Running;
+                self.enter(Phase::Running);
                 self.refresh_from_qemu().await;
                 let phase = self.status.phase;
-                self.set_phase(phase, &message, "MigrationFailed");
+                self.set_phase(phase, &message, Reason::MigrationFailed);
             }
-            // QEMU ended meanwhile: its exit has set the phase.
-            _ => self.publish("MigrationFailed", &message),
+            // QEMU ended meanwhile: its exit sets the phase.
+            _ => self.publish(Reason::MigrationFailed, &message),
         }
         m.publish.send_replace(last);
     }
+}
+
+/// The end of a migration task (a task that panicked ends it as failed, with nothing known
+/// of the target).
+pub(crate) async fn joined(task: &mut tokio::task::JoinHandle<Ended>) -> Ended {
+    task.await.unwrap_or_else(|e| Ended {
+        outcome: Outcome::Unknown,
+        phase: pb::MigrationPhase::Failed,
+        message: format!("the migration task failed: {e}"),
+    })
 }

@@ -11,6 +11,7 @@ use crate::snapshot::files::DiskLayers;
 use crate::vm::actor::INCOMING_LOAD_TIMEOUT;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ impl Supervisor {
         self.set_phase(
             Phase::Incoming,
             &format!("arriving by live migration from {source_node}"),
-            "Incoming",
+            Reason::Incoming,
         );
         let options = Options {
             multifd_channels,
@@ -62,7 +63,7 @@ impl Supervisor {
                 Ok(self.snapshot())
             }
             Err(why) => {
-                let _ = self.remove("IncomingAborted").await;
+                let _ = self.remove(Reason::IncomingAborted).await;
                 Err(self.qemu_error(format!("preparing for the migration: {why}")))
             }
         }
@@ -166,11 +167,7 @@ impl Supervisor {
                 self.status.phase.name()
             )));
         }
-        let qmp = self
-            .running
-            .as_ref()
-            .map(|r| r.qmp.clone())
-            .expect("Incoming has a process");
+        let qmp = self.live_qmp()?;
         await_migration(&qmp, INCOMING_LOAD_TIMEOUT)
             .await
             .map_err(|why| self.qemu_error(format!("loading the migrated state: {why}")))?;
@@ -183,7 +180,11 @@ impl Supervisor {
             run.refresh.now();
         }
         self.status.qemu_status = "running".into();
-        self.set_phase(Phase::Running, "arrived by live migration", "Migrated");
+        self.set_phase(
+            Phase::Running,
+            "arrived by live migration",
+            Reason::Migrated,
+        );
         Ok(self.snapshot())
     }
 }

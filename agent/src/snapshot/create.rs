@@ -14,6 +14,7 @@ use crate::snapshot::{
 use crate::spec::DiskFormat;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ impl Supervisor {
                     pause_ms = meta.pause_ms,
                     "snapshot ready"
                 );
-                self.publish("SnapshotCreated", &req.snapshot);
+                self.publish(Reason::SnapshotCreated, &req.snapshot);
                 let (listed, _) = self.ctx.snapshots.list(Some(&self.spec.name));
                 let size = self.ctx.snapshots.usage(&meta, &listed, &self.dir);
                 Ok(meta.to_proto(size))
@@ -92,7 +93,7 @@ impl Supervisor {
             Err(why) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 warn!(snapshot = req.snapshot, "snapshot failed: {why}");
-                self.publish("SnapshotFailed", &why);
+                self.publish(Reason::SnapshotFailed, &why);
                 Err(self.qemu_error(format!("snapshot {:?}: {why}", req.snapshot)))
             }
         }
@@ -105,7 +106,7 @@ impl Supervisor {
         req: &SnapshotRequest,
         dir: &Path,
     ) -> Result<Captured, String> {
-        let qmp = self.live_qmp()?;
+        let qmp = self.live_qmp().map_err(|e| e.to_string())?;
         let layout = source::read_layout(&qmp)
             .await
             .map(|l| Layout::from(&l))

@@ -10,6 +10,7 @@ use crate::spec::FieldError;
 use crate::spec::resolve::resolve_spec;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
+use crate::vm::reason::Reason;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -55,7 +56,7 @@ impl Supervisor {
             warn!("merging the disk layers back: {why}");
         }
         freed += self.collect_layers();
-        self.publish("SnapshotDeleted", snapshot);
+        self.publish(Reason::SnapshotDeleted, snapshot);
         Ok(freed)
     }
 

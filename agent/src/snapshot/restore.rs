@@ -10,6 +10,7 @@ use crate::snapshot::{LOAD_TIMEOUT, THAW_TIMEOUT};
 use crate::spec::{FieldError, VmSpec};
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::json;
 use std::path::Path;
@@ -91,14 +92,14 @@ impl Supervisor {
                 self.set_phase(
                     phase,
                     &format!("restored from snapshot {snapshot}"),
-                    "Restored",
+                    Reason::Restored,
                 );
                 info!(snapshot, load_ms, "restored");
                 Ok((started.elapsed().as_millis() as u32, load_ms))
             }
             Err(e) => {
                 if self.status.phase != Phase::Failed {
-                    self.set_phase(Phase::Failed, &e.to_string(), "RestoreFailed");
+                    self.set_phase(Phase::Failed, &e.to_string(), Reason::RestoreFailed);
                 }
                 Err(e)
             }
@@ -180,7 +181,7 @@ impl Supervisor {
             resolved.max_cpus - resolved.cpus,
         )
         .await?;
-        let qmp = self.live_qmp().map_err(|e| self.qemu_error(e))?;
+        let qmp = self.live_qmp()?;
         let mode = SaveMode::of(m);
         let layout = pb::MachineLayout::from(&meta.layout);
         let load = async {
@@ -207,7 +208,7 @@ impl Supervisor {
             return Err(self.qemu_error(format!("loading the snapshot's memory: {why}")));
         }
         self.status.qemu_status = "running".into();
-        self.status.phase = Phase::Running;
+        self.enter(Phase::Running);
         self.refresh_from_qemu().await;
         if let Some(run) = &self.running {
             run.refresh.now();
@@ -249,14 +250,15 @@ impl Supervisor {
 
     /// Ends the QEMU process (if any) without the exit counting as a crash.
     pub(crate) async fn discard_process(&mut self) {
-        self.stopping = None;
-        self.status.restart_at = None;
+        // A restore is refused while stopping or migrating: only a scheduled restart can be
+        // under way, and the restored VM replaces it.
+        self.task.take_restart();
         if let Some(mut run) = self.running.take() {
             run.qemu.kill();
             run.qemu.wait().await;
         }
         self.forget_process();
-        self.status.phase = Phase::Stopped;
+        self.enter(Phase::Stopped);
     }
 }
 

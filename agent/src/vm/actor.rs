@@ -16,7 +16,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::context::{Context, now_ms};
 use crate::error::AgentError;
 use crate::migration::Options;
-use crate::migration::source::{Ended, Outcome};
+use crate::migration::source::{Ended, joined};
 use crate::qemu::process;
 use crate::qemu::qmp::{self, Qmp};
 use crate::snapshot::files::DiskLayers;
@@ -25,6 +25,7 @@ use crate::spec::argv::VmFiles;
 use crate::store::SavedState;
 use crate::vm::guest::{self, GuestView};
 use crate::vm::phase::{self, Action, Phase};
+use crate::vm::reason::Reason;
 use crate::vm::status::Status;
 
 pub use crate::snapshot::create::SnapshotRequest;
@@ -171,6 +172,8 @@ pub(crate) struct Stopping {
     pub(crate) next_powerdown: Option<tokio::time::Instant>,
     pub(crate) waiters: Vec<Reply>,
     pub(crate) restart: bool,
+    /// The guest did not power off within the timeout, and QEMU was ended.
+    pub(crate) timed_out: bool,
 }
 
 impl Stopping {
@@ -184,13 +187,79 @@ impl Stopping {
 /// press it again at this interval until the stop timeout.
 pub(crate) const POWERDOWN_REPEAT: Duration = Duration::from_secs(1);
 
-/// An outgoing migration under way (see [`outgoing`]).
+/// An outgoing migration under way (see [`crate::migration::source`]).
 pub(crate) struct Migration {
     pub(crate) progress: watch::Receiver<pb::MigrationProgress>,
     /// For the final phase, which this supervisor publishes once it has acted on the end.
     pub(crate) publish: watch::Sender<pb::MigrationProgress>,
     pub(crate) cancel: watch::Sender<bool>,
     pub(crate) task: tokio::task::JoinHandle<Ended>,
+}
+
+/// The restart policy will start the VM again.
+pub(crate) struct ScheduledRestart {
+    pub(crate) at: tokio::time::Instant,
+    pub(crate) at_ms: i64,
+    pub(crate) delay: Duration,
+}
+
+/// What the VM is in the middle of, besides its phase: at most one thing at a time (a stop
+/// cancels a scheduled restart, a migration refuses stops, a delete ends them all).
+#[derive(Default)]
+pub(crate) enum Task {
+    #[default]
+    None,
+    Stopping(Stopping),
+    Migrating(Migration),
+    Restart(ScheduledRestart),
+}
+
+impl Task {
+    /// Takes the task out if `pick` matches it; leaves any other in place.
+    pub(crate) fn take_if<T>(&mut self, pick: impl FnOnce(Task) -> Result<T, Task>) -> Option<T> {
+        match pick(std::mem::take(self)) {
+            Ok(t) => Some(t),
+            Err(other) => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    pub(crate) fn take_stopping(&mut self) -> Option<Stopping> {
+        self.take_if(|t| match t {
+            Task::Stopping(s) => Ok(s),
+            other => Err(other),
+        })
+    }
+
+    pub(crate) fn take_migration(&mut self) -> Option<Migration> {
+        self.take_if(|t| match t {
+            Task::Migrating(m) => Ok(m),
+            other => Err(other),
+        })
+    }
+
+    pub(crate) fn take_restart(&mut self) -> Option<ScheduledRestart> {
+        self.take_if(|t| match t {
+            Task::Restart(r) => Ok(r),
+            other => Err(other),
+        })
+    }
+
+    fn stop_tick(&self) -> Option<tokio::time::Instant> {
+        match self {
+            Task::Stopping(s) => Some(s.next_tick()),
+            _ => None,
+        }
+    }
+
+    fn restart_at(&self) -> Option<tokio::time::Instant> {
+        match self {
+            Task::Restart(r) => Some(r.at),
+            _ => None,
+        }
+    }
 }
 
 pub struct Supervisor {
@@ -200,13 +269,12 @@ pub struct Supervisor {
     pub(crate) dir: PathBuf,
     pub(crate) status: Status,
     pub(crate) running: Option<Running>,
-    pub(crate) stopping: Option<Stopping>,
+    pub(crate) task: Task,
     pub(crate) publish: watch::Sender<pb::Vm>,
     pub(crate) requests: mpsc::Receiver<Request>,
     /// Reports of the current process's guest-agent watcher (a fresh channel per process, so
     /// nothing said about an earlier process is applied to the next).
     pub(crate) qga_rx: mpsc::Receiver<GuestView>,
-    pub(crate) migration: Option<Migration>,
     /// The layer each disk runs on (after snapshots), and the snapshot they descend from.
     pub(crate) layers: DiskLayers,
     /// The VM has left this agent; the task ends.
@@ -250,7 +318,6 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         timings: Default::default(),
         restart_count: 0,
         guest: GuestView::default(),
-        restart_at: None,
         migration: None,
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
@@ -266,11 +333,10 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         spec,
         status,
         running: None,
-        stopping: None,
+        task: Task::None,
         publish,
         requests: req_rx,
         qga_rx,
-        migration: None,
         layers,
         gone: false,
     };
@@ -291,17 +357,17 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
 impl Supervisor {
     pub(crate) async fn run(mut self) {
         loop {
-            let deadline = self.stopping.as_ref().map(Stopping::next_tick);
-            let restart_at = self.status.restart_at.map(|(at, _)| at);
+            let deadline = self.task.stop_tick();
+            let restart_at = self.task.restart_at();
             tokio::select! {
                 req = self.requests.recv() => match req {
                     Some(req) => self.handle(req).await,
                     None => return,
                 },
-                event = watch_migration(&mut self.migration) => match event {
+                event = watch_migration(&mut self.task) => match event {
                     MigrationEvent::Progress(p) => {
                         self.status.migration = Some(p);
-                        self.publish("MigrationProgress", "");
+                        self.publish(Reason::MigrationProgress, "");
                     }
                     MigrationEvent::Ended(outcome) => self.on_migration_end(outcome).await,
                 },
@@ -329,7 +395,7 @@ impl Supervisor {
             Op::Restart { timeout, force } => {
                 return self.stop(timeout, force, true, reply).await;
             }
-            Op::Delete => self.remove("Deleted").await,
+            Op::Delete => self.remove(Reason::Deleted).await,
             Op::Migrate {
                 target,
                 options,
@@ -378,7 +444,7 @@ impl Supervisor {
                 self.answer(r, spec)
             }
             Op::AbortIncoming => match self.status.phase {
-                Phase::Incoming => self.remove("IncomingAborted").await,
+                Phase::Incoming => self.remove(Reason::IncomingAborted).await,
                 other => Err(self.conflict(format!(
                     "is {} here, not waiting for a migration",
                     other.name()
@@ -403,14 +469,8 @@ impl Supervisor {
     // ----- requests -------------------------------------------------------------------------
 
     pub(crate) fn check(&self, action: Action) -> Result<(), AgentError> {
-        phase::check(self.status.phase, action).map_err(|why| self.conflict(why))
+        phase::check(self.status.phase, action).map_err(|e| self.conflict(e.to_string()))
     }
-
-    // ----- live migration -------------------------------------------------------------------
-
-    // ----- observations ---------------------------------------------------------------------
-
-    // ----- helpers --------------------------------------------------------------------------
 
     /// Runs a QMP command on the live process.
     pub(crate) async fn qmp_call<T, F, Fut>(&self, f: F) -> Result<T, AgentError>
@@ -418,11 +478,7 @@ impl Supervisor {
         F: FnOnce(Qmp) -> Fut,
         Fut: Future<Output = Result<T, qmp::QmpError>>,
     {
-        let run = self
-            .running
-            .as_ref()
-            .ok_or_else(|| self.conflict("no QEMU process".into()))?;
-        f(run.qmp.clone())
+        f(self.live_qmp()?)
             .await
             .map_err(|e| self.qemu_error(e.to_string()))
     }
@@ -454,8 +510,8 @@ enum MigrationEvent {
 }
 
 /// The next thing an outgoing migration does: new figures, or its end.
-async fn watch_migration(migration: &mut Option<Migration>) -> MigrationEvent {
-    let Some(m) = migration else {
+async fn watch_migration(task: &mut Task) -> MigrationEvent {
+    let Task::Migrating(m) = task else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -463,11 +519,7 @@ async fn watch_migration(migration: &mut Option<Migration>) -> MigrationEvent {
         Ok(()) = m.progress.changed() => {
             MigrationEvent::Progress(m.progress.borrow_and_update().clone())
         }
-        ended = &mut m.task => MigrationEvent::Ended(ended.unwrap_or_else(|e| Ended {
-            outcome: Outcome::Unknown,
-            phase: pb::MigrationPhase::Failed,
-            message: format!("the migration task failed: {e}"),
-        })),
+        ended = joined(&mut m.task) => MigrationEvent::Ended(ended),
     }
 }
 
@@ -502,11 +554,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 impl Supervisor {
-    pub(crate) fn live_qmp(&self) -> Result<Qmp, String> {
+    /// The live process's QMP; a conflict when there is none (the phase says there should
+    /// be one, but a request raced its exit).
+    pub(crate) fn live_qmp(&self) -> Result<Qmp, AgentError> {
         self.running
             .as_ref()
             .map(|r| r.qmp.clone())
-            .ok_or_else(|| "no QEMU process".to_string())
+            .ok_or_else(|| self.conflict("no QEMU process".into()))
     }
 
     /// Runs qemu-img with `args` (the subcommand first); Err carries its own words.

@@ -3,9 +3,10 @@
 
 use crate::context::now_ms;
 use crate::qemu::process;
-use crate::vm::actor::Supervisor;
+use crate::vm::actor::{ScheduledRestart, Supervisor, Task};
 use crate::vm::guest::GuestView;
 use crate::vm::phase::{self, Exit, Phase};
+use crate::vm::reason::Reason;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -15,6 +16,11 @@ impl Supervisor {
         let Some(run) = self.running.take() else {
             return;
         };
+        self.end_migration_with_process().await;
+        if self.gone {
+            // The VM had been handed over just before.
+            return;
+        }
         let tail = process::stderr_tail(&self.dir, run.stderr_from, 600);
         if self.status.phase == Phase::Incoming {
             // The VM still lives at the source; nothing of it stays here.
@@ -23,7 +29,7 @@ impl Supervisor {
                 phase::how_it_ended(info.code, info.signal)
             );
             drop(run);
-            let _ = self.remove("IncomingFailed").await;
+            let _ = self.remove(Reason::IncomingFailed).await;
             return;
         }
         let exit = Exit {
@@ -34,20 +40,21 @@ impl Supervisor {
             stderr_tail: tail,
         };
         drop(run);
+        let stopping = self.task.take_stopping();
         let (phase, mut message) = phase::on_exit(self.status.phase, &exit);
-        if phase == Phase::Stopped && self.status.message.contains("did not power off") {
-            message = self.status.message.clone();
+        if phase == Phase::Stopped && stopping.as_ref().is_some_and(|s| s.timed_out) {
+            message = "guest did not power off in time; QEMU ended".into();
         }
         info!(?phase, message, "QEMU exited");
         let ran_for = Duration::from_millis((now_ms() - self.status.started_at_ms).max(0) as u64);
         self.forget_process();
         let reason = if phase == Phase::Failed {
-            "ProcessExited"
+            Reason::ProcessExited
         } else {
-            "Stopped"
+            Reason::Stopped
         };
         self.set_phase(phase, &message, reason);
-        match self.stopping.take() {
+        match stopping {
             Some(stopping) => {
                 let result = if stopping.restart {
                     self.start().await
@@ -89,22 +96,18 @@ impl Supervisor {
         else {
             return;
         };
-        let at_ms = now_ms() + delay.as_millis() as i64;
-        self.status.restart_at = Some((tokio::time::Instant::now() + delay, at_ms));
-        let cause = self
-            .status
-            .message
-            .split("; restarting in")
-            .next()
-            .unwrap_or_default();
-        let message = format!("{cause}; restarting in {delay:?} (restart policy {policy:?})");
+        self.task = Task::Restart(ScheduledRestart {
+            at: tokio::time::Instant::now() + delay,
+            at_ms: now_ms() + delay.as_millis() as i64,
+            delay,
+        });
         info!(?delay, "restart scheduled");
-        self.status.message = message.clone();
-        self.publish("RestartScheduled", &message);
+        let message = self.message();
+        self.publish(Reason::RestartScheduled, &message);
     }
 
     pub(crate) async fn auto_restart(&mut self) {
-        self.status.restart_at = None;
+        self.task.take_restart();
         self.status.restart_count += 1;
         info!(attempt = self.status.restart_count, "restarting by policy");
         if let Err(e) = self.start().await {

@@ -6,6 +6,7 @@ mod exit;
 pub mod guest;
 mod observe;
 pub mod phase;
+pub mod reason;
 pub mod registry;
 mod resize;
 mod start;

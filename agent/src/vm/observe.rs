@@ -5,6 +5,7 @@ use crate::qemu::qmp::{self};
 use crate::vm::actor::Supervisor;
 use crate::vm::guest::GuestView;
 use crate::vm::phase::{self};
+use crate::vm::reason::Reason;
 use crate::vm::status::enum_name;
 use crate::vm::status::phase_reason;
 use serde_json::{Value, json};
@@ -41,7 +42,7 @@ impl Supervisor {
             let get = |k: &str| mem.get(k).and_then(Value::as_u64).unwrap_or(0);
             self.status.memory_bytes = get("base-memory") + get("plugged-memory");
         }
-        self.publish("Refreshed", "");
+        self.publish(Reason::Refreshed, "");
     }
 
     pub(crate) async fn on_event(&mut self, event: qmp::Event) {
@@ -69,14 +70,14 @@ impl Supervisor {
                 if let Some(run) = &mut self.running {
                     run.guest_shutdown = Some(reason.to_string());
                 }
-                self.publish("Shutdown", reason);
+                self.publish(Reason::Shutdown, reason);
             }
-            "RESET" => self.publish("Reset", "the guest reset"),
+            "RESET" => self.publish(Reason::Reset, "the guest reset"),
             "GUEST_PANICKED" => {
                 if let Some(run) = &mut self.running {
                     run.guest_panicked = true;
                 }
-                self.publish("GuestPanicked", &event.data.to_string());
+                self.publish(Reason::GuestPanicked, &event.data.to_string());
             }
             _ => {}
         }
@@ -93,9 +94,9 @@ impl Supervisor {
             self.status.timings.agent_connected_ms = launched.elapsed().as_millis() as u32;
         }
         let reason = match (was.connected, view.connected) {
-            (false, true) => "GuestAgentConnected",
-            (true, false) => "GuestAgentDisconnected",
-            _ => "GuestChanged",
+            (false, true) => Reason::GuestAgentConnected,
+            (true, false) => Reason::GuestAgentDisconnected,
+            _ => Reason::GuestChanged,
         };
         self.publish(reason, "");
     }

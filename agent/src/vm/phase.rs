@@ -87,8 +87,24 @@ impl Phase {
     }
 }
 
-/// Whether `action` may be taken in `phase`; the error says why not.
-pub fn check(phase: Phase, action: Action) -> Result<(), String> {
+/// A request that the VM's phase does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {} a VM that is {}", .action.verb(), .phase.name())]
+pub struct NotAllowed {
+    pub action: Action,
+    pub phase: Phase,
+}
+
+/// A phase change the state machine does not have: a bug in the agent, never user input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no transition from {} to {}", .from.name(), .to.name())]
+pub struct InvalidTransition {
+    pub from: Phase,
+    pub to: Phase,
+}
+
+/// Whether `action` may be taken in `phase`.
+pub fn check(phase: Phase, action: Action) -> Result<(), NotAllowed> {
     use Action::*;
     use Phase::*;
     let ok = match action {
@@ -102,11 +118,36 @@ pub fn check(phase: Phase, action: Action) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "cannot {} a VM that is {}",
-            action.verb(),
-            phase.name()
-        ))
+        Err(NotAllowed { action, phase })
+    }
+}
+
+/// Every phase change goes through here (staying in a phase is always allowed: the message
+/// changes). See the diagram at the top.
+pub fn valid_transition(from: Phase, to: Phase) -> Result<(), InvalidTransition> {
+    use Phase::*;
+    let ok = from == to
+        || match from {
+            // Stopped: a disk-only snapshot restored onto a VM that never ran.
+            Pending => matches!(to, Starting | Stopped | Failed),
+            // Incoming: a migration target's QEMU, launched paused.
+            Starting => matches!(
+                to,
+                Running | Paused | Incoming | Stopping | Stopped | Failed
+            ),
+            // Stopped without Stopping: the guest powered itself off, or a restore replaced it.
+            Running => matches!(to, Paused | Stopping | Migrating | Stopped | Failed),
+            Paused => matches!(to, Running | Stopping | Stopped | Failed),
+            Stopping => to == Stopped,
+            // Running: the migration failed or was cancelled, and the VM stays here.
+            Migrating => matches!(to, Running | Paused | Stopped | Failed),
+            Incoming => to == Running,
+            Stopped | Failed => matches!(to, Starting | Stopped | Failed),
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidTransition { from, to })
     }
 }
 
@@ -185,6 +226,25 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// A VM that ran this long since its last (re)start counts as healthy again: back-off resets.
 pub const STEADY_RUN: Duration = Duration::from_secs(60);
 
+/// The phase a gRPC status reports (for the simulator, which keeps VMs as gRPC messages).
+impl TryFrom<pb::VmPhase> for Phase {
+    type Error = pb::VmPhase;
+    fn try_from(p: pb::VmPhase) -> Result<Self, pb::VmPhase> {
+        Ok(match p {
+            pb::VmPhase::Pending => Phase::Pending,
+            pb::VmPhase::Starting => Phase::Starting,
+            pb::VmPhase::Running => Phase::Running,
+            pb::VmPhase::Paused => Phase::Paused,
+            pb::VmPhase::Stopping => Phase::Stopping,
+            pb::VmPhase::Stopped => Phase::Stopped,
+            pb::VmPhase::Migrating => Phase::Migrating,
+            pb::VmPhase::Failed => Phase::Failed,
+            pb::VmPhase::Incoming => Phase::Incoming,
+            pb::VmPhase::Unspecified => return Err(p),
+        })
+    }
+}
+
 impl From<Phase> for pb::VmPhase {
     fn from(p: Phase) -> Self {
         match p {
@@ -194,7 +254,8 @@ impl From<Phase> for pb::VmPhase {
             Phase::Paused => pb::VmPhase::Paused,
             Phase::Stopping => pb::VmPhase::Stopping,
             Phase::Stopped => pb::VmPhase::Stopped,
-            Phase::Migrating | Phase::Incoming => pb::VmPhase::Migrating,
+            Phase::Migrating => pb::VmPhase::Migrating,
+            Phase::Incoming => pb::VmPhase::Incoming,
             Phase::Failed => pb::VmPhase::Failed,
         }
     }
@@ -212,7 +273,7 @@ mod tests {
         assert!(check(Phase::Paused, Action::Resume).is_ok());
         assert!(check(Phase::Paused, Action::Stop).is_ok());
         let e = check(Phase::Running, Action::Start).unwrap_err();
-        assert_eq!(e, "cannot start a VM that is Running");
+        assert_eq!(e.to_string(), "cannot start a VM that is Running");
         assert!(check(Phase::Stopped, Action::Pause).is_err());
         assert!(check(Phase::Stopped, Action::Stop).is_err());
         assert!(check(Phase::Running, Action::Resume).is_err());
@@ -303,5 +364,95 @@ mod tests {
                 "QEMU exited with status 1: qemu: could not load kernel".into()
             )
         );
+    }
+
+    const ALL: [Phase; 9] = [
+        Phase::Pending,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Paused,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Migrating,
+        Phase::Failed,
+        Phase::Incoming,
+    ];
+
+    #[test]
+    fn transitions_follow_the_diagram() {
+        use Phase::*;
+        for p in ALL {
+            assert!(valid_transition(p, p).is_ok(), "{p:?} stays");
+        }
+        for (from, to) in [
+            (Pending, Starting),
+            (Starting, Running),
+            (Starting, Incoming),
+            (Running, Paused),
+            (Paused, Running),
+            (Running, Stopping),
+            (Stopping, Stopped),
+            (Running, Migrating),
+            (Migrating, Running),
+            (Incoming, Running),
+            (Running, Failed),
+            (Failed, Starting),
+            (Stopped, Starting),
+        ] {
+            assert!(valid_transition(from, to).is_ok(), "{from:?} -> {to:?}");
+        }
+        for (from, to) in [
+            (Pending, Running),
+            (Stopped, Running),
+            (Stopped, Paused),
+            (Stopping, Running),
+            (Stopping, Starting),
+            (Incoming, Migrating),
+            (Incoming, Stopped),
+            (Migrating, Incoming),
+            (Paused, Migrating),
+            (Failed, Running),
+        ] {
+            let e = valid_transition(from, to).unwrap_err();
+            assert_eq!(e, InvalidTransition { from, to });
+        }
+        assert_eq!(
+            valid_transition(Stopped, Running).unwrap_err().to_string(),
+            "no transition from Stopped to Running"
+        );
+    }
+
+    #[test]
+    fn allowed_actions_lead_to_valid_transitions() {
+        // What an allowed action makes of the phase must be a transition the machine has.
+        let target = |a: Action| match a {
+            Action::Start => Phase::Starting,
+            Action::Stop | Action::Restart => Phase::Stopping,
+            Action::Pause => Phase::Paused,
+            Action::Resume => Phase::Running,
+            Action::Migrate => Phase::Migrating,
+        };
+        for p in ALL {
+            for a in [
+                Action::Start,
+                Action::Stop,
+                Action::Restart,
+                Action::Pause,
+                Action::Resume,
+                Action::Migrate,
+            ] {
+                if check(p, a).is_ok() {
+                    assert!(valid_transition(p, target(a)).is_ok(), "{a:?} from {p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grpc_phases_round_trip() {
+        for p in ALL {
+            assert_eq!(Phase::try_from(pb::VmPhase::from(p)), Ok(p));
+        }
+        assert!(Phase::try_from(pb::VmPhase::Unspecified).is_err());
     }
 }

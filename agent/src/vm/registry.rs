@@ -1,5 +1,6 @@
 //! The registry of this agent's VMs: creation (validation, duplicate names), lookup, deletion.
 
+use crate::vm::reason::Reason;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -72,7 +73,7 @@ impl Vms {
     }
 
     pub async fn create(&self, spec: pb::VmSpec, start: bool) -> Result<pb::Vm, AgentError> {
-        let handle = self.register(spec, "Created").await?;
+        let handle = self.register(spec, Reason::Created).await?;
         let name = handle.current().spec.unwrap_or_default().name;
         if start {
             handle.call(&name, Op::Start).await
@@ -96,7 +97,7 @@ impl Vms {
                 spec,
             })
             .await?;
-        match self.register(pb::VmSpec::from(&spec), "Cloned").await {
+        match self.register(pb::VmSpec::from(&spec), Reason::Cloned).await {
             Ok(handle) if req.start => handle.call(&spec.name, Op::Start).await,
             Ok(handle) => Ok(handle.current()),
             Err(e) => {
@@ -136,7 +137,7 @@ impl Vms {
             )
             .into());
         }
-        let handle = self.register(spec, "Incoming").await?;
+        let handle = self.register(spec, Reason::Incoming).await?;
         let name = handle.current().spec.unwrap_or_default().name;
         let (uri_tx, uri_rx) = tokio::sync::oneshot::channel();
         let op = Op::Incoming {
@@ -154,7 +155,7 @@ impl Vms {
 
     /// Validates a spec, checks that its files are usable here and that it fits the node's
     /// allocatable memory, and creates the VM (not started).
-    async fn register(&self, spec: pb::VmSpec, reason: &str) -> Result<VmHandle, AgentError> {
+    async fn register(&self, spec: pb::VmSpec, reason: Reason) -> Result<VmHandle, AgentError> {
         let mut spec = VmSpec::try_from(spec)?;
         spec.memory_hotplug =
             spec.memory_hotplug
@@ -209,11 +210,11 @@ impl Vms {
             vms.insert(name.clone(), handle.clone());
             handle
         };
-        info!(vm = %name, reason, "created");
+        info!(vm = %name, %reason, "created");
         let _ = self.ctx.events.send(pb::VmEvent {
             r#type: pb::EventType::Added as i32,
             vm: Some(handle.current()),
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             message: String::new(),
         });
         Ok(handle)

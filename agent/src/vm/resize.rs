@@ -9,6 +9,7 @@ use crate::vm::actor::GUEST_MEMORY_BLOCK;
 use crate::vm::actor::GUEST_RESIZE_TIMEOUT;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
 use tracing::{info, warn};
 
@@ -65,18 +66,14 @@ impl Supervisor {
                 self.spec.cpus = want_cpus;
                 self.spec.memory = want_memory;
                 self.save_spec()?;
-                self.publish("Resized", "new size applies at the next start");
+                self.publish(Reason::Resized, "new size applies at the next start");
                 return Ok(self.snapshot());
             }
             other => {
                 return Err(self.conflict(format!("cannot resize a VM that is {}", other.name())));
             }
         }
-        let qmp = self
-            .running
-            .as_ref()
-            .map(|r| r.qmp.clone())
-            .expect("Running has a process");
+        let qmp = self.live_qmp()?;
         let mut result = Ok(());
         if want_cpus != self.spec.cpus {
             let mut adds_left = self.running.as_ref().and_then(|r| r.cpu_adds_left);
@@ -104,12 +101,12 @@ impl Supervisor {
         match result {
             Ok(()) => {
                 info!(cpus = want_cpus, memory = want_memory, "resized");
-                self.publish("Resized", "");
+                self.publish(Reason::Resized, "");
                 Ok(self.snapshot())
             }
             Err(why) => {
                 warn!("resize: {why}");
-                self.publish("ResizeFailed", &why);
+                self.publish(Reason::ResizeFailed, &why);
                 Err(self.qemu_error(format!("resize: {why}")))
             }
         }

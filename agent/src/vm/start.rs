@@ -20,6 +20,7 @@ use crate::vm::actor::Running;
 use crate::vm::actor::Supervisor;
 use crate::vm::guest::{self};
 use crate::vm::phase::{self, Action, Phase};
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use tracing::{Instrument, info, warn};
 impl Supervisor {
     pub(crate) async fn start(&mut self) -> Result<pb::Vm, AgentError> {
         self.check(Action::Start)?;
-        self.status.restart_at = None;
+        self.task.take_restart();
         let resolved = self.resolved_spec()?;
         self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
             .await?;
@@ -66,7 +67,7 @@ impl Supervisor {
         self.status.started_at_ms = now_ms();
         self.status.timings = Default::default();
         self.status.qemu_status.clear();
-        self.set_phase(Phase::Starting, "QEMU launched", "Starting");
+        self.set_phase(Phase::Starting, "QEMU launched", Reason::Starting);
         let cpu_adds_left = (self.ctx.accel.accel == Accel::Tcg).then_some(cpu_adds);
         self.attach(qemu, Some(launched), stderr_from, cpu_adds_left)
             .await
@@ -75,8 +76,8 @@ impl Supervisor {
     /// Takes over a QEMU left running by an earlier agent process.
     pub(crate) async fn adopt(&mut self, qemu: process::Qemu, saved: SavedState) {
         info!(pid = qemu.pid(), "adopting running QEMU");
+        // The status begins in the saved phase (see `spawn`).
         self.status.started_at_ms = saved.started_at_ms;
-        self.status.phase = saved.phase;
         let from = process::stderr_len(&self.dir);
         // Under TCG an adopted process with no record of its vCPU starts gets no more.
         let cpu_adds_left = match self.ctx.accel.accel {
@@ -89,14 +90,14 @@ impl Supervisor {
             self.set_phase(
                 phase,
                 "QEMU kept running while the agent restarted",
-                "Adopted",
+                Reason::Adopted,
             );
             if saved.phase == Phase::Migrating {
                 // Nobody drives that migration any more. The target never ran the guest (it
                 // waits for a hand-over that will not come), so the VM stays here.
                 self.resume_after_lost_migration(
                     "a migration was under way when the agent restarted: cancelled, the VM stays here",
-                    "MigrationFailed",
+                    Reason::MigrationFailed,
                 )
                 .await;
             } else if saved.phase == Phase::Running && self.status.phase == Phase::Paused {
@@ -104,22 +105,22 @@ impl Supervisor {
                 // paused for a memory snapshot (which was not finished, so not kept).
                 self.resume_after_lost_migration(
                     "a snapshot was under way when the agent restarted: abandoned, the VM runs on",
-                    "SnapshotFailed",
+                    Reason::SnapshotFailed,
                 )
                 .await;
             }
             if saved.phase == Phase::Stopping {
                 // A stop was under way when the agent went down: see it through.
                 let (reply, _) = oneshot::channel();
-                self.status.phase = Phase::Running;
-                self.stop(DEFAULT_STOP_TIMEOUT, false, false, reply).await;
+                self.begin_stop(DEFAULT_STOP_TIMEOUT, true, false, reply)
+                    .await;
             }
         }
     }
 
     /// Cancels a migration (to another QEMU, or to a snapshot file) that nobody drives any
     /// more, and runs the guest on.
-    pub(crate) async fn resume_after_lost_migration(&mut self, message: &str, reason: &str) {
+    pub(crate) async fn resume_after_lost_migration(&mut self, message: &str, reason: Reason) {
         let Some(qmp) = self.running.as_ref().map(|r| r.qmp.clone()) else {
             return;
         };
@@ -138,7 +139,7 @@ impl Supervisor {
         {
             warn!("resuming after the lost migration: {e}");
         }
-        self.status.phase = Phase::Running;
+        self.enter(Phase::Running);
         self.refresh_from_qemu().await;
         let phase = self.status.phase;
         self.set_phase(phase, message, reason);
@@ -166,7 +167,7 @@ impl Supervisor {
                     format!("{why}: {tail}")
                 };
                 self.status.started_at_ms = 0;
-                self.set_phase(Phase::Failed, &why, "StartFailed");
+                self.set_phase(Phase::Failed, &why, Reason::StartFailed);
                 return Err(self.qemu_error(why));
             }
         };

@@ -3,17 +3,35 @@
 use crate::context::now_ms;
 use crate::store::SavedState;
 use crate::vm::actor::Supervisor;
+use crate::vm::actor::Task;
 use crate::vm::guest::GuestView;
-use crate::vm::phase::Phase;
+use crate::vm::phase::{self, Phase};
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
-use tracing::warn;
+use tracing::{error, warn};
 
 impl Supervisor {
-    pub(crate) fn set_phase(&mut self, phase: Phase, message: &str, reason: &str) {
-        if phase != self.status.phase {
-            self.status.phase_changed_at_ms = now_ms();
+    /// The one place the phase changes, checked against the state machine. A change it does
+    /// not have is a bug: refused (the VM keeps its phase), and fatal in debug builds so that
+    /// tests find it.
+    pub(crate) fn enter(&mut self, to: Phase) {
+        match phase::valid_transition(self.status.phase, to) {
+            Ok(()) => {
+                if to != self.status.phase {
+                    self.status.phase_changed_at_ms = now_ms();
+                }
+                self.status.phase = to;
+            }
+            Err(e) => {
+                error!("{e}");
+                debug_assert!(false, "{e}");
+            }
         }
-        self.status.phase = phase;
+    }
+
+    /// Enters `phase` and tells everyone: saved for a restarted agent, published with `reason`.
+    pub(crate) fn set_phase(&mut self, phase: Phase, message: &str, reason: Reason) {
+        self.enter(phase);
         self.status.message = message.to_string();
         self.save_state();
         self.publish(reason, message);
@@ -33,16 +51,27 @@ impl Supervisor {
         }
     }
 
-    pub(crate) fn publish(&mut self, reason: &str, message: &str) {
+    pub(crate) fn publish(&mut self, reason: Reason, message: &str) {
         self.status.revision += 1;
         let vm = self.snapshot();
         self.publish.send_replace(vm.clone());
         let _ = self.ctx.events.send(pb::VmEvent {
             r#type: pb::EventType::Modified as i32,
             vm: Some(vm),
-            reason: reason.to_string(),
+            reason: reason.as_str().into(),
             message: message.to_string(),
         });
+    }
+
+    /// The status message: why the VM is in its phase, and when it restarts if it will.
+    pub(crate) fn message(&self) -> String {
+        match &self.task {
+            Task::Restart(r) => format!(
+                "{}; restarting in {:?} (restart policy {:?})",
+                self.status.message, r.delay, self.spec.restart_policy
+            ),
+            _ => self.status.message.clone(),
+        }
     }
 
     pub(crate) fn snapshot(&self) -> pb::Vm {
@@ -51,7 +80,7 @@ impl Supervisor {
             spec: Some(pb::VmSpec::from(&self.spec)),
             status: Some(pb::VmStatus {
                 phase: pb::VmPhase::from(s.phase) as i32,
-                message: s.message.clone(),
+                message: self.message(),
                 pid: self.running.as_ref().map_or(0, |r| r.pid),
                 cpus: s.cpus,
                 memory_bytes: s.memory_bytes,
@@ -66,7 +95,10 @@ impl Supervisor {
                 revision: s.revision,
                 startup: Some(s.timings),
                 restart_count: s.restart_count,
-                next_restart_at_ms: s.restart_at.map_or(0, |(_, ms)| ms),
+                next_restart_at_ms: match &self.task {
+                    Task::Restart(r) => r.at_ms,
+                    _ => 0,
+                },
                 guest_cpus: s.guest.cpus,
                 guest_memory_bytes: s.guest.memory_bytes,
                 migration: s.migration.clone(),
@@ -91,17 +123,15 @@ pub(crate) struct Status {
     pub(crate) restart_count: u32,
     /// What the guest agent reports.
     pub(crate) guest: GuestView,
-    /// When the restart policy starts the VM again.
-    pub(crate) restart_at: Option<(tokio::time::Instant, i64)>,
     /// The migration under way, or the last one.
     pub(crate) migration: Option<pb::MigrationProgress>,
 }
 
-pub(crate) fn phase_reason(phase: Phase) -> &'static str {
+pub(crate) fn phase_reason(phase: Phase) -> Reason {
     match phase {
-        Phase::Running => "Running",
-        Phase::Paused => "Paused",
-        _ => "PhaseChanged",
+        Phase::Running => Reason::Running,
+        Phase::Paused => Reason::Paused,
+        _ => Reason::PhaseChanged,
     }
 }
 

@@ -3,9 +3,10 @@
 use crate::error::AgentError;
 use crate::vm::actor::POWERDOWN_REPEAT;
 use crate::vm::actor::Reply;
-use crate::vm::actor::Stopping;
 use crate::vm::actor::Supervisor;
+use crate::vm::actor::{Stopping, Task};
 use crate::vm::phase::{Action, Phase};
+use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -16,7 +17,7 @@ impl Supervisor {
         self.qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
             .await?;
         self.status.qemu_status = "paused".into();
-        self.set_phase(Phase::Paused, "paused", "Paused");
+        self.set_phase(Phase::Paused, "paused", Reason::Paused);
         Ok(self.snapshot())
     }
 
@@ -25,7 +26,7 @@ impl Supervisor {
         self.qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
             .await?;
         self.status.qemu_status = "running".into();
-        self.set_phase(Phase::Running, "resumed", "Resumed");
+        self.set_phase(Phase::Running, "resumed", Reason::Resumed);
         Ok(self.snapshot())
     }
 
@@ -42,12 +43,12 @@ impl Supervisor {
         } else {
             Action::Stop
         };
-        if !restart && self.status.restart_at.take().is_some() {
+        if !restart && self.task.take_restart().is_some() {
             // Stopping a VM that waits for its restart policy cancels the restart.
             self.set_phase(
                 Phase::Stopped,
                 "restart cancelled by a stop request",
-                "Stopped",
+                Reason::Stopped,
             );
             let _ = reply.send(Ok(self.snapshot()));
             return;
@@ -56,7 +57,7 @@ impl Supervisor {
             let _ = reply.send(Err(e));
             return;
         }
-        if let Some(stopping) = &mut self.stopping {
+        if let Task::Stopping(stopping) = &mut self.task {
             // Already stopping: join the wait; a forced stop cuts the grace period short.
             stopping.waiters.push(reply);
             // A stop wins over a restart under way; a restart joins a stop as a stop.
@@ -68,11 +69,23 @@ impl Supervisor {
         }
         // A paused guest cannot react to ACPI, and a starting one may not listen yet.
         let graceful = !force && self.status.phase == Phase::Running;
-        self.stopping = Some(Stopping {
+        self.begin_stop(timeout, graceful, restart, reply).await;
+    }
+
+    /// Enters Stopping: presses the power button (graceful) or ends QEMU.
+    pub(crate) async fn begin_stop(
+        &mut self,
+        timeout: Duration,
+        graceful: bool,
+        restart: bool,
+        reply: Reply,
+    ) {
+        self.task = Task::Stopping(Stopping {
             deadline: tokio::time::Instant::now() + if graceful { timeout } else { Duration::ZERO },
             next_powerdown: graceful.then(|| tokio::time::Instant::now() + POWERDOWN_REPEAT),
             waiters: vec![reply],
             restart,
+            timed_out: false,
         });
         self.set_phase(
             Phase::Stopping,
@@ -81,7 +94,7 @@ impl Supervisor {
             } else {
                 "stopping"
             },
-            "Stopping",
+            Reason::Stopping,
         );
         if graceful {
             if let Err(e) = self
@@ -97,7 +110,9 @@ impl Supervisor {
     }
 
     pub(crate) async fn on_stop_tick(&mut self) {
-        let Some(s) = &mut self.stopping else { return };
+        let Task::Stopping(s) = &mut self.task else {
+            return;
+        };
         let now = tokio::time::Instant::now();
         if now < s.deadline {
             s.next_powerdown = Some(now + POWERDOWN_REPEAT);
@@ -106,30 +121,32 @@ impl Supervisor {
                 .await;
             return;
         }
-        if let Some(s) = &mut self.stopping {
-            // Only once: the process exit ends the stop.
-            s.next_powerdown = None;
-            s.deadline = now + Duration::from_secs(3600);
-            warn!("guest did not power off in time; ending QEMU");
-            self.status.message = "guest did not power off in time; QEMU ended".into();
-            self.kill();
-        }
+        // Only once: the process exit ends the stop.
+        s.next_powerdown = None;
+        s.deadline = now + Duration::from_secs(3600);
+        s.timed_out = true;
+        warn!("guest did not power off in time; ending QEMU");
+        self.kill();
     }
 
     /// Ends the VM here: its QEMU (if any) and its files. `reason` goes out with the DELETED
-    /// event ("Deleted", "MigratedAway", "IncomingAborted").
-    pub(crate) async fn remove(&mut self, reason: &str) -> Result<pb::Vm, AgentError> {
-        if let Some(m) = &self.migration {
-            let _ = m.cancel.send(true);
+    /// event (Deleted, MigratedAway, IncomingAborted, IncomingFailed).
+    pub(crate) async fn remove(&mut self, reason: Reason) -> Result<pb::Vm, AgentError> {
+        match std::mem::take(&mut self.task) {
+            Task::Migrating(m) => {
+                let _ = m.cancel.send(true);
+            }
+            Task::Stopping(s) => {
+                for waiter in s.waiters {
+                    let _ = waiter.send(Err(AgentError::NotFound(self.spec.name.clone())));
+                }
+            }
+            Task::Restart(_) | Task::None => {}
         }
         if let Some(mut run) = self.running.take() {
             run.qemu.kill();
             run.qemu.wait().await;
         }
-        for waiter in self.stopping.take().into_iter().flat_map(|s| s.waiters) {
-            let _ = waiter.send(Err(AgentError::NotFound(self.spec.name.clone())));
-        }
-        self.status.restart_at = None;
         if let Ok(cg) = &self.ctx.cgroups {
             cg.remove(&self.spec.name);
         }
@@ -139,7 +156,7 @@ impl Supervisor {
             .map_err(|e| AgentError::Internal(format!("removing {}: {e}", self.dir.display())))?;
         // Snapshots of a VM that left this node cannot be restored here.
         self.ctx.snapshots.remove_vm(&self.spec.name);
-        if reason == "Deleted" {
+        if reason == Reason::Deleted {
             // The disks a clone was given go with it (after a migration they may be in use on
             // the target, which sees them through shared storage: kept then).
             let dir = crate::clone::clone_dir(&self.ctx.images_dir, &self.spec.name);
@@ -149,13 +166,13 @@ impl Supervisor {
                 warn!("removing {}: {e}", dir.display());
             }
         }
-        info!(reason, "removed from this node");
+        info!(%reason, "removed from this node");
         self.gone = true;
         let vm = self.snapshot();
         let _ = self.ctx.events.send(pb::VmEvent {
             r#type: pb::EventType::Deleted as i32,
             vm: Some(vm.clone()),
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             message: String::new(),
         });
         Ok(vm)
