@@ -73,7 +73,7 @@ pub struct Config {
     pub migration_copy: MigrationCopy,
 
     /// Memory this agent may give to VMs in all (e.g. "64Gi"); defaults to the node's total.
-    #[arg(long, env = "HYPERSDK_ALLOCATABLE_MEMORY", value_parser = parse_quantity)]
+    #[arg(long, env = "HYPERSDK_ALLOCATABLE_MEMORY", value_parser = crate::quantity::parse_bytes)]
     pub allocatable_memory: Option<u64>,
 
     /// Simulate VMs (no QEMU; bookkeeping only), for scale tests of the controller.
@@ -90,7 +90,7 @@ pub struct Config {
     pub simulate_cpus: u32,
 
     /// Memory a simulated node reports (a quantity such as 256Gi).
-    #[arg(long, env = "HYPERSDK_SIMULATE_MEMORY", default_value = "256Gi", value_parser = parse_quantity, requires = "simulate")]
+    #[arg(long, env = "HYPERSDK_SIMULATE_MEMORY", default_value = "256Gi", value_parser = crate::quantity::parse_bytes, requires = "simulate")]
     pub simulate_memory: u64,
 
     /// Milliseconds a simulated VM takes from Starting to Running.
@@ -101,10 +101,6 @@ pub struct Config {
         requires = "simulate"
     )]
     pub simulate_boot_ms: u64,
-}
-
-fn parse_quantity(s: &str) -> Result<u64, String> {
-    crate::quantity::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 impl Config {

@@ -7,7 +7,7 @@ use hypersdk_proto::agent::v1 as pb;
 use tokio::sync::broadcast;
 
 use crate::host::accel::Selection;
-use crate::host::cgroup::Cgroups;
+use crate::host::cgroup::{CgroupError, Cgroups};
 use crate::host::paths::PathPolicy;
 use crate::migration::PortRange;
 use crate::snapshot::files::SnapshotDirs;
@@ -26,7 +26,7 @@ pub struct Context {
     pub store: Store,
     pub snapshots: SnapshotDirs,
     /// Per-VM cgroups, or why there are none on this node.
-    pub cgroups: Result<Cgroups, String>,
+    pub cgroups: Result<Cgroups, CgroupError>,
     /// Every VM status change, for WatchVms.
     pub events: broadcast::Sender<pb::VmEvent>,
     /// Where incoming migrations listen.

@@ -14,7 +14,7 @@ use crate::api::simulate::Simulator;
 use crate::config::Config;
 use crate::context::Context;
 use crate::host::accel;
-use crate::host::cgroup::Cgroups;
+use crate::host::cgroup::{CgroupError, Cgroups};
 use crate::host::kvm;
 use crate::host::node::{self, NodeFacts};
 use crate::host::paths::PathPolicy;
@@ -24,16 +24,34 @@ use crate::vm::registry::Vms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("--data-dir {0}: {1}")]
-    DataDir(PathBuf, String),
+    #[error("--data-dir {}: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The directory's path appears inside QEMU options, which take ',' as a separator.
+    #[error("--data-dir {}: must not contain ','", .0.display())]
+    Comma(PathBuf),
     #[error("--image-dir: {0}")]
     ImageDir(std::io::Error),
     #[error("--qemu {0}: {1}")]
     Qemu(PathBuf, std::io::Error),
     #[error(transparent)]
     Accel(#[from] accel::AccelError),
-    #[error("--listen {0}: {1}")]
-    Listen(Address, String),
+    #[error("--listen {addr}: {source}")]
+    Listen {
+        addr: Address,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--listen {addr}: {} exists and is not a socket", path.display())]
+    NotASocket { addr: Address, path: PathBuf },
+    /// Without TLS, anyone who reaches the port controls the VMs.
+    #[error("--listen {0}: plain gRPC is only served on loopback addresses")]
+    NotLoopback(Address),
+    #[error("gRPC server task: {0}")]
+    ServerTask(#[from] tokio::task::JoinError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -52,13 +70,17 @@ fn find_program(p: &Path) -> Option<PathBuf> {
         .find(|c| c.is_file())
 }
 
+fn data_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> StartupError {
+    let path = path.to_path_buf();
+    move |source| StartupError::DataDir { path, source }
+}
+
 fn prepare_data_dir(dir: &Path) -> Result<PathBuf, StartupError> {
-    let err = |m: String| StartupError::DataDir(dir.to_path_buf(), m);
-    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    let dir = dir.canonicalize().map_err(|e| err(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(data_dir_error(dir))?;
+    let dir = dir.canonicalize().map_err(data_dir_error(dir))?;
     // The data dir appears inside QEMU options (-qmp unix:PATH,server=on): no commas.
     if dir.to_string_lossy().contains(',') {
-        return Err(err("must not contain ','".into()));
+        return Err(StartupError::Comma(dir));
     }
     Ok(dir)
 }
@@ -77,12 +99,10 @@ pub async fn run(
         let service = AgentServiceServer::new(Simulator::new(node));
         return serve(&config, &data_dir, service, shutdown).await;
     }
-    let store = Store::open(&data_dir)
-        .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
+    let store = Store::open(&data_dir).map_err(data_dir_error(&data_dir))?;
     // VMs may use files under <data-dir>/images, never the agent's own state under vms/.
     let own_images = data_dir.join("images");
-    std::fs::create_dir_all(&own_images)
-        .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?;
+    std::fs::create_dir_all(&own_images).map_err(data_dir_error(&data_dir))?;
     let policy = PathPolicy::new(
         std::iter::once(own_images.clone()).chain(config.image_dirs.iter().cloned()),
     )
@@ -112,7 +132,7 @@ pub async fn run(
         "agent starting"
     );
     let cgroups = match config.cgroup_parent.as_str() {
-        "" => Err("disabled with --cgroup-parent \"\"".to_string()),
+        "" => Err(CgroupError::Disabled),
         parent => Cgroups::detect(parent),
     };
     let cgroups_facts = match &cgroups {
@@ -161,11 +181,7 @@ pub async fn run(
         virtio_mem,
         pause_for_copy,
     });
-    let vms = Arc::new(
-        Vms::load(ctx)
-            .await
-            .map_err(|e| StartupError::DataDir(data_dir.clone(), e.to_string()))?,
-    );
+    let vms = Arc::new(Vms::load(ctx).await.map_err(data_dir_error(&data_dir))?);
     let service =
         AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
     serve(&config, &data_dir, service, shutdown).await
@@ -208,9 +224,8 @@ async fn serve<S: AgentService>(
         };
         match &addr {
             Address::Unix(path) => {
-                remove_stale_socket(path).map_err(|e| StartupError::Listen(addr.clone(), e))?;
-                let listener = UnixListener::bind(path)
-                    .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
+                remove_stale_socket(&addr, path)?;
+                let listener = UnixListener::bind(path).map_err(listen_error(&addr))?;
                 use std::os::unix::fs::PermissionsExt;
                 // Local debugging socket: the agent's user (and group) only.
                 let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
@@ -222,16 +237,10 @@ async fn serve<S: AgentService>(
             Address::Tcp(hostport) => {
                 let listener = TcpListener::bind(hostport)
                     .await
-                    .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
-                let local = listener
-                    .local_addr()
-                    .map_err(|e| StartupError::Listen(addr.clone(), e.to_string()))?;
-                // Without TLS, anyone who reaches the port controls the VMs: loopback only.
+                    .map_err(listen_error(&addr))?;
+                let local = listener.local_addr().map_err(listen_error(&addr))?;
                 if !local.ip().is_loopback() {
-                    return Err(StartupError::Listen(
-                        addr.clone(),
-                        "plain gRPC is only served on loopback addresses".into(),
-                    ));
+                    return Err(StartupError::NotLoopback(addr));
                 }
                 info!(%addr, %local, "listening");
                 servers.spawn(
@@ -241,23 +250,31 @@ async fn serve<S: AgentService>(
         }
     }
     while let Some(result) = servers.join_next().await {
-        result.map_err(|e| StartupError::Listen(Address::Tcp("?".into()), e.to_string()))??;
+        result??;
     }
     info!("agent stopped; VMs keep running");
     Ok(())
 }
 
+fn listen_error(addr: &Address) -> impl FnOnce(std::io::Error) -> StartupError {
+    let addr = addr.clone();
+    move |source| StartupError::Listen { addr, source }
+}
+
 /// A socket file left by an earlier agent is removed; any other file is an error.
-fn remove_stale_socket(path: &Path) -> Result<(), String> {
+fn remove_stale_socket(addr: &Address, path: &Path) -> Result<(), StartupError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| e.to_string()),
-        Ok(_) => Err(format!("{} exists and is not a socket", path.display())),
-        Err(_) => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-            }
-            Ok(())
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(listen_error(addr))
         }
+        Ok(_) => Err(StartupError::NotASocket {
+            addr: addr.clone(),
+            path: path.to_path_buf(),
+        }),
+        Err(_) => match path.parent() {
+            Some(parent) => std::fs::create_dir_all(parent).map_err(listen_error(addr)),
+            None => Ok(()),
+        },
     }
 }

@@ -35,6 +35,28 @@ pub fn limits(spec: &VmSpec) -> Limits {
     }
 }
 
+/// Why VMs run without cgroups on this node.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("disabled with --cgroup-parent \"\"")]
+    Disabled,
+    #[error("/proc/self/mountinfo: {0}")]
+    Mountinfo(#[source] std::io::Error),
+    #[error("no cgroup2 hierarchy is mounted")]
+    NotMounted,
+    #[error("the cgroup2 hierarchy at {} has no {controller} controller", mount.display())]
+    NoController {
+        mount: PathBuf,
+        controller: &'static str,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     /// `<mount>/<parent>`, with cpu and memory enabled for its children.
@@ -53,32 +75,34 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 
 impl Cgroups {
     /// Prepares `<mount>/<parent>`; the error says why VMs will run without cgroups.
-    pub fn setup(mount: &Path, parent: &str) -> Result<Cgroups, String> {
-        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers"))
-            .map_err(|e| format!("{}: {e}", mount.display()))?;
-        for needed in ["cpu", "memory"] {
-            if !controllers.split_whitespace().any(|c| c == needed) {
-                return Err(format!(
-                    "the cgroup2 hierarchy at {} has no {needed} controller",
-                    mount.display()
-                ));
+    pub fn setup(mount: &Path, parent: &str) -> Result<Cgroups, CgroupError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CgroupError::Io { path, source }
+        };
+        let controllers =
+            std::fs::read_to_string(mount.join("cgroup.controllers")).map_err(io(mount))?;
+        for controller in ["cpu", "memory"] {
+            if !controllers.split_whitespace().any(|c| c == controller) {
+                return Err(CgroupError::NoController {
+                    mount: mount.to_path_buf(),
+                    controller,
+                });
             }
         }
         let dir = mount.join(parent);
-        let write = |path: PathBuf, value: &str| {
-            std::fs::write(&path, value).map_err(|e| format!("{}: {e}", path.display()))
-        };
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let write = |path: PathBuf, value: &str| std::fs::write(&path, value).map_err(io(&path));
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         write(mount.join("cgroup.subtree_control"), "+cpu +memory")?;
         write(dir.join("cgroup.subtree_control"), "+cpu +memory")?;
         Ok(Cgroups { parent: dir })
     }
 
     /// Finds the cgroup2 hierarchy of this host and prepares `parent` in it.
-    pub fn detect(parent: &str) -> Result<Cgroups, String> {
+    pub fn detect(parent: &str) -> Result<Cgroups, CgroupError> {
         let mountinfo =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-        let mount = cgroup2_mount(&mountinfo).ok_or("no cgroup2 hierarchy is mounted")?;
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::Mountinfo)?;
+        let mount = cgroup2_mount(&mountinfo).ok_or(CgroupError::NotMounted)?;
         Self::setup(&mount, parent)
     }
 
@@ -142,7 +166,22 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::write(root.path().join("cgroup.controllers"), "cpuset io hugetlb").unwrap();
         let e = Cgroups::setup(root.path(), "hypersdk").unwrap_err();
-        assert!(e.contains("no cpu controller"), "{e}");
+        assert!(
+            matches!(
+                e,
+                CgroupError::NoController {
+                    controller: "cpu",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("no cpu controller"), "{e}");
+        let e = Cgroups::setup(&root.path().join("absent"), "hypersdk").unwrap_err();
+        assert!(
+            matches!(&e, CgroupError::Io { path, .. } if path.ends_with("absent")),
+            "{e}"
+        );
 
         std::fs::write(
             root.path().join("cgroup.controllers"),

@@ -30,11 +30,22 @@ pub enum Header {
 
 const BACKING_FORMAT_EXT: u32 = 0xE279_2ACA;
 
+/// Why an image header could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("truncated qcow2 header")]
+    Truncated,
+    #[error("qcow2 backing file name is too long ({0} bytes)")]
+    BackingNameTooLong(usize),
+}
+
 /// Parses an image header (pure). `read_at(offset, len)` supplies bytes past the header buffer.
 pub fn parse_header(
     head: &[u8],
     read_at: impl Fn(u64, usize) -> std::io::Result<Vec<u8>>,
-) -> std::io::Result<Header> {
+) -> Result<Header, HeaderError> {
     if head.len() < 4 || &head[..4] != QCOW2_MAGIC {
         return Ok(Header::Raw);
     }
@@ -46,29 +57,25 @@ pub fn parse_header(
         head.get(o..o + 4)
             .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
     };
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated qcow2 header");
-    let version = be32(4).ok_or_else(bad)?;
-    let backing_offset = be64(8).ok_or_else(bad)?;
-    let backing_len = be32(16).ok_or_else(bad)? as usize;
+    let version = be32(4).ok_or(HeaderError::Truncated)?;
+    let backing_offset = be64(8).ok_or(HeaderError::Truncated)?;
+    let backing_len = be32(16).ok_or(HeaderError::Truncated)? as usize;
     let incompatible = if version >= 3 {
-        be64(72).ok_or_else(bad)?
+        be64(72).ok_or(HeaderError::Truncated)?
     } else {
         0
     };
     let backing_file = if backing_offset == 0 || backing_len == 0 {
         None
     } else if backing_len > 1023 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "qcow2 backing file name is too long",
-        ));
+        return Err(HeaderError::BackingNameTooLong(backing_len));
     } else {
         let name = read_at(backing_offset, backing_len)?;
         Some(String::from_utf8_lossy(&name).into_owned())
     };
     // Header extensions follow the header: at 72 (v2) or at header_length (v3).
     let mut at = if version >= 3 {
-        be32(100).ok_or_else(bad)? as usize
+        be32(100).ok_or(HeaderError::Truncated)? as usize
     } else {
         72
     };
@@ -91,7 +98,7 @@ pub fn parse_header(
     })
 }
 
-fn read_header(path: &Path) -> std::io::Result<Header> {
+fn read_header(path: &Path) -> Result<Header, HeaderError> {
     use std::os::unix::fs::FileExt;
     let mut f = std::fs::File::open(path)?;
     let mut head = vec![0u8; 4096];
@@ -132,8 +139,7 @@ pub fn inspect(
     declared: Option<DiskFormat>,
     policy: &PathPolicy,
 ) -> Result<DiskFormat, FieldError> {
-    let io_err =
-        |p: &Path, e: std::io::Error| FieldError::new(field, format!("{}: {e}", p.display()));
+    let io_err = |p: &Path, e: HeaderError| FieldError::new(field, format!("{}: {e}", p.display()));
     let header = read_header(path).map_err(|e| io_err(path, e))?;
     let detected = match header {
         Header::Raw => DiskFormat::Raw,
@@ -294,7 +300,16 @@ mod tests {
                 external_data_file: false
             }
         );
-        assert!(parse_header(&QCOW2_MAGIC[..], |_, _| unreachable!()).is_err());
+        assert!(matches!(
+            parse_header(&QCOW2_MAGIC[..], |_, _| unreachable!()),
+            Err(HeaderError::Truncated)
+        ));
+        let mut long = qcow2_header(3, Some("base"), 0);
+        long[16..20].copy_from_slice(&2000u32.to_be_bytes());
+        assert!(matches!(
+            parse_header(&long, |_, _| unreachable!()),
+            Err(HeaderError::BackingNameTooLong(2000))
+        ));
     }
 
     #[test]

@@ -10,18 +10,49 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit};
 const KVM_MODULES: [&str; 3] = ["kvm_intel", "kvm_amd", "kvm_pvm"];
 pub const HARDWARE_MODULES: [&str; 2] = ["kvm_intel", "kvm_amd"];
 
+/// /dev/kvm could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("/dev/kvm: {0}")]
+pub struct OpenError(#[source] pub kvm_ioctls::Error);
+
+/// Why the self-test guest did not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelfTestError {
+    #[error("not run")]
+    NotRun,
+    #[error("/dev/kvm is not available")]
+    NoDevice,
+    #[error("no hardware KVM module (kvm_intel/kvm_amd) is loaded")]
+    NoHardwareModule,
+    /// A KVM ioctl failed; `step` says which.
+    #[error("{step}: {source}")]
+    Ioctl {
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("mmap failed: {0}")]
+    Mmap(#[source] nix::errno::Errno),
+    #[error("unexpected exit {0}")]
+    UnexpectedExit(String),
+    #[error("the test guest did not halt")]
+    NoHalt,
+    #[error("the test guest did not halt within {0:?}")]
+    Timeout(Duration),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvmFacts {
     pub present: bool,
     /// Why /dev/kvm could not be opened, when it could not.
-    pub open_error: Option<String>,
+    pub open_error: Option<OpenError>,
     pub modules: Vec<String>,
     pub api_version: i32,
     pub max_vcpus: u32,
     pub recommended_vcpus: u32,
     pub extensions: Vec<(&'static str, bool)>,
     /// `Ok` when the self-test guest ran; else why not.
-    pub self_test: Result<(), String>,
+    pub self_test: Result<(), SelfTestError>,
 }
 
 impl Default for KvmFacts {
@@ -34,7 +65,7 @@ impl Default for KvmFacts {
             max_vcpus: 0,
             recommended_vcpus: 0,
             extensions: vec![],
-            self_test: Err("not run".into()),
+            self_test: Err(SelfTestError::NotRun),
         }
     }
 }
@@ -70,8 +101,8 @@ pub fn probe(sys_module: &Path) -> KvmFacts {
         Err(e) => {
             return KvmFacts {
                 modules,
-                open_error: Some(format!("/dev/kvm: {e}")),
-                self_test: Err("/dev/kvm is not available".into()),
+                open_error: Some(OpenError(e)),
+                self_test: Err(SelfTestError::NoDevice),
                 ..Default::default()
             };
         }
@@ -87,31 +118,31 @@ pub fn probe(sys_module: &Path) -> KvmFacts {
             .iter()
             .map(|(name, cap)| (*name, kvm.check_extension(*cap)))
             .collect(),
-        self_test: Err("not run".into()),
+        self_test: Err(SelfTestError::NotRun),
     };
     facts.self_test = if facts.has_hardware_module() {
         run_self_test_with_timeout(Duration::from_secs(2))
     } else {
-        Err("no hardware KVM module (kvm_intel/kvm_amd) is loaded".into())
+        Err(SelfTestError::NoHardwareModule)
     };
     facts
 }
 
-fn run_self_test_with_timeout(limit: Duration) -> Result<(), String> {
+fn run_self_test_with_timeout(limit: Duration) -> Result<(), SelfTestError> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(self_test());
     });
     rx.recv_timeout(limit)
-        .unwrap_or_else(|_| Err(format!("the test guest did not halt within {limit:?}")))
+        .unwrap_or(Err(SelfTestError::Timeout(limit)))
 }
 
 /// Runs `mov al, 0x42; out 0x10, al; hlt` in real mode and checks both exits.
-fn self_test() -> Result<(), String> {
+fn self_test() -> Result<(), SelfTestError> {
     const CODE: [u8; 5] = [0xb0, 0x42, 0xe6, 0x10, 0xf4];
     const GUEST_ADDR: u64 = 0x1000;
     const MEM_SIZE: usize = 0x1000;
-    let e = |what: &str, err: kvm_ioctls::Error| format!("{what}: {err}");
+    let e = |step, source| SelfTestError::Ioctl { step, source };
     let kvm = Kvm::new().map_err(|err| e("open", err))?;
     let vm = kvm.create_vm().map_err(|err| e("create VM", err))?;
     // SAFETY: a fresh anonymous private mapping, checked for failure, unmapped by `Mapping`.
@@ -126,7 +157,7 @@ fn self_test() -> Result<(), String> {
         )
     };
     if mem == libc::MAP_FAILED {
-        return Err("mmap failed".into());
+        return Err(SelfTestError::Mmap(nix::errno::Errno::last()));
     }
     struct Mapping(*mut libc::c_void);
     impl Drop for Mapping {
@@ -167,8 +198,8 @@ fn self_test() -> Result<(), String> {
                 drop(mapping);
                 return Ok(());
             }
-            other => return Err(format!("unexpected exit {other:?}")),
+            other => return Err(SelfTestError::UnexpectedExit(format!("{other:?}"))),
         }
     }
-    Err("the test guest did not halt".into())
+    Err(SelfTestError::NoHalt)
 }

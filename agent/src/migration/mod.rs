@@ -329,21 +329,29 @@ pub fn cpu_to_add(slots: &[CpuSlot], want: &pb::CpuSlot) -> Result<Value, String
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortRange(pub RangeInclusive<u16>);
 
-impl FromStr for PortRange {
-    type Err = String;
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortRangeError {
+    #[error("{0:?} is not a port (1-65535)")]
+    NotAPort(String),
+    #[error("{0} is above {1}")]
+    Reversed(u16, u16),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+
+    fn from_str(s: &str) -> Result<Self, PortRangeError> {
         let (a, b) = s.split_once('-').unwrap_or((s, s));
         let port = |x: &str| {
             x.trim()
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{x:?} is not a port (1-65535)"))
+                .ok_or_else(|| PortRangeError::NotAPort(x.to_string()))
         };
         let (a, b) = (port(a)?, port(b)?);
         if a > b {
-            return Err(format!("{a} is above {b}"));
+            return Err(PortRangeError::Reversed(a, b));
         }
         Ok(PortRange(a..=b))
     }
@@ -558,8 +566,17 @@ mod tests {
     fn port_ranges() {
         assert_eq!("49152-49215".parse(), Ok(PortRange(49152..=49215)));
         assert_eq!("7000".parse(), Ok(PortRange(7000..=7000)));
-        assert!("0-10".parse::<PortRange>().is_err());
-        assert!("20-10".parse::<PortRange>().is_err());
-        assert!("a-b".parse::<PortRange>().is_err());
+        assert_eq!(
+            "0-10".parse::<PortRange>(),
+            Err(PortRangeError::NotAPort("0".into()))
+        );
+        assert_eq!(
+            "20-10".parse::<PortRange>(),
+            Err(PortRangeError::Reversed(20, 10))
+        );
+        assert_eq!(
+            "a-b".parse::<PortRange>(),
+            Err(PortRangeError::NotAPort("a".into()))
+        );
     }
 }

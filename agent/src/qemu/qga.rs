@@ -4,23 +4,45 @@
 //! still be in flight. Every session therefore starts with `guest-sync-delimited`, whose reply
 //! follows a 0xFF byte and carries our random id; anything before it is discarded.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum QgaError {
+    #[error("guest agent socket: {}: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest agent socket: {0}")]
-    Io(String),
+    Io(#[source] std::io::Error),
+    #[error("guest agent channel closed")]
+    Closed,
+    #[error("guest agent sent more than {MAX_REPLY} bytes without a delimiter")]
+    TooLong,
     #[error("guest agent did not answer within {0:?}")]
     Timeout(Duration),
     #[error("guest agent {command}: {desc}")]
     Command { command: String, desc: String },
-    #[error("guest agent {command}: unexpected reply: {why}")]
-    Decode { command: String, why: String },
+    #[error("guest agent {command}: unexpected reply: {source}: {line:?}")]
+    NotJson {
+        command: String,
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply does not fit the command's schema.
+    #[error("guest agent {command}: unexpected reply: {source}")]
+    Decode {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 pub struct Qga {
@@ -32,7 +54,10 @@ impl Qga {
     pub async fn connect(path: &Path) -> Result<Qga, QgaError> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|e| QgaError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(|source| QgaError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Qga {
             stream: BufReader::new(stream),
         })
@@ -86,9 +111,9 @@ impl Qga {
                 .get_mut("return")
                 .map(Value::take)
                 .unwrap_or(Value::Null);
-            serde_json::from_value(ret).map_err(|e| QgaError::Decode {
+            serde_json::from_value(ret).map_err(|source| QgaError::Decode {
                 command: C::NAME.into(),
-                why: e.to_string(),
+                source,
             })
         })
         .await
@@ -99,14 +124,15 @@ impl Qga {
             .get_mut()
             .write_all(bytes)
             .await
-            .map_err(|e| QgaError::Io(e.to_string()))
+            .map_err(QgaError::Io)
     }
 
     async fn read_line(&mut self, command: &str) -> Result<Value, QgaError> {
         let line = read_until_bounded(&mut self.stream, b'\n').await?;
-        serde_json::from_slice(&line).map_err(|e| QgaError::Decode {
+        serde_json::from_slice(&line).map_err(|source| QgaError::NotJson {
             command: command.into(),
-            why: format!("{e}: {:?}", String::from_utf8_lossy(&line)),
+            line: String::from_utf8_lossy(&line).into_owned(),
+            source,
         })
     }
 }
@@ -121,12 +147,9 @@ async fn read_until_bounded(
 ) -> Result<Vec<u8>, QgaError> {
     let mut out = Vec::new();
     loop {
-        let buf = stream
-            .fill_buf()
-            .await
-            .map_err(|e| QgaError::Io(e.to_string()))?;
+        let buf = stream.fill_buf().await.map_err(QgaError::Io)?;
         if buf.is_empty() {
-            return Err(QgaError::Io("guest agent channel closed".into()));
+            return Err(QgaError::Closed);
         }
         let (take, done) = match buf.iter().position(|b| *b == delim) {
             Some(i) => (i + 1, true),
@@ -135,9 +158,7 @@ async fn read_until_bounded(
         out.extend_from_slice(&buf[..take]);
         stream.consume(take);
         if out.len() > MAX_REPLY {
-            return Err(QgaError::Io(format!(
-                "guest agent sent more than {MAX_REPLY} bytes without a delimiter"
-            )));
+            return Err(QgaError::TooLong);
         }
         if done {
             return Ok(out);

@@ -4,7 +4,7 @@
 //! cannot break the session; commands and their replies use `qapi`'s typed structs.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,20 +20,35 @@ const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a command may take before the caller gets [`QmpError::Timeout`].
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum QmpError {
+    #[error("QMP socket: {}: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("QMP socket: {0}")]
-    Io(String),
+    Io(#[source] std::io::Error),
     #[error("QMP connection closed")]
     Closed,
+    /// QEMU answered the command with an error.
     #[error("QMP {command}: {class}: {desc}")]
     Command {
         command: String,
         class: String,
         desc: String,
     },
-    #[error("QMP {command}: unexpected reply: {why}")]
-    Decode { command: String, why: String },
+    /// The arguments could not be encoded, or the reply does not fit the command's schema.
+    #[error("QMP {command}: unexpected reply: {source}")]
+    Decode {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A reply without `return` or `error`, or a greeting without `QMP`.
+    #[error("QMP {command}: unexpected reply: {reply}")]
+    Malformed { command: String, reply: String },
     #[error("QMP {0}: no reply within {COMMAND_TIMEOUT:?}")]
     Timeout(String),
 }
@@ -66,7 +81,10 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|e| QmpError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(|source| QmpError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         // QEMU serves one monitor client at a time, and a QEMU whose main loop is stuck accepts
@@ -74,16 +92,16 @@ impl Qmp {
         let greeting = tokio::time::timeout(GREETING_TIMEOUT, lines.next_line())
             .await
             .map_err(|_| QmpError::Timeout("greeting".into()))?
-            .map_err(|e| QmpError::Io(e.to_string()))?
+            .map_err(QmpError::Io)?
             .ok_or(QmpError::Closed)?;
         if serde_json::from_str::<Value>(&greeting)
             .ok()
             .and_then(|v| v.get("QMP").cloned())
             .is_none()
         {
-            return Err(QmpError::Decode {
+            return Err(QmpError::Malformed {
                 command: "greeting".into(),
-                why: greeting,
+                reply: greeting,
             });
         }
         let pending: Pending = Default::default();
@@ -106,15 +124,13 @@ impl Qmp {
     }
 
     pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
-        let arguments = serde_json::to_value(&command).map_err(|e| QmpError::Decode {
+        let decode = |source| QmpError::Decode {
             command: C::NAME.into(),
-            why: e.to_string(),
-        })?;
+            source,
+        };
+        let arguments = serde_json::to_value(&command).map_err(decode)?;
         let reply = self.execute_value(C::NAME, arguments).await?;
-        serde_json::from_value(reply).map_err(|e| QmpError::Decode {
-            command: C::NAME.into(),
-            why: e.to_string(),
-        })
+        serde_json::from_value(reply).map_err(decode)
     }
 
     /// Runs a command by name with JSON arguments; returns its `return` value.
@@ -131,7 +147,7 @@ impl Qmp {
         let written = self.writer.lock().await.write_all(line.as_bytes()).await;
         if let Err(e) = written {
             self.pending.lock().unwrap().remove(&id);
-            return Err(QmpError::Io(e.to_string()));
+            return Err(QmpError::Io(e));
         }
         let reply = match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
             Ok(Ok(reply)) => reply,
@@ -158,9 +174,9 @@ fn reply_result(command: &str, mut reply: Value) -> Result<Value, QmpError> {
     reply
         .get_mut("return")
         .map(Value::take)
-        .ok_or_else(|| QmpError::Decode {
+        .ok_or_else(|| QmpError::Malformed {
             command: command.into(),
-            why: reply.to_string(),
+            reply: reply.to_string(),
         })
 }
 
@@ -209,7 +225,7 @@ mod tests {
         assert_eq!(err.to_string(), "QMP cont: GenericError: no");
         assert!(matches!(
             reply_result("x", json!({"id": 3})),
-            Err(QmpError::Decode { .. })
+            Err(QmpError::Malformed { .. })
         ));
     }
 
