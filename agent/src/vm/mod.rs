@@ -12,3 +12,6 @@ mod resize;
 mod start;
 mod status;
 mod stop;
+
+#[cfg(test)]
+mod tests;
