@@ -1,4 +1,5 @@
-//! What every reconciler shares: the API client, the agents, placements, settings, metrics, events.
+//! What every reconciler shares: the API client, the agents, placements, settings, metrics,
+//! events, waits and retries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +10,10 @@ use tracing::debug;
 
 use crate::metrics::Metrics;
 use crate::nodes::Agents;
+use crate::retries::Retries;
 use crate::scheduling::Policy;
 use crate::scheduling::placement::Placements;
+use crate::waiting::Waiting;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -37,6 +40,10 @@ pub struct Context {
     pub placements: Placements,
     pub settings: Settings,
     pub metrics: Metrics,
+    /// Which objects wait for which other object to change.
+    pub waiting: Waiting,
+    /// Back-off of the objects whose reconciliation fails.
+    pub retries: Retries,
     recorder: Recorder,
 }
 
@@ -53,6 +60,8 @@ impl Context {
             placements: Placements::default(),
             settings,
             metrics: Metrics::default(),
+            waiting: Waiting::default(),
+            retries: Retries::default(),
         }
     }
 

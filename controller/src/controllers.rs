@@ -1,19 +1,37 @@
-//! Wires the four kube-runtime controllers: what triggers each reconciler besides its own kind
-//! (agent signals, templates, VMs) and how long they run.
+//! The four kube-runtime Controllers, one per kind, and what triggers each besides its own kind:
+//!
+//! - VirtualMachine: agent signals (a VM changed on its agent; a node answers again, goes away
+//!   or changes its room: the VMs waiting for that node or for room), templates (the VMs
+//!   waiting for one), and every VM when signals were lost.
+//! - VMOperation: the VMSnapshots it owns (a snapshot operation's) and VirtualMachines (the
+//!   operations waiting for one).
+//! - VMSnapshot: VirtualMachines (the snapshots that follow one).
+//! - VMTemplate: VirtualMachines (the template each names, whose usage count follows).
+//!
+//! Who waits for what is in [`crate::waiting`]; a failed reconciliation is retried with
+//! per-object back-off ([`crate::retries`]).
 
+use std::fmt::Debug;
+use std::future::Future;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use kube::Api;
-use kube::runtime::reflector::{ObjectRef, Store};
+use futures::channel::mpsc;
+use futures::{Stream, StreamExt};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tracing::warn;
 
 use crate::context::Context;
 use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use crate::error::{Error, Result};
 use crate::nodes::Signal;
 use crate::reconcile::{operation, snapshot, template, vm};
+use crate::waiting::key;
 
 /// Runs every controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
@@ -24,61 +42,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let client = ctx.client.clone();
-    let cfg = watcher::Config::default;
-
-    let vms = Controller::new(Api::<VirtualMachine>::all(client.clone()), cfg());
-    let vm_store = vms.store();
-    let vm_signals = signal_refs(&ctx, vm_store.clone());
-    let store_for_templates = vm_store.clone();
-    let vms = vms
-        .reconcile_on(vm_signals)
-        .watches(Api::<VMTemplate>::all(client.clone()), cfg(), move |tpl| {
-            users_of(&store_for_templates, &tpl)
-        })
-        .graceful_shutdown_on(stopped())
-        .run(vm::reconcile, vm::error_policy, ctx.clone())
-        .for_each(|_| async {});
-
-    let ops = Controller::new(Api::<VMOperation>::all(client.clone()), cfg());
-    let op_store = ops.store();
-    let ops = ops
-        .watches(
-            Api::<VirtualMachine>::all(client.clone()),
-            cfg(),
-            move |vm| {
-                op_store
-                    .state()
-                    .into_iter()
-                    .filter(|op| {
-                        op.spec.vm_ref.name == vm.metadata.name.clone().unwrap_or_default()
-                            && op.metadata.namespace == vm.metadata.namespace
-                    })
-                    .map(|op| ObjectRef::from(op.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(stopped())
-        .run(operation::reconcile, operation::error_policy, ctx.clone())
-        .for_each(|_| async {});
-
-    let snaps = Controller::new(Api::<VMSnapshot>::all(client.clone()), cfg())
-        .graceful_shutdown_on(stopped())
-        .run(snapshot::reconcile, snapshot::error_policy, ctx.clone())
-        .for_each(|_| async {});
-
-    let tpls = Controller::new(Api::<VMTemplate>::all(client.clone()), cfg())
-        .watches(Api::<VirtualMachine>::all(client), cfg(), |vm| {
-            let ns = vm.metadata.namespace.clone().unwrap_or_default();
-            vm.spec
-                .image
-                .as_ref()
-                .map(|i| ObjectRef::new(&i.template_ref.name).within(&ns))
-        })
-        .graceful_shutdown_on(stopped())
-        .run(template::reconcile, template::error_policy, ctx.clone())
-        .for_each(|_| async {});
-
+    let vms = drive(vms(&ctx), stopped(), vm::reconcile, &ctx);
+    let ops = drive(operations(&ctx), stopped(), operation::reconcile, &ctx);
+    let snaps = drive(snapshots(&ctx), stopped(), snapshot::reconcile, &ctx);
+    let tpls = drive(templates(&ctx), stopped(), template::reconcile, &ctx);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -86,43 +53,132 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     tokio::join!(vms, ops, snaps, tpls);
 }
 
-/// VMs that use `tpl`, to look at again when it changes (e.g. it was missing and now exists).
-fn users_of(store: &Store<VirtualMachine>, tpl: &VMTemplate) -> Vec<ObjectRef<VirtualMachine>> {
-    store
-        .state()
-        .into_iter()
-        .filter(|vm| vm.metadata.namespace == tpl.metadata.namespace)
-        .filter(|vm| {
-            vm.spec.image.as_ref().map(|i| &i.template_ref.name) == tpl.metadata.name.as_ref()
-        })
-        .map(|vm| ObjectRef::from(vm.as_ref()))
-        .collect()
+fn all<K>(ctx: &Context) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    Api::all(ctx.client.clone())
 }
 
-/// Agent signals as VMs to reconcile: the VM itself, or for a node change every VM on that node
-/// and every VM waiting for a node. A lagging receiver re-checks everything.
-fn signal_refs(
-    ctx: &Context,
-    store: Store<VirtualMachine>,
-) -> impl futures::Stream<Item = ObjectRef<VirtualMachine>> + Send + 'static {
-    BroadcastStream::new(ctx.agents.subscribe()).flat_map(move |signal| {
+fn vms(ctx: &Arc<Context>) -> Controller<VirtualMachine> {
+    let (signals, lost) = agent_signals(ctx);
+    let waiting = ctx.clone();
+    Controller::new(all::<VirtualMachine>(ctx), watcher::Config::default())
+        .reconcile_on(signals)
+        .reconcile_all_on(lost)
+        .watches(
+            all::<VMTemplate>(ctx),
+            watcher::Config::default(),
+            move |t| waiting.waiting.template.wake(&key(&t)),
+        )
+}
+
+fn operations(ctx: &Arc<Context>) -> Controller<VMOperation> {
+    let waiting = ctx.clone();
+    Controller::new(all::<VMOperation>(ctx), watcher::Config::default())
+        .owns(all::<VMSnapshot>(ctx), watcher::Config::default())
+        .watches(
+            all::<VirtualMachine>(ctx),
+            watcher::Config::default(),
+            move |vm| waiting.waiting.operations.wake(&key(&vm)),
+        )
+}
+
+fn snapshots(ctx: &Arc<Context>) -> Controller<VMSnapshot> {
+    let waiting = ctx.clone();
+    Controller::new(all::<VMSnapshot>(ctx), watcher::Config::default()).watches(
+        all::<VirtualMachine>(ctx),
+        watcher::Config::default(),
+        move |vm| waiting.waiting.snapshots.wake(&key(&vm)),
+    )
+}
+
+fn templates(ctx: &Arc<Context>) -> Controller<VMTemplate> {
+    Controller::new(all::<VMTemplate>(ctx), watcher::Config::default()).watches(
+        all::<VirtualMachine>(ctx),
+        watcher::Config::default(),
+        |vm| {
+            let ns = vm.namespace().unwrap_or_default();
+            vm.spec
+                .image
+                .as_ref()
+                .map(|i| ObjectRef::new(&i.template_ref.name).within(&ns))
+        },
+    )
+}
+
+/// Runs `controller` with `reconcile` until `stopped`: counts each reconciliation, and resets an
+/// object's back-off when it succeeds.
+async fn drive<K, F, Fut>(
+    controller: Controller<K>,
+    stopped: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+    ctx: &Arc<Context>,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Action>> + Send + 'static,
+{
+    let reconcile = Arc::new(reconcile);
+    controller
+        .graceful_shutdown_on(stopped)
+        .run(
+            move |obj: Arc<K>, ctx: Arc<Context>| {
+                let reconcile = reconcile.clone();
+                async move {
+                    ctx.metrics.inc("hypersdk_reconciles_total", &K::kind(&()));
+                    let who = ObjectRef::from(obj.as_ref()).erase();
+                    let result = reconcile(obj, ctx.clone()).await;
+                    if result.is_ok() {
+                        ctx.retries.succeeded(&who);
+                    }
+                    result
+                }
+            },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {})
+        .await
+}
+
+/// Logs and counts the failure; the object is tried again after its back-off.
+fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    let kind = K::kind(&());
+    ctx.metrics.inc("hypersdk_reconcile_errors_total", &kind);
+    let retry = ctx.retries.failed(ObjectRef::from(obj.as_ref()).erase());
+    warn!(%kind, name = obj.name_any(), %error, ?retry, "reconcile failed");
+    Action::requeue(retry)
+}
+
+/// Agent signals as VMs to reconcile: the VM itself, or for a node change the VMs waiting for
+/// that node or for room on any node. The second stream fires when signals were lost (a lagging
+/// receiver), to look at every VM again.
+fn agent_signals(
+    ctx: &Arc<Context>,
+) -> (
+    impl Stream<Item = ObjectRef<VirtualMachine>> + Send + 'static,
+    impl Stream<Item = ()> + Send + 'static,
+) {
+    let (lost_tx, lost_rx) = mpsc::unbounded();
+    let ctx = ctx.clone();
+    let refs = BroadcastStream::new(ctx.agents.subscribe()).flat_map(move |signal| {
         let refs: Vec<ObjectRef<VirtualMachine>> = match signal {
             Ok(Signal::Vm { namespace, name }) => vec![ObjectRef::new(&name).within(&namespace)],
-            Ok(Signal::Node(node)) => store
-                .state()
-                .into_iter()
-                .filter(|vm| {
-                    let placed = vm.status.as_ref().and_then(|s| s.node_name.as_deref());
-                    placed.is_none() || placed == Some(node.as_str())
-                })
-                .map(|vm| ObjectRef::from(vm.as_ref()))
-                .collect(),
-            Err(BroadcastStreamRecvError::Lagged(_)) => store
-                .state()
-                .iter()
-                .map(|vm| ObjectRef::from(vm.as_ref()))
-                .collect(),
+            Ok(Signal::Node(node)) => {
+                let mut refs = ctx.waiting.node.wake(&Some(node));
+                refs.extend(ctx.waiting.node.wake(&None));
+                refs
+            }
+            Err(BroadcastStreamRecvError::Lagged(_)) => {
+                let _ = lost_tx.unbounded_send(());
+                Vec::new()
+            }
         };
         futures::stream::iter(refs)
-    })
+    });
+    (refs, lost_rx)
 }

@@ -3,7 +3,8 @@
 //!
 //! - [`crd`]: the `hypersdk.io/v1alpha1` types (the CRDs are generated from them).
 //! - [`controllers`]: the kube-runtime Controllers and what triggers each; [`reconcile`]: one
-//!   reconciler per kind; [`context`]: what they share.
+//!   reconciler per kind; [`context`]: what they share, among it [`waiting`] (who waits for
+//!   which object, for the watches to wake) and [`retries`] (back-off after failures).
 //! - [`scheduling`]: choosing a node (pure) and the accounting of placed VMs.
 //! - [`nodes`]: the agents (registry, gRPC connections, discovery) and the agent's VM spec.
 //! - [`standalone`]: the in-process API and the manifest directory, for running without a cluster.
@@ -18,5 +19,7 @@ pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod reconcile;
+pub mod retries;
 pub mod scheduling;
 pub mod standalone;
+pub mod waiting;

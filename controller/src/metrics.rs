@@ -7,7 +7,7 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub struct Metrics {
     /// (metric, kind label) -> count.
-    counters: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
 
 const HELP: &[(&str, &str)] = &[
@@ -24,12 +24,12 @@ const HELP: &[(&str, &str)] = &[
 ];
 
 impl Metrics {
-    pub fn inc(&self, metric: &'static str, kind: &'static str) {
+    pub fn inc(&self, metric: &'static str, kind: &str) {
         *self
             .counters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((metric, kind))
+            .entry((metric, kind.to_string()))
             .or_default() += 1;
     }
 

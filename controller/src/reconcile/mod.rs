@@ -8,8 +8,9 @@ pub mod snapshot;
 pub mod template;
 pub mod vm;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource};
+use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -56,4 +57,40 @@ pub fn namespace<K: Resource>(obj: &K) -> Result<String> {
         .namespace
         .clone()
         .ok_or_else(|| Error::NoNamespace(obj.meta().name.clone().unwrap_or_default()))
+}
+
+/// Adds `owner` to `obj`'s ownerReferences unless it is there: a plain reference (not a
+/// controller), so that the owner's watchers see `obj` change and the garbage collector deletes
+/// `obj` once all its owners are gone. The patch applies only to the references it read.
+pub async fn own<K>(api: &Api<K>, obj: &K, owner: Option<OwnerReference>) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let Some(owner) = owner else {
+        return Ok(());
+    };
+    let refs = obj.owner_references();
+    if refs.iter().any(|r| r.uid == owner.uid) {
+        return Ok(());
+    }
+    let patch = if refs.is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/ownerReferences", "value": null},
+            {"op": "add", "path": "/metadata/ownerReferences", "value": [owner]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/ownerReferences", "value": refs},
+            {"op": "add", "path": "/metadata/ownerReferences/-", "value": owner},
+        ])
+    };
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(patch),
+    )
+    .await?;
+    Ok(())
 }

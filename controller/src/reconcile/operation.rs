@@ -3,7 +3,8 @@
 //! gets there; snapshot creates a VMSnapshot and waits for it; migrate moves the VM
 //! ([`super::migrate`]); clone makes a new VM from its disks ([`super::clone`]); the rest call
 //! the VM's agent.
-//! A finished operation is never run again.
+//! A finished operation is never run again. The operation is owned by its VirtualMachine (it
+//! goes with it); one under way is woken by the VM's changes and by its VMSnapshot's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,10 @@ use hypersdk_proto::agent::v1 as pb;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::context::Context;
 use crate::crd::operation::{
@@ -23,16 +25,17 @@ use crate::crd::operation::{
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotSpec};
 use crate::crd::vm::{VirtualMachine, VmPhase};
 use crate::crd::{Status, set_condition};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nodes::Client;
 use crate::nodes::spec::agent_name;
 
 /// Condition on a finished operation: True when it succeeded.
 pub const SUCCEEDED: &str = "Succeeded";
+/// An operation under way is looked at again this often even if nothing wakes it.
+const RESYNC: Duration = Duration::from_secs(300);
 
 #[tracing::instrument(skip_all, fields(op = %op.name_any(), ns = op.namespace().unwrap_or_default()))]
 pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.metrics.inc("hypersdk_reconciles_total", "VMOperation");
     let ns = super::namespace(op.as_ref())?;
     let api: Api<VMOperation> = Api::namespaced(ctx.client.clone(), &ns);
     // Read afresh: the cache can lag behind this reconciler's own status write of a moment
@@ -48,7 +51,14 @@ pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action
     {
         return Ok(Action::await_change());
     }
+    // Woken when the VM changes (a start or stop waits for its phase, a migration for its node).
+    let vm_key = (ns.clone(), op.spec.vm_ref.name.clone());
+    let me = ObjectRef::from(&op);
+    ctx.waiting.operations.wait(vm_key.clone(), me.clone());
     let outcome = run(&op, &ns, &ctx, &api).await?;
+    if !matches!(outcome, Outcome::Waiting(..)) {
+        ctx.waiting.operations.cancel(&vm_key, &me);
+    }
     let status = conclude(&op, &outcome);
     if let Outcome::Done(message) | Outcome::Failed(message) = &outcome {
         let verb = op.spec.operation.as_str();
@@ -65,7 +75,8 @@ pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action
     }
     super::write_status(&api, &op.name_any(), op.status.as_ref(), &status).await?;
     Ok(match outcome {
-        Outcome::Waiting(..) => Action::requeue(Duration::from_secs(1)),
+        // The VM or the VMSnapshot waited for wakes it; this is a safety net.
+        Outcome::Waiting(..) => Action::requeue(RESYNC),
         _ => Action::await_change(),
     })
 }
@@ -112,13 +123,6 @@ fn conclude(op: &VMOperation, outcome: &Outcome) -> VMOperationStatus {
     status
 }
 
-pub fn error_policy(op: Arc<VMOperation>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .inc("hypersdk_reconcile_errors_total", "VMOperation");
-    warn!(op = %op.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(2))
-}
-
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
@@ -138,6 +142,7 @@ async fn run(op: &VMOperation, ns: &str, ctx: &Context, ops: &Api<VMOperation>) 
             "spec.vmRef: VirtualMachine {vm_name:?} not found in namespace {ns}"
         )));
     };
+    super::own(ops, op, vm.owner_ref(&())).await?;
     let kind = op.spec.operation;
     let phase = vm.status.as_ref().and_then(|s| s.phase);
     match kind {
@@ -169,14 +174,21 @@ async fn run(op: &VMOperation, ns: &str, ctx: &Context, ops: &Api<VMOperation>) 
         | OperationKind::Resume
         | OperationKind::Resize => on_agent(op, &vm, ns, ctx).await,
         OperationKind::Migrate => super::migrate::run(op, &vm, ns, ctx, ops).await,
-        OperationKind::Snapshot => snapshot(op, ns, ctx).await,
+        OperationKind::Snapshot => snapshot(op, &vm, ns, ctx).await,
         OperationKind::Restore => restore(op, &vm, ns, ctx).await,
         OperationKind::Clone => super::clone::run(op, &vm, ns, ctx).await,
     }
 }
 
 /// Creates the VMSnapshot the operation names (or named after the operation) and waits for it.
-async fn snapshot(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> {
+/// The snapshot is owned by the VM and by the operation (whose controller it wakes), so that it
+/// goes when the VM goes but outlives the operation.
+async fn snapshot(
+    op: &VMOperation,
+    vm: &VirtualMachine,
+    ns: &str,
+    ctx: &Context,
+) -> Result<Outcome> {
     let spec = op.spec.snapshot_spec.clone();
     let name = spec
         .as_ref()
@@ -197,6 +209,12 @@ async fn snapshot(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> 
                 },
             );
             new.metadata.namespace = Some(ns.to_string());
+            new.metadata.owner_references = Some(
+                [vm.owner_ref(&()), op.owner_ref(&())]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            );
             snaps.create(&PostParams::default(), &new).await?
         }
     };
@@ -206,7 +224,7 @@ async fn snapshot(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> 
             snap.spec.vm_ref.name
         )));
     }
-    let status = snap.status.unwrap_or_default();
+    let status = snap.status.clone().unwrap_or_default();
     let message = status.message.unwrap_or_default();
     Ok(match status.phase {
         Some(SnapshotPhase::Ready) => {
@@ -215,7 +233,11 @@ async fn snapshot(op: &VMOperation, ns: &str, ctx: &Context) -> Result<Outcome> 
         Some(SnapshotPhase::Failed | SnapshotPhase::Expired) => {
             Outcome::Failed(format!("VMSnapshot {name}: {message}"))
         }
-        _ => Outcome::Waiting(50, format!("waiting for VMSnapshot {name} to be Ready")),
+        _ => {
+            // One that existed already: its changes wake this operation from now on.
+            super::own(&snaps, &snap, op.owner_ref(&())).await?;
+            Outcome::Waiting(50, format!("waiting for VMSnapshot {name} to be Ready"))
+        }
     })
 }
 

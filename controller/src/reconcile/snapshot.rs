@@ -1,17 +1,20 @@
 //! VMSnapshot: takes the snapshot on the node agent of the VM it names (memory too with
 //! `includeMemory`, the guest's filesystems frozen with `quiesce`), reports it Ready or Failed,
-//! applies the retention policy (expiry, auto-delete), and deletes it from the agent when the
-//! object goes (finalizer).
+//! follows it while Ready (Failed, reason Gone, once the agent no longer has it: the VM moved
+//! away or was deleted, or the snapshot was deleted on the node), applies the retention policy
+//! (expiry, auto-delete), and deletes it from the agent when the object goes (finalizer).
+//! The VMSnapshot is owned by its VirtualMachine.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
-use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::{info, warn};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::info;
 
 use crate::context::Context;
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot};
@@ -23,12 +26,11 @@ use crate::nodes::spec::agent_name;
 
 pub const READY: &str = "Ready";
 const FINALIZER: &str = "hypersdk.io/snapshot";
-/// Looked at again this often for retention, once it is Ready.
+/// Looked at again this often (retention; an agent-side snapshot deleted on the node).
 const RESYNC: Duration = Duration::from_secs(300);
 
 #[tracing::instrument(skip_all, fields(snapshot = %snap.name_any(), ns = snap.namespace().unwrap_or_default()))]
 pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.metrics.inc("hypersdk_reconciles_total", "VMSnapshot");
     let ns = super::namespace(snap.as_ref())?;
     let api: Api<VMSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, snap, |event| async {
@@ -41,48 +43,45 @@ pub async fn reconcile(snap: Arc<VMSnapshot>, ctx: Arc<Context>) -> Result<Actio
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-/// Where the snapshot is taken: the VM's node and the VM's name on its agent.
+/// Where the snapshot is: the VM's node and the VM's name on its agent.
 enum Target {
     On {
         node: String,
         client: Client,
         vm: String,
     },
-    /// Not now, with the reason and the phase to report.
-    Not(SnapshotPhase, &'static str, String),
+    /// The VM does not exist (any more).
+    NoVm(String),
+    /// Not now: the VM has no node yet, or its agent does not answer (reason, message).
+    NotNow(&'static str, String),
 }
 
-async fn target(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Target> {
+async fn vm_of(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Option<VirtualMachine>> {
+    Ok(Api::<VirtualMachine>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&snap.spec.vm_ref.name)
+        .await?)
+}
+
+fn target(vm: Option<&VirtualMachine>, snap: &VMSnapshot, ns: &str, ctx: &Context) -> Target {
     let vm_name = &snap.spec.vm_ref.name;
-    let Some(vm) = Api::<VirtualMachine>::namespaced(ctx.client.clone(), ns)
-        .get_opt(vm_name)
-        .await?
-    else {
-        return Ok(Target::Not(
-            SnapshotPhase::Failed,
-            "VMNotFound",
-            format!("spec.vmRef: VirtualMachine {vm_name:?} not found in namespace {ns}"),
+    let Some(vm) = vm else {
+        return Target::NoVm(format!(
+            "spec.vmRef: VirtualMachine {vm_name:?} not found in namespace {ns}"
         ));
     };
     let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
-        return Ok(Target::Not(
-            SnapshotPhase::Pending,
-            "VMNotPlaced",
-            format!("VM {vm_name} is not placed on a node yet"),
-        ));
+        let message = format!("VM {vm_name} is not placed on a node yet");
+        return Target::NotNow("VMNotPlaced", message);
     };
     let Some(client) = ctx.agents.get(&node).and_then(|a| a.client()) else {
-        return Ok(Target::Not(
-            SnapshotPhase::Pending,
-            "AgentUnreachable",
-            format!("agent on node {node} does not answer"),
-        ));
+        let message = format!("agent on node {node} does not answer");
+        return Target::NotNow("AgentUnreachable", message);
     };
-    Ok(Target::On {
+    Target::On {
         node,
         client,
         vm: agent_name(ns, vm_name),
-    })
+    }
 }
 
 async fn apply(
@@ -91,28 +90,81 @@ async fn apply(
     api: &Api<VMSnapshot>,
     ctx: &Context,
 ) -> Result<Action> {
+    let vm_key = (ns.to_string(), snap.spec.vm_ref.name.clone());
+    let me = ObjectRef::from(snap);
     if let Some(action) = retention(snap, api).await? {
+        ctx.waiting.snapshots.cancel(&vm_key, &me);
         return Ok(action);
     }
     let phase = snap.status.as_ref().and_then(|s| s.phase);
-    if matches!(
-        phase,
-        Some(SnapshotPhase::Ready | SnapshotPhase::Failed | SnapshotPhase::Expired)
-    ) {
+    if matches!(phase, Some(SnapshotPhase::Failed | SnapshotPhase::Expired)) {
+        ctx.waiting.snapshots.cancel(&vm_key, &me);
         return Ok(Action::requeue(RESYNC));
     }
-    let (verdict, action) = match target(snap, ns, ctx).await? {
-        Target::Not(phase, reason, message) => (
-            Verdict::not_ready(phase, reason, message),
-            Action::requeue(Duration::from_secs(5)),
-        ),
-        Target::On { node, client, vm } => (
-            take(snap, api, &node, client, vm).await?,
-            Action::requeue(RESYNC),
-        ),
+    // Woken when the VM changes: placed, its agent back, moved to another node, deleted.
+    ctx.waiting.snapshots.wait(vm_key.clone(), me.clone());
+    let vm = vm_of(snap, ns, ctx).await?;
+    if let Some(vm) = &vm {
+        super::own(api, snap, vm.owner_ref(&())).await?;
+    }
+    let target = target(vm.as_ref(), snap, ns, ctx);
+    let verdict = if phase == Some(SnapshotPhase::Ready) {
+        still_there(snap, target).await?
+    } else {
+        Some(match target {
+            Target::NoVm(message) => {
+                Verdict::not_ready(SnapshotPhase::Failed, "VMNotFound", message)
+            }
+            Target::NotNow(reason, message) => {
+                Verdict::not_ready(SnapshotPhase::Pending, reason, message)
+            }
+            Target::On { node, client, vm } => take(snap, api, &node, client, vm).await?,
+        })
     };
-    verdict.write(snap, api).await?;
-    Ok(action)
+    if let Some(verdict) = verdict {
+        if verdict.phase == SnapshotPhase::Failed {
+            ctx.waiting.snapshots.cancel(&vm_key, &me);
+        }
+        verdict.write(snap, api).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// A Ready snapshot whose agent-side snapshot is gone says so: its VM was deleted (and its
+/// snapshots with it), or the VM's node has no such snapshot (the VM moved to another node, or
+/// the snapshot was deleted there). None while it is there, or while that cannot be told.
+async fn still_there(snap: &VMSnapshot, target: Target) -> Result<Option<Verdict>> {
+    let vm_name = &snap.spec.vm_ref.name;
+    let message = match target {
+        Target::NotNow(..) => return Ok(None),
+        Target::NoVm(_) => format!("VM {vm_name} no longer exists; its snapshots went with it"),
+        Target::On { node, client, vm } => {
+            let listed = listed(client, &node, vm).await?;
+            if listed.is_some_and(|l| l.iter().any(|s| s.name == snap.name_any())) {
+                return Ok(None);
+            }
+            format!(
+                "no longer on node {node}, where VM {vm_name} is: the VM moved to another node, or the snapshot was deleted there"
+            )
+        }
+    };
+    Ok(Some(Verdict::not_ready(
+        SnapshotPhase::Failed,
+        "Gone",
+        message,
+    )))
+}
+
+/// The agent's snapshots of its VM `vm`; None when the agent has no such VM.
+async fn listed(mut client: Client, node: &str, vm: String) -> Result<Option<Vec<pb::Snapshot>>> {
+    match client
+        .list_snapshots(pb::ListSnapshotsRequest { name: vm })
+        .await
+    {
+        Ok(r) => Ok(Some(r.into_inner().snapshots)),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(Error::agent(node, s)),
+    }
 }
 
 /// Past `retention.keepDays`: deleted (`autoDelete`) or marked Expired; then nothing to wait for.
@@ -145,12 +197,9 @@ async fn take(
     vm: String,
 ) -> Result<Verdict> {
     let name = snap.name_any();
-    let taken = client
-        .list_snapshots(pb::ListSnapshotsRequest { name: vm.clone() })
-        .await
-        .map_err(|s| Error::agent(node, s))?
-        .into_inner()
-        .snapshots
+    let taken = listed(client.clone(), node, vm.clone())
+        .await?
+        .ok_or_else(|| Error::agent(node, tonic::Status::not_found(format!("VM {vm}"))))?
         .into_iter()
         .find(|s| s.name == name);
     let result = match taken {
@@ -236,11 +285,12 @@ impl Verdict {
 /// Deletes the snapshot from the VM's agent. A VM or agent that is gone cannot hold the
 /// deletion hostage: the snapshot went with the VM, or stays on an agent nobody reaches.
 async fn cleanup(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Action> {
+    let vm = vm_of(snap, ns, ctx).await?;
     if let Target::On {
         node,
         mut client,
         vm,
-    } = target(snap, ns, ctx).await?
+    } = target(vm.as_ref(), snap, ns, ctx)
     {
         let r = client
             .delete_snapshot(pb::DeleteSnapshotRequest {
@@ -250,19 +300,20 @@ async fn cleanup(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Action> {
             .await;
         match r {
             Ok(_) => info!(node, "snapshot deleted from agent"),
-            // Never taken (it failed), or already gone.
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {}
+            // Never taken (it failed), already gone, or gone with the VM from that node.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::NotFound
+                ) => {}
             Err(s) => return Err(Error::agent(&node, s)),
         }
     }
+    let me = ObjectRef::from(snap);
+    ctx.waiting
+        .snapshots
+        .cancel(&(ns.to_string(), snap.spec.vm_ref.name.clone()), &me);
     Ok(Action::await_change())
-}
-
-pub fn error_policy(snap: Arc<VMSnapshot>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .inc("hypersdk_reconcile_errors_total", "VMSnapshot");
-    warn!(snapshot = %snap.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
 }
 
 /// When the snapshot passes `retention.keepDays`.

@@ -6,19 +6,17 @@ use std::time::Duration;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
-use tracing::warn;
 
 use crate::context::Context;
 use crate::crd::template::{VMTemplate, VMTemplateSpec};
 use crate::crd::vm::VirtualMachine;
 use crate::crd::{Status, set_condition};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub const READY: &str = "Ready";
 
 #[tracing::instrument(skip_all, fields(template = %tpl.name_any(), ns = tpl.namespace().unwrap_or_default()))]
 pub async fn reconcile(tpl: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.metrics.inc("hypersdk_reconciles_total", "VMTemplate");
     let ns = super::namespace(tpl.as_ref())?;
     let name = tpl.name_any();
     let vms = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns)
@@ -49,13 +47,6 @@ pub async fn reconcile(tpl: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action
     let api: Api<VMTemplate> = Api::namespaced(ctx.client.clone(), &ns);
     super::write_status(&api, &name, tpl.status.as_ref(), &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-pub fn error_policy(tpl: Arc<VMTemplate>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .inc("hypersdk_reconcile_errors_total", "VMTemplate");
-    warn!(template = %tpl.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
 }
 
 /// The template's image reference: an absolute node path (or `file://` URL) is usable.

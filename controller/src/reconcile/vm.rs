@@ -9,6 +9,7 @@ use hypersdk_proto::quantity;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -33,11 +34,12 @@ pub const NETWORK_READY: &str = "NetworkReady";
 
 /// A VM with nothing to wait for is looked at again this often anyway.
 const RESYNC: Duration = Duration::from_secs(300);
+/// An agent that refused the VM (e.g. an image missing on the node) is asked again this often:
+/// nothing signals a change of the node's files.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 #[tracing::instrument(skip_all, fields(vm = %vm.name_any(), ns = vm.namespace().unwrap_or_default()))]
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.metrics
-        .inc("hypersdk_reconciles_total", "VirtualMachine");
     let ns = super::namespace(vm.as_ref())?;
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, vm, |event| async {
@@ -50,16 +52,10 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-pub fn error_policy(vm: Arc<VirtualMachine>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .inc("hypersdk_reconcile_errors_total", "VirtualMachine");
-    warn!(vm = %vm.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(2))
-}
-
 /// One pass's working state: the status being built and the object's identity.
 struct Pass<'a> {
     vm: &'a VirtualMachine,
+    me: ObjectRef<VirtualMachine>,
     key: VmKey,
     status: VirtualMachineStatus,
     generation: Option<i64>,
@@ -87,6 +83,7 @@ async fn apply(
     let name = vm.name_any();
     let mut pass = Pass {
         vm,
+        me: ObjectRef::from(vm),
         key: (ns.to_string(), name.clone()),
         status: vm.status.clone().unwrap_or_default(),
         generation: vm.metadata.generation,
@@ -98,25 +95,23 @@ async fn apply(
 }
 
 async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
-    let vm = pass.vm;
-    let template = match template(vm, ns, ctx).await? {
-        Ok(t) => t,
-        Err(msg) => return Ok(not_ready(pass, "TemplateNotFound", msg)),
-    };
-    let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
-        Ok(b) => b,
-        Err(e) => return Ok(not_ready(pass, "InvalidSpec", e.to_string())),
+    let Some(built) = build(pass, ns, ctx).await? else {
+        return Ok(Action::requeue(RESYNC));
     };
     report_devices(pass, &built);
 
     let Some(node) = place(pass, &built, ctx).await? else {
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        return Ok(Action::requeue(RESYNC));
     };
+    // Woken when the node's agent answers again (or goes away).
+    let waiting = Some(node.clone());
+    ctx.waiting.node.wait(waiting.clone(), pass.me.clone());
     let agent = ctx.agents.get(&node);
     let Some((agent, client)) = agent.as_ref().and_then(|a| Some((a, a.client()?))) else {
         let lost_for = agent.map_or(Duration::MAX, |a| a.lost_for());
         return node_lost(pass, &node, lost_for, ctx).await;
     };
+    ctx.waiting.node.cancel(&waiting, &pass.me);
     pass.set(
         NODE_REACHABLE,
         Status::True,
@@ -134,6 +129,33 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     agent.observe(current.clone());
     report(pass, &current);
     Ok(Action::requeue(RESYNC))
+}
+
+/// What the VM's agent is to run, from the VM and its template; None (with the reason in the
+/// status) while the template is missing or the spec invalid. Until then a change of the
+/// template wakes the VM.
+async fn build(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Option<Built>> {
+    let vm = pass.vm;
+    let template_key = vm
+        .spec
+        .image
+        .as_ref()
+        .map(|i| (ns.to_string(), i.template_ref.name.clone()));
+    if let Some(key) = &template_key {
+        ctx.waiting.template.wait(key.clone(), pass.me.clone());
+    }
+    let template = match template(vm, ns, ctx).await? {
+        Ok(t) => t,
+        Err(msg) => return Ok(not_ready(pass, "TemplateNotFound", msg)),
+    };
+    let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
+        Ok(b) => b,
+        Err(e) => return Ok(not_ready(pass, "InvalidSpec", e.to_string())),
+    };
+    if let Some(key) = &template_key {
+        ctx.waiting.template.cancel(key, &pass.me);
+    }
+    Ok(Some(built))
 }
 
 /// The spec of the VM's template; Err(message) when it names one that does not exist.
@@ -174,8 +196,8 @@ async fn create(
         return Ok(Err(Action::requeue(Duration::from_millis(10))));
     }
     if vm.annotations().contains_key(super::migrate::MIGRATING) {
-        // Leaving this node; not to be created here again.
-        return Ok(Err(Action::requeue(Duration::from_secs(1))));
+        // Leaving this node; not to be created here again. The migration's end changes the VM.
+        return Ok(Err(Action::requeue(RESYNC)));
     }
     info!(node, "creating VM on agent");
     let req = pb::CreateVmRequest {
@@ -191,7 +213,8 @@ async fn create(
         }
         Err(s) if s.code() == tonic::Code::InvalidArgument => {
             let message = s.message().to_string();
-            return Ok(Err(not_ready(pass, "AgentRefused", message)));
+            not_ready::<()>(pass, "AgentRefused", message);
+            return Ok(Err(Action::requeue(REFUSED_RETRY)));
         }
         other => call(node, other)?,
     };
@@ -212,15 +235,14 @@ fn found_on_agent(ctx: &Context, name: &str, except: Option<&str>) -> Option<Str
         .map(|a| a.info.node.clone())
 }
 
-/// Records a problem that needs the user (or another object) to change.
-fn not_ready(pass: &mut Pass<'_>, reason: &str, message: String) -> Action {
+/// Records a problem that needs the user (or another object) to change: None, to stop here.
+fn not_ready<T>(pass: &mut Pass<'_>, reason: &str, message: String) -> Option<T> {
     if pass.status.node_name.is_none() {
         pass.status.phase = Some(VmPhase::Pending);
     }
     pass.status.message = Some(message.clone());
     pass.set(READY, Status::False, reason, message);
-    // A template or agent may appear later; templates also trigger directly.
-    Action::requeue(Duration::from_secs(30))
+    None
 }
 
 fn report_devices(pass: &mut Pass<'_>, built: &Built) {
@@ -277,6 +299,8 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         return Ok(None);
     }
     let req = Request::for_vm(&vm.spec);
+    // Woken when any node comes, goes or changes its room.
+    ctx.waiting.node.wait(None, pass.me.clone());
     let placed = ctx
         .placements
         .place(pass.key.clone(), &req, &ctx.agents, &ctx.settings.policy);
@@ -286,6 +310,7 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
             Ok(None)
         }
         Ok(node) => {
+            ctx.waiting.node.cancel(&None, &pass.me);
             scheduled(pass, &node, ctx).await;
             Ok(Some(node))
         }
@@ -340,7 +365,8 @@ async fn node_lost(
         .is_some_and(|h| h.enabled);
     let grace = ctx.settings.node_lost_grace;
     if !ha {
-        return Ok(Action::requeue(Duration::from_secs(10)));
+        // Woken when the agent answers again.
+        return Ok(Action::requeue(RESYNC));
     }
     if lost_for < grace {
         return Ok(Action::requeue(
@@ -348,6 +374,7 @@ async fn node_lost(
         ));
     }
     ctx.placements.release(&pass.key);
+    ctx.waiting.node.cancel(&Some(node.to_string()), &pass.me);
     pass.status.node_name = None;
     pass.status.phase = Some(VmPhase::Pending);
     pass.status.cpus = None;

@@ -1,9 +1,10 @@
 //! The object store behind the in-process API: objects by resource, namespace and name, a global
 //! resourceVersion, the event log watches replay from, and the API server's write rules (generation
 //! bumps on spec changes only, status only through the status subresource, optimistic concurrency,
-//! finalizers delaying deletion, schema validation of custom resources).
+//! finalizers delaying deletion, garbage collection of objects whose owners are all gone, schema
+//! validation of custom resources).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -312,7 +313,36 @@ impl Store {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.log_event(r, &key, "DELETED", obj.clone());
+        self.collect_garbage(key.0.as_deref());
         obj
+    }
+
+    /// Background cascading deletion, as the API server's garbage collector does it: objects in
+    /// `ns` that have owners, none of which exists any more, are deleted (their finalizers
+    /// still hold them until their controllers let go).
+    fn collect_garbage(&mut self, ns: Option<&str>) {
+        let in_ns = || {
+            self.objects.iter().flat_map(|(r, m)| {
+                m.iter()
+                    .filter(move |((o, _), _)| o.as_deref() == ns)
+                    .map(move |((_, name), v)| (r, name, v))
+            })
+        };
+        let uids: HashSet<&str> = in_ns()
+            .filter_map(|(_, _, v)| v["metadata"]["uid"].as_str())
+            .collect();
+        let orphans: Vec<(Resource, String)> = in_ns()
+            .filter(|(_, _, v)| !is_deleting(v))
+            .filter(|(_, _, v)| {
+                let owners = owner_uids(v);
+                !owners.is_empty() && owners.iter().all(|u| !uids.contains(u))
+            })
+            .map(|(r, name, _)| (r.clone(), name.clone()))
+            .collect();
+        for (r, name) in orphans {
+            // It may have gone with another orphan already.
+            let _ = self.delete(&r, ns, &name);
+        }
     }
 
     fn log_event(&mut self, r: &Resource, key: &Key, type_: &'static str, object: Value) {
@@ -424,6 +454,15 @@ fn finalizers(v: &Value) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
+}
+
+fn owner_uids(v: &Value) -> Vec<&str> {
+    v["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["uid"].as_str())
+        .collect()
 }
 
 fn is_deleting(v: &Value) -> bool {
@@ -565,5 +604,45 @@ mod tests {
                 .code(),
             422
         );
+    }
+
+    #[test]
+    fn dependents_go_when_all_their_owners_are_gone() {
+        let mut s = store();
+        let ns = Some("default");
+        let uid =
+            |s: &Store, name: &str| s.get(&vms(), ns, name).unwrap()["metadata"]["uid"].clone();
+        for name in ["owner", "other"] {
+            s.create(&vms(), ns, json!({"metadata": {"name": name}, "spec": {}}))
+                .unwrap();
+        }
+        let (owner, other) = (uid(&s, "owner"), uid(&s, "other"));
+        let owned = |name: &str, uids: &[&Value], finalizers: &[&str]| {
+            let refs: Vec<Value> = uids.iter().map(|u| json!({"uid": u})).collect();
+            json!({"metadata": {"name": name, "ownerReferences": refs, "finalizers": finalizers}, "spec": {}})
+        };
+        s.create(&vms(), ns, owned("only-owner", &[&owner], &[]))
+            .unwrap();
+        s.create(&vms(), ns, owned("held", &[&owner], &["x"]))
+            .unwrap();
+        s.create(&vms(), ns, owned("two-owners", &[&owner, &other], &[]))
+            .unwrap();
+        s.create(
+            &vms(),
+            ns,
+            owned("grandchild", &[&uid(&s, "only-owner")], &[]),
+        )
+        .unwrap();
+        s.delete(&vms(), ns, "owner").unwrap();
+        assert_eq!(s.get(&vms(), ns, "only-owner").unwrap_err().code(), 404);
+        assert_eq!(s.get(&vms(), ns, "grandchild").unwrap_err().code(), 404);
+        let held = s.get(&vms(), ns, "held").unwrap();
+        assert!(held["metadata"]["deletionTimestamp"].is_string(), "{held}");
+        assert!(
+            s.get(&vms(), ns, "two-owners").is_ok(),
+            "another owner remains"
+        );
+        s.delete(&vms(), ns, "other").unwrap();
+        assert_eq!(s.get(&vms(), ns, "two-owners").unwrap_err().code(), 404);
     }
 }
