@@ -14,7 +14,10 @@ use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::{self, Address};
 use tokio_stream::StreamExt;
 
+use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use output::Format;
+
+type Client = AgentServiceClient<tonic::transport::Channel>;
 use view::{EventView, NodeView, VmView};
 
 #[derive(Parser)]
@@ -233,127 +236,117 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = endpoint::connect(&cli.agent)
         .await
         .with_context(|| format!("cannot reach the agent at {}", cli.agent))?;
-    let out = cli.output;
-    let print_vm = |vm: pb::Vm| output::vm(out, &VmView::from(&vm));
     match cli.command {
         Command::Node {
             command: NodeCommand::Info,
         } => {
             let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
-            output::node(out, &NodeView::from(node))?;
+            output::node(cli.output, &NodeView::from(node))
         }
-        Command::Vm { command } => match *command {
-            VmCommand::List => {
-                let vms = client
-                    .list_vms(pb::ListVmsRequest {})
-                    .await?
-                    .into_inner()
-                    .vms;
-                output::vms(out, &vms.iter().map(VmView::from).collect::<Vec<_>>())?;
+        Command::Vm { command } => vm(&mut client, cli.output, *command).await,
+    }
+}
+
+/// Runs a `vm` command; most answer with the VM as the call left it.
+async fn vm(client: &mut Client, out: Format, command: VmCommand) -> anyhow::Result<()> {
+    let vm = match command {
+        VmCommand::List => {
+            let vms = client.list_vms(pb::ListVmsRequest {}).await?.into_inner();
+            let views: Vec<_> = vms.vms.iter().map(VmView::from).collect();
+            return output::vms(out, &views);
+        }
+        VmCommand::Delete { name } => return delete(client, out, name).await,
+        VmCommand::Migrate(args) => {
+            let stream = client.migrate_vm(args.request()).await?.into_inner();
+            if !migrate::follow(out, stream, args.wait()).await? {
+                std::process::exit(1);
             }
-            VmCommand::Get { name } => {
-                print_vm(client.get_vm(pb::GetVmRequest { name }).await?.into_inner())?
-            }
-            VmCommand::Create(args) => {
-                let (spec, start) = match &args.file {
-                    Some(path) => read_manifest(path)?,
-                    None => {
-                        let start = args.start;
-                        (spec_from_flags(args), start)
-                    }
-                };
-                let vm = client
-                    .create_vm(pb::CreateVmRequest {
-                        spec: Some(spec),
-                        start,
-                    })
-                    .await?;
-                print_vm(vm.into_inner())?;
-            }
-            VmCommand::Start { name } => print_vm(
-                client
-                    .start_vm(pb::StartVmRequest { name })
-                    .await?
-                    .into_inner(),
-            )?,
-            VmCommand::Stop(a) => {
-                let req = pb::StopVmRequest {
-                    name: a.name,
-                    timeout_seconds: a.timeout,
-                    force: a.force,
-                };
-                print_vm(client.stop_vm(req).await?.into_inner())?;
-            }
-            VmCommand::Restart(a) => {
-                let req = pb::RestartVmRequest {
-                    name: a.name,
-                    timeout_seconds: a.timeout,
-                    force: a.force,
-                };
-                print_vm(client.restart_vm(req).await?.into_inner())?;
-            }
-            VmCommand::Resize { name, cpus, memory } => {
-                let req = pb::ResizeVmRequest { name, cpus, memory };
-                print_vm(client.resize_vm(req).await?.into_inner())?
-            }
-            VmCommand::Clone {
+            return Ok(());
+        }
+        VmCommand::Snapshot { command } => return snapshot::run(client, out, command).await,
+        VmCommand::Watch { name } => return watch(client, out, name).await,
+        VmCommand::Get { name } => client.get_vm(pb::GetVmRequest { name }).await?,
+        VmCommand::Create(args) => client.create_vm(create_request(args)?).await?,
+        VmCommand::Start { name } => client.start_vm(pb::StartVmRequest { name }).await?,
+        VmCommand::Stop(a) => {
+            let req = pb::StopVmRequest {
+                name: a.name,
+                timeout_seconds: a.timeout,
+                force: a.force,
+            };
+            client.stop_vm(req).await?
+        }
+        VmCommand::Restart(a) => {
+            let req = pb::RestartVmRequest {
+                name: a.name,
+                timeout_seconds: a.timeout,
+                force: a.force,
+            };
+            client.restart_vm(req).await?
+        }
+        VmCommand::Resize { name, cpus, memory } => {
+            client
+                .resize_vm(pb::ResizeVmRequest { name, cpus, memory })
+                .await?
+        }
+        VmCommand::Clone {
+            name,
+            target,
+            linked,
+            start,
+        } => {
+            let req = pb::CloneVmRequest {
                 name,
-                target,
+                target_name: target,
                 linked,
                 start,
-            } => {
-                let req = pb::CloneVmRequest {
-                    name,
-                    target_name: target,
-                    linked,
-                    start,
-                    labels: Default::default(),
-                };
-                print_vm(client.clone_vm(req).await?.into_inner())?
-            }
-            VmCommand::Pause { name } => print_vm(
-                client
-                    .pause_vm(pb::PauseVmRequest { name })
-                    .await?
-                    .into_inner(),
-            )?,
-            VmCommand::Resume { name } => print_vm(
-                client
-                    .resume_vm(pb::ResumeVmRequest { name })
-                    .await?
-                    .into_inner(),
-            )?,
-            VmCommand::Delete { name } => {
-                client
-                    .delete_vm(pb::DeleteVmRequest { name: name.clone() })
-                    .await?;
-                if !output::structured(out, &serde_json::json!({"deleted": name}))? {
-                    println!("vm {name} deleted");
-                }
-            }
-            VmCommand::Migrate(args) => {
-                let stream = client.migrate_vm(args.request()).await?.into_inner();
-                if !migrate::follow(out, stream, args.wait()).await? {
-                    std::process::exit(1);
-                }
-            }
-            VmCommand::CancelMigration { name } => print_vm(
-                client
-                    .cancel_migration(pb::CancelMigrationRequest { name })
-                    .await?
-                    .into_inner(),
-            )?,
-            VmCommand::Snapshot { command } => snapshot::run(&mut client, out, command).await?,
-            VmCommand::Watch { name } => {
-                let req = pb::WatchVmsRequest {
-                    name: name.unwrap_or_default(),
-                };
-                let mut stream = client.watch_vms(req).await?.into_inner();
-                while let Some(event) = stream.next().await {
-                    output::event(out, &EventView::from(&event?))?;
-                }
-            }
-        },
+                labels: Default::default(),
+            };
+            client.clone_vm(req).await?
+        }
+        VmCommand::Pause { name } => client.pause_vm(pb::PauseVmRequest { name }).await?,
+        VmCommand::Resume { name } => client.resume_vm(pb::ResumeVmRequest { name }).await?,
+        VmCommand::CancelMigration { name } => {
+            client
+                .cancel_migration(pb::CancelMigrationRequest { name })
+                .await?
+        }
+    };
+    output::vm(out, &VmView::from(&vm.into_inner()))
+}
+
+/// The CreateVm request of `vm create`: from a manifest (`-f`), or from flags.
+fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
+    let (spec, start) = match &args.file {
+        Some(path) => read_manifest(path)?,
+        None => {
+            let start = args.start;
+            (spec_from_flags(args), start)
+        }
+    };
+    Ok(pb::CreateVmRequest {
+        spec: Some(spec),
+        start,
+    })
+}
+
+async fn delete(client: &mut Client, out: Format, name: String) -> anyhow::Result<()> {
+    client
+        .delete_vm(pb::DeleteVmRequest { name: name.clone() })
+        .await?;
+    if !output::structured(out, &serde_json::json!({"deleted": name}))? {
+        println!("vm {name} deleted");
+    }
+    Ok(())
+}
+
+async fn watch(client: &mut Client, out: Format, name: Option<String>) -> anyhow::Result<()> {
+    let req = pb::WatchVmsRequest {
+        name: name.unwrap_or_default(),
+    };
+    let mut stream = client.watch_vms(req).await?.into_inner();
+    while let Some(event) = stream.next().await {
+        output::event(out, &EventView::from(&event?))?;
     }
     Ok(())
 }

@@ -148,37 +148,7 @@ pub async fn run(
                 &list.iter().map(SnapshotView::from).collect::<Vec<_>>(),
             )
         }
-        SnapshotCommand::Restore { name, snapshot } => {
-            let r = client
-                .restore_snapshot(pb::RestoreSnapshotRequest {
-                    name,
-                    snapshot: snapshot.clone(),
-                })
-                .await?
-                .into_inner();
-            let vm = VmView::from(&r.vm.unwrap_or_default());
-            #[derive(Serialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Restored<'a> {
-                snapshot: &'a str,
-                restore_ms: u32,
-                load_ms: u32,
-                vm: &'a VmView,
-            }
-            let restored = Restored {
-                snapshot: &snapshot,
-                restore_ms: r.restore_ms,
-                load_ms: r.load_ms,
-                vm: &vm,
-            };
-            if !output::structured(out, &restored)? {
-                println!(
-                    "vm {} restored from {snapshot} in {} ms (memory load {} ms): {}",
-                    vm.name, r.restore_ms, r.load_ms, vm.status.phase
-                );
-            }
-            Ok(())
-        }
+        SnapshotCommand::Restore { name, snapshot } => restore(client, out, name, snapshot).await,
         SnapshotCommand::Delete { name, snapshot } => {
             let r = client
                 .delete_snapshot(pb::DeleteSnapshotRequest {
@@ -198,4 +168,41 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+async fn restore(
+    client: &mut AgentServiceClient<Channel>,
+    out: Format,
+    name: String,
+    snapshot: String,
+) -> anyhow::Result<()> {
+    let r = client
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            name,
+            snapshot: snapshot.clone(),
+        })
+        .await?
+        .into_inner();
+    let vm = VmView::from(&r.vm.unwrap_or_default());
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Restored<'a> {
+        snapshot: &'a str,
+        restore_ms: u32,
+        load_ms: u32,
+        vm: &'a VmView,
+    }
+    let restored = Restored {
+        snapshot: &snapshot,
+        restore_ms: r.restore_ms,
+        load_ms: r.load_ms,
+        vm: &vm,
+    };
+    if !output::structured(out, &restored)? {
+        println!(
+            "vm {} restored from {snapshot} in {} ms (memory load {} ms): {}",
+            vm.name, r.restore_ms, r.load_ms, vm.status.phase
+        );
+    }
+    Ok(())
 }
