@@ -1,4 +1,5 @@
-//! The VM specification as the agent keeps it: validated from the gRPC request, field by field.
+//! The VM specification as the agent keeps it, and the checks of its values (a gRPC request is
+//! turned into one field by field in [`crate::api::convert`]).
 //!
 //! Everything here is pure: checks on the request's own values. Checks that need the file system
 //! (paths inside allowed directories, disk headers) live in [`crate::host::paths`] and [`crate::host::image`].
@@ -6,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use hypersdk_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::quantity::{format_bytes, parse_bytes};
@@ -225,7 +225,7 @@ pub fn check_path_shape(field: &str, path: &str) -> Result<PathBuf, FieldError> 
 
 /// The kernel command line goes to QEMU's `-append`, which takes its value whole (no option
 /// parsing), so `=` and `,` are fine there; control characters and overlong lines are not.
-fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
+pub(crate) fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
     const FIELD: &str = "spec.boot.cmdline";
     if cmdline.len() > MAX_CMDLINE {
         return Err(FieldError::new(
@@ -272,7 +272,10 @@ pub fn parse_memory(field: &str, value: &str) -> Result<u64, FieldError> {
     Ok(bytes)
 }
 
-fn check_unique<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Result<(), FieldError> {
+pub(crate) fn check_unique<'a>(
+    what: &str,
+    names: impl Iterator<Item = &'a String>,
+) -> Result<(), FieldError> {
     let mut seen = std::collections::BTreeSet::new();
     for (i, n) in names.enumerate() {
         if !seen.insert(n) {
@@ -285,219 +288,10 @@ fn check_unique<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Resu
     Ok(())
 }
 
-impl TryFrom<pb::VmSpec> for VmSpec {
-    type Error = FieldError;
-
-    fn try_from(s: pb::VmSpec) -> Result<Self, FieldError> {
-        check_name("spec.name", &s.name)?;
-        if s.cpus == 0 {
-            return Err(FieldError::new("spec.cpus", "must be at least 1"));
-        }
-        let max_cpus = if s.max_cpus == 0 { s.cpus } else { s.max_cpus };
-        if max_cpus > MAX_VCPUS {
-            return Err(FieldError::new(
-                "spec.maxCpus",
-                format!("{max_cpus} is above the limit of {MAX_VCPUS}"),
-            ));
-        }
-        if s.cpus > max_cpus {
-            return Err(FieldError::new(
-                "spec.cpus",
-                format!("{} is more than maxCpus ({max_cpus})", s.cpus),
-            ));
-        }
-        if s.memory.is_empty() {
-            return Err(FieldError::new("spec.memory", "is required (e.g. 512Mi)"));
-        }
-        let memory = parse_memory("spec.memory", &s.memory)?;
-        let max_memory = if s.max_memory.is_empty() {
-            memory
-        } else {
-            parse_memory("spec.maxMemory", &s.max_memory)?
-        };
-        if (max_memory - memory.min(max_memory)) % crate::hotplug::VMEM_BLOCK != 0 {
-            return Err(FieldError::new(
-                "spec.maxMemory",
-                "must exceed memory by a multiple of 2Mi (the hotplug block size)",
-            ));
-        }
-        if memory > max_memory {
-            return Err(FieldError::new(
-                "spec.memory",
-                format!("{} is more than maxMemory ({})", s.memory, s.max_memory),
-            ));
-        }
-
-        let boot = s.boot.unwrap_or_default();
-        if boot.kernel.is_empty() {
-            return Err(FieldError::new(
-                "spec.boot.kernel",
-                "is required (direct kernel boot)",
-            ));
-        }
-        let kernel = check_path_shape("spec.boot.kernel", &boot.kernel)?;
-        let initrd = match boot.initrd.as_str() {
-            "" => None,
-            p => Some(check_path_shape("spec.boot.initrd", p)?),
-        };
-        check_cmdline(&boot.cmdline)?;
-
-        let mut disks = Vec::with_capacity(s.disks.len());
-        for (i, d) in s.disks.into_iter().enumerate() {
-            check_name(&format!("spec.disks[{i}].name"), &d.name)?;
-            let path = check_path_shape(&format!("spec.disks[{i}].path"), &d.path)?;
-            let format = match pb::DiskFormat::try_from(d.format) {
-                Ok(pb::DiskFormat::Unspecified) => None,
-                Ok(pb::DiskFormat::Qcow2) => Some(DiskFormat::Qcow2),
-                Ok(pb::DiskFormat::Raw) => Some(DiskFormat::Raw),
-                Err(_) => {
-                    return Err(FieldError::new(
-                        format!("spec.disks[{i}].format"),
-                        format!("unknown format {}", d.format),
-                    ));
-                }
-            };
-            disks.push(Disk {
-                name: d.name,
-                path,
-                format,
-                read_only: d.read_only,
-            });
-        }
-        check_unique("disks", disks.iter().map(|d| &d.name))?;
-
-        let mut networks = Vec::with_capacity(s.networks.len());
-        for (i, n) in s.networks.into_iter().enumerate() {
-            check_name(&format!("spec.networks[{i}].name"), &n.name)?;
-            let backend = match n.backend {
-                Some(pb::network::Backend::User(_)) | None => NetworkBackend::User,
-            };
-            networks.push(Network {
-                name: n.name,
-                backend,
-            });
-        }
-        check_unique("networks", networks.iter().map(|n| &n.name))?;
-
-        for (k, v) in &s.labels {
-            if k.is_empty()
-                || k.len() > 63
-                || v.len() > 253
-                || k.chars().chain(v.chars()).any(char::is_control)
-            {
-                return Err(FieldError::new(
-                    format!("spec.labels[{k:?}]"),
-                    "keys must be 1-63 and values at most 253 printable characters",
-                ));
-            }
-        }
-
-        let restart_policy = match pb::RestartPolicy::try_from(s.restart_policy) {
-            Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
-            Ok(pb::RestartPolicy::OnFailure) => RestartPolicy::OnFailure,
-            Ok(pb::RestartPolicy::Never | pb::RestartPolicy::Unspecified) => RestartPolicy::Never,
-            Err(_) => {
-                return Err(FieldError::new(
-                    "spec.restartPolicy",
-                    format!("unknown policy {}", s.restart_policy),
-                ));
-            }
-        };
-        let memory_hotplug = match pb::MemoryHotplug::try_from(s.memory_hotplug) {
-            Ok(pb::MemoryHotplug::Auto) => MemoryHotplug::Auto,
-            Ok(pb::MemoryHotplug::VirtioMem) => MemoryHotplug::VirtioMem,
-            Ok(pb::MemoryHotplug::Dimm) => MemoryHotplug::Dimm,
-            Err(_) => {
-                return Err(FieldError::new(
-                    "spec.memoryHotplug",
-                    format!("unknown value {}", s.memory_hotplug),
-                ));
-            }
-        };
-        Ok(VmSpec {
-            restart_policy,
-            memory_hotplug,
-            name: s.name,
-            cpus: s.cpus,
-            max_cpus,
-            memory,
-            max_memory,
-            boot: Boot {
-                kernel,
-                initrd,
-                cmdline: boot.cmdline,
-            },
-            disks,
-            networks,
-            labels: s.labels.into_iter().collect(),
-        })
-    }
-}
-
-fn path_string(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-impl From<&VmSpec> for pb::VmSpec {
-    fn from(s: &VmSpec) -> Self {
-        pb::VmSpec {
-            name: s.name.clone(),
-            cpus: s.cpus,
-            max_cpus: s.max_cpus,
-            memory: format_bytes(s.memory),
-            max_memory: format_bytes(s.max_memory),
-            boot: Some(pb::Boot {
-                kernel: path_string(&s.boot.kernel),
-                initrd: s
-                    .boot
-                    .initrd
-                    .as_deref()
-                    .map(path_string)
-                    .unwrap_or_default(),
-                cmdline: s.boot.cmdline.clone(),
-            }),
-            disks: s
-                .disks
-                .iter()
-                .map(|d| pb::Disk {
-                    name: d.name.clone(),
-                    path: path_string(&d.path),
-                    format: match d.format {
-                        None => pb::DiskFormat::Unspecified,
-                        Some(DiskFormat::Qcow2) => pb::DiskFormat::Qcow2,
-                        Some(DiskFormat::Raw) => pb::DiskFormat::Raw,
-                    } as i32,
-                    read_only: d.read_only,
-                })
-                .collect(),
-            networks: s
-                .networks
-                .iter()
-                .map(|n| pb::Network {
-                    name: n.name.clone(),
-                    backend: Some(match n.backend {
-                        NetworkBackend::User => pb::network::Backend::User(pb::UserNetwork {}),
-                    }),
-                })
-                .collect(),
-            labels: s.labels.clone().into_iter().collect(),
-            restart_policy: match s.restart_policy {
-                RestartPolicy::Always => pb::RestartPolicy::Always,
-                RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
-                RestartPolicy::Never => pb::RestartPolicy::Never,
-            } as i32,
-            memory_hotplug: match s.memory_hotplug {
-                MemoryHotplug::Auto => pb::MemoryHotplug::Auto,
-                MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
-                MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
-            } as i32,
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use hypersdk_proto::agent::v1 as pb;
 
     /// The smallest valid spec, for other modules' unit tests.
     pub fn minimal(name: &str) -> VmSpec {
