@@ -60,107 +60,135 @@ pub fn qmp_arg(files: &VmFiles) -> String {
 
 /// The full argv (without the QEMU binary) for `spec`. Disk formats must already be known.
 pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
-    let mut a: Vec<String> = Vec::with_capacity(64);
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let mut a = Argv(Vec::with_capacity(64));
+    a.machine(spec, accel);
+    a.memory(spec);
+    a.channels(files);
+    a.boot(spec);
+    a.disks(spec);
+    a.networks(spec);
+    a.0
+}
 
-    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
-    push(&["-no-user-config", "-nodefaults", "-display", "none"]);
-    push(&["-machine", "q35", "-accel", accel.as_str(), "-cpu", "max"]);
-    // QEMU may not spawn helpers, gain privileges or use obsolete syscalls.
-    push(&[
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-    ]);
-    // A guest kernel panic reaches QEMU (pvpanic), which then exits with a failure status: the
-    // supervisor sees GUEST_PANICKED and the restart policy decides.
-    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
-    push(&["-smp", &format!("{},maxcpus={}", spec.cpus, spec.max_cpus)]);
-    let range = spec.max_memory.saturating_sub(spec.memory);
-    let dimms = spec.memory_hotplug == MemoryHotplug::Dimm;
-    let memory = match range {
-        0 => format!("size={}", mib(spec.memory)),
-        _ => format!(
-            "size={},slots={},maxmem={}",
-            mib(spec.memory),
-            if dimms {
-                dimm_slots(range)
-            } else {
-                MEMORY_SLOTS
-            },
-            mib(spec.max_memory)
-        ),
-    };
-    push(&["-m", &memory]);
-    if range > 0 && !dimms {
-        // Hotplug memory: one virtio-mem device spanning maxMemory - memory, empty at boot.
-        push(&[
-            "-object",
-            &format!("memory-backend-ram,id={VMEM_ID}-mem,size={}", mib(range)),
-            "-device",
-            &format!("virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,requested-size=0"),
+/// An argv under construction.
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn push(&mut self, items: &[&str]) {
+        self.0.extend(items.iter().map(|s| s.to_string()));
+    }
+
+    fn machine(&mut self, spec: &VmSpec, accel: Accel) {
+        self.push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
+        self.push(&["-no-user-config", "-nodefaults", "-display", "none"]);
+        self.push(&["-machine", "q35", "-accel", accel.as_str(), "-cpu", "max"]);
+        // QEMU may not spawn helpers, gain privileges or use obsolete syscalls.
+        self.push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
+        // A guest kernel panic reaches QEMU (pvpanic), which then exits with a failure status:
+        // the supervisor sees GUEST_PANICKED and the restart policy decides.
+        self.push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
+        self.push(&["-smp", &format!("{},maxcpus={}", spec.cpus, spec.max_cpus)]);
     }
 
-    push(&[
-        "-chardev",
-        &format!("file,id=serial0,path={},append=on", path(&files.serial_log)),
-        "-serial",
-        "chardev:serial0",
-    ]);
-    push(&["-qmp", &qmp_arg(files)]);
-    push(&[
-        "-device",
-        "virtio-serial-pci,id=vser0",
-        "-chardev",
-        &format!(
-            "socket,id=qga0,path={},server=on,wait=off",
-            path(&files.qga_socket)
-        ),
-        "-device",
-        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
-    ]);
-
-    push(&["-kernel", &path(&spec.boot.kernel)]);
-    if let Some(initrd) = &spec.boot.initrd {
-        push(&["-initrd", &path(initrd)]);
-    }
-    if !spec.boot.cmdline.is_empty() {
-        push(&["-append", &spec.boot.cmdline]);
-    }
-
-    for (i, disk) in spec.disks.iter().enumerate() {
-        let format = disk.format.unwrap_or(DiskFormat::Raw);
-        let blockdev = json!({
-            "driver": format.as_str(),
-            "node-name": format!("disk{i}"),
-            "read-only": disk.read_only,
-            "discard": "unmap",
-            "file": {
-                "driver": "file",
-                "filename": path(&disk.path),
-                "read-only": disk.read_only,
-            },
-        });
-        push(&["-blockdev", &blockdev.to_string()]);
-        push(&[
-            "-device",
-            &format!("virtio-blk-pci,id=vdisk{i},drive=disk{i}"),
-        ]);
-    }
-
-    for (i, net) in spec.networks.iter().enumerate() {
-        match net.backend {
-            NetworkBackend::User => push(&["-netdev", &format!("user,id=net{i}")]),
-        }
-        push(&[
-            "-device",
-            &format!(
-                "virtio-net-pci,id=nic{i},netdev=net{i},mac={}",
-                mac_address(&spec.name, i)
+    fn memory(&mut self, spec: &VmSpec) {
+        let range = spec.max_memory.saturating_sub(spec.memory);
+        let dimms = spec.memory_hotplug == MemoryHotplug::Dimm;
+        let memory = match range {
+            0 => format!("size={}", mib(spec.memory)),
+            _ => format!(
+                "size={},slots={},maxmem={}",
+                mib(spec.memory),
+                if dimms {
+                    dimm_slots(range)
+                } else {
+                    MEMORY_SLOTS
+                },
+                mib(spec.max_memory)
             ),
+        };
+        self.push(&["-m", &memory]);
+        if range > 0 && !dimms {
+            // Hotplug memory: one virtio-mem device spanning maxMemory - memory, empty at boot.
+            self.push(&[
+                "-object",
+                &format!("memory-backend-ram,id={VMEM_ID}-mem,size={}", mib(range)),
+                "-device",
+                &format!("virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,requested-size=0"),
+            ]);
+        }
+    }
+
+    /// The serial log, QMP and the guest agent's channel.
+    fn channels(&mut self, files: &VmFiles) {
+        self.push(&[
+            "-chardev",
+            &format!("file,id=serial0,path={},append=on", path(&files.serial_log)),
+            "-serial",
+            "chardev:serial0",
+        ]);
+        self.push(&["-qmp", &qmp_arg(files)]);
+        self.push(&[
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            &format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                path(&files.qga_socket)
+            ),
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]);
     }
-    a
+
+    fn boot(&mut self, spec: &VmSpec) {
+        self.push(&["-kernel", &path(&spec.boot.kernel)]);
+        if let Some(initrd) = &spec.boot.initrd {
+            self.push(&["-initrd", &path(initrd)]);
+        }
+        if !spec.boot.cmdline.is_empty() {
+            self.push(&["-append", &spec.boot.cmdline]);
+        }
+    }
+
+    fn disks(&mut self, spec: &VmSpec) {
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let format = disk.format.unwrap_or(DiskFormat::Raw);
+            let blockdev = json!({
+                "driver": format.as_str(),
+                "node-name": format!("disk{i}"),
+                "read-only": disk.read_only,
+                "discard": "unmap",
+                "file": {
+                    "driver": "file",
+                    "filename": path(&disk.path),
+                    "read-only": disk.read_only,
+                },
+            });
+            self.push(&["-blockdev", &blockdev.to_string()]);
+            self.push(&[
+                "-device",
+                &format!("virtio-blk-pci,id=vdisk{i},drive=disk{i}"),
+            ]);
+        }
+    }
+
+    fn networks(&mut self, spec: &VmSpec) {
+        for (i, net) in spec.networks.iter().enumerate() {
+            match net.backend {
+                NetworkBackend::User => self.push(&["-netdev", &format!("user,id=net{i}")]),
+            }
+            self.push(&[
+                "-device",
+                &format!(
+                    "virtio-net-pci,id=nic{i},netdev=net{i},mac={}",
+                    mac_address(&spec.name, i)
+                ),
+            ]);
+        }
+    }
 }
 
 #[cfg(test)]
