@@ -99,23 +99,24 @@ pub async fn run(
         let service = AgentServiceServer::new(Simulator::new(node));
         return serve(&config, &data_dir, service, shutdown).await;
     }
-    let store = Store::open(&data_dir).map_err(data_dir_error(&data_dir))?;
+    let (ctx, facts) = context(&config, &data_dir)?;
+    let vms = Arc::new(Vms::load(ctx).await.map_err(data_dir_error(&data_dir))?);
+    let service =
+        AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
+    serve(&config, &data_dir, service, shutdown).await
+}
+
+/// What every VM of this agent shares, and the node's facts for GetNode.
+fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts), StartupError> {
+    let store = Store::open(data_dir).map_err(data_dir_error(data_dir))?;
     // VMs may use files under <data-dir>/images, never the agent's own state under vms/.
     let own_images = data_dir.join("images");
-    std::fs::create_dir_all(&own_images).map_err(data_dir_error(&data_dir))?;
+    std::fs::create_dir_all(&own_images).map_err(data_dir_error(data_dir))?;
     let policy = PathPolicy::new(
         std::iter::once(own_images.clone()).chain(config.image_dirs.iter().cloned()),
     )
     .map_err(StartupError::ImageDir)?;
-    let qemu = find_program(&config.qemu).ok_or_else(|| {
-        StartupError::Qemu(
-            config.qemu.clone(),
-            std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
-        )
-    })?;
-    let qemu_version =
-        node::qemu_version(&qemu).map_err(|e| StartupError::Qemu(qemu.clone(), e))?;
-    let virtio_mem = node::has_device(&qemu, "virtio-mem-pci");
+    let qemu = QemuFacts::find(&config.qemu)?;
     let kvm = kvm::probe(Path::new("/sys/module"));
     let selection = accel::select(config.accel, &kvm)?;
     let hostname = nix::unistd::gethostname()
@@ -124,33 +125,23 @@ pub async fn run(
     let node_name = config.node_name.clone().unwrap_or_else(|| hostname.clone());
     info!(
         node = node_name,
-        qemu = %qemu.display(),
-        version = qemu_version,
-        memory_hotplug = if virtio_mem { "virtio-mem" } else { "pc-dimm (no virtio-mem-pci)" },
+        qemu = %qemu.path.display(),
+        version = qemu.version,
+        memory_hotplug = if qemu.virtio_mem { "virtio-mem" } else { "pc-dimm (no virtio-mem-pci)" },
         accel = selection.accel.as_str(),
         reason = selection.reason,
         "agent starting"
     );
-    let cgroups = match config.cgroup_parent.as_str() {
-        "" => Err(CgroupError::Disabled),
-        parent => Cgroups::detect(parent),
-    };
-    let cgroups_facts = match &cgroups {
-        Ok(cg) => format!("per VM, under {}", cg.path("").display()),
-        Err(why) => format!("none: {why}"),
-    };
-    info!(cgroups = cgroups_facts);
+    let (cgroups, cgroups_facts) = cgroups(&config.cgroup_parent);
     let facts = NodeFacts {
         node_name: node_name.clone(),
         hostname,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        qemu_version: qemu_version.clone(),
+        qemu_version: qemu.version.clone(),
         accel: selection.clone(),
         kvm,
         cgroups: cgroups_facts,
     };
-    let (events, _) = tokio::sync::broadcast::channel(1024);
-    let memory_total = node::memory().0;
     // Also no commas: the memory file goes to QEMU as a `file:PATH` migration URI.
     let snapshot_dir = prepare_data_dir(
         &config
@@ -158,33 +149,66 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| data_dir.join("snapshots")),
     )?;
-    let pause_for_copy = config.migration_copy.pauses(selection.accel);
-    let ctx = Arc::new(Context {
+    let snapshots = SnapshotDirs::new(snapshot_dir);
+    snapshots.remove_unfinished();
+    let ctx = Context {
         node_name,
-        qemu,
-        qemu_version,
         qemu_img: find_program(&config.qemu_img).unwrap_or_else(|| config.qemu_img.clone()),
+        pause_for_copy: config.migration_copy.pauses(selection.accel),
+        qemu: qemu.path,
+        qemu_version: qemu.version,
         accel: selection,
         policy,
         images_dir: own_images,
         store,
-        snapshots: {
-            let dirs = SnapshotDirs::new(snapshot_dir);
-            dirs.remove_unfinished();
-            dirs
-        },
+        snapshots,
         cgroups,
-        events,
+        events: tokio::sync::broadcast::channel(1024).0,
         migration_address: config.migration_address,
         migration_ports: config.migration_ports.clone(),
-        allocatable_memory: config.allocatable_memory.unwrap_or(memory_total),
-        virtio_mem,
-        pause_for_copy,
-    });
-    let vms = Arc::new(Vms::load(ctx).await.map_err(data_dir_error(&data_dir))?);
-    let service =
-        AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
-    serve(&config, &data_dir, service, shutdown).await
+        allocatable_memory: config.allocatable_memory.unwrap_or(node::memory().0),
+        virtio_mem: qemu.virtio_mem,
+    };
+    Ok((Arc::new(ctx), facts))
+}
+
+/// The node's QEMU: where it is, its version, and whether it has virtio-mem.
+struct QemuFacts {
+    path: PathBuf,
+    version: String,
+    virtio_mem: bool,
+}
+
+impl QemuFacts {
+    fn find(program: &Path) -> Result<QemuFacts, StartupError> {
+        let path = find_program(program).ok_or_else(|| {
+            StartupError::Qemu(
+                program.to_path_buf(),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
+            )
+        })?;
+        let version = node::qemu_version(&path).map_err(|e| StartupError::Qemu(path.clone(), e))?;
+        let virtio_mem = node::has_device(&path, "virtio-mem-pci");
+        Ok(QemuFacts {
+            path,
+            version,
+            virtio_mem,
+        })
+    }
+}
+
+/// Per-VM cgroups under `parent` ("" turns them off), and what `node info` says of them.
+fn cgroups(parent: &str) -> (Result<Cgroups, CgroupError>, String) {
+    let cgroups = match parent {
+        "" => Err(CgroupError::Disabled),
+        parent => Cgroups::detect(parent),
+    };
+    let facts = match &cgroups {
+        Ok(cg) => format!("per VM, under {}", cg.path("").display()),
+        Err(why) => format!("none: {why}"),
+    };
+    info!(cgroups = facts);
+    (cgroups, facts)
 }
 
 /// Serves `service` (with gRPC health and reflection) on every --listen address until `shutdown`.
