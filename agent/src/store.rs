@@ -32,7 +32,21 @@ pub struct Loaded {
     /// Its last saved state, if one was saved and could be read.
     pub state: Option<SavedState>,
     /// Why the state file could not be read.
-    pub problem: Option<String>,
+    pub problem: Option<LoadError>,
+}
+
+/// A file of a VM's directory that could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Renamed aside, so the next write starts clean and the evidence is kept.
+    #[error("{source} (set aside as {})", aside.display())]
+    SetAside {
+        #[source]
+        source: std::io::Error,
+        aside: PathBuf,
+    },
+    #[error(transparent)]
+    Unreadable(std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +95,7 @@ impl Store {
     /// Every VM directory: its spec and state, or why the spec could not be read. A file that
     /// cannot be read is renamed aside (`*.corrupt`), so the next write starts clean and the
     /// evidence is kept.
-    pub fn load_all(&self) -> std::io::Result<Vec<(String, Result<Loaded, String>)>> {
+    pub fn load_all(&self) -> std::io::Result<Vec<(String, Result<Loaded, LoadError>)>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.vms_dir)? {
             let entry = entry?;
@@ -117,17 +131,15 @@ impl Store {
 /// A spec read back from disk passes the same checks as a request, and names its directory:
 /// the file could have been changed by anyone who can write there.
 fn revalidate(dir_name: &str, spec: VmSpec) -> std::io::Result<VmSpec> {
-    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    use std::io::{Error, ErrorKind::InvalidData};
     if spec.name != dir_name {
-        return Err(invalid(format!(
-            "names VM {:?}, not {dir_name:?}",
-            spec.name
-        )));
+        let names = format!("names VM {:?}, not {dir_name:?}", spec.name);
+        return Err(Error::new(InvalidData, names));
     }
     let format_of = |s: &VmSpec| s.disks.iter().map(|d| d.format).collect::<Vec<_>>();
     let formats = format_of(&spec);
     let mut checked = VmSpec::try_from(hypersdk_proto::agent::v1::VmSpec::from(&spec))
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| Error::new(InvalidData, e))?;
     // Detected disk formats are kept; the rest must be exactly what validation yields.
     for (d, f) in checked.disks.iter_mut().zip(formats) {
         d.format = f;
@@ -135,12 +147,12 @@ fn revalidate(dir_name: &str, spec: VmSpec) -> std::io::Result<VmSpec> {
     Ok(checked)
 }
 
-/// Renames an unreadable file to `NAME.corrupt`; returns a description for status messages.
-fn set_aside(path: &Path, err: std::io::Error) -> String {
+/// Renames an unreadable file to `NAME.corrupt`.
+fn set_aside(path: &Path, source: std::io::Error) -> LoadError {
     let aside = path.with_extension("json.corrupt");
     match std::fs::rename(path, &aside) {
-        Ok(()) => format!("{err} (set aside as {})", aside.display()),
-        Err(_) => err.to_string(),
+        Ok(()) => LoadError::SetAside { source, aside },
+        Err(_) => LoadError::Unreadable(source),
     }
 }
 
@@ -205,13 +217,14 @@ mod tests {
 
         let all = store.load_all().unwrap();
         assert_eq!(all.len(), 3);
-        assert!(all[2].1.as_ref().unwrap_err().contains("names VM \"/\""));
+        let evil = all[2].1.as_ref().unwrap_err().to_string();
+        assert!(evil.contains("names VM \"/\""), "{evil}");
         let a = all[0].1.as_ref().unwrap();
         assert_eq!(a.spec, spec("a"));
         assert_eq!(a.state.as_ref(), Some(&state));
         let err = all[1].1.as_ref().unwrap_err();
         assert!(
-            err.contains("set aside"),
+            matches!(err, LoadError::SetAside { aside, .. } if aside.ends_with("spec.json.corrupt")),
             "a torn spec is reported, not fatal: {err}"
         );
         assert!(store.vm_dir("b").join("spec.json.corrupt").exists());

@@ -141,7 +141,8 @@ impl Peaks {
 /// The status and figures of a query-migrate reply, read as the agent reads them.
 fn read_reply(reply: &Value) -> (QemuStatus, pb::MigrationProgress) {
     let mut p = pb::MigrationProgress::default();
-    let (status, _) = migration::read_query_migrate(reply, &mut p);
+    let reply = serde_json::from_value(reply.clone()).expect("a query-migrate reply");
+    let (status, _) = migration::read_query_migrate(&reply, &mut p);
     (status, p)
 }
 

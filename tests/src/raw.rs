@@ -74,14 +74,8 @@ impl RawQemu {
     pub async fn configure(&self, o: &Options, outgoing: bool) {
         let caps = migration::capabilities(o, outgoing);
         let params = migration::parameters(o, outgoing);
-        self.qmp
-            .execute_value("migrate-set-capabilities", caps)
-            .await
-            .unwrap();
-        self.qmp
-            .execute_value("migrate-set-parameters", params)
-            .await
-            .unwrap();
+        self.qmp.execute(caps).await.unwrap();
+        self.qmp.execute(params).await.unwrap();
     }
 
     pub async fn quit(mut self) {

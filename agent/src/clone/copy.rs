@@ -4,15 +4,18 @@
 //! source is copied with `qemu-img convert`.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
+use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use qapi::qmp;
+use serde_json::json;
 use tracing::info;
 
-use crate::clone::{self, DiskCopy, How};
+use crate::clone::{self, CopyError, DiskCopy, How};
 use crate::error::AgentError;
-use crate::qemu::qmp::Qmp;
+use crate::qemu::img;
+use crate::qemu::qmp::{Qmp, QmpError};
+use crate::snapshot::layers::disk_block;
 use crate::spec::VmSpec;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
@@ -32,8 +35,8 @@ impl Supervisor {
         labels: BTreeMap<String, String>,
     ) -> Result<VmSpec, AgentError> {
         let live = match self.status.phase {
-            Phase::Running | Phase::Paused => true,
-            Phase::Stopped | Phase::Pending | Phase::Failed => false,
+            Phase::Running | Phase::Paused => Some(self.live_qmp()?),
+            Phase::Stopped | Phase::Pending | Phase::Failed => None,
             other => {
                 return Err(self.conflict(format!("cannot be cloned while {}", other.name())));
             }
@@ -64,127 +67,92 @@ impl Supervisor {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
-        let copied = if live {
-            self.copy_live(&copies).await
-        } else {
-            self.copy_offline(&copies).await
+        let copied = match &live {
+            Some(qmp) => self.copy_live(qmp, &copies).await,
+            None => self.copy_offline(&copies).await,
         };
         if let Err(why) = copied {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(self.qemu_error(format!("clone {target}: {why}")));
         }
-        info!(target, linked, live, "cloned");
+        info!(target, linked, live = live.is_some(), "cloned");
         Ok(spec)
     }
 
-    pub(crate) async fn copy_offline(&self, copies: &[DiskCopy]) -> Result<(), String> {
-        for c in copies {
-            let from_format = c.from_format.as_str();
-            let mut args: Vec<&OsStr> = ["convert", "-q", "-f", from_format, "-O", "qcow2"]
-                .map(OsStr::new)
-                .to_vec();
-            match &c.how {
-                How::Share => continue,
-                How::Full => {}
-                How::Top { backing, format } => {
-                    args.extend([OsStr::new("-B"), backing.as_os_str()]);
-                    args.extend([OsStr::new("-F"), OsStr::new(format)]);
-                }
-            }
-            args.extend([c.from.as_os_str(), c.to.as_os_str()]);
-            self.qemu_img(&args).await?;
+    pub(crate) async fn copy_offline(&self, copies: &[DiskCopy]) -> Result<(), CopyError> {
+        for c in copies.iter().filter(|c| c.how != How::Share) {
+            let backing = c.how.backing();
+            img::convert(&self.ctx.qemu_img, &c.from, c.from_format, &c.to, backing).await?;
         }
         Ok(())
     }
 
-    pub(crate) async fn copy_live(&self, copies: &[DiskCopy]) -> Result<(), String> {
-        let qmp = self.live_qmp().map_err(|e| e.to_string())?;
-        let blocks = qmp
-            .execute_value("query-block", json!({}))
-            .await
-            .map_err(|e| e.to_string())?;
+    pub(crate) async fn copy_live(&self, qmp: &Qmp, copies: &[DiskCopy]) -> Result<(), CopyError> {
+        let blocks = qmp.execute(qmp::query_block {}).await?;
         let mut actions = Vec::new();
         let mut added = Vec::new();
         let mut result = Ok(());
         for c in copies.iter().filter(|c| c.how != How::Share) {
             let id = format!("clone-{}", c.index);
-            let (node, size) = match inserted(&blocks, c.index) {
-                Some(found) => found,
-                None => {
-                    result = Err(format!("disk {} is not attached", c.index));
-                    break;
-                }
+            let Some(disk) = disk_block(&blocks, c.index) else {
+                result = Err(CopyError::NotAttached(c.index));
+                break;
             };
-            let (sync, size) = (
-                if c.how == How::Full { "full" } else { "top" },
-                size.to_string(),
-            );
-            let mut args: Vec<&OsStr> = ["create", "-q", "-f", "qcow2"].map(OsStr::new).to_vec();
-            if let How::Top { backing, format } = &c.how {
-                args.extend([OsStr::new("-b"), backing.as_os_str()]);
-                args.extend([OsStr::new("-F"), OsStr::new(format)]);
-            }
-            args.extend([c.to.as_os_str(), OsStr::new(&size)]);
-            if let Err(e) = self.qemu_img(&args).await {
-                result = Err(e);
+            let size = u64::try_from(disk.image.base.virtual_size).unwrap_or(0);
+            let created = img::create(&self.ctx.qemu_img, &c.to, c.how.backing(), Some(size));
+            if let Err(e) = created.await {
+                result = Err(e.into());
                 break;
             }
-            // The target is written only by the job; its backing file is not opened.
-            let add = json!({"driver": "qcow2", "node-name": id, "backing": null,
-                "file": {"driver": "file", "filename": c.to}});
-            if let Err(e) = qmp.execute_value("blockdev-add", add).await {
-                result = Err(e.to_string());
+            let target = match copy_target(&id, &c.to) {
+                Ok(add) => qmp.execute(add).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = target {
+                result = Err(e.into());
                 break;
             }
             added.push(id.clone());
+            let sync = if c.how == How::Full { "full" } else { "top" };
             actions.push(json!({"type": "blockdev-backup", "data": {
-                "job-id": id, "device": node, "target": id, "sync": sync,
+                "job-id": id, "device": disk.node_name, "target": id, "sync": sync,
                 "auto-dismiss": false}}));
         }
         if result.is_ok() && !actions.is_empty() {
-            result = match qmp
-                .execute_value("transaction", json!({ "actions": actions }))
-                .await
-            {
-                Ok(_) => await_jobs(&qmp, &added, COPY_TIMEOUT, true).await,
-                Err(e) => Err(e.to_string()),
+            let backups = json!({ "actions": actions });
+            result = match qmp.execute_json::<qmp::transaction>(backups).await {
+                Ok(_) => await_jobs(qmp, &added, COPY_TIMEOUT, true).await,
+                Err(e) => Err(e.into()),
             };
         }
         if result.is_err() {
             for id in &added {
-                let _ = qmp.execute_value("job-cancel", json!({ "id": id })).await;
+                let _ = qmp.execute(qmp::job_cancel { id: id.clone() }).await;
             }
             // A cancelled job lets go of its target node once it has concluded.
-            let _ = await_jobs(&qmp, &added, CANCEL_TIMEOUT, false).await;
+            let _ = await_jobs(qmp, &added, CANCEL_TIMEOUT, false).await;
         }
         for id in &added {
-            let _ = qmp.execute_value("job-dismiss", json!({ "id": id })).await;
-            let _ = qmp
-                .execute_value("blockdev-del", json!({ "node-name": id }))
-                .await;
+            let _ = qmp.execute(qmp::job_dismiss { id: id.clone() }).await;
+            let node_name = id.clone();
+            let _ = qmp.execute(qmp::blockdev_del { node_name }).await;
         }
         result
     }
 }
 
-/// The node QEMU's disk `index` (device `vdisk<index>`) reads from now, and its virtual size.
-fn inserted(blocks: &Value, index: usize) -> Option<(String, u64)> {
-    let qdev = format!("/machine/peripheral/vdisk{index}/");
-    blocks.as_array()?.iter().find_map(|b| {
-        let matches = b["qdev"]
-            .as_str()
-            .is_some_and(|q| q.starts_with(&qdev) || q == format!("vdisk{index}"));
-        let inserted = &b["inserted"];
-        matches.then(|| {
-            (
-                inserted["node-name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                inserted["image"]["virtual-size"].as_u64().unwrap_or(0),
-            )
-        })
-    })
+/// `blockdev-add` of the qcow2 `file` a copy job writes, as node `id`. Only the job writes it:
+/// its backing file is not opened (`backing: null`).
+fn copy_target(id: &str, file: &Path) -> Result<qmp::blockdev_add, QmpError> {
+    let target = json!({"driver": "qcow2", "node-name": id,
+        "file": {"driver": "file", "filename": file}});
+    let mut add: qmp::blockdev_add = crate::qemu::qmp::command(target)?;
+    // Set here: qapi reads `"backing": null` as no member at all, with which QEMU would open
+    // the backing file.
+    if let qmp::BlockdevOptions::qcow2 { qcow2, .. } = &mut add.0 {
+        qcow2.base.backing = Some(qmp::BlockdevRefOrNull::null(()));
+    }
+    Ok(add)
 }
 
 /// Waits until every job in `ids` has concluded; with `fail_fast`, the first error ends the
@@ -194,29 +162,36 @@ async fn await_jobs(
     ids: &[String],
     limit: Duration,
     fail_fast: bool,
-) -> Result<(), String> {
+) -> Result<(), CopyError> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let jobs = qmp
-            .execute_value("query-jobs", json!({}))
-            .await
-            .map_err(|e| e.to_string())?;
-        let ours: Vec<&Value> = jobs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|j| ids.iter().any(|id| j["id"] == id.as_str()))
-            .collect();
-        let error = ours.iter().find_map(|j| j["error"].as_str());
-        if let Some(e) = error.filter(|_| fail_fast) {
-            return Err(e.to_string());
+        let jobs = qmp.execute(qmp::query_jobs {}).await?;
+        let ours: Vec<_> = jobs.iter().filter(|j| ids.contains(&j.id)).collect();
+        let error = ours.iter().find_map(|j| j.error.clone());
+        if let Some(e) = error.clone().filter(|_| fail_fast) {
+            return Err(CopyError::Job(e));
         }
-        if ours.iter().all(|j| j["status"] == "concluded") {
-            return error.map_or(Ok(()), |e| Err(e.to_string()));
+        if ours.iter().all(|j| j.status == qmp::JobStatus::concluded) {
+            return error.map_or(Ok(()), |e| Err(CopyError::Job(e)));
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("the copy took longer than {limit:?}"));
+            return Err(CopyError::Timeout(limit));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_target_does_not_open_its_backing_file() {
+        let add = copy_target("clone-0", Path::new("/images/clones/b/root.qcow2")).unwrap();
+        assert_eq!(
+            serde_json::to_value(&add).unwrap(),
+            json!({"driver": "qcow2", "node-name": "clone-0", "backing": null,
+                   "file": {"driver": "file", "filename": "/images/clones/b/root.qcow2"}})
+        );
     }
 }

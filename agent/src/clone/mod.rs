@@ -1,13 +1,31 @@
 //! Cloning a VM, the pure part: which disks are copied and how, where the copies go, and the
-//! clone's spec. The copying itself is in [`crate::vm::actor`] (QMP `blockdev-backup` for a
-//! running source, `qemu-img convert` for a stopped one).
+//! clone's spec. The copying itself is in `copy.rs` (QMP `blockdev-backup` for a running
+//! source, `qemu-img convert` for a stopped one).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::qemu::img::QemuImgError;
+use crate::qemu::qmp::QmpError;
 use crate::spec::{DiskFormat, FieldError, VmSpec, check_name};
 
 mod copy;
+
+/// Why a clone's disks were not copied (nothing of the clone is left).
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("disk {0} is not attached")]
+    NotAttached(usize),
+    #[error(transparent)]
+    QemuImg(#[from] QemuImgError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// A copy job failed; QEMU's words.
+    #[error("{0}")]
+    Job(String),
+    #[error("the copy took longer than {0:?}")]
+    Timeout(std::time::Duration),
+}
 
 /// Under the agent's own image dir: `clones/<vm>/<disk>.qcow2`.
 pub const CLONES_DIR: &str = "clones";
@@ -25,6 +43,16 @@ pub enum How {
     Full,
     /// The top layer only, over the same backing file.
     Top { backing: PathBuf, format: String },
+}
+
+impl How {
+    /// The backing file the copy keeps (its path and format): for [`How::Top`] only.
+    pub fn backing(&self) -> Option<(&Path, &str)> {
+        match self {
+            How::Top { backing, format } => Some((backing.as_path(), format.as_str())),
+            How::Share | How::Full => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

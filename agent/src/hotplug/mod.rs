@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
-use serde_json::{Map, Value, json};
+use qapi::qmp;
+use qapi::qmp::HotpluggableCPU;
+use serde_json::json;
 
-use crate::qemu::qmp::Qmp;
+use crate::qemu::qmp::{Qmp, QmpError};
 use crate::quantity::format_bytes;
 use crate::spec::MemoryHotplug;
 
@@ -23,135 +25,148 @@ const MAX_DIMMS: u64 = 32;
 /// How long the guest may take to release a vCPU or memory before we report it refused.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// One entry of `query-hotpluggable-cpus`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CpuSlot {
-    pub driver: String,
-    pub props: Map<String, Value>,
-    /// Set when a vCPU occupies the slot.
-    pub qom_path: Option<String>,
+/// A size the running VM cannot take, found before QEMU is touched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("only {free} vCPU slots are free")]
+    NoFreeSlots { free: usize },
+    #[error("cannot go below the {boot} vCPUs the VM was started with")]
+    BelowBootCpus { boot: usize },
+    #[error(
+        "under TCG this QEMU process can start only {left} more vCPU(s): QEMU does not reuse \
+         the translation context of an unplugged vCPU; stop and start the VM to reset"
+    )]
+    TcgCpuStarts { left: u32 },
+    #[error(
+        "cannot go below the {} the VM was started with (stop it to shrink further)",
+        format_bytes(*base)
+    )]
+    BelowBootMemory { base: u64 },
+    #[error("exceeds maxMemory by {}", format_bytes(*over))]
+    AboveMaxMemory { over: u64 },
+    #[error("must change in steps of {}", format_bytes(VMEM_BLOCK))]
+    NotVirtioMemBlocks,
+    #[error(
+        "with pc-dimm hotplug memory changes by whole DIMMs of {}: {} is not reachable",
+        format_bytes(*dimm),
+        format_bytes(*want)
+    )]
+    NotWholeDimms { dimm: u64, want: u64 },
+    #[error("the VM has no hotplug memory (its maxMemory equals memory)")]
+    NoHotplugMemory,
 }
 
-pub fn parse_slots(reply: &Value) -> Vec<CpuSlot> {
-    reply
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| CpuSlot {
-            driver: s["type"].as_str().unwrap_or_default().to_string(),
-            props: s["props"].as_object().cloned().unwrap_or_default(),
-            qom_path: s["qom-path"].as_str().map(String::from),
-        })
-        .collect()
+/// Why a running VM did not reach the size asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("QEMU runs {running} vCPUs after {GUEST_TIMEOUT:?}, {want} were asked")]
+    CpuCount { running: u32, want: u32 },
+    #[error("the guest did not release {id} within {GUEST_TIMEOUT:?}")]
+    CpuNotReleased { id: String },
+    #[error(
+        "the guest did not release {id} within {GUEST_TIMEOUT:?} (its memory may be in use); \
+         it stays plugged"
+    )]
+    DimmNotReleased { id: String },
+    #[error(
+        "the guest has {} of hotplug memory after {GUEST_TIMEOUT:?}, {} was asked",
+        format_bytes(*plugged),
+        format_bytes(*want)
+    )]
+    VirtioMemShort { plugged: u64, want: u64 },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum CpuChange {
-    Add { args: Value },
+    Add(qmp::device_add),
     Remove { id: String },
 }
 
-fn prop(slot: &CpuSlot, key: &str) -> i64 {
-    slot.props.get(key).and_then(Value::as_i64).unwrap_or(0)
-}
-
-/// (socket, core, thread) of a slot.
-pub fn position(slot: &CpuSlot) -> (i64, i64, i64) {
+/// (socket, core, thread) of a slot of `query-hotpluggable-cpus`.
+pub fn position(slot: &HotpluggableCPU) -> (i64, i64, i64) {
+    let p = &slot.props;
     (
-        prop(slot, "socket-id"),
-        prop(slot, "core-id"),
-        prop(slot, "thread-id"),
+        p.socket_id.unwrap_or(0),
+        p.core_id.unwrap_or(0),
+        p.thread_id.unwrap_or(0),
     )
 }
 
-/// `device_add` arguments for a vCPU in a free slot; its id names the slot.
-pub fn add_args(slot: &CpuSlot) -> Value {
+/// `device_add` for a vCPU in a free slot: the slot's properties; its id names the slot.
+pub fn add_args(slot: &HotpluggableCPU) -> qmp::device_add {
     let (socket, core, thread) = position(slot);
-    let mut args = slot.props.clone();
-    args.insert("driver".into(), json!(slot.driver));
-    args.insert(
-        "id".into(),
-        json!(format!("vcpu-s{socket}c{core}t{thread}")),
-    );
-    Value::Object(args)
+    let props = serde_json::to_value(&slot.props).ok();
+    qmp::device_add {
+        driver: slot.type_.clone(),
+        id: Some(format!("vcpu-s{socket}c{core}t{thread}")),
+        bus: None,
+        arguments: props
+            .and_then(|p| p.as_object().cloned())
+            .unwrap_or_default(),
+    }
 }
 
 /// The steps from the slots' current state to `want` vCPUs. Only vCPUs added by hotplug
 /// (under /machine/peripheral) can be removed; the ones the VM booted with stay.
-pub fn plan_cpus(slots: &[CpuSlot], want: u32) -> Result<Vec<CpuChange>, String> {
+pub fn plan_cpus(slots: &[HotpluggableCPU], want: u32) -> Result<Vec<CpuChange>, PlanError> {
     let plugged = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
     if want >= plugged {
         let mut free: Vec<_> = slots.iter().filter(|s| s.qom_path.is_none()).collect();
         free.sort_by_key(|s| position(s));
         if free.len() < (want - plugged) as usize {
-            return Err(format!("only {} vCPU slots are free", free.len()));
+            return Err(PlanError::NoFreeSlots { free: free.len() });
         }
         return Ok(free[..(want - plugged) as usize]
             .iter()
-            .map(|s| CpuChange::Add { args: add_args(s) })
+            .map(|s| CpuChange::Add(add_args(s)))
             .collect());
     }
     let mut removable: Vec<_> = slots
         .iter()
-        .filter(|s| {
-            s.qom_path
-                .as_deref()
-                .is_some_and(|p| p.starts_with("/machine/peripheral/"))
+        .filter_map(|s| {
+            let id = s
+                .qom_path
+                .as_deref()?
+                .strip_prefix("/machine/peripheral/")?;
+            Some((position(s), id))
         })
         .collect();
-    removable.sort_by_key(|s| std::cmp::Reverse(position(s)));
+    removable.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
     let remove = (plugged - want) as usize;
     if removable.len() < remove {
-        return Err(format!(
-            "cannot go below the {} vCPUs the VM was started with",
-            plugged as usize - removable.len()
-        ));
+        return Err(PlanError::BelowBootCpus {
+            boot: plugged as usize - removable.len(),
+        });
     }
     Ok(removable[..remove]
         .iter()
-        .map(|s| CpuChange::Remove {
-            id: s
-                .qom_path
-                .as_deref()
-                .unwrap()
-                .rsplit('/')
-                .next()
-                .unwrap()
-                .to_string(),
-        })
+        .map(|(_, id)| CpuChange::Remove { id: id.to_string() })
         .collect())
 }
 
-/// Refuses a plan that would start more vCPUs than the process can (see [`set_cpus`]).
-pub fn check_adds(plan: &[CpuChange], adds_left: Option<u32>) -> Result<(), String> {
-    let adds = plan
-        .iter()
-        .filter(|c| matches!(c, CpuChange::Add { .. }))
-        .count() as u32;
+/// Refuses `adds` vCPU starts where the process can do fewer (see [`set_cpus`]).
+pub fn check_adds(adds: usize, adds_left: Option<u32>) -> Result<(), PlanError> {
     match adds_left {
-        Some(left) if adds > left => Err(format!(
-            "under TCG this QEMU process can start only {left} more vCPU(s): QEMU does not reuse \
-             the translation context of an unplugged vCPU; stop and start the VM to reset"
-        )),
+        Some(left) if adds > left as usize => Err(PlanError::TcgCpuStarts { left }),
         _ => Ok(()),
     }
 }
 
 /// virtio-mem `requested-size` for `want` bytes in all, given boot memory and the device's region.
-pub fn virtio_mem_size(base: u64, region: u64, want: u64) -> Result<u64, String> {
+pub fn virtio_mem_size(base: u64, region: u64, want: u64) -> Result<u64, PlanError> {
     check_floor(base, want)?;
     let size = want - base;
     if size > region {
-        return Err(format!(
-            "exceeds maxMemory by {}",
-            format_bytes(size - region)
-        ));
+        return Err(PlanError::AboveMaxMemory {
+            over: size - region,
+        });
     }
     if !size.is_multiple_of(VMEM_BLOCK) {
-        return Err(format!(
-            "must change in steps of {}",
-            format_bytes(VMEM_BLOCK)
-        ));
+        return Err(PlanError::NotVirtioMemBlocks);
     }
     Ok(size)
 }
@@ -161,19 +176,22 @@ pub fn virtio_mem_size(base: u64, region: u64, want: u64) -> Result<u64, String>
 /// `adds_left` is the number of vCPUs this QEMU process can still start, where that is limited:
 /// under TCG, QEMU gives every vCPU thread it ever starts a translation context of its own and
 /// never reuses one after an unplug; past `maxCpus` starts it aborts. `None`: no limit (KVM).
-pub async fn set_cpus(qmp: &Qmp, want: u32, adds_left: &mut Option<u32>) -> Result<(), String> {
-    let slots = qmp
-        .execute_value("query-hotpluggable-cpus", json!({}))
-        .await
-        .map_err(|e| e.to_string())?;
-    let plan = plan_cpus(&parse_slots(&slots), want)?;
-    check_adds(&plan, *adds_left)?;
+pub async fn set_cpus(
+    qmp: &Qmp,
+    want: u32,
+    adds_left: &mut Option<u32>,
+) -> Result<(), HotplugError> {
+    let slots = qmp.execute(qmp::query_hotpluggable_cpus {}).await?;
+    let plan = plan_cpus(&slots, want)?;
+    let adds = plan
+        .iter()
+        .filter(|c| matches!(c, CpuChange::Add(_)))
+        .count();
+    check_adds(adds, *adds_left)?;
     for change in plan {
         match change {
-            CpuChange::Add { args } => {
-                qmp.execute_value("device_add", args)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            CpuChange::Add(args) => {
+                qmp.execute(args).await?;
                 if let Some(left) = adds_left {
                     *left -= 1;
                 }
@@ -184,18 +202,12 @@ pub async fn set_cpus(qmp: &Qmp, want: u32, adds_left: &mut Option<u32>) -> Resu
     // The vCPU threads come and go a moment after the slots change.
     let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
     loop {
-        let running = qmp
-            .execute_value("query-cpus-fast", json!({}))
-            .await
-            .map_err(|e| e.to_string())?;
-        let n = running.as_array().map_or(0, Vec::len) as u32;
-        if n == want {
+        let running = qmp.execute(qmp::query_cpus_fast {}).await?.len() as u32;
+        if running == want {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "QEMU runs {n} vCPUs after {GUEST_TIMEOUT:?}, {want} were asked"
-            ));
+            return Err(HotplugError::CpuCount { running, want });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -204,27 +216,20 @@ pub async fn set_cpus(qmp: &Qmp, want: u32, adds_left: &mut Option<u32>) -> Resu
 /// `device_del`, then wait until the slot is free: the guest must agree to the unplug. (QEMU
 /// signals a vCPU's removal only by DEVICE_DELETED for its lapic child, so the slot list is
 /// the reliable witness.)
-async fn remove_cpu(qmp: &Qmp, id: &str) -> Result<(), String> {
-    qmp.execute_value("device_del", json!({ "id": id }))
-        .await
-        .map_err(|e| e.to_string())?;
+async fn remove_cpu(qmp: &Qmp, id: &str) -> Result<(), HotplugError> {
+    qmp.execute(qmp::device_del { id: id.into() }).await?;
     let path = format!("/machine/peripheral/{id}");
     let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
     loop {
-        let slots = qmp
-            .execute_value("query-hotpluggable-cpus", json!({}))
-            .await
-            .map_err(|e| e.to_string())?;
-        if !parse_slots(&slots)
+        let slots = qmp.execute(qmp::query_hotpluggable_cpus {}).await?;
+        if !slots
             .iter()
             .any(|s| s.qom_path.as_deref() == Some(path.as_str()))
         {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "the guest did not release {id} within {GUEST_TIMEOUT:?}"
-            ));
+            return Err(HotplugError::CpuNotReleased { id: id.into() });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -258,13 +263,12 @@ pub fn plan_dimms(
     range: u64,
     plugged: &[pb::Dimm],
     want: u64,
-) -> Result<Vec<DimmChange>, String> {
+) -> Result<Vec<DimmChange>, PlanError> {
     check_floor(base, want)?;
     if want > base + range {
-        return Err(format!(
-            "exceeds maxMemory by {}",
-            format_bytes(want - base - range)
-        ));
+        return Err(PlanError::AboveMaxMemory {
+            over: want - base - range,
+        });
     }
     let size = dimm_size(range);
     let mut total = base + plugged.iter().map(|d| d.size_bytes).sum::<u64>();
@@ -292,21 +296,14 @@ pub fn plan_dimms(
         }
     }
     if total != want {
-        return Err(format!(
-            "with pc-dimm hotplug memory changes by whole DIMMs of {}: {} is not reachable",
-            format_bytes(size),
-            format_bytes(want)
-        ));
+        return Err(PlanError::NotWholeDimms { dimm: size, want });
     }
     Ok(plan)
 }
 
-fn check_floor(base: u64, want: u64) -> Result<(), String> {
+fn check_floor(base: u64, want: u64) -> Result<(), PlanError> {
     if want < base {
-        return Err(format!(
-            "cannot go below the {} the VM was started with (stop it to shrink further)",
-            format_bytes(base)
-        ));
+        return Err(PlanError::BelowBootMemory { base });
     }
     Ok(())
 }
@@ -324,26 +321,24 @@ pub struct Memory {
     pub dimms: Vec<pb::Dimm>,
 }
 
-pub fn parse_memory(summary: &Value, devices: &Value) -> Memory {
+pub fn parse_memory(summary: &qmp::MemoryInfo, devices: &[qmp::MemoryDeviceInfo]) -> Memory {
     let mut m = Memory {
-        base: summary["base-memory"].as_u64().unwrap_or(0),
+        base: summary.base_memory,
         ..Memory::default()
     };
-    for d in devices.as_array().into_iter().flatten() {
-        let data = &d["data"];
-        let id = data["id"].as_str().unwrap_or_default();
-        let size = data["size"].as_u64().unwrap_or(0);
-        match d["type"].as_str() {
-            Some("virtio-mem") if id == VMEM_ID => {
-                m.vmem_region = data["max-size"].as_u64().unwrap_or(0);
-                m.vmem_requested = data["requested-size"].as_u64().unwrap_or(0);
-                m.vmem_plugged = size;
+    for d in devices {
+        match d {
+            qmp::MemoryDeviceInfo::virtio_mem(v) if v.data.id.as_deref() == Some(VMEM_ID) => {
+                m.vmem_region = v.data.max_size;
+                m.vmem_requested = v.data.requested_size;
+                m.vmem_plugged = v.data.size;
             }
-            Some("dimm") => {
-                if let Some(slot) = id.strip_prefix("dimm").and_then(|n| n.parse().ok()) {
+            qmp::MemoryDeviceInfo::dimm(d) => {
+                let slot = d.data.id.as_deref().and_then(|id| id.strip_prefix("dimm"));
+                if let Some(slot) = slot.and_then(|n| n.parse().ok()) {
                     m.dimms.push(pb::Dimm {
                         slot,
-                        size_bytes: size,
+                        size_bytes: u64::try_from(d.data.size).unwrap_or(0),
                     });
                 }
             }
@@ -354,15 +349,9 @@ pub fn parse_memory(summary: &Value, devices: &Value) -> Memory {
     m
 }
 
-pub async fn memory(qmp: &Qmp) -> Result<Memory, String> {
-    let summary = qmp
-        .execute_value("query-memory-size-summary", json!({}))
-        .await
-        .map_err(|e| e.to_string())?;
-    let devices = qmp
-        .execute_value("query-memory-devices", json!({}))
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn memory(qmp: &Qmp) -> Result<Memory, QmpError> {
+    let summary = qmp.execute(qmp::query_memory_size_summary {}).await?;
+    let devices = qmp.execute(qmp::query_memory_devices {}).await?;
     Ok(parse_memory(&summary, &devices))
 }
 
@@ -373,11 +362,11 @@ pub async fn set_memory(
     mode: MemoryHotplug,
     max_memory: u64,
     want: u64,
-) -> Result<(), String> {
+) -> Result<(), HotplugError> {
     let now = memory(qmp).await?;
     let range = max_memory.saturating_sub(now.base);
     if range == 0 && want != now.base {
-        return Err("the VM has no hotplug memory (its maxMemory equals memory)".into());
+        return Err(PlanError::NoHotplugMemory.into());
     }
     if mode != MemoryHotplug::Dimm {
         return set_virtio_mem(qmp, &now, want).await;
@@ -392,61 +381,51 @@ pub async fn set_memory(
 }
 
 /// `object-add` the DIMM's RAM and `device_add` it; the guest onlines it by itself.
-pub async fn plug_dimm(qmp: &Qmp, d: &pb::Dimm) -> Result<(), String> {
+pub async fn plug_dimm(qmp: &Qmp, d: &pb::Dimm) -> Result<(), QmpError> {
     let id = format!("dimm{}", d.slot);
     let backend = format!("{id}-mem");
-    qmp.execute_value(
-        "object-add",
-        json!({"qom-type": "memory-backend-ram", "id": backend, "size": d.size_bytes}),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let added = qmp
-        .execute_value(
-            "device_add",
-            json!({"driver": "pc-dimm", "id": id, "memdev": backend}),
-        )
-        .await;
-    if let Err(e) = added {
-        let _ = qmp
-            .execute_value("object-del", json!({"id": backend}))
-            .await;
-        return Err(e.to_string());
+    let ram = json!({"qom-type": "memory-backend-ram", "id": backend, "size": d.size_bytes});
+    qmp.execute_json::<qmp::object_add>(ram).await?;
+    let dimm = json!({"driver": "pc-dimm", "id": id, "memdev": backend});
+    if let Err(e) = qmp.execute_json::<qmp::device_add>(dimm).await {
+        let _ = qmp.execute(qmp::object_del { id: backend }).await;
+        return Err(e);
     }
     Ok(())
 }
 
 /// `device_del`, wait until the guest has offlined and ejected the DIMM, then free its RAM.
-async fn unplug_dimm(qmp: &Qmp, slot: u32) -> Result<(), String> {
+async fn unplug_dimm(qmp: &Qmp, slot: u32) -> Result<(), HotplugError> {
     let id = format!("dimm{slot}");
-    qmp.execute_value("device_del", json!({ "id": id }))
-        .await
-        .map_err(|e| e.to_string())?;
+    qmp.execute(qmp::device_del { id: id.clone() }).await?;
     let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
     while memory(qmp).await?.dimms.iter().any(|d| d.slot == slot) {
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "the guest did not release {id} within {GUEST_TIMEOUT:?} (its memory may be \
-                 in use); it stays plugged"
-            ));
+            return Err(HotplugError::DimmNotReleased { id });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    qmp.execute_value("object-del", json!({"id": format!("{id}-mem")}))
-        .await
-        .map_err(|e| e.to_string())?;
+    qmp.execute(qmp::object_del {
+        id: format!("{id}-mem"),
+    })
+    .await?;
     Ok(())
 }
 
-async fn set_virtio_mem(qmp: &Qmp, now: &Memory, want: u64) -> Result<(), String> {
+/// Sets the virtio-mem device's `requested-size`; the guest plugs or unplugs blocks to match.
+pub async fn request_virtio_mem(qmp: &Qmp, size: u64) -> Result<(), QmpError> {
+    let set = qmp::qom_set {
+        path: format!("/machine/peripheral/{VMEM_ID}"),
+        property: "requested-size".into(),
+        value: size.into(),
+    };
+    qmp.execute(set).await?;
+    Ok(())
+}
+
+async fn set_virtio_mem(qmp: &Qmp, now: &Memory, want: u64) -> Result<(), HotplugError> {
     let size = virtio_mem_size(now.base, now.vmem_region, want)?;
-    let path = format!("/machine/peripheral/{VMEM_ID}");
-    qmp.execute_value(
-        "qom-set",
-        json!({"path": path, "property": "requested-size", "value": size}),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    request_virtio_mem(qmp, size).await?;
     let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
     loop {
         let plugged = memory(qmp).await?.vmem_plugged;
@@ -454,11 +433,10 @@ async fn set_virtio_mem(qmp: &Qmp, now: &Memory, want: u64) -> Result<(), String
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "the guest has {} of hotplug memory after {GUEST_TIMEOUT:?}, {} was asked",
-                format_bytes(plugged),
-                format_bytes(size)
-            ));
+            return Err(HotplugError::VirtioMemShort {
+                plugged,
+                want: size,
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -469,59 +447,54 @@ mod tests {
     use super::*;
 
     /// As QEMU 10 answers for `-smp 1,maxcpus=3` with one vCPU hot-added.
-    fn slots() -> Vec<CpuSlot> {
-        parse_slots(&json!([
+    fn slots() -> Vec<HotpluggableCPU> {
+        serde_json::from_value(json!([
             {"props": {"core-id": 2, "thread-id": 0, "node-id": 0, "socket-id": 0}, "vcpus-count": 1, "type": "max-x86_64-cpu"},
             {"props": {"core-id": 1, "thread-id": 0, "node-id": 0, "socket-id": 0}, "vcpus-count": 1,
              "qom-path": "/machine/peripheral/vcpu-s0c1t0", "type": "max-x86_64-cpu"},
             {"props": {"core-id": 0, "thread-id": 0, "node-id": 0, "socket-id": 0}, "vcpus-count": 1,
              "qom-path": "/machine/unattached/device[0]", "type": "max-x86_64-cpu"}
         ]))
+        .unwrap()
     }
 
     #[test]
     fn adds_into_free_slots_in_order() {
         let plan = plan_cpus(&slots(), 3).unwrap();
+        let [CpuChange::Add(args)] = &plan[..] else {
+            panic!("{plan:?}")
+        };
         assert_eq!(
-            plan,
-            [CpuChange::Add {
-                args: json!({"driver": "max-x86_64-cpu", "id": "vcpu-s0c2t0", "socket-id": 0, "core-id": 2, "thread-id": 0, "node-id": 0})
-            }]
+            serde_json::to_value(args).unwrap(),
+            json!({"driver": "max-x86_64-cpu", "id": "vcpu-s0c2t0", "socket-id": 0, "core-id": 2, "thread-id": 0, "node-id": 0})
         );
-        assert_eq!(plan_cpus(&slots(), 2).unwrap(), []);
-        assert!(
-            plan_cpus(&slots(), 4)
-                .unwrap_err()
-                .contains("only 1 vCPU slots are free")
+        assert!(plan_cpus(&slots(), 2).unwrap().is_empty());
+        assert_eq!(
+            plan_cpus(&slots(), 4).unwrap_err(),
+            PlanError::NoFreeSlots { free: 1 }
         );
     }
 
     #[test]
     fn removes_only_hotplugged_vcpus() {
-        assert_eq!(
-            plan_cpus(&slots(), 1).unwrap(),
-            [CpuChange::Remove {
-                id: "vcpu-s0c1t0".into()
-            }]
+        let plan = plan_cpus(&slots(), 1).unwrap();
+        assert!(
+            matches!(&plan[..], [CpuChange::Remove { id }] if id == "vcpu-s0c1t0"),
+            "{plan:?}"
         );
         let e = plan_cpus(&slots(), 0).unwrap_err();
-        assert!(e.contains("cannot go below the 1 vCPUs"), "{e}");
+        assert_eq!(e, PlanError::BelowBootCpus { boot: 1 });
+        assert!(e.to_string().contains("cannot go below the 1 vCPUs"), "{e}");
     }
 
     #[test]
     fn tcg_limits_vcpu_starts_per_process() {
-        let plan = plan_cpus(&slots(), 3).unwrap();
-        assert!(check_adds(&plan, None).is_ok());
-        assert!(check_adds(&plan, Some(1)).is_ok());
-        assert!(
-            check_adds(&plan, Some(0))
-                .unwrap_err()
-                .contains("under TCG")
-        );
-        assert!(
-            check_adds(&plan_cpus(&slots(), 1).unwrap(), Some(0)).is_ok(),
-            "removing is free"
-        );
+        assert!(check_adds(1, None).is_ok());
+        assert!(check_adds(1, Some(1)).is_ok());
+        let e = check_adds(1, Some(0)).unwrap_err();
+        assert_eq!(e, PlanError::TcgCpuStarts { left: 0 });
+        assert!(e.to_string().contains("under TCG"), "{e}");
+        assert!(check_adds(0, Some(0)).is_ok(), "removing is free");
     }
 
     #[test]
@@ -536,21 +509,17 @@ mod tests {
             Ok(256 * mib)
         );
         assert_eq!(virtio_mem_size(512 * mib, 512 * mib, 512 * mib), Ok(0));
-        assert!(
-            virtio_mem_size(512 * mib, 512 * mib, 256 * mib)
-                .unwrap_err()
-                .contains("below")
+        assert_eq!(
+            virtio_mem_size(512 * mib, 512 * mib, 256 * mib),
+            Err(PlanError::BelowBootMemory { base: 512 * mib })
         );
-        assert!(
-            virtio_mem_size(512 * mib, 512 * mib, 2048 * mib)
-                .unwrap_err()
-                .contains("exceeds")
+        assert_eq!(
+            virtio_mem_size(512 * mib, 512 * mib, 2048 * mib),
+            Err(PlanError::AboveMaxMemory { over: 1024 * mib })
         );
-        assert!(
-            virtio_mem_size(512 * mib, 512 * mib, 513 * mib)
-                .unwrap_err()
-                .contains("steps")
-        );
+        let e = virtio_mem_size(512 * mib, 512 * mib, 513 * mib).unwrap_err();
+        assert_eq!(e, PlanError::NotVirtioMemBlocks);
+        assert_eq!(e.to_string(), "must change in steps of 2Mi");
     }
 
     fn dimm(slot: u32, mib: u64) -> pb::Dimm {
@@ -602,22 +571,37 @@ mod tests {
             (256, "cannot go below the 512Mi"),
         ] {
             let e = plan_dimms(base, range, &all, want * mib).unwrap_err();
-            assert!(e.contains(needle), "{want}: {e}");
+            assert!(e.to_string().contains(needle), "{want}: {e}");
         }
+        assert_eq!(
+            plan_dimms(base, range, &all, 700 * mib),
+            Err(PlanError::NotWholeDimms {
+                dimm: 128 * mib,
+                want: 700 * mib
+            })
+        );
     }
 
     #[test]
     fn reads_virtio_mem_and_dimms() {
-        let m = parse_memory(
-            &json!({"base-memory": 536870912u64, "plugged-memory": 268435456u64}),
-            &json!([
-                {"type": "dimm", "data": {"id": "dimm1", "slot": 0, "size": 134217728u64}},
-                {"type": "dimm", "data": {"id": "dimm0", "slot": 1, "size": 134217728u64}},
-                {"type": "dimm", "data": {"id": "other", "size": 1}},
-                {"type": "virtio-mem", "data": {"id": "vmem0", "max-size": 1073741824u64,
-                 "requested-size": 4194304u64, "size": 2097152u64}}
-            ]),
-        );
+        let summary = serde_json::from_value(
+            json!({"base-memory": 536870912u64, "plugged-memory": 268435456u64}),
+        )
+        .unwrap();
+        let reported = |id: &str, slot, size: u64| {
+            json!({"type": "dimm", "data": {"id": id, "slot": slot, "size": size, "addr": 0,
+                   "memdev": "/objects/x", "node": 0, "hotplugged": true, "hotpluggable": true}})
+        };
+        let devices: Vec<qmp::MemoryDeviceInfo> = serde_json::from_value(json!([
+            reported("dimm1", 0, 134217728),
+            reported("dimm0", 1, 134217728),
+            reported("other", 2, 1),
+            {"type": "virtio-mem", "data": {"id": "vmem0", "max-size": 1073741824u64,
+             "requested-size": 4194304u64, "size": 2097152u64, "block-size": 2097152u64,
+             "memaddr": 4294967296u64, "memdev": "/objects/vmem0-mem", "node": 0}}
+        ]))
+        .unwrap();
+        let m = parse_memory(&summary, &devices);
         assert_eq!(m.base, 512 << 20);
         assert_eq!(m.dimms, [dimm(0, 128), dimm(1, 128)]);
         assert_eq!(

@@ -3,14 +3,17 @@
 //! and the port range of incoming migrations. The source side runs in [`crate::migration::source`], the
 //! target side in the supervisor ([`crate::vm::actor`]).
 
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
-use serde_json::{Value, json};
+use qapi::qmp;
+use qapi::qmp::{HotpluggableCPU, MigrationCapability};
 
-use crate::hotplug::{CpuSlot, Memory, dimm_slots, position};
+use crate::hotplug::{Memory, PlanError, dimm_slots, position};
+use crate::qemu::qmp::{QmpError, enum_name};
 use crate::spec::{FieldError, MemoryHotplug, VmSpec};
 
 pub mod source;
@@ -110,20 +113,76 @@ impl TryFrom<Option<pb::MigrationOptions>> for Options {
     }
 }
 
+/// A QEMU that could not be made ready to receive a VM's state (from a source QEMU or a
+/// snapshot's memory file), or that did not load it.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("QEMU is gone")]
+    NoProcess,
+    #[error("no free vCPU slot socket {socket} core {core} thread {thread}")]
+    NoFreeSlot { socket: u32, core: u32, thread: u32 },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("no free port in {}-{} on {address}", ports.start(), ports.end())]
+    NoFreePort {
+        ports: RangeInclusive<u16>,
+        address: IpAddr,
+    },
+    #[error(transparent)]
+    Load(#[from] AwaitError),
+}
+
+/// A migration QEMU carries out by itself (into a file, or incoming) that did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum AwaitError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// QEMU's own words, if it gave any.
+    #[error("{}", .0.as_deref().unwrap_or("QEMU gave no detail"))]
+    Failed(Option<String>),
+    #[error("not done within {0:?}")]
+    Timeout(Duration),
+}
+
+fn capability(capability: MigrationCapability, state: bool) -> qmp::MigrationCapabilityStatus {
+    qmp::MigrationCapabilityStatus { capability, state }
+}
+
 /// `migrate-set-capabilities` for the source (`outgoing`) or the target. multifd must match
 /// on both sides; auto-converge only matters where the guest runs; `late-block-activate`
 /// keeps the target's disks inactive (unlocked) until it is told to run.
-pub fn capabilities(o: &Options, outgoing: bool) -> Value {
-    let mut caps = vec![
-        json!({"capability": "events", "state": true}),
-        json!({"capability": "multifd", "state": o.multifd_channels > 0}),
+pub fn capabilities(o: &Options, outgoing: bool) -> qmp::migrate_set_capabilities {
+    let mut capabilities = vec![
+        capability(MigrationCapability::events, true),
+        capability(MigrationCapability::multifd, o.multifd_channels > 0),
     ];
-    if outgoing {
-        caps.push(json!({"capability": "auto-converge", "state": o.auto_converge}));
+    capabilities.push(if outgoing {
+        capability(MigrationCapability::auto_converge, o.auto_converge)
     } else {
-        caps.push(json!({"capability": "late-block-activate", "state": true}));
+        capability(MigrationCapability::late_block_activate, true)
+    });
+    qmp::migrate_set_capabilities { capabilities }
+}
+
+/// `migrate` to `uri` (another QEMU, or a file).
+pub fn migrate(uri: &str) -> qmp::migrate {
+    qmp::migrate {
+        uri: Some(uri.into()),
+        channels: None,
+        detach: None,
+        resume: None,
     }
-    json!({ "capabilities": caps })
+}
+
+/// `migrate-incoming` from `uri` (another QEMU, or a file).
+pub fn migrate_incoming(uri: &str) -> qmp::migrate_incoming {
+    qmp::migrate_incoming {
+        uri: Some(uri.into()),
+        channels: None,
+        exit_on_error: None,
+    }
 }
 
 /// QEMU's `downtime-limit` for a pause of at most `max_downtime`: half of it. QEMU switches
@@ -137,33 +196,29 @@ pub fn qemu_downtime_limit(max_downtime: Duration) -> u64 {
 }
 
 /// `migrate-set-parameters` for the source (`outgoing`) or the target.
-pub fn parameters(o: &Options, outgoing: bool) -> Value {
-    let mut p = serde_json::Map::new();
-    if o.multifd_channels > 0 {
-        p.insert("multifd-channels".into(), json!(o.multifd_channels));
-    }
-    if outgoing {
+pub fn parameters(o: &Options, outgoing: bool) -> qmp::migrate_set_parameters {
+    let multifd = (o.multifd_channels > 0).then_some(o.multifd_channels);
+    qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+        multifd_channels: multifd.map(|n| u8::try_from(n).unwrap_or(u8::MAX)),
         // 0: no rate limit.
-        p.insert("max-bandwidth".into(), json!(o.bandwidth.unwrap_or(0)));
-        p.insert(
-            "downtime-limit".into(),
-            json!(qemu_downtime_limit(o.max_downtime)),
-        );
-    }
-    Value::Object(p)
+        max_bandwidth: outgoing.then(|| o.bandwidth.unwrap_or(0)),
+        downtime_limit: outgoing.then(|| qemu_downtime_limit(o.max_downtime)),
+        ..Default::default()
+    })
 }
 
 /// Parameters once the completion timeout has passed: no bandwidth cap, and auto-converge
 /// throttling that starts high and climbs fast to 99 %. Throttling before cancelling, because
 /// a cancelled migration leaves the node drain or rebalance undone, while a throttled guest
 /// still runs; cancelling comes only when even that does not converge.
-pub fn escalation() -> Value {
-    json!({
-        "max-bandwidth": 0,
-        "cpu-throttle-initial": 50,
-        "cpu-throttle-increment": 25,
-        "max-cpu-throttle": 99,
-        "cpu-throttle-tailslow": false,
+pub fn escalation() -> qmp::migrate_set_parameters {
+    qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+        max_bandwidth: Some(0),
+        cpu_throttle_initial: Some(50),
+        cpu_throttle_increment: Some(25),
+        max_cpu_throttle: Some(99),
+        cpu_throttle_tailslow: Some(false),
+        ..Default::default()
     })
 }
 
@@ -209,27 +264,36 @@ pub fn qemu_status(s: &str) -> QemuStatus {
 
 /// The figures of a `query-migrate` reply, written into `p`. Returns QEMU's status and, when
 /// it failed, its description.
-pub fn read_query_migrate(reply: &Value, p: &mut pb::MigrationProgress) -> (QemuStatus, String) {
-    let u = |v: &Value| v.as_u64().unwrap_or(0);
-    let ram = &reply["ram"];
-    if ram.is_object() {
-        p.transferred_bytes = u(&ram["transferred"]);
-        p.remaining_bytes = u(&ram["remaining"]);
-        p.total_bytes = u(&ram["total"]);
-        p.iterations = u(&ram["dirty-sync-count"]);
-        let page = u(&ram["page-size"]).max(1);
-        p.dirty_rate_bytes_per_second = u(&ram["dirty-pages-rate"]).saturating_mul(page);
+pub fn read_query_migrate(
+    reply: &qmp::MigrationInfo,
+    p: &mut pb::MigrationProgress,
+) -> (QemuStatus, String) {
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    let ms = |v: Option<i64>| u(v.unwrap_or(0)).min(u32::MAX.into()) as u32;
+    if let Some(ram) = &reply.ram {
+        p.transferred_bytes = u(ram.transferred);
+        p.remaining_bytes = u(ram.remaining);
+        p.total_bytes = u(ram.total);
+        p.iterations = u(ram.dirty_sync_count);
+        let page = u(ram.page_size).max(1);
+        p.dirty_rate_bytes_per_second = u(ram.dirty_pages_rate).saturating_mul(page);
         // QEMU reports megabits per second.
-        p.throughput_bytes_per_second = (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64;
+        p.throughput_bytes_per_second = (ram.mbps * 1e6 / 8.0) as u64;
     }
-    p.expected_downtime_ms = u(&reply["expected-downtime"]).min(u32::MAX.into()) as u32;
-    p.cpu_throttle_percent = u(&reply["cpu-throttle-percentage"]) as u32;
-    if let Some(d) = reply["downtime"].as_u64() {
-        p.qemu_downtime_ms = d.min(u32::MAX.into()) as u32;
+    p.expected_downtime_ms = ms(reply.expected_downtime);
+    p.cpu_throttle_percent = ms(reply.cpu_throttle_percentage);
+    if reply.downtime.is_some() {
+        p.qemu_downtime_ms = ms(reply.downtime);
     }
-    let status = qemu_status(reply["status"].as_str().unwrap_or_default());
-    let error = reply["error-desc"].as_str().unwrap_or_default().to_string();
-    (status, error)
+    (
+        info_status(reply),
+        reply.error_desc.clone().unwrap_or_default(),
+    )
+}
+
+/// The status of a `query-migrate` reply.
+pub fn info_status(reply: &qmp::MigrationInfo) -> QemuStatus {
+    qemu_status(&reply.status.as_ref().map(enum_name).unwrap_or_default())
 }
 
 pub fn is_final(phase: pb::MigrationPhase) -> bool {
@@ -241,8 +305,8 @@ pub fn is_final(phase: pb::MigrationPhase) -> bool {
 
 /// The layout of a running QEMU: boot vCPUs, hot-added vCPU slots, boot memory, the virtio-mem
 /// size and the DIMMs, from `query-hotpluggable-cpus` and [`crate::hotplug::memory`].
-pub fn layout(slots: &[CpuSlot], memory: &Memory) -> pb::MachineLayout {
-    let hot = |s: &CpuSlot| {
+pub fn layout(slots: &[HotpluggableCPU], memory: &Memory) -> pb::MachineLayout {
+    let hot = |s: &HotpluggableCPU| {
         s.qom_path
             .as_deref()
             .is_some_and(|p| p.starts_with("/machine/peripheral/"))
@@ -310,17 +374,19 @@ pub fn check_layout(l: &pb::MachineLayout, spec: &VmSpec) -> Result<(), FieldErr
     Ok(())
 }
 
-/// The `device_add` arguments recreating `want` on a target QEMU's free slot.
-pub fn cpu_to_add(slots: &[CpuSlot], want: &pb::CpuSlot) -> Result<Value, String> {
+/// The `device_add` recreating `want` on a target QEMU's free slot.
+pub fn cpu_to_add(
+    slots: &[HotpluggableCPU],
+    want: &pb::CpuSlot,
+) -> Result<qmp::device_add, IncomingError> {
     let wanted = (want.socket.into(), want.core.into(), want.thread.into());
     let slot = slots
         .iter()
         .find(|s| s.qom_path.is_none() && position(s) == wanted)
-        .ok_or_else(|| {
-            format!(
-                "no free vCPU slot socket {} core {} thread {}",
-                want.socket, want.core, want.thread
-            )
+        .ok_or(IncomingError::NoFreeSlot {
+            socket: want.socket,
+            core: want.core,
+            thread: want.thread,
         })?;
     Ok(crate::hotplug::add_args(slot))
 }
@@ -360,13 +426,18 @@ impl FromStr for PortRange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hotplug::parse_slots;
+    use serde_json::{Value, json};
+
+    /// What QEMU is sent.
+    fn sent<T: serde::Serialize>(command: &T) -> Value {
+        serde_json::to_value(command).unwrap()
+    }
 
     #[test]
     fn defaults_are_the_agents_not_qemus() {
         let o = Options::try_from(None).unwrap();
         assert_eq!(o, Options::default());
-        let p = parameters(&o, true);
+        let p = sent(&parameters(&o, true));
         assert_eq!(p["max-bandwidth"], 0);
         assert_eq!(p["downtime-limit"], 25, "half the pause the agent allows");
         assert_eq!(p["multifd-channels"], o.multifd_channels);
@@ -375,15 +446,15 @@ mod tests {
             [1, 2, 4, 4],
             "one channel per CPU, at most 4"
         );
-        let caps = capabilities(&o, true).to_string();
+        let caps = sent(&capabilities(&o, true)).to_string();
         assert!(caps.contains(r#"{"capability":"auto-converge","state":true}"#));
         assert!(caps.contains(r#"{"capability":"multifd","state":true}"#));
         // The target gets multifd alike, and keeps its disks inactive until told to run.
-        let t = capabilities(&o, false).to_string();
+        let t = sent(&capabilities(&o, false)).to_string();
         assert!(t.contains(r#"{"capability":"multifd","state":true}"#));
         assert!(t.contains("late-block-activate"));
         assert!(!t.contains("auto-converge"));
-        assert!(parameters(&o, false).get("max-bandwidth").is_none());
+        assert!(sent(&parameters(&o, false)).get("max-bandwidth").is_none());
     }
 
     #[test]
@@ -407,13 +478,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(set.bandwidth, Some(32 << 20));
-        let p = parameters(&set, true);
+        let p = sent(&parameters(&set, true));
         assert_eq!(p["max-bandwidth"], 32 << 20);
         assert_eq!(p["downtime-limit"], 150);
         assert_eq!(qemu_downtime_limit(Duration::from_millis(1)), 1);
         assert!(p.get("multifd-channels").is_none());
         assert!(
-            capabilities(&set, true)
+            sent(&capabilities(&set, true))
                 .to_string()
                 .contains(r#""multifd","state":false"#)
         );
@@ -429,16 +500,21 @@ mod tests {
         );
         assert_eq!(deadline(Duration::from_secs(15), t, true), Deadline::Wait);
         assert_eq!(deadline(Duration::from_secs(20), t, true), Deadline::Cancel);
-        assert_eq!(escalation()["max-cpu-throttle"], 99);
+        assert_eq!(sent(&escalation())["max-cpu-throttle"], 99);
     }
 
     #[test]
     fn query_migrate_figures() {
-        let reply = json!({
+        let reply = serde_json::from_value(json!({
             "status": "active", "expected-downtime": 42, "cpu-throttle-percentage": 30,
             "ram": {"transferred": 1000, "remaining": 500, "total": 2000, "dirty-sync-count": 3,
-                    "page-size": 4096, "dirty-pages-rate": 10, "mbps": 800.0}
-        });
+                    "page-size": 4096, "dirty-pages-rate": 10, "mbps": 800.0,
+                    "duplicate": 0, "normal": 0, "normal-bytes": 0, "multifd-bytes": 0,
+                    "pages-per-second": 0, "precopy-bytes": 0, "downtime-bytes": 0,
+                    "postcopy-bytes": 0, "postcopy-requests": 0,
+                    "dirty-sync-missed-zero-copy": 0}
+        }))
+        .unwrap();
         let mut p = pb::MigrationProgress::default();
         assert_eq!(read_query_migrate(&reply, &mut p).0, QemuStatus::Going);
         assert_eq!(
@@ -453,7 +529,9 @@ mod tests {
         assert_eq!(p.dirty_rate_bytes_per_second, 40960);
         assert_eq!(p.throughput_bytes_per_second, 100_000_000);
         assert_eq!((p.expected_downtime_ms, p.cpu_throttle_percent), (42, 30));
-        let failed = json!({"status": "failed", "error-desc": "Unable to write"});
+        let failed =
+            serde_json::from_value(json!({"status": "failed", "error-desc": "Unable to write"}))
+                .unwrap();
         assert_eq!(
             read_query_migrate(&failed, &mut p),
             (QemuStatus::Failed, "Unable to write".into())
@@ -462,14 +540,17 @@ mod tests {
         assert_eq!(qemu_status("completed"), QemuStatus::Completed);
     }
 
-    fn slots() -> Vec<CpuSlot> {
-        parse_slots(&json!([
-            {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 2, "thread-id": 0}},
-            {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 1, "thread-id": 0},
-             "qom-path": "/machine/peripheral/vcpu-s0c1t0"},
-            {"type": "max-x86_64-cpu", "props": {"socket-id": 0, "core-id": 0, "thread-id": 0},
-             "qom-path": "/machine/unattached/device[0]"}
+    fn slots() -> Vec<HotpluggableCPU> {
+        let slot = |core, qom_path: Option<&str>| {
+            json!({"type": "max-x86_64-cpu", "vcpus-count": 1, "qom-path": qom_path,
+                   "props": {"socket-id": 0, "core-id": core, "thread-id": 0}})
+        };
+        serde_json::from_value(json!([
+            slot(2, None),
+            slot(1, Some("/machine/peripheral/vcpu-s0c1t0")),
+            slot(0, Some("/machine/unattached/device[0]")),
         ]))
+        .unwrap()
     }
 
     #[test]
@@ -535,31 +616,21 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(args["id"], "vcpu-s0c2t0");
-        assert_eq!(args["core-id"], 2);
+        assert_eq!(args.id.as_deref(), Some("vcpu-s0c2t0"));
+        assert_eq!(sent(&args)["core-id"], 2);
         // Occupied or absent slots are refused.
-        assert!(
-            cpu_to_add(
-                &slots(),
-                &pb::CpuSlot {
-                    socket: 0,
-                    core: 1,
-                    thread: 0
-                }
-            )
-            .is_err()
-        );
-        assert!(
-            cpu_to_add(
-                &slots(),
-                &pb::CpuSlot {
-                    socket: 3,
-                    core: 0,
-                    thread: 0
-                }
-            )
-            .is_err()
-        );
+        for (socket, core) in [(0, 1), (3, 0)] {
+            let want = pb::CpuSlot {
+                socket,
+                core,
+                thread: 0,
+            };
+            let e = cpu_to_add(&slots(), &want).unwrap_err();
+            assert!(
+                matches!(e, IncomingError::NoFreeSlot { socket: s, core: c, thread: 0 } if (s, c) == (socket, core)),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
-use serde_json::json;
+use qapi::qmp;
 use tokio::sync::{broadcast, oneshot, watch};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -17,7 +17,7 @@ use tracing::{Instrument, info, warn};
 use crate::context::now_ms;
 use crate::error::AgentError;
 use crate::migration::{self, Deadline, Options, QemuStatus};
-use crate::qemu::qmp::Qmp;
+use crate::qemu::qmp::{Qmp, QmpError};
 use crate::vm::actor::{Migration, Supervisor, Task};
 use crate::vm::phase::{Action, Phase};
 use crate::vm::reason::Reason;
@@ -72,6 +72,27 @@ pub enum Outcome {
     Unknown,
 }
 
+/// Why the target never received the VM's state (the VM keeps running here).
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error("target agent {0} did not answer in {CONNECT_TIMEOUT:?}")]
+    NoAnswer(Address),
+    #[error("cannot reach target agent {target}: {source}")]
+    Unreachable {
+        target: Address,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("target agent did not prepare within {PREPARE_TIMEOUT:?}")]
+    NotPrepared,
+    #[error("target agent refused: {}", .0.message())]
+    Refused(#[source] tonic::Status),
+    #[error("pausing the guest for the copy: {0}")]
+    Pause(#[source] QmpError),
+    #[error("QEMU refused to migrate: {0}")]
+    Migrate(#[source] QmpError),
+}
+
 impl Outgoing {
     pub async fn run(mut self) -> Ended {
         let started = Instant::now();
@@ -79,7 +100,7 @@ impl Outgoing {
             Ok(t) => t,
             Err(why) => {
                 self.resume_after_pause().await;
-                return self.end(pb::MigrationPhase::Failed, why, started);
+                return self.end(pb::MigrationPhase::Failed, why.to_string(), started);
             }
         };
         match self.migrate(&mut target, started).await {
@@ -95,24 +116,22 @@ impl Outgoing {
     /// Runs the guest again if this migration paused it for the copy.
     async fn resume_after_pause(&self) {
         if self.paused_at.is_some()
-            && let Err(e) = self.qmp.execute(qapi::qmp::cont {}).await
+            && let Err(e) = self.qmp.execute(qmp::cont {}).await
         {
             warn!("resuming after the migration: {e}");
         }
     }
 
     /// Connects to the target agent and has it start the receiving QEMU.
-    async fn prepare(&mut self) -> Result<AgentServiceClient<Channel>, String> {
+    async fn prepare(&mut self) -> Result<AgentServiceClient<Channel>, PrepareError> {
         self.update(|p| p.phase = pb::MigrationPhase::Preparing as i32);
         let mut client = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.target))
             .await
-            .map_err(|_| {
-                format!(
-                    "target agent {} did not answer in {CONNECT_TIMEOUT:?}",
-                    self.target
-                )
-            })?
-            .map_err(|e| format!("cannot reach target agent {}: {e}", self.target))?;
+            .map_err(|_| PrepareError::NoAnswer(self.target.clone()))?
+            .map_err(|source| PrepareError::Unreachable {
+                target: self.target.clone(),
+                source,
+            })?;
         let req = pb::PrepareIncomingRequest {
             spec: Some(self.spec.clone()),
             layout: Some(self.layout.clone()),
@@ -121,16 +140,16 @@ impl Outgoing {
         };
         let resp = tokio::time::timeout(PREPARE_TIMEOUT, client.prepare_incoming(req))
             .await
-            .map_err(|_| format!("target agent did not prepare within {PREPARE_TIMEOUT:?}"))?
-            .map_err(|s| format!("target agent refused: {}", s.message()))?
+            .map_err(|_| PrepareError::NotPrepared)?
+            .map_err(PrepareError::Refused)?
             .into_inner();
         info!(uri = resp.uri, target = resp.node_name, "target prepared");
         self.update(|p| p.target_node = resp.node_name.clone());
         if self.pause_for_copy {
             self.qmp
-                .execute(qapi::qmp::stop {})
+                .execute(qmp::stop {})
                 .await
-                .map_err(|e| format!("pausing the guest for the copy: {e}"))?;
+                .map_err(PrepareError::Pause)?;
             self.paused_at = Some(Instant::now());
             self.update(|p| {
                 p.message = "the guest is paused for the copy (--migration-copy; by default under TCG, whose software dirty tracking is not reliable for a live copy)".into();
@@ -139,22 +158,15 @@ impl Outgoing {
         // Capabilities and parameters are the source's to set per migration.
         let qmp = &self.qmp;
         let setup = async {
-            qmp.execute_value(
-                "migrate-set-capabilities",
-                migration::capabilities(&self.options, true),
-            )
-            .await?;
-            qmp.execute_value(
-                "migrate-set-parameters",
-                migration::parameters(&self.options, true),
-            )
-            .await?;
-            qmp.execute_value("migrate", json!({ "uri": resp.uri }))
-                .await
+            qmp.execute(migration::capabilities(&self.options, true))
+                .await?;
+            qmp.execute(migration::parameters(&self.options, true))
+                .await?;
+            qmp.execute(migration::migrate(&resp.uri)).await
         };
         if let Err(e) = setup.await {
             self.abort_target(&mut client).await;
-            return Err(format!("QEMU refused to migrate: {e}"));
+            return Err(PrepareError::Migrate(e));
         }
         self.update(|p| p.phase = pb::MigrationPhase::Active as i32);
         Ok(client)
@@ -198,7 +210,7 @@ impl Outgoing {
                         Deadline::Escalate => {
                             escalated = true;
                             warn!("migration not done after {:?}: throttling the guest", self.options.completion_timeout);
-                            let _ = self.qmp.execute_value("migrate-set-parameters", migration::escalation()).await;
+                            let _ = self.qmp.execute(migration::escalation()).await;
                             self.update(|p| {
                                 p.phase = pb::MigrationPhase::Throttling as i32;
                                 p.message = "completion timeout passed: bandwidth cap lifted, guest throttled up to 99 %".into();
@@ -209,7 +221,7 @@ impl Outgoing {
                                 "did not converge within {:?} even throttled; cancelled, the VM keeps running here",
                                 self.options.completion_timeout * 2
                             )));
-                            let _ = self.qmp.execute_value("migrate_cancel", json!({})).await;
+                            let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
                         }
                         Deadline::Cancel => {}
                     }
@@ -227,7 +239,7 @@ impl Outgoing {
                     } && cancelled.is_none() {
                         warn!("{why}; cancelling");
                         cancelled = Some(failed(&format!("{why}; cancelled, the VM keeps running here")));
-                        let _ = self.qmp.execute_value("migrate_cancel", json!({})).await;
+                        let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
                     }
                     continue;
                 }
@@ -235,14 +247,14 @@ impl Outgoing {
                     if cancelled.is_none() {
                         info!("migration cancel requested");
                         cancelled = Some((pb::MigrationPhase::Cancelled, "cancelled on request; the VM keeps running here".into()));
-                        let _ = self.qmp.execute_value("migrate_cancel", json!({})).await;
+                        let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
                     }
                     continue;
                 }
             }
             let reply = self
                 .qmp
-                .execute_value("query-migrate", json!({}))
+                .execute(qmp::query_migrate {})
                 .await
                 .map_err(|e| failed(&format!("query-migrate: {e}")))?;
             let mut status = QemuStatus::Going;
@@ -317,7 +329,7 @@ impl Outgoing {
         };
         match outcome {
             Outcome::NotMoved => {
-                if let Err(e) = self.qmp.execute(qapi::qmp::cont {}).await {
+                if let Err(e) = self.qmp.execute(qmp::cont {}).await {
                     warn!("resuming after the failed hand-over: {e}");
                 }
                 self.end(
@@ -393,16 +405,10 @@ pub fn initial(name: &str, source_node: &str) -> pb::MigrationProgress {
 }
 
 /// The machine layout of the live QEMU behind `qmp`.
-pub async fn read_layout(qmp: &Qmp) -> Result<pb::MachineLayout, String> {
-    let slots = qmp
-        .execute_value("query-hotpluggable-cpus", json!({}))
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn read_layout(qmp: &Qmp) -> Result<pb::MachineLayout, QmpError> {
+    let slots = qmp.execute(qmp::query_hotpluggable_cpus {}).await?;
     let memory = crate::hotplug::memory(qmp).await?;
-    Ok(migration::layout(
-        &crate::hotplug::parse_slots(&slots),
-        &memory,
-    ))
+    Ok(migration::layout(&slots, &memory))
 }
 
 impl Supervisor {

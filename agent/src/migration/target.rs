@@ -3,9 +3,9 @@
 
 use crate::error::AgentError;
 use crate::hotplug;
-use crate::migration::{self, Options};
+use crate::migration::{self, AwaitError, IncomingError, Options, QemuStatus};
 use crate::qemu::process;
-use crate::qemu::qmp::{self, Qmp};
+use crate::qemu::qmp::Qmp;
 pub use crate::snapshot::create::SnapshotRequest;
 use crate::snapshot::files::DiskLayers;
 use crate::vm::actor::INCOMING_LOAD_TIMEOUT;
@@ -13,7 +13,7 @@ use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
 use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
-use serde_json::json;
+use qapi::qmp;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -75,66 +75,49 @@ impl Supervisor {
         &mut self,
         layout: &pb::MachineLayout,
         options: &Options,
-    ) -> Result<String, String> {
+    ) -> Result<String, IncomingError> {
         self.replay_layout(layout).await?;
         self.open_incoming_port(options).await
     }
 
     /// Plugs what the source QEMU had plugged since its start: the state loads only into the
     /// same devices.
-    pub(crate) async fn replay_layout(&mut self, layout: &pb::MachineLayout) -> Result<(), String> {
-        let run = self.running.as_mut().ok_or("QEMU is gone")?;
+    pub(crate) async fn replay_layout(
+        &mut self,
+        layout: &pb::MachineLayout,
+    ) -> Result<(), IncomingError> {
+        let run = self.running.as_mut().ok_or(IncomingError::NoProcess)?;
         let qmp = run.qmp.clone();
-        let err = |e: qmp::QmpError| e.to_string();
         if !layout.hotplugged_cpus.is_empty() {
-            let slots = hotplug::parse_slots(
-                &qmp.execute_value("query-hotpluggable-cpus", json!({}))
-                    .await
-                    .map_err(err)?,
-            );
+            let slots = qmp.execute(qmp::query_hotpluggable_cpus {}).await?;
             for cpu in &layout.hotplugged_cpus {
                 let args = migration::cpu_to_add(&slots, cpu)?;
-                let mut left = run.cpu_adds_left;
-                hotplug::check_adds(&[hotplug::CpuChange::Add { args: args.clone() }], left)?;
-                qmp.execute_value("device_add", args).await.map_err(err)?;
-                if let Some(l) = &mut left {
-                    *l -= 1;
+                hotplug::check_adds(1, run.cpu_adds_left)?;
+                qmp.execute(args).await?;
+                if let Some(left) = &mut run.cpu_adds_left {
+                    *left -= 1;
                 }
-                run.cpu_adds_left = left;
             }
         }
         for dimm in &layout.dimms {
             hotplug::plug_dimm(&qmp, dimm).await?;
         }
         if layout.virtio_mem_requested_bytes > 0 {
-            qmp.execute_value(
-                "qom-set",
-                json!({"path": hotplug::VMEM_ID, "property": "requested-size",
-                       "value": layout.virtio_mem_requested_bytes}),
-            )
-            .await
-            .map_err(err)?;
+            hotplug::request_virtio_mem(&qmp, layout.virtio_mem_requested_bytes).await?;
         }
         Ok(())
     }
 
     /// Sets the incoming-migration capabilities and opens the first free port of the range.
-    pub(crate) async fn open_incoming_port(&self, options: &Options) -> Result<String, String> {
-        let qmp = self.running.as_ref().ok_or("QEMU is gone")?.qmp.clone();
-        let err = |e: qmp::QmpError| e.to_string();
-        qmp.execute_value(
-            "migrate-set-capabilities",
-            migration::capabilities(options, false),
-        )
-        .await
-        .map_err(err)?;
-        qmp.execute_value(
-            "migrate-set-parameters",
-            migration::parameters(options, false),
-        )
-        .await
-        .map_err(err)?;
-        let host = match self.ctx.migration_address {
+    pub(crate) async fn open_incoming_port(
+        &self,
+        options: &Options,
+    ) -> Result<String, IncomingError> {
+        let qmp = &self.running.as_ref().ok_or(IncomingError::NoProcess)?.qmp;
+        qmp.execute(migration::capabilities(options, false)).await?;
+        qmp.execute(migration::parameters(options, false)).await?;
+        let address = self.ctx.migration_address;
+        let host = match address {
             std::net::IpAddr::V4(a) => a.to_string(),
             std::net::IpAddr::V6(a) => format!("[{a}]"),
         };
@@ -143,19 +126,13 @@ impl Supervisor {
         let ports = &self.ctx.migration_ports.0;
         let port = ports
             .clone()
-            .find(|p| std::net::TcpListener::bind((self.ctx.migration_address, *p)).is_ok())
-            .ok_or_else(|| {
-                format!(
-                    "no free port in {}-{} on {}",
-                    ports.start(),
-                    ports.end(),
-                    self.ctx.migration_address
-                )
+            .find(|p| std::net::TcpListener::bind((address, *p)).is_ok())
+            .ok_or_else(|| IncomingError::NoFreePort {
+                ports: ports.clone(),
+                address,
             })?;
         let uri = format!("tcp:{host}:{port}");
-        qmp.execute_value("migrate-incoming", json!({ "uri": uri }))
-            .await
-            .map_err(|e| e.to_string())?;
+        qmp.execute(migration::migrate_incoming(&uri)).await?;
         Ok(uri)
     }
 
@@ -191,27 +168,19 @@ impl Supervisor {
 
 /// Waits until QEMU's migration has completed: an incoming one (from a source QEMU or a file)
 /// loaded, or one to a file written. Err: QEMU's reason, or the time limit.
-pub(crate) async fn await_migration(qmp: &Qmp, limit: Duration) -> Result<(), String> {
+pub(crate) async fn await_migration(qmp: &Qmp, limit: Duration) -> Result<(), AwaitError> {
     let deadline = Instant::now() + limit;
     // A live migration's end is announced (its "events" capability is on) and answered at
     // once; saves and restores, which have no events, are polled.
     let mut events = qmp.events();
     loop {
-        let reply = qmp
-            .execute_value("query-migrate", json!({}))
-            .await
-            .map_err(|e| e.to_string())?;
-        match migration::qemu_status(reply["status"].as_str().unwrap_or_default()) {
-            migration::QemuStatus::Completed => return Ok(()),
-            migration::QemuStatus::Failed | migration::QemuStatus::Cancelled => {
-                return Err(reply["error-desc"]
-                    .as_str()
-                    .unwrap_or("QEMU gave no detail")
-                    .to_string());
+        let reply = qmp.execute(qmp::query_migrate {}).await?;
+        match migration::info_status(&reply) {
+            QemuStatus::Completed => return Ok(()),
+            QemuStatus::Failed | QemuStatus::Cancelled => {
+                return Err(AwaitError::Failed(reply.error_desc));
             }
-            _ if Instant::now() > deadline => {
-                return Err(format!("not done within {limit:?}"));
-            }
+            _ if Instant::now() > deadline => return Err(AwaitError::Timeout(limit)),
             _ => {
                 let _ = tokio::time::timeout(Duration::from_millis(2), events.recv()).await;
             }

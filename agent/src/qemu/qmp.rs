@@ -39,7 +39,14 @@ pub enum QmpError {
         class: String,
         desc: String,
     },
-    /// The arguments could not be encoded, or the reply does not fit the command's schema.
+    /// The arguments do not fit the command's schema.
+    #[error("QMP {command}: bad arguments: {source}")]
+    Encode {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply does not fit the command's schema.
     #[error("QMP {command}: unexpected reply: {source}")]
     Decode {
         command: String,
@@ -124,13 +131,24 @@ impl Qmp {
     }
 
     pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
-        let decode = |source| QmpError::Decode {
+        let arguments = serde_json::to_value(&command).map_err(|source| QmpError::Encode {
             command: C::NAME.into(),
             source,
-        };
-        let arguments = serde_json::to_value(&command).map_err(decode)?;
+        })?;
         let reply = self.execute_value(C::NAME, arguments).await?;
-        serde_json::from_value(reply).map_err(decode)
+        serde_json::from_value(reply).map_err(|source| QmpError::Decode {
+            command: C::NAME.into(),
+            source,
+        })
+    }
+
+    /// [`Qmp::execute`] for arguments built as JSON: they are read as `C` (so checked against
+    /// its schema) before anything is sent.
+    pub async fn execute_json<C>(&self, arguments: Value) -> Result<C::Ok, QmpError>
+    where
+        C: qapi::Command + serde::de::DeserializeOwned,
+    {
+        self.execute(command::<C>(arguments)?).await
     }
 
     /// Runs a command by name with JSON arguments; returns its `return` value.
@@ -159,6 +177,25 @@ impl Qmp {
         };
         reply_result(name, reply)
     }
+}
+
+/// A typed command from arguments written as JSON, checked against the command's schema.
+pub fn command<C>(arguments: Value) -> Result<C, QmpError>
+where
+    C: qapi::Command + serde::de::DeserializeOwned,
+{
+    serde_json::from_value(arguments).map_err(|source| QmpError::Encode {
+        command: C::NAME.into(),
+        source,
+    })
+}
+
+/// QAPI enums serialise as their QMP string ("running").
+pub fn enum_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 /// Splits a reply into its `return` value or its error.
@@ -258,6 +295,15 @@ mod tests {
             .unwrap();
         });
         let qmp = Qmp::connect(&path).await.unwrap();
+        // Arguments that do not fit the schema are refused before anything is sent.
+        let bad = json!({"capabilities": [{"capability": "no-such-capability", "state": true}]});
+        let refused = qmp
+            .execute_json::<qapi::qmp::migrate_set_capabilities>(bad)
+            .await;
+        assert!(
+            matches!(&refused, Err(QmpError::Encode { command, .. }) if command == "migrate-set-capabilities"),
+            "{refused:?}"
+        );
         let mut events = qmp.events();
         let status = qmp.execute(qapi::qmp::query_status {}).await.unwrap();
         assert!(status.running);

@@ -3,20 +3,20 @@
 
 use crate::context::now_ms;
 use crate::error::AgentError;
-use crate::migration::source;
 use crate::migration::target::await_migration;
-use crate::qemu::qmp::Qmp;
+use crate::migration::{self, source};
+use crate::qemu::qmp::{Qmp, enum_name};
 use crate::snapshot::SAVE_TIMEOUT;
 use crate::snapshot::files::{self, MEMORY_FILE, META_FILE};
 use crate::snapshot::{
-    FileStamp, Layout, MemoryState, SaveMode, SnapshotMeta, check_snapshot_name,
+    FileStamp, Layout, MemoryState, SaveMode, SnapshotError, SnapshotMeta, check_snapshot_name,
 };
 use crate::spec::DiskFormat;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
 use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
-use serde_json::json;
+use qapi::qmp;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, info, warn};
@@ -29,8 +29,8 @@ impl Supervisor {
         check_snapshot_name(&req.snapshot)?;
         let started = Instant::now();
         let live = match self.status.phase {
-            Phase::Running | Phase::Paused => true,
-            Phase::Pending | Phase::Stopped | Phase::Failed if !req.memory => false,
+            Phase::Running | Phase::Paused => Some(self.live_qmp()?),
+            Phase::Pending | Phase::Stopped | Phase::Failed if !req.memory => None,
             Phase::Pending | Phase::Stopped | Phase::Failed => {
                 return Err(self.conflict(
                     "is not running: it has no memory to snapshot (leave out memory for a disk snapshot)".into(),
@@ -49,10 +49,9 @@ impl Supervisor {
         };
         // The snapshot the disks descend from now (taking this one moves that on).
         let parent = self.layers.current.clone();
-        let result = if live {
-            self.snapshot_live(&req, &dir).await
-        } else {
-            self.snapshot_stopped(&req).await
+        let result = match live {
+            Some(qmp) => self.snapshot_live(&qmp, &req, &dir).await,
+            None => self.snapshot_stopped(&req).await,
         }
         .map(|c| SnapshotMeta {
             vm: self.spec.name.clone(),
@@ -93,7 +92,7 @@ impl Supervisor {
             Err(why) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 warn!(snapshot = req.snapshot, "snapshot failed: {why}");
-                self.publish(Reason::SnapshotFailed, &why);
+                self.publish(Reason::SnapshotFailed, &why.to_string());
                 Err(self.qemu_error(format!("snapshot {:?}: {why}", req.snapshot)))
             }
         }
@@ -103,17 +102,17 @@ impl Supervisor {
     /// its state goes to a file.
     pub(crate) async fn snapshot_live(
         &mut self,
+        qmp: &Qmp,
         req: &SnapshotRequest,
         dir: &Path,
-    ) -> Result<Captured, String> {
-        let qmp = self.live_qmp().map_err(|e| e.to_string())?;
-        let layout = source::read_layout(&qmp)
+    ) -> Result<Captured, SnapshotError> {
+        let layout = source::read_layout(qmp)
             .await
             .map(|l| Layout::from(&l))
-            .map_err(|e| format!("reading the machine layout: {e}"))?;
+            .map_err(SnapshotError::Layout)?;
         let mode = if req.memory {
             Some(SaveMode::for_capabilities(
-                &migrate_capabilities(&qmp).await?,
+                &migrate_capabilities(qmp).await?,
             ))
         } else {
             None
@@ -122,18 +121,18 @@ impl Supervisor {
         let quiesced = req.quiesce && self.freeze(true).await?;
         let paused_at = Instant::now();
         if mode.is_some() && was_running {
-            qmp.execute(qapi::qmp::stop {})
+            qmp.execute(qmp::stop {})
                 .await
-                .map_err(|e| format!("pausing the guest: {e}"))?;
+                .map_err(SnapshotError::qmp("pausing the guest"))?;
         }
-        let frozen = self.add_overlays(&qmp, &req.snapshot).await;
+        let frozen = self.add_overlays(qmp, &req.snapshot).await;
         let memory = match (&frozen, mode) {
-            (Ok(_), Some(mode)) => Some(save_memory(&qmp, mode, &dir.join(MEMORY_FILE)).await),
+            (Ok(_), Some(mode)) => Some(save_memory(qmp, mode, &dir.join(MEMORY_FILE)).await),
             _ => None,
         };
         if mode.is_some() && was_running {
             // Whatever happened, the guest runs on (on its new overlays if they were made).
-            if let Err(e) = qmp.execute(qapi::qmp::cont {}).await {
+            if let Err(e) = qmp.execute(qmp::cont {}).await {
                 warn!("resuming after the snapshot: {e}");
             }
         }
@@ -165,9 +164,9 @@ impl Supervisor {
     pub(crate) async fn snapshot_stopped(
         &mut self,
         req: &SnapshotRequest,
-    ) -> Result<Captured, String> {
-        let resolved = self.resolved_spec().map_err(|e| e.to_string())?;
-        files::ensure_layers_dir(&self.dir).map_err(|e| e.to_string())?;
+    ) -> Result<Captured, SnapshotError> {
+        let resolved = self.resolved_spec()?;
+        self.ensure_layers_dir()?;
         let mut frozen = std::collections::BTreeMap::new();
         let mut active = self.layers.active.clone();
         for disk in resolved.disks.iter().filter(|d| !d.read_only) {
@@ -193,23 +192,18 @@ impl Supervisor {
     }
 
     /// Freezes (or thaws) the guest's filesystems through its agent. Returns whether it froze.
-    pub(crate) async fn freeze(&mut self, freeze: bool) -> Result<bool, String> {
+    pub(crate) async fn freeze(&mut self, freeze: bool) -> Result<bool, SnapshotError> {
         let Some(run) = &self.running else {
             return Ok(false);
         };
         if !self.status.agent_connected {
-            return Err("quiesce needs the guest agent, which is not connected".into());
+            return Err(SnapshotError::NoGuestAgent);
         }
         run.guest_commands
             .fsfreeze(freeze)
             .await
-            .map(|_| true)
-            .map_err(|e| {
-                format!(
-                    "guest agent {}: {e}",
-                    if freeze { "freeze" } else { "thaw" }
-                )
-            })
+            .map(|()| true)
+            .map_err(|source| SnapshotError::Freeze { freeze, source })
     }
 }
 
@@ -232,17 +226,12 @@ pub(crate) struct Captured {
 }
 
 /// Names of the migration capabilities this QEMU has.
-async fn migrate_capabilities(qmp: &Qmp) -> Result<Vec<String>, String> {
+async fn migrate_capabilities(qmp: &Qmp) -> Result<Vec<String>, SnapshotError> {
     let caps = qmp
-        .execute_value("query-migrate-capabilities", json!({}))
+        .execute(qmp::query_migrate_capabilities {})
         .await
-        .map_err(|e| format!("query-migrate-capabilities: {e}"))?;
-    Ok(caps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["capability"].as_str().map(String::from))
-        .collect())
+        .map_err(SnapshotError::qmp("query-migrate-capabilities"))?;
+    Ok(caps.iter().map(|c| enum_name(&c.capability)).collect())
 }
 
 pub(crate) fn file_uri(path: &Path) -> String {
@@ -250,44 +239,46 @@ pub(crate) fn file_uri(path: &Path) -> String {
 }
 
 /// Writes the paused guest's memory and device state to `file`.
-async fn save_memory(qmp: &Qmp, mode: SaveMode, file: &Path) -> Result<(), String> {
-    let err = |e: crate::qemu::qmp::QmpError| format!("saving memory: {e}");
-    qmp.execute_value("migrate-set-capabilities", mode.capabilities(true))
-        .await
-        .map_err(err)?;
-    qmp.execute_value("migrate-set-parameters", mode.parameters())
-        .await
-        .map_err(err)?;
-    qmp.execute_value("migrate", json!({"uri": file_uri(file)}))
-        .await
-        .map_err(err)?;
+async fn save_memory(qmp: &Qmp, mode: SaveMode, file: &Path) -> Result<(), SnapshotError> {
+    let err = SnapshotError::qmp("saving memory");
+    let setup = async {
+        qmp.execute_json::<qmp::migrate_set_capabilities>(mode.capabilities(true))
+            .await?;
+        qmp.execute_json::<qmp::migrate_set_parameters>(mode.parameters())
+            .await?;
+        qmp.execute(migration::migrate(&file_uri(file))).await
+    };
+    setup.await.map_err(err)?;
     let result = await_migration(qmp, SAVE_TIMEOUT).await;
     if result.is_err() {
         // Ends a save that timed out; nothing to end after a failure.
-        let _ = qmp.execute_value("migrate_cancel", json!({})).await;
+        let _ = qmp.execute(qmp::migrate_cancel {}).await;
     }
     let _ = qmp
-        .execute_value("migrate-set-capabilities", mode.capabilities(false))
+        .execute_json::<qmp::migrate_set_capabilities>(mode.capabilities(false))
         .await;
-    result.map_err(|why| format!("saving memory: {why}"))
+    result.map_err(SnapshotError::SaveMemory)
 }
 
 /// [`files::digest`], off the async threads.
-pub(crate) async fn digest(file: &Path) -> Result<String, String> {
+pub(crate) async fn digest(file: &Path) -> std::io::Result<String> {
     let path = file.to_path_buf();
     tokio::task::spawn_blocking(move || files::digest(&path))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("reading {}: {e}", file.display()))
+        .map_err(std::io::Error::other)?
 }
 
 /// The record of a memory file just written. Its digest comes later ([`record_digest`]).
-async fn memory_state(dir: &Path, mode: SaveMode, layout: &Layout) -> Result<MemoryState, String> {
+async fn memory_state(
+    dir: &Path,
+    mode: SaveMode,
+    layout: &Layout,
+) -> Result<MemoryState, SnapshotError> {
     let file = dir.join(MEMORY_FILE);
     let stamp = || {
         std::fs::metadata(&file)
             .map(|m| FileStamp::of(&m))
-            .map_err(|e| e.to_string())
+            .map_err(SnapshotError::io(&file))
     };
     // Past the clock tick of the last write, any later write shows in the stamp.
     let mut written = stamp()?;
@@ -321,7 +312,7 @@ fn record_digest(dir: PathBuf, stamp: FileStamp) {
             let digest = match digest(&file).await {
                 Ok(d) if same() => d,
                 Ok(_) => return warn!("{} changed while its digest was taken", file.display()),
-                Err(e) => return warn!("digest: {e}"),
+                Err(e) => return warn!("digest of {}: {e}", file.display()),
             };
             let path = dir.join(META_FILE);
             let Ok(mut meta) = crate::store::read_json::<SnapshotMeta>(&path) else {

@@ -2,15 +2,17 @@
 //! one goes.
 
 use crate::error::AgentError;
+use crate::qemu::img;
 use crate::qemu::qmp::Qmp;
-use crate::snapshot::SAVE_TIMEOUT;
 use crate::snapshot::check_snapshot_name;
 use crate::snapshot::layers::{node_of_file, top_node};
+use crate::snapshot::{SAVE_TIMEOUT, SnapshotError};
 use crate::spec::FieldError;
 use crate::spec::resolve::resolve_spec;
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
 use crate::vm::reason::Reason;
+use qapi::qmp;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -45,7 +47,7 @@ impl Supervisor {
         if self.layers.current.as_deref() == Some(snapshot) {
             let active = self.layers.active.clone();
             self.set_layers(active, None)
-                .map_err(AgentError::Internal)?;
+                .map_err(|e| AgentError::Internal(e.to_string()))?;
         }
         let (left, _) = self.ctx.snapshots.list(Some(&self.spec.name));
         if left.is_empty()
@@ -62,42 +64,33 @@ impl Supervisor {
 
     /// Writes each disk's layers back into the disk's own file and runs on that file again:
     /// `block-commit` while QEMU runs, `qemu-img commit` while it does not.
-    pub(crate) async fn merge_layers(&mut self) -> Result<(), String> {
-        let bases = resolve_spec(&self.spec, &self.ctx.policy).map_err(|e| e.to_string())?;
+    pub(crate) async fn merge_layers(&mut self) -> Result<(), SnapshotError> {
+        let bases = resolve_spec(&self.spec, &self.ctx.policy)?;
         match self.running.as_ref().map(|r| r.qmp.clone()) {
             Some(qmp) => {
                 let blocks = qmp
-                    .execute_value("query-block", json!({}))
+                    .execute(qmp::query_block {})
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(SnapshotError::qmp("query-block"))?;
                 for (i, disk) in bases.disks.iter().enumerate() {
                     if !self.layers.active.contains_key(&disk.name) {
                         continue;
                     }
-                    let top = top_node(&blocks, i).ok_or("disk not found in QEMU")?;
+                    let top = top_node(&blocks, i)
+                        .ok_or_else(|| SnapshotError::DiskNotFound(disk.name.clone()))?;
                     let base = node_of_file(&qmp, &disk.path).await?;
                     active_commit(&qmp, &top, &base, &format!("merge-disk{i}")).await?;
                     // A top opened from the command line (a restored VM's) outlives the commit
                     // as a node of its own, still holding the disk as its backing: let it go.
                     // Overlays made by a snapshot are gone already (the error is expected).
-                    let _ = qmp
-                        .execute_value("blockdev-del", json!({"node-name": top}))
-                        .await;
+                    let _ = qmp.execute(qmp::blockdev_del { node_name: top }).await;
                 }
             }
             None => {
                 for disk in bases.disks.iter() {
-                    let Some(top) = self.layers.active.get(&disk.name) else {
-                        continue;
-                    };
-                    self.qemu_img(&[
-                        "commit".as_ref(),
-                        "-q".as_ref(),
-                        "-b".as_ref(),
-                        disk.path.as_os_str(),
-                        top.as_os_str(),
-                    ])
-                    .await?;
+                    if let Some(top) = self.layers.active.get(&disk.name) {
+                        img::commit(&self.ctx.qemu_img, &disk.path, top).await?;
+                    }
                 }
             }
         }
@@ -106,38 +99,38 @@ impl Supervisor {
 }
 
 /// Commits the active layer `top` into `base` while the guest runs, then switches to `base`.
-async fn active_commit(qmp: &Qmp, top: &str, base: &str, job: &str) -> Result<(), String> {
-    let err = |e: crate::qemu::qmp::QmpError| format!("block-commit: {e}");
-    qmp.execute_value(
-        "block-commit",
-        json!({"job-id": job, "device": top, "base-node": base}),
-    )
-    .await
-    .map_err(err)?;
+async fn active_commit(qmp: &Qmp, top: &str, base: &str, job: &str) -> Result<(), SnapshotError> {
+    let err = SnapshotError::qmp;
+    let commit = json!({"job-id": job, "device": top, "base-node": base});
+    qmp.execute_json::<qmp::block_commit>(commit)
+        .await
+        .map_err(err("block-commit"))?;
     let deadline = Instant::now() + SAVE_TIMEOUT;
     let mut completing = false;
     loop {
         let jobs = qmp
-            .execute_value("query-block-jobs", json!({}))
+            .execute(qmp::query_block_jobs {})
             .await
-            .map_err(err)?;
-        let this = jobs
-            .as_array()
-            .and_then(|a| a.iter().find(|j| j["device"] == job).cloned());
+            .map_err(err("block-commit"))?;
+        let this = jobs.iter().find_map(|j| match j {
+            qmp::BlockJobInfo::commit(j) if j.device == job => Some(j.ready),
+            _ => None,
+        });
         match this {
             None if completing => return Ok(()),
-            None => return Err("the commit job ended before it was ready".into()),
-            Some(j) if j["ready"] == true && !completing => {
-                qmp.execute_value("block-job-complete", json!({"device": job}))
-                    .await
-                    .map_err(err)?;
+            None => return Err(SnapshotError::CommitEnded),
+            Some(true) if !completing => {
+                let complete = qmp::block_job_complete { device: job.into() };
+                qmp.execute(complete).await.map_err(err("block-commit"))?;
                 completing = true;
             }
             Some(_) if Instant::now() > deadline => {
-                let _ = qmp
-                    .execute_value("block-job-cancel", json!({"device": job}))
-                    .await;
-                return Err(format!("the commit took longer than {SAVE_TIMEOUT:?}"));
+                let cancel = qmp::block_job_cancel {
+                    device: job.into(),
+                    force: None,
+                };
+                let _ = qmp.execute(cancel).await;
+                return Err(SnapshotError::CommitTimeout);
             }
             Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }

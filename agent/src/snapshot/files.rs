@@ -109,8 +109,8 @@ impl SnapshotDirs {
     }
 
     /// Every finished snapshot of `vm` (or of every VM), oldest first. Unreadable ones are
-    /// left out and named in the second list.
-    pub fn list(&self, vm: Option<&str>) -> (Vec<SnapshotMeta>, Vec<String>) {
+    /// left out; the second list says why (naming their files).
+    pub fn list(&self, vm: Option<&str>) -> (Vec<SnapshotMeta>, Vec<std::io::Error>) {
         let vms: Vec<PathBuf> = match vm {
             Some(vm) => vec![self.root.join(vm)],
             None => subdirs(&self.root),
@@ -124,7 +124,7 @@ impl SnapshotDirs {
             }
             match read_json::<SnapshotMeta>(&meta) {
                 Ok(m) => found.push(m),
-                Err(e) => broken.push(e.to_string()),
+                Err(e) => broken.push(e),
             }
         }
         found.sort_by(|a, b| (a.created_at_ms, &a.name).cmp(&(b.created_at_ms, &b.name)));

@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
+use qapi::qmp;
 
 use crate::context::now_ms;
+use crate::qemu::img::{self, QemuImgError};
 use crate::qemu::qmp::Qmp;
 use crate::snapshot::files::{self};
-use crate::snapshot::overlay_transaction;
+use crate::snapshot::{SnapshotError, overlay_transaction};
 use crate::spec::DiskFormat;
 use crate::vm::actor::Supervisor;
 
@@ -20,13 +21,13 @@ impl Supervisor {
         &mut self,
         qmp: &Qmp,
         snapshot: &str,
-    ) -> Result<std::collections::BTreeMap<String, PathBuf>, String> {
+    ) -> Result<std::collections::BTreeMap<String, PathBuf>, SnapshotError> {
         let blocks = qmp
-            .execute_value("query-block", json!({}))
+            .execute(qmp::query_block {})
             .await
-            .map_err(|e| format!("query-block: {e}"))?;
-        files::ensure_layers_dir(&self.dir).map_err(|e| e.to_string())?;
-        let resolved = self.resolved_spec().map_err(|e| e.to_string())?;
+            .map_err(SnapshotError::qmp("query-block"))?;
+        self.ensure_layers_dir()?;
+        let resolved = self.resolved_spec()?;
         let mut actions = Vec::new();
         let mut frozen = std::collections::BTreeMap::new();
         let mut active = self.layers.active.clone();
@@ -35,8 +36,8 @@ impl Supervisor {
             if disk.read_only {
                 continue;
             }
-            let node =
-                top_node(&blocks, i).ok_or(format!("disk {:?} not found in QEMU", disk.name))?;
+            let node = top_node(&blocks, i)
+                .ok_or_else(|| SnapshotError::DiskNotFound(disk.name.clone()))?;
             let overlay = files::new_layer_path(&self.dir, &disk.name, snapshot);
             actions.push((node, overlay.clone(), format!("disk{i}-{stamp}")));
             frozen.insert(disk.name.clone(), disk.path.clone());
@@ -45,45 +46,40 @@ impl Supervisor {
         if actions.is_empty() {
             return Ok(frozen);
         }
-        qmp.execute_value("transaction", overlay_transaction(&actions))
+        qmp.execute_json::<qmp::transaction>(overlay_transaction(&actions))
             .await
-            .map_err(|e| format!("creating the disk overlays: {e}"))?;
+            .map_err(SnapshotError::qmp("creating the disk overlays"))?;
         self.set_layers(active, Some(snapshot.to_string()))?;
         Ok(frozen)
+    }
+
+    /// Makes the VM's layer directory.
+    pub(crate) fn ensure_layers_dir(&self) -> Result<(), SnapshotError> {
+        files::ensure_layers_dir(&self.dir)
+            .map_err(SnapshotError::io(&files::layers_dir(&self.dir)))
     }
 
     pub(crate) fn set_layers(
         &mut self,
         active: std::collections::BTreeMap<String, PathBuf>,
         current: Option<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SnapshotError> {
         self.layers.active = active;
         self.layers.current = current;
         self.layers
             .save(&self.dir)
-            .map_err(|e| format!("saving the disk layers: {e}"))
+            .map_err(SnapshotError::SaveLayers)
     }
 
+    /// A new overlay over `backing` (opened as `format`).
     pub(crate) async fn create_overlay(
         &self,
         backing: &Path,
         format: DiskFormat,
         overlay: &Path,
-    ) -> Result<(), String> {
-        let (backing, overlay) = (backing.as_os_str(), overlay.as_os_str());
-        let fmt = format.as_str().as_ref();
-        self.qemu_img(&[
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            fmt,
-            "-b".as_ref(),
-            backing,
-            overlay,
-        ])
-        .await
+    ) -> Result<(), QemuImgError> {
+        let backing = Some((backing, format.as_str()));
+        img::create(&self.ctx.qemu_img, overlay, backing, None).await
     }
 
     // ----- restore ---------------------------------------------------------------------------
@@ -103,28 +99,31 @@ impl Supervisor {
 }
 
 /// The node QEMU writes disk `i` through (the top of its chain), from `query-block`.
-pub(crate) fn top_node(blocks: &Value, i: usize) -> Option<String> {
+pub(crate) fn top_node(blocks: &[qmp::BlockInfo], i: usize) -> Option<String> {
+    disk_block(blocks, i)?.node_name.clone()
+}
+
+/// What `query-block` says of disk `i` (device `vdisk<i>`), when it has a medium.
+pub(crate) fn disk_block(blocks: &[qmp::BlockInfo], i: usize) -> Option<&qmp::BlockDeviceInfo> {
     let qdev = format!("/machine/peripheral/vdisk{i}/");
-    blocks.as_array()?.iter().find_map(|b| {
-        let q = b["qdev"].as_str()?;
+    blocks.iter().find_map(|b| {
+        let q = b.qdev.as_deref()?;
         (q.starts_with(&qdev) || q == format!("vdisk{i}"))
-            .then(|| b["inserted"]["node-name"].as_str().map(String::from))
+            .then_some(b.inserted.as_ref())
             .flatten()
     })
 }
 
 /// The format node QEMU opened `file` as (a disk's own file, deep in its chain).
-pub(crate) async fn node_of_file(qmp: &Qmp, file: &Path) -> Result<String, String> {
+pub(crate) async fn node_of_file(qmp: &Qmp, file: &Path) -> Result<String, SnapshotError> {
     let nodes = qmp
-        .execute_value("query-named-block-nodes", json!({"flat": true}))
+        .execute(qmp::query_named_block_nodes { flat: Some(true) })
         .await
-        .map_err(|e| format!("query-named-block-nodes: {e}"))?;
+        .map_err(SnapshotError::qmp("query-named-block-nodes"))?;
     let want = file.to_string_lossy();
     nodes
-        .as_array()
         .into_iter()
-        .flatten()
-        .find(|n| n["file"] == *want && n["drv"] != "file")
-        .and_then(|n| n["node-name"].as_str().map(String::from))
-        .ok_or_else(|| format!("{want} is not open in QEMU"))
+        .find(|n| n.file == want && n.drv != "file")
+        .and_then(|n| n.node_name)
+        .ok_or_else(|| SnapshotError::NotOpen(file.to_path_buf()))
 }

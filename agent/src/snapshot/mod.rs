@@ -15,7 +15,11 @@ use hypersdk_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::migration::AwaitError;
+use crate::qemu::img::QemuImgError;
+use crate::qemu::qmp::QmpError;
 use crate::spec::{FieldError, VmSpec, check_name};
+use crate::vm::guest::GuestError;
 
 /// Writing the memory state: at disk speed, a few seconds per GiB at worst.
 pub const SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -32,6 +36,91 @@ pub(crate) mod restore;
 
 /// Parallel channels for the memory file when `mapped-ram` is available.
 pub const SAVE_MULTIFD_CHANNELS: u32 = 4;
+
+/// Why a snapshot was not taken, or its layers not merged back.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The VM's disks, resolved on their layers, are not usable.
+    #[error(transparent)]
+    Spec(#[from] FieldError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("saving the disk layers: {0}")]
+    SaveLayers(#[source] std::io::Error),
+    #[error("reading the machine layout: {0}")]
+    Layout(#[source] QmpError),
+    #[error("quiesce needs the guest agent, which is not connected")]
+    NoGuestAgent,
+    #[error("guest agent {}: {source}", if *freeze { "freeze" } else { "thaw" })]
+    Freeze {
+        freeze: bool,
+        #[source]
+        source: GuestError,
+    },
+    /// A QMP command failed; `step` says what it was for.
+    #[error("{step}: {source}")]
+    Qmp {
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("disk {0:?} not found in QEMU")]
+    DiskNotFound(String),
+    #[error("{} is not open in QEMU", .0.display())]
+    NotOpen(PathBuf),
+    #[error(transparent)]
+    QemuImg(#[from] QemuImgError),
+    #[error("saving memory: {0}")]
+    SaveMemory(#[source] AwaitError),
+    #[error("the commit job ended before it was ready")]
+    CommitEnded,
+    #[error("the commit took longer than {SAVE_TIMEOUT:?}")]
+    CommitTimeout,
+}
+
+impl SnapshotError {
+    /// Wraps a QMP error with what the command was for.
+    pub(crate) fn qmp(step: &'static str) -> impl FnOnce(QmpError) -> SnapshotError {
+        move |source| SnapshotError::Qmp { step, source }
+    }
+
+    /// Wraps an I/O error with the file it is about.
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Io { path, source }
+    }
+}
+
+/// A snapshot's memory file that is not the one saved: a restore refuses it before it
+/// touches the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} has {len} bytes, {written} were written (truncated or replaced)", path.display())]
+    Length {
+        path: PathBuf,
+        len: u64,
+        written: u64,
+    },
+    #[error("{} is not a QEMU state file", .0.display())]
+    NotQemuState(PathBuf),
+    #[error(
+        "{} changed since the save, before its digest was recorded: it cannot be checked",
+        .0.display()
+    )]
+    Unverifiable(PathBuf),
+    #[error("{} does not match its digest (its content changed)", .0.display())]
+    DigestMismatch(PathBuf),
+}
 
 /// What a snapshot is, as kept in its `meta.json`. Written last: a directory without it is a
 /// snapshot that never finished, and is not listed.

@@ -3,16 +3,18 @@
 
 use crate::error::AgentError;
 use crate::migration::target::await_migration;
+use crate::migration::{self, IncomingError};
+use crate::qemu::qmp::Qmp;
 use crate::snapshot::create::{digest, file_uri};
 use crate::snapshot::files::{self, DiskLayers};
 use crate::snapshot::{FileStamp, MemoryState, SaveMode, SnapshotMeta, check_snapshot_name};
-use crate::snapshot::{LOAD_TIMEOUT, THAW_TIMEOUT};
+use crate::snapshot::{LOAD_TIMEOUT, MemoryFileError, THAW_TIMEOUT};
 use crate::spec::{FieldError, VmSpec};
 use crate::vm::actor::Supervisor;
 use crate::vm::phase::Phase;
 use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
-use serde_json::json;
+use qapi::qmp;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -60,7 +62,7 @@ impl Supervisor {
         self.spec = spec;
         self.save_spec()?;
         self.set_layers(layers.active, Some(snapshot.to_string()))
-            .map_err(AgentError::Internal)?;
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
         self.collect_layers();
         let loaded = Instant::now();
         let outcome = match &meta.memory {
@@ -148,7 +150,7 @@ impl Supervisor {
         let layers_dir = files::layers_dir(&self.dir);
         let chains = files::ensure_layers_dir(&self.dir)
             .and_then(|()| self.ctx.policy.with(&layers_dir))
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
+            .map_err(|e| AgentError::Internal(format!("{}: {e}", layers_dir.display())))?;
         let mut out = DiskLayers {
             active: self.layers.active.clone(),
             current: Some(snapshot.to_string()),
@@ -182,28 +184,12 @@ impl Supervisor {
         )
         .await?;
         let qmp = self.live_qmp()?;
-        let mode = SaveMode::of(m);
         let layout = pb::MachineLayout::from(&meta.layout);
-        let load = async {
-            self.replay_layout(&layout).await?;
-            qmp.execute_value("migrate-set-capabilities", mode.capabilities(true))
-                .await
-                .map_err(|e| e.to_string())?;
-            qmp.execute_value("migrate-set-parameters", mode.parameters())
-                .await
-                .map_err(|e| e.to_string())?;
-            qmp.execute_value("migrate-incoming", json!({"uri": file_uri(file)}))
-                .await
-                .map_err(|e| e.to_string())?;
-            await_migration(&qmp, LOAD_TIMEOUT).await?;
-            qmp.execute_value("migrate-set-capabilities", mode.capabilities(false))
-                .await
-                .map_err(|e| e.to_string())?;
-            qmp.execute(qapi::qmp::cont {})
-                .await
-                .map_err(|e| e.to_string())
+        let loaded = match self.replay_layout(&layout).await {
+            Ok(()) => load_memory_file(&qmp, SaveMode::of(m), file).await,
+            Err(e) => Err(e),
         };
-        if let Err(why) = load.await {
+        if let Err(why) = loaded {
             self.discard_process().await;
             return Err(self.qemu_error(format!("loading the snapshot's memory: {why}")));
         }
@@ -262,36 +248,112 @@ impl Supervisor {
     }
 }
 
+/// Has the QEMU behind `qmp` (started with `-incoming defer`) load the memory `file` written
+/// in `mode`, and run.
+async fn load_memory_file(qmp: &Qmp, mode: SaveMode, file: &Path) -> Result<(), IncomingError> {
+    qmp.execute_json::<qmp::migrate_set_capabilities>(mode.capabilities(true))
+        .await?;
+    qmp.execute_json::<qmp::migrate_set_parameters>(mode.parameters())
+        .await?;
+    qmp.execute(migration::migrate_incoming(&file_uri(file)))
+        .await?;
+    await_migration(qmp, LOAD_TIMEOUT).await?;
+    qmp.execute_json::<qmp::migrate_set_capabilities>(mode.capabilities(false))
+        .await?;
+    qmp.execute(qmp::cont {}).await?;
+    Ok(())
+}
+
 /// Checks a memory file against its record: present, whole, and unchanged.
-async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), String> {
+async fn check_memory_file(file: &Path, m: &MemoryState) -> Result<(), MemoryFileError> {
+    let unreadable = |source| MemoryFileError::Unreadable {
+        path: file.to_path_buf(),
+        source,
+    };
     let now = std::fs::metadata(file)
         .map(|meta| FileStamp::of(&meta))
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    let len = now.bytes;
-    if len != m.file_bytes {
-        return Err(format!(
-            "{} has {len} bytes, {} were written (truncated or replaced)",
-            file.display(),
-            m.file_bytes
-        ));
+        .map_err(unreadable)?;
+    if now.bytes != m.file_bytes {
+        return Err(MemoryFileError::Length {
+            path: file.to_path_buf(),
+            len: now.bytes,
+            written: m.file_bytes,
+        });
     }
     if !files::looks_like_qemu_state(file) {
-        return Err(format!("{} is not a QEMU state file", file.display()));
+        return Err(MemoryFileError::NotQemuState(file.to_path_buf()));
     }
     if Some(now) == m.written {
         return Ok(());
     }
     if m.digest.is_empty() {
-        return Err(format!(
-            "{} changed since the save, before its digest was recorded: it cannot be checked",
-            file.display()
-        ));
+        return Err(MemoryFileError::Unverifiable(file.to_path_buf()));
     }
-    if digest(file).await? != m.digest {
-        return Err(format!(
-            "{} does not match its digest (its content changed)",
-            file.display()
-        ));
+    if digest(file).await.map_err(unreadable)? != m.digest {
+        return Err(MemoryFileError::DigestMismatch(file.to_path_buf()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(file: &Path, digest: &str) -> MemoryState {
+        let stamp = FileStamp::of(&std::fs::metadata(file).unwrap());
+        MemoryState {
+            file: "memory.bin".into(),
+            file_bytes: stamp.bytes,
+            digest: digest.into(),
+            written: Some(stamp),
+            mapped_ram: false,
+            multifd_channels: 0,
+            guest_bytes: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_memory_file_that_is_not_the_one_saved_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("memory.bin");
+        std::fs::write(&file, b"QEVM saved state").unwrap();
+        let saved = state(&file, &files::digest(&file).unwrap());
+        check_memory_file(&file, &saved).await.unwrap();
+
+        // Another file of the same length, written after the save: read and checked.
+        let rewritten = |content: &[u8]| {
+            std::fs::remove_file(&file).unwrap();
+            std::fs::write(&file, content).unwrap();
+        };
+        rewritten(b"QEVM other state");
+        let e = check_memory_file(&file, &saved).await.unwrap_err();
+        assert!(matches!(e, MemoryFileError::DigestMismatch(_)), "{e}");
+        assert!(e.to_string().contains("does not match its digest"), "{e}");
+        let undigested = MemoryState {
+            digest: String::new(),
+            ..saved.clone()
+        };
+        let e = check_memory_file(&file, &undigested).await.unwrap_err();
+        assert!(matches!(e, MemoryFileError::Unverifiable(_)), "{e}");
+        rewritten(b"QEVM short");
+        let e = check_memory_file(&file, &saved).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MemoryFileError::Length {
+                    len: 10,
+                    written: 16,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("truncated"), "{e}");
+        rewritten(b"not a QEMU state");
+        let e = check_memory_file(&file, &saved).await.unwrap_err();
+        assert!(matches!(e, MemoryFileError::NotQemuState(_)), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        let e = check_memory_file(&file, &saved).await.unwrap_err();
+        assert!(matches!(e, MemoryFileError::Unreadable { .. }), "{e}");
+    }
 }

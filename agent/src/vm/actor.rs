@@ -478,9 +478,7 @@ impl Supervisor {
         F: FnOnce(Qmp) -> Fut,
         Fut: Future<Output = Result<T, qmp::QmpError>>,
     {
-        f(self.live_qmp()?)
-            .await
-            .map_err(|e| self.qemu_error(e.to_string()))
+        f(self.live_qmp()?).await.map_err(|e| self.qemu_error(e))
     }
 
     pub(crate) fn kill(&mut self) {
@@ -496,10 +494,10 @@ impl Supervisor {
         }
     }
 
-    pub(crate) fn qemu_error(&self, why: String) -> AgentError {
+    pub(crate) fn qemu_error(&self, why: impl std::fmt::Display) -> AgentError {
         AgentError::Qemu {
             name: self.spec.name.clone(),
-            why,
+            why: why.to_string(),
         }
     }
 }
@@ -561,22 +559,5 @@ impl Supervisor {
             .as_ref()
             .map(|r| r.qmp.clone())
             .ok_or_else(|| self.conflict("no QEMU process".into()))
-    }
-
-    /// Runs qemu-img with `args` (the subcommand first); Err carries its own words.
-    pub(crate) async fn qemu_img(&self, args: &[&std::ffi::OsStr]) -> Result<(), String> {
-        let out = tokio::process::Command::new(&self.ctx.qemu_img)
-            .args(args)
-            .output()
-            .await
-            .map_err(|e| format!("running {}: {e}", self.ctx.qemu_img.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img {}: {}",
-                args[0].to_string_lossy(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(())
     }
 }

@@ -62,7 +62,18 @@ impl Refresh {
 /// Freezing waits for the guest's filesystems to flush.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(20);
 
-type Command = (bool, oneshot::Sender<Result<(), String>>);
+/// Why a command for the guest was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("the guest agent is not connected")]
+    NotConnected,
+    #[error("the guest agent watcher has ended")]
+    WatcherGone,
+    #[error(transparent)]
+    Qga(#[from] QgaError),
+}
+
+type Command = (bool, oneshot::Sender<Result<(), GuestError>>);
 
 /// Commands for the guest, carried out by the watcher on its connection.
 #[derive(Debug, Clone)]
@@ -70,11 +81,11 @@ pub struct Commands(mpsc::Sender<Command>);
 
 impl Commands {
     /// Freezes (`true`) or thaws the guest's filesystems (`guest-fsfreeze-*`).
-    pub async fn fsfreeze(&self, freeze: bool) -> Result<(), String> {
+    pub async fn fsfreeze(&self, freeze: bool) -> Result<(), GuestError> {
         let (tx, rx) = oneshot::channel();
-        let gone = || "the guest agent watcher has ended".to_string();
-        self.0.send((freeze, tx)).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        let sent = self.0.send((freeze, tx)).await;
+        sent.map_err(|_| GuestError::WatcherGone)?;
+        rx.await.map_err(|_| GuestError::WatcherGone)?
     }
 }
 
@@ -84,19 +95,17 @@ pub fn commands() -> (Commands, mpsc::Receiver<Command>) {
     (Commands(tx), rx)
 }
 
-async fn fsfreeze(conn: &mut Option<Qga>, freeze: bool) -> Result<(), String> {
-    let qga = conn.as_mut().ok_or("the guest agent is not connected")?;
-    qga.sync(TIMEOUT).await.map_err(|e| e.to_string())?;
-    let done = if freeze {
+async fn fsfreeze(conn: &mut Option<Qga>, freeze: bool) -> Result<(), GuestError> {
+    let qga = conn.as_mut().ok_or(GuestError::NotConnected)?;
+    qga.sync(TIMEOUT).await?;
+    if freeze {
         qga.execute(qapi::qga::guest_fsfreeze_freeze {}, FREEZE_TIMEOUT)
-            .await
-            .map(drop)
+            .await?;
     } else {
         qga.execute(qapi::qga::guest_fsfreeze_thaw {}, FREEZE_TIMEOUT)
-            .await
-            .map(drop)
-    };
-    done.map_err(|e| e.to_string())
+            .await?;
+    }
+    Ok(())
 }
 
 /// What the guest reports now. `memory_before` is the last memory figure seen: listing memory

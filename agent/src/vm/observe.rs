@@ -1,14 +1,13 @@
 //! What the actor learns without asking: QEMU's run state and size, QMP events, and the guest
 //! agent's reports.
 
-use crate::qemu::qmp::{self};
+use crate::qemu::qmp::{self, enum_name};
 use crate::vm::actor::Supervisor;
 use crate::vm::guest::GuestView;
 use crate::vm::phase::{self};
 use crate::vm::reason::Reason;
-use crate::vm::status::enum_name;
 use crate::vm::status::phase_reason;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::warn;
 
 impl Supervisor {
@@ -32,15 +31,11 @@ impl Supervisor {
             }
             Err(e) => warn!("query-status: {e}"),
         }
-        if let Ok(cpus) = qmp.execute_value("query-cpus-fast", json!({})).await {
-            self.status.cpus = cpus.as_array().map_or(0, |a| a.len() as u32);
+        if let Ok(cpus) = qmp.execute(qapi::qmp::query_cpus_fast {}).await {
+            self.status.cpus = cpus.len() as u32;
         }
-        if let Ok(mem) = qmp
-            .execute_value("query-memory-size-summary", json!({}))
-            .await
-        {
-            let get = |k: &str| mem.get(k).and_then(Value::as_u64).unwrap_or(0);
-            self.status.memory_bytes = get("base-memory") + get("plugged-memory");
+        if let Ok(mem) = qmp.execute(qapi::qmp::query_memory_size_summary {}).await {
+            self.status.memory_bytes = mem.base_memory + mem.plugged_memory.unwrap_or(0);
         }
         self.publish(Reason::Refreshed, "");
     }

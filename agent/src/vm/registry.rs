@@ -18,7 +18,7 @@ use crate::spec::{FieldError, VmSpec};
 const MAX_SOCKET_PATH: usize = 107;
 use crate::qemu::process;
 use crate::spec::argv::{self, VmFiles};
-use crate::store::SavedState;
+use crate::store::{LoadError, SavedState};
 use crate::vm::actor::{self, Init, Op, VmHandle};
 use crate::vm::phase::Phase;
 
@@ -26,7 +26,7 @@ pub struct Vms {
     ctx: Arc<Context>,
     vms: RwLock<BTreeMap<String, VmHandle>>,
     /// VM directories whose spec could not be read: listed as Failed, deletable, nothing else.
-    broken: RwLock<BTreeMap<String, String>>,
+    broken: RwLock<BTreeMap<String, LoadError>>,
 }
 
 impl Vms {
@@ -319,7 +319,7 @@ fn configured_memory(vm: &pb::Vm) -> u64 {
 }
 
 /// How a VM whose spec cannot be read is shown: Failed, with the reason.
-fn broken_vm(ctx: &Context, name: &str, why: &str) -> pb::Vm {
+fn broken_vm(ctx: &Context, name: &str, why: &LoadError) -> pb::Vm {
     pb::Vm {
         spec: Some(pb::VmSpec {
             name: name.to_string(),

@@ -6,7 +6,7 @@ use crate::error::AgentError;
 use crate::host::accel::Accel;
 use crate::host::cgroup;
 use crate::qemu::process;
-use crate::qemu::qmp::Qmp;
+use crate::qemu::qmp::{Qmp, QmpError};
 use crate::snapshot::files;
 use crate::snapshot::files::DiskLayers;
 use crate::spec::argv::{self};
@@ -22,10 +22,21 @@ use crate::vm::guest::{self};
 use crate::vm::phase::{self, Action, Phase};
 use crate::vm::reason::Reason;
 use hypersdk_proto::agent::v1 as pb;
-use serde_json::json;
+use qapi::qmp;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, info, warn};
+
+/// Why a launched QEMU could not be attached to.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("QEMU exited during start")]
+    Exited,
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("QMP did not answer within {QMP_CONNECT_TIMEOUT:?}")]
+    Timeout,
+}
 
 impl Supervisor {
     pub(crate) async fn start(&mut self) -> Result<pb::Vm, AgentError> {
@@ -124,18 +135,21 @@ impl Supervisor {
         let Some(qmp) = self.running.as_ref().map(|r| r.qmp.clone()) else {
             return;
         };
-        let _ = qmp.execute_value("migrate_cancel", json!({})).await;
+        let _ = qmp.execute(qmp::migrate_cancel {}).await;
         // A snapshot's file format must not stay on for a later live migration (a QEMU
         // without mapped-ram refuses the name: nothing to undo there).
+        let mapped_ram_off = qmp::MigrationCapabilityStatus {
+            capability: qmp::MigrationCapability::mapped_ram,
+            state: false,
+        };
         let _ = qmp
-            .execute_value(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "mapped-ram", "state": false}]}),
-            )
+            .execute(qmp::migrate_set_capabilities {
+                capabilities: vec![mapped_ram_off],
+            })
             .await;
-        if let Ok(s) = qmp.execute(qapi::qmp::query_status {}).await
+        if let Ok(s) = qmp.execute(qmp::query_status {}).await
             && !s.running
-            && let Err(e) = qmp.execute(qapi::qmp::cont {}).await
+            && let Err(e) = qmp.execute(qmp::cont {}).await
         {
             warn!("resuming after the lost migration: {e}");
         }
@@ -208,22 +222,22 @@ impl Supervisor {
     }
 
     /// Connects to QMP as soon as QEMU has created the socket; fails early if QEMU exits.
-    pub(crate) async fn connect_qmp(&self, qemu: &mut process::Qemu) -> Result<Qmp, String> {
+    pub(crate) async fn connect_qmp(&self, qemu: &mut process::Qemu) -> Result<Qmp, ConnectError> {
         let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
         let mut delay = Duration::from_millis(1);
         loop {
             if qemu.has_exited() {
-                return Err("QEMU exited during start".into());
+                return Err(ConnectError::Exited);
             }
             if self.files.qmp_socket.exists() {
                 match Qmp::connect(&self.files.qmp_socket).await {
                     Ok(qmp) => return Ok(qmp),
-                    Err(e) if Instant::now() > deadline => return Err(e.to_string()),
+                    Err(e) if Instant::now() > deadline => return Err(e.into()),
                     Err(_) => {}
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("QMP did not answer within {QMP_CONNECT_TIMEOUT:?}"));
+                return Err(ConnectError::Timeout);
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(QMP_POLL_MAX);

@@ -134,11 +134,3 @@ pub(crate) fn phase_reason(phase: Phase) -> Reason {
         _ => Reason::PhaseChanged,
     }
 }
-
-/// QAPI enums serialise as their QMP string ("running").
-pub(crate) fn enum_name<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
