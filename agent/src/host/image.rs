@@ -139,8 +139,7 @@ pub fn inspect(
     declared: Option<DiskFormat>,
     policy: &PathPolicy,
 ) -> Result<DiskFormat, FieldError> {
-    let io_err = |p: &Path, e: HeaderError| FieldError::new(field, format!("{}: {e}", p.display()));
-    let header = read_header(path).map_err(|e| io_err(path, e))?;
+    let header = read_header(path).map_err(|e| unreadable(field, path, e))?;
     let detected = match header {
         Header::Raw => DiskFormat::Raw,
         Header::Qcow2 { .. } => DiskFormat::Qcow2,
@@ -158,70 +157,52 @@ pub fn inspect(
         (Some(f), _) => f,
         (None, d) => d,
     };
-    if format == DiskFormat::Raw {
-        return Ok(format);
+    if format == DiskFormat::Qcow2 {
+        check_chain(field, path, header, policy)?;
     }
-    // Walk the backing chain: each link must stay inside the allowed roots.
+    Ok(format)
+}
+
+fn unreadable(field: &str, path: &Path, e: HeaderError) -> FieldError {
+    FieldError::new(field, format!("{}: {e}", path.display()))
+}
+
+/// Walks the backing chain of a qcow2 image: each link must stay inside the allowed roots.
+fn check_chain(
+    field: &str,
+    path: &Path,
+    mut header: Header,
+    policy: &PathPolicy,
+) -> Result<(), FieldError> {
     let mut current: PathBuf = path.to_path_buf();
-    let mut header = header;
     for _ in 0..MAX_CHAIN {
-        match header {
-            Header::Raw => return Ok(format),
-            Header::Qcow2 {
-                external_data_file: true,
-                ..
-            } => {
-                return Err(FieldError::new(
-                    field,
-                    format!(
-                        "{} uses an external data file, which is not supported",
-                        current.display()
-                    ),
-                ));
-            }
-            Header::Qcow2 {
-                backing_file: None, ..
-            } => return Ok(format),
-            Header::Qcow2 {
-                backing_file: Some(name),
-                backing_format,
-                ..
-            } => {
-                let refuse = |why: &str| {
-                    FieldError::new(
-                        field,
-                        format!("backing file of {}: {why}", current.display()),
-                    )
-                };
-                // QEMU reads "json:{...}", "nbd:..." and other protocol prefixes as options.
-                if name.contains(':') {
-                    return Err(refuse(&format!("{name:?} is not a plain file name")));
-                }
-                // Without a recorded format QEMU probes the file, and a probed format (a VMDK
-                // descriptor, say) can name further host files.
-                if !matches!(backing_format.as_deref(), Some("qcow2" | "raw")) {
-                    return Err(refuse(
-                        "its format must be recorded as qcow2 or raw (qemu-img -F)",
-                    ));
-                }
-                // Relative names are resolved as QEMU does: against the path as opened, not
-                // its canonical form.
-                let base = current.parent().unwrap_or(Path::new("/"));
-                let opened = base.join(&name);
-                let next = policy.resolve_file(field, &opened).map_err(|e| {
-                    FieldError::new(
-                        field,
-                        format!("backing file of {}: {}", current.display(), e.message),
-                    )
-                })?;
-                header = read_header(&next).map_err(|e| io_err(&next, e))?;
-                if backing_format.as_deref() == Some("raw") {
-                    // Opened as raw: whatever its bytes look like, nothing more is followed.
-                    return Ok(format);
-                }
-                current = opened;
-            }
+        let Header::Qcow2 {
+            backing_file,
+            backing_format,
+            external_data_file,
+        } = header
+        else {
+            return Ok(());
+        };
+        if external_data_file {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "{} uses an external data file, which is not supported",
+                    current.display()
+                ),
+            ));
         }
+        let Some(name) = backing_file else {
+            return Ok(());
+        };
+        let (opened, next) = backing_link(field, &current, &name, &backing_format, policy)?;
+        header = read_header(&next).map_err(|e| unreadable(field, &next, e))?;
+        if backing_format.as_deref() == Some("raw") {
+            // Opened as raw: whatever its bytes look like, nothing more is followed.
+            return Ok(());
+        }
+        current = opened;
     }
     Err(FieldError::new(
         field,
@@ -230,6 +211,41 @@ pub fn inspect(
             path.display()
         ),
     ))
+}
+
+/// The backing file `name` of `current`, as QEMU would open it and as resolved on disk;
+/// refused unless it is a plain file name with a recorded format, inside the roots.
+fn backing_link(
+    field: &str,
+    current: &Path,
+    name: &str,
+    format: &Option<String>,
+    policy: &PathPolicy,
+) -> Result<(PathBuf, PathBuf), FieldError> {
+    let refuse = |why: &str| {
+        FieldError::new(
+            field,
+            format!("backing file of {}: {why}", current.display()),
+        )
+    };
+    // QEMU reads "json:{...}", "nbd:..." and other protocol prefixes as options.
+    if name.contains(':') {
+        return Err(refuse(&format!("{name:?} is not a plain file name")));
+    }
+    // Without a recorded format QEMU probes the file, and a probed format (a VMDK descriptor,
+    // say) can name further host files.
+    if !matches!(format.as_deref(), Some("qcow2" | "raw")) {
+        return Err(refuse(
+            "its format must be recorded as qcow2 or raw (qemu-img -F)",
+        ));
+    }
+    // Relative names are resolved as QEMU does: against the path as opened, not its
+    // canonical form.
+    let opened = current.parent().unwrap_or(Path::new("/")).join(name);
+    let next = policy
+        .resolve_file(field, &opened)
+        .map_err(|e| refuse(&e.message))?;
+    Ok((opened, next))
 }
 
 #[cfg(test)]
