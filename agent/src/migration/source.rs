@@ -182,15 +182,15 @@ impl Outgoing {
         let mut events = self.qmp.events();
         let mut poll = tokio::time::interval(POLL);
         let mut check = tokio::time::interval(TARGET_CHECK);
-        let mut stopped_at = self.paused_at;
-        let mut escalated = false;
-        // Set when the agent itself cancels, with why.
-        let mut cancelled: Option<(pb::MigrationPhase, String)> = None;
+        let mut f = Follow {
+            stopped_at: self.paused_at,
+            ..Follow::default()
+        };
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Ok(ev) if ev.name == "STOP" => {
-                        stopped_at = stopped_at.or(Some(Instant::now()));
+                        f.stopped_at = f.stopped_at.or(Some(Instant::now()));
                     }
                     Ok(ev) if ev.name == "MIGRATION" => {
                         let s = ev.data["status"].as_str().unwrap_or_default();
@@ -204,83 +204,94 @@ impl Outgoing {
                         return Err(failed("QEMU went away during the migration"));
                     }
                 },
-                _ = poll.tick() => {
-                    match migration::deadline(started.elapsed(), self.options.completion_timeout, escalated) {
-                        Deadline::Wait => {}
-                        Deadline::Escalate => {
-                            escalated = true;
-                            warn!("migration not done after {:?}: throttling the guest", self.options.completion_timeout);
-                            let _ = self.qmp.execute(migration::escalation()).await;
-                            self.update(|p| {
-                                p.phase = pb::MigrationPhase::Throttling as i32;
-                                p.message = "completion timeout passed: bandwidth cap lifted, guest throttled up to 99 %".into();
-                            });
-                        }
-                        Deadline::Cancel if cancelled.is_none() => {
-                            cancelled = Some(failed(&format!(
-                                "did not converge within {:?} even throttled; cancelled, the VM keeps running here",
-                                self.options.completion_timeout * 2
-                            )));
-                            let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
-                        }
-                        Deadline::Cancel => {}
-                    }
-                }
+                _ = poll.tick() => self.on_deadline(started, &mut f).await,
                 _ = check.tick() => {
-                    let req = pb::GetVmRequest { name: self.name.clone() };
-                    let alive = tokio::time::timeout(TARGET_CHECK * 2, target.get_vm(req)).await;
-                    if let Some(why) = match alive {
-                        Err(_) => Some("the target agent stopped answering".to_string()),
-                        Ok(Err(s)) if s.code() == Code::Unavailable => {
-                            Some(format!("the target agent stopped answering ({})", s.message()))
-                        }
-                        Ok(Err(s)) => Some(format!("the target agent lost the incoming VM: {}", s.message())),
-                        Ok(Ok(_)) => None,
-                    } && cancelled.is_none() {
+                    if f.cancelled.is_none()
+                        && let Some(why) = target_lost(&self.name, target).await
+                    {
                         warn!("{why}; cancelling");
-                        cancelled = Some(failed(&format!("{why}; cancelled, the VM keeps running here")));
-                        let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
+                        let end = failed(&format!("{why}; cancelled, the VM keeps running here"));
+                        self.cancel_with(&mut f, end).await;
                     }
                     continue;
                 }
                 _ = self.cancel.changed() => {
-                    if cancelled.is_none() {
-                        info!("migration cancel requested");
-                        cancelled = Some((pb::MigrationPhase::Cancelled, "cancelled on request; the VM keeps running here".into()));
-                        let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
-                    }
+                    info!("migration cancel requested");
+                    let end = (pb::MigrationPhase::Cancelled, "cancelled on request; the VM keeps running here".into());
+                    self.cancel_with(&mut f, end).await;
                     continue;
                 }
             }
-            let reply = self
-                .qmp
-                .execute(qmp::query_migrate {})
-                .await
-                .map_err(|e| failed(&format!("query-migrate: {e}")))?;
-            let mut status = QemuStatus::Going;
-            let mut error = String::new();
-            self.update(|p| {
-                (status, error) = migration::read_query_migrate(&reply, p);
-                p.elapsed_ms = started.elapsed().as_millis() as u64;
-                if status == QemuStatus::Switchover {
-                    p.phase = pb::MigrationPhase::Switchover as i32;
-                }
-            });
-            match status {
-                QemuStatus::Going | QemuStatus::Switchover => {}
-                QemuStatus::Completed => return Ok(stopped_at),
-                QemuStatus::Failed | QemuStatus::Cancelled => {
-                    return Err(cancelled.unwrap_or_else(|| {
-                        failed(&format!(
-                            "QEMU failed to migrate: {}",
-                            if error.is_empty() {
-                                "no detail"
-                            } else {
-                                &error
-                            }
-                        ))
-                    }));
-                }
+            if let Some(end) = self.progress(started, &mut f).await {
+                return end;
+            }
+        }
+    }
+
+    /// Past the completion timeout the guest is throttled; past twice that, the migration is
+    /// cancelled.
+    async fn on_deadline(&self, started: Instant, f: &mut Follow) {
+        let timeout = self.options.completion_timeout;
+        match migration::deadline(started.elapsed(), timeout, f.escalated) {
+            Deadline::Wait => {}
+            Deadline::Escalate => {
+                f.escalated = true;
+                warn!("migration not done after {timeout:?}: throttling the guest");
+                let _ = self.qmp.execute(migration::escalation()).await;
+                self.update(|p| {
+                    p.phase = pb::MigrationPhase::Throttling as i32;
+                    p.message = "completion timeout passed: bandwidth cap lifted, guest throttled up to 99 %".into();
+                });
+            }
+            Deadline::Cancel => {
+                let end = failed(&format!(
+                    "did not converge within {:?} even throttled; cancelled, the VM keeps running here",
+                    timeout * 2
+                ));
+                self.cancel_with(f, end).await;
+            }
+        }
+    }
+
+    /// Cancels QEMU's migration once, remembering why for the end.
+    async fn cancel_with(&self, f: &mut Follow, end: (pb::MigrationPhase, String)) {
+        if f.cancelled.is_none() {
+            f.cancelled = Some(end);
+            let _ = self.qmp.execute(qmp::migrate_cancel {}).await;
+        }
+    }
+
+    /// Publishes QEMU's figures; Some once the migration has ended.
+    async fn progress(
+        &self,
+        started: Instant,
+        f: &mut Follow,
+    ) -> Option<Result<Option<Instant>, (pb::MigrationPhase, String)>> {
+        let reply = match self.qmp.execute(qmp::query_migrate {}).await {
+            Ok(reply) => reply,
+            Err(e) => return Some(Err(failed(&format!("query-migrate: {e}")))),
+        };
+        let mut status = QemuStatus::Going;
+        let mut error = String::new();
+        self.update(|p| {
+            (status, error) = migration::read_query_migrate(&reply, p);
+            p.elapsed_ms = started.elapsed().as_millis() as u64;
+            if status == QemuStatus::Switchover {
+                p.phase = pb::MigrationPhase::Switchover as i32;
+            }
+        });
+        match status {
+            QemuStatus::Going | QemuStatus::Switchover => None,
+            QemuStatus::Completed => Some(Ok(f.stopped_at)),
+            QemuStatus::Failed | QemuStatus::Cancelled => {
+                let detail = if error.is_empty() {
+                    "no detail"
+                } else {
+                    &error
+                };
+                Some(Err(f.cancelled.take().unwrap_or_else(|| {
+                    failed(&format!("QEMU failed to migrate: {detail}"))
+                })))
             }
         }
     }
@@ -525,4 +536,32 @@ pub(crate) async fn joined(task: &mut tokio::task::JoinHandle<Ended>) -> Ended {
         phase: pb::MigrationPhase::Failed,
         message: format!("the migration task failed: {e}"),
     })
+}
+
+/// What [`Outgoing::migrate`] keeps between wake-ups.
+#[derive(Default)]
+struct Follow {
+    /// When the guest was paused for the switch-over.
+    stopped_at: Option<Instant>,
+    /// The completion timeout has passed and the guest is throttled.
+    escalated: bool,
+    /// Set when the agent itself cancels, with why.
+    cancelled: Option<(pb::MigrationPhase, String)>,
+}
+
+/// Why the target agent can no longer take the VM, if it cannot.
+async fn target_lost(name: &str, target: &mut AgentServiceClient<Channel>) -> Option<String> {
+    let req = pb::GetVmRequest { name: name.into() };
+    match tokio::time::timeout(TARGET_CHECK * 2, target.get_vm(req)).await {
+        Err(_) => Some("the target agent stopped answering".to_string()),
+        Ok(Err(s)) if s.code() == Code::Unavailable => Some(format!(
+            "the target agent stopped answering ({})",
+            s.message()
+        )),
+        Ok(Err(s)) => Some(format!(
+            "the target agent lost the incoming VM: {}",
+            s.message()
+        )),
+        Ok(Ok(_)) => None,
+    }
 }
