@@ -261,6 +261,42 @@ mod tests {
         assert_eq!(stat_nice("42 (short) S 1"), None);
     }
 
+    /// capget(2)/capset(2) arguments, version 3 (two sets of 32 capability bits).
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+
+    const CAPS_V3: u32 = 0x2008_0522;
+    const CAP_SYS_NICE: u32 = 1 << 23;
+
+    /// The calling thread's capabilities, or with `set`, sets them first.
+    fn thread_caps(set: Option<[CapData; 2]>) -> [CapData; 2] {
+        let mut header = CapHeader {
+            version: CAPS_V3,
+            pid: 0,
+        };
+        let mut data = set.unwrap_or_default();
+        let call = if set.is_some() {
+            libc::SYS_capset
+        } else {
+            libc::SYS_capget
+        };
+        // SAFETY: a header and two data structs, as the v3 ABI has them, that outlive the call.
+        let rc = unsafe { libc::syscall(call, &mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        data
+    }
+
     #[tokio::test]
     async fn a_process_priority_is_raised_and_reset() {
         let argv = ["30".to_string()];
@@ -269,14 +305,33 @@ mod tests {
         let pid = child.pid();
         let own = own_priority();
         assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
-        // Root (the agent's usual user) may raise a priority; others are refused.
-        match prioritize_loading(pid) {
-            Ok(()) => {
+        // Without CAP_SYS_NICE (an agent that is not root) the raise is refused and changes
+        // nothing. Capabilities belong to a thread: dropping it there leaves the others theirs.
+        let refused = std::thread::spawn(move || {
+            let mut caps = thread_caps(None);
+            caps[0].effective &= !CAP_SYS_NICE;
+            thread_caps(Some(caps));
+            prioritize_loading(pid)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            std::io::ErrorKind::PermissionDenied
+        );
+        assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
+        // With it (root, the agent's usual user), the main thread is raised; without, as above.
+        let may_raise = thread_caps(None)[0].effective & CAP_SYS_NICE != 0;
+        match (may_raise, prioritize_loading(pid)) {
+            (true, Ok(())) => {
                 assert_eq!(priority(pid).unwrap(), LOADING_NICE);
                 assert_eq!(thread_priorities(pid).unwrap(), vec![LOADING_NICE]);
             }
-            // SAFETY: a plain syscall without arguments.
-            Err(_) => assert_ne!(unsafe { libc::geteuid() }, 0),
+            (false, Err(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+                assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
+            }
+            (may_raise, result) => panic!("CAP_SYS_NICE: {may_raise}, raised: {result:?}"),
         }
         reset_priority(pid).unwrap();
         assert_eq!(thread_priorities(pid).unwrap(), vec![own]);
@@ -299,10 +354,16 @@ mod tests {
             .unwrap();
         let pid = child.id();
         // Until exec completes, /proc shows the forked test binary's command line.
-        while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep"))
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let exec = async {
+            while !std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"sleep"))
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), exec)
+            .await
+            .expect("sleep runs");
         assert!(adopt(pid, "unix:/nowhere/qmp.sock,server=on,wait=off").is_err());
         let mut adopted = adopt(pid, "30").unwrap();
         assert_eq!(adopted.pid(), pid);

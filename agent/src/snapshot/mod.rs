@@ -468,10 +468,19 @@ mod tests {
         std::fs::write(&f, b"QEVM").unwrap();
         let stamp = FileStamp::of(&std::fs::metadata(&f).unwrap());
         assert_eq!(stamp, FileStamp::of(&std::fs::metadata(&f).unwrap()));
-        assert!(!stamp.settled(std::time::SystemTime::now()));
-        let later = std::time::SystemTime::now() + std::time::Duration::from_millis(100);
-        assert!(stamp.settled(later));
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Judged from the file's own last change, not from when this test gets to look.
+        let ms = std::time::Duration::from_millis;
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::from_nanos(stamp.ctime_ns.max(stamp.mtime_ns) as u64);
+        assert!(!stamp.settled(changed));
+        assert!(!stamp.settled(changed + ms(5)), "within a clock tick");
+        assert!(stamp.settled(changed + ms(100)));
+        // Once it is settled, a write moves the stamp, even one that keeps the length.
+        let settled = std::time::Instant::now();
+        while !stamp.settled(std::time::SystemTime::now()) {
+            assert!(settled.elapsed() < ms(10_000), "the clock stands still");
+            std::thread::sleep(ms(1));
+        }
         std::fs::write(&f, b"QEVN").unwrap();
         assert_ne!(stamp, FileStamp::of(&std::fs::metadata(&f).unwrap()));
     }
