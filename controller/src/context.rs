@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::debug;
 
+use crate::crd::Reason;
 use crate::metrics::Metrics;
 use crate::nodes::Agents;
 use crate::retries::Retries;
@@ -66,20 +67,26 @@ impl Context {
     }
 
     /// Records a Kubernetes event on `object`; a failure to record is logged, never fatal.
-    pub async fn event(&self, object: &ObjectReference, warning: bool, reason: &str, note: String) {
+    pub async fn event(
+        &self,
+        object: &ObjectReference,
+        warning: bool,
+        reason: Reason,
+        note: String,
+    ) {
         let ev = Event {
             type_: if warning {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(note),
-            action: reason.into(),
+            action: reason.as_str().into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, object).await {
-            debug!(error = %e, reason, "recording event");
+            debug!(error = %e, %reason, "recording event");
         }
     }
 }

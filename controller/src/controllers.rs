@@ -29,6 +29,7 @@ use tracing::warn;
 use crate::context::Context;
 use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::nodes::Signal;
 use crate::reconcile::{operation, snapshot, template, vm};
 use crate::waiting::key;
@@ -126,7 +127,7 @@ async fn drive<K, F, Fut>(
             move |obj: Arc<K>, ctx: Arc<Context>| {
                 let reconcile = reconcile.clone();
                 async move {
-                    ctx.metrics.inc("hypersdk_reconciles_total", &K::kind(&()));
+                    ctx.metrics.inc(metrics::RECONCILES, &K::kind(&()));
                     let who = ObjectRef::from(obj.as_ref()).erase();
                     let result = reconcile(obj, ctx.clone()).await;
                     if result.is_ok() {
@@ -148,7 +149,7 @@ where
     K: Resource<DynamicType = ()>,
 {
     let kind = K::kind(&());
-    ctx.metrics.inc("hypersdk_reconcile_errors_total", &kind);
+    ctx.metrics.inc(metrics::RECONCILE_ERRORS, &kind);
     let retry = ctx.retries.failed(ObjectRef::from(obj.as_ref()).erase());
     warn!(%kind, name = obj.name_any(), %error, ?retry, "reconcile failed");
     Action::requeue(retry)

@@ -97,12 +97,10 @@ struct RunArgs {
     lease_namespace: String,
 }
 
-fn ratio(s: &str) -> Result<f64, String> {
+fn ratio(s: &str) -> anyhow::Result<f64> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a ratio between 0 (exclusive) and 100"
-        )),
+        _ => bail!("{s:?} is not a ratio between 0 (exclusive) and 100"),
     }
 }
 
@@ -200,7 +198,10 @@ fn find_agents(args: &RunArgs, client: &kube::Client, agents: &Arc<Agents>) -> a
 async fn follow_manifests(mut standalone: Standalone) {
     loop {
         if let Err(e) = standalone.sync().await {
-            error!(error = %e, "reading manifests");
+            error!(
+                error = format!("{:#}", anyhow::Error::new(e)),
+                "manifest directory"
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

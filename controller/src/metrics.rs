@@ -10,17 +10,20 @@ pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
 
+/// The counters, by kind of object.
+pub const RECONCILES: &str = "hypersdk_reconciles_total";
+pub const RECONCILE_ERRORS: &str = "hypersdk_reconcile_errors_total";
+pub const SCHEDULING_FAILURES: &str = "hypersdk_scheduling_failures_total";
+pub const VMS_PLACED: &str = "hypersdk_vms_placed_total";
+
 const HELP: &[(&str, &str)] = &[
-    ("hypersdk_reconciles_total", "Reconciliations run, by kind."),
+    (RECONCILES, "Reconciliations run, by kind."),
+    (RECONCILE_ERRORS, "Reconciliations that failed, by kind."),
     (
-        "hypersdk_reconcile_errors_total",
-        "Reconciliations that failed, by kind.",
-    ),
-    (
-        "hypersdk_scheduling_failures_total",
+        SCHEDULING_FAILURES,
         "Placement attempts that found no node.",
     ),
-    ("hypersdk_vms_placed_total", "VMs placed on a node."),
+    (VMS_PLACED, "VMs placed on a node."),
 ];
 
 impl Metrics {
@@ -60,8 +63,8 @@ mod tests {
     #[test]
     fn renders_counters_and_gauges() {
         let m = Metrics::default();
-        m.inc("hypersdk_reconciles_total", "VirtualMachine");
-        m.inc("hypersdk_reconciles_total", "VirtualMachine");
+        m.inc(RECONCILES, "VirtualMachine");
+        m.inc(RECONCILES, "VirtualMachine");
         let text = m.render(&[("hypersdk_agents_reachable", "Agents answering.", 2.0)]);
         assert!(
             text.contains("hypersdk_reconciles_total{kind=\"VirtualMachine\"} 2\n"),

@@ -2,6 +2,7 @@
 //! `deploy/crds/`), shared field types and the Kubernetes `Condition` helpers.
 
 pub mod operation;
+pub mod reason;
 pub mod snapshot;
 pub mod template;
 pub mod vm;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use operation::{VMOperation, VMOperationSpec, VMOperationStatus};
+pub use reason::Reason;
 pub use snapshot::{VMSnapshot, VMSnapshotSpec, VMSnapshotStatus};
 pub use template::{VMTemplate, VMTemplateSpec, VMTemplateStatus};
 pub use vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
@@ -79,7 +81,7 @@ pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
     status: Status,
-    reason: &str,
+    reason: Reason,
     message: impl Into<String>,
     observed_generation: Option<i64>,
 ) -> bool {
@@ -96,7 +98,7 @@ pub fn set_condition(
                 c.last_transition_time = now;
             }
             c.status = status.as_str().into();
-            c.reason = reason.into();
+            c.reason = reason.as_str().into();
             c.message = message;
             c.observed_generation = observed_generation;
             changed
@@ -105,7 +107,7 @@ pub fn set_condition(
             conditions.push(Condition {
                 type_: type_.into(),
                 status: status.as_str().into(),
-                reason: reason.into(),
+                reason: reason.as_str().into(),
                 message,
                 observed_generation,
                 last_transition_time: now,
@@ -131,7 +133,7 @@ mod tests {
             &mut cs,
             "Ready",
             Status::False,
-            "A",
+            Reason::Creating,
             "m",
             None
         ));
@@ -141,7 +143,7 @@ mod tests {
             &mut cs,
             "Ready",
             Status::False,
-            "B",
+            Reason::Failed,
             "m2",
             None
         ));
@@ -150,7 +152,7 @@ mod tests {
             &mut cs,
             "Ready",
             Status::False,
-            "B",
+            Reason::Failed,
             "m2",
             None
         ));
@@ -158,12 +160,12 @@ mod tests {
             &mut cs,
             "Ready",
             Status::True,
-            "Ok",
+            Reason::Succeeded,
             "",
             None
         ));
         assert_ne!(cs[0].last_transition_time, first);
-        assert_eq!(condition(&cs, "Ready").unwrap().reason, "Ok");
+        assert_eq!(condition(&cs, "Ready").unwrap().reason, Reason::Succeeded);
         assert_eq!(cs.len(), 1);
     }
 }

@@ -18,6 +18,17 @@ const NODE_REFRESH: Duration = Duration::from_secs(5);
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LONGEST_RETRY: Duration = Duration::from_secs(2);
 
+/// Why a connected period ended.
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    #[error("connecting: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("agent call: {0}")]
+    Call(#[from] tonic::Status),
+    #[error("the watch stream ended")]
+    Ended,
+}
+
 /// Keeps one agent connected until it is removed from the registry.
 pub(super) async fn connection(agents: Weak<Agents>, agent: Weak<Agent>) {
     let mut backoff = FIRST_RETRY;
@@ -55,10 +66,8 @@ async fn session(
     agents: &Weak<Agents>,
     agent: &Weak<Agent>,
     address: &Address,
-) -> Result<(), tonic::Status> {
-    let mut client = endpoint::connect(address)
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+) -> Result<(), Broken> {
+    let mut client = endpoint::connect(address).await.map_err(Broken::Connect)?;
     let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
     let mut stream = client
         .watch_vms(pb::WatchVmsRequest {
@@ -80,7 +89,7 @@ async fn session(
     loop {
         let alive = tokio::select! {
             event = stream.next() => {
-                let event = event.ok_or_else(|| tonic::Status::unavailable("watch stream ended"))??;
+                let event = event.ok_or(Broken::Ended)??;
                 on_event(agents, agent, event)
             }
             _ = refresh.tick() => refresh_node(agents, agent, &mut client).await?,
@@ -119,7 +128,7 @@ async fn refresh_node(
     agents: &Weak<Agents>,
     agent: &Weak<Agent>,
     client: &mut Client,
-) -> Result<bool, tonic::Status> {
+) -> Result<bool, Broken> {
     let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
     let Some(a) = agent.upgrade() else {
         return Ok(false);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hypersdk_proto::endpoint::Address;
+use hypersdk_proto::endpoint::{Address, AddressError};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::ListParams;
@@ -21,8 +21,12 @@ pub const CARBON_ANNOTATION: &str = "hypersdk.io/carbon-intensity";
 pub enum FlagError {
     #[error("--agent {0:?}: expected NODE=ADDR, e.g. node-1=unix:///run/hypersdk/agent.sock")]
     Agent(String),
-    #[error("--agent {flag:?}: {error}")]
-    Address { flag: String, error: String },
+    #[error("--agent {flag:?}: {source}")]
+    Address {
+        flag: String,
+        #[source]
+        source: AddressError,
+    },
     #[error("--agent {0:?}: node {1:?} is given twice")]
     Duplicate(String, String),
     #[error("--node-label {0:?}: expected NODE=KEY=VALUE for a node given with --agent")]
@@ -47,14 +51,10 @@ pub fn from_flags(
         if node.is_empty() {
             return Err(FlagError::Agent(flag.clone()));
         }
-        let address: Address =
-            addr.parse()
-                .map_err(
-                    |e: hypersdk_proto::endpoint::AddressError| FlagError::Address {
-                        flag: flag.clone(),
-                        error: e.to_string(),
-                    },
-                )?;
+        let address: Address = addr.parse().map_err(|source| FlagError::Address {
+            flag: flag.clone(),
+            source,
+        })?;
         if out.iter().any(|a| a.node == node) {
             return Err(FlagError::Duplicate(flag.clone(), node.into()));
         }
@@ -157,10 +157,9 @@ mod tests {
             from_flags(&s(&["n1"]), &[], &[]),
             Err(FlagError::Agent("n1".into()))
         );
-        assert!(matches!(
-            from_flags(&s(&["n1=/a.sock"]), &[], &[]),
-            Err(FlagError::Address { .. })
-        ));
+        let e = from_flags(&s(&["n1=/a.sock"]), &[], &[]).unwrap_err();
+        assert!(matches!(e, FlagError::Address { .. }), "{e:?}");
+        assert!(std::error::Error::source(&e).is_some(), "keeps its source");
         assert!(matches!(
             from_flags(&s(&["n=unix:///a", "n=unix:///b"]), &[], &[]),
             Err(FlagError::Duplicate(..))

@@ -2,7 +2,7 @@
 //! [`SpecError`] naming the field, which the reconciler turns into a condition.
 
 use hypersdk_proto::agent::v1 as pb;
-use hypersdk_proto::quantity;
+use hypersdk_proto::quantity::{self, QuantityError};
 
 use std::collections::HashMap;
 
@@ -14,16 +14,34 @@ use crate::crd::vm::{Disk, MemoryHotplug, Network, RestartPolicy, VirtualMachine
 pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
 pub const NAME_LABEL: &str = "hypersdk.io/name";
 
+/// A field the agent spec cannot be built from: the field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct SpecError {
-    pub field: String,
-    pub message: String,
+pub enum SpecError {
+    #[error("{field}: {source}")]
+    Quantity {
+        field: &'static str,
+        #[source]
+        source: QuantityError,
+    },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
-fn err(field: &str, message: impl Into<String>) -> SpecError {
-    SpecError {
-        field: field.into(),
+impl SpecError {
+    /// The field at fault, as the API names it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            SpecError::Quantity { field, .. } | SpecError::Invalid { field, .. } => field,
+        }
+    }
+}
+
+fn err(field: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field,
         message: message.into(),
     }
 }
@@ -210,13 +228,14 @@ fn memory_hotplug(vm: &VirtualMachineSpec) -> pb::MemoryHotplug {
 }
 
 /// A quantity that must be a positive whole number of MiB, in bytes.
-fn parse_mib(field: &str, value: &str) -> Result<u64, SpecError> {
-    let bytes = quantity::parse_bytes(value).map_err(|e| err(field, e.to_string()))?;
+fn parse_mib(field: &'static str, value: &str) -> Result<u64, SpecError> {
+    let bytes =
+        quantity::parse_bytes(value).map_err(|source| SpecError::Quantity { field, source })?;
     whole_mib(field, bytes)?;
     Ok(bytes)
 }
 
-fn whole_mib(field: &str, bytes: u64) -> Result<(), SpecError> {
+fn whole_mib(field: &'static str, bytes: u64) -> Result<(), SpecError> {
     if bytes == 0 || !bytes.is_multiple_of(1 << 20) {
         return Err(err(
             field,
@@ -322,7 +341,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let e = build("d", "v", &vm("cpus: 1\nmemory: 1Gi"), None).unwrap_err();
-        assert_eq!(e.field, "spec.boot.kernel");
+        assert_eq!(e.field(), "spec.boot.kernel");
         let e = build(
             "d",
             "v",
@@ -330,13 +349,31 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert_eq!(e.field, "spec.memory");
+        assert_eq!(e.field(), "spec.memory");
+        let e = build(
+            "d",
+            "v",
+            &vm("cpus: 1\nmemory: 8XB\nboot: {kernel: /k}"),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SpecError::Quantity {
+                    field: "spec.memory",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(std::error::Error::source(&e).is_some(), "keeps its source");
         let mut t = template();
         t.image.source = "disk.qcow2".into();
         assert_eq!(
             build("d", "v", &vm("cpus: 1\nmemory: 1Gi"), Some(&t))
                 .unwrap_err()
-                .field,
+                .field(),
             "image.source"
         );
     }
@@ -372,11 +409,13 @@ mod tests {
             (Some(1_500_000_000), Some(2000))
         );
         assert_eq!(
-            migration_options(&spec("0Mbps", "1s")).unwrap_err().field,
+            migration_options(&spec("0Mbps", "1s")).unwrap_err().field(),
             "migrateSpec.bandwidth"
         );
         assert_eq!(
-            migration_options(&spec("1Gbps", "0ms")).unwrap_err().field,
+            migration_options(&spec("1Gbps", "0ms"))
+                .unwrap_err()
+                .field(),
             "migrateSpec.maxDowntime"
         );
         let unset = MigrateSpec {

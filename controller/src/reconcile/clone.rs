@@ -11,9 +11,10 @@ use kube::{Resource, ResourceExt};
 
 use super::operation::Outcome;
 use crate::context::Context;
+use crate::crd::Reason;
 use crate::crd::operation::{CloneSpec, VMOperation};
 use crate::crd::vm::{Boot, Disk, VirtualMachine, VirtualMachineSpec};
-use crate::error::Result;
+use crate::error::{AgentFailure, Result};
 use crate::nodes::spec::{agent_name, identity_labels};
 
 /// Annotation on a VirtualMachine made by a clone operation: the operation's name.
@@ -49,7 +50,7 @@ pub(super) async fn run(
     };
     let cloned = match clone_on_agent(vm, ns, &node, &spec, ctx).await {
         Ok(c) => c,
-        Err(why) => return Ok(Outcome::Failed(why)),
+        Err(why) => return Ok(Outcome::failed(why)),
     };
     let mut new = VirtualMachine::new(target, clone_spec(&vm.spec, &spec, &cloned));
     new.metadata.namespace = Some(ns.to_string());
@@ -57,7 +58,8 @@ pub(super) async fn run(
     vms.create(&PostParams::default(), &new).await?;
     let how = if spec.linked_clone { "linked" } else { "full" };
     let msg = format!("{how} clone {target} made on node {node}");
-    ctx.event(&vm.object_ref(&()), false, "Cloned", msg).await;
+    ctx.event(&vm.object_ref(&()), false, Reason::Cloned, msg)
+        .await;
     Ok(Outcome::Done(format!(
         "{how} clone {target} of VM {} made on node {node}",
         vm.name_any()
@@ -72,10 +74,10 @@ async fn clone_on_agent(
     node: &str,
     spec: &CloneSpec,
     ctx: &Context,
-) -> std::result::Result<pb::Vm, String> {
+) -> std::result::Result<pb::Vm, AgentFailure> {
     let agent = ctx.agents.get(node);
     let Some((agent, mut client)) = agent.and_then(|a| Some((a.clone(), a.client()?))) else {
-        return Err(format!("agent on node {node} does not answer"));
+        return Err(AgentFailure::Unreachable(node.into()));
     };
     let target = agent_name(ns, &spec.target_name);
     let req = pb::CloneVmRequest {
@@ -93,7 +95,7 @@ async fn clone_on_agent(
     };
     let cloned = cloned
         .map(tonic::Response::into_inner)
-        .map_err(|s| format!("agent on node {node}: {}", s.message()))?;
+        .map_err(|s| AgentFailure::refused(node, s))?;
     agent.observe(cloned.clone());
     Ok(cloned)
 }

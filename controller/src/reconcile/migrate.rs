@@ -17,18 +17,52 @@ use tracing::info;
 
 use super::operation::Outcome;
 use crate::context::Context;
+use crate::crd::Reason;
 use crate::crd::operation::{MigrateSpec, Progress, VMOperation};
 use crate::crd::vm::{VirtualMachine, VmPhase};
-use crate::error::{Error, Result};
+use crate::error::{AgentFailure, Result};
+use crate::nodes::spec::SpecError;
 use crate::nodes::spec::{agent_name, migration_options};
 use crate::nodes::{Agent, Client};
-use crate::scheduling;
+use crate::scheduling::{self, Unschedulable};
 
 /// Annotation on a VM that a VMOperation is moving; its value is the target node.
 pub const MIGRATING: &str = "hypersdk.io/migrating-to";
 
 /// How often live progress is written to the operation's status.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Why a migration does not start, or did not succeed: the failed operation's message.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("VM {0} is not placed on a node")]
+    NotPlaced(String),
+    #[error("migrateSpec.targetNode: no other node fits: {0}")]
+    NoNodeFits(#[source] Unschedulable),
+    #[error("migrateSpec.targetNode: node {node:?} is not known (known nodes: {known})")]
+    UnknownNode { node: String, known: String },
+    #[error("migrateSpec.targetNode: VM {vm} already runs on node {node}")]
+    AlreadyThere { vm: String, node: String },
+    #[error("VM {0} is not running (only a running VM migrates)")]
+    NotRunning(String),
+    #[error(transparent)]
+    Source(AgentFailure),
+    #[error("migrateSpec.targetNode: agent on node {0} does not answer")]
+    TargetUnreachable(String),
+    #[error(transparent)]
+    Options(#[from] SpecError),
+    #[error("{}", .0.message())]
+    Refused(#[source] tonic::Status),
+    #[error("migration stream: {}", .0.message())]
+    Stream(#[source] tonic::Status),
+    /// The source agent's last word: the phase the migration ended in, and why.
+    #[error("migration {phase}: {message}")]
+    Ended { phase: String, message: String },
+    #[error("stopping: {}", .0.message())]
+    Stop(#[source] tonic::Status),
+    #[error("removing from its node: {}", .0.message())]
+    Remove(#[source] tonic::Status),
+}
 
 pub(super) async fn run(
     op: &VMOperation,
@@ -40,20 +74,18 @@ pub(super) async fn run(
     let spec = op.spec.migrate_spec.clone().unwrap_or_default();
     let vm_name = vm.name_any();
     let Some(source) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
-        return Ok(Outcome::Failed(format!(
-            "VM {vm_name} is not placed on a node"
-        )));
+        return Ok(Outcome::failed(MigrateError::NotPlaced(vm_name)));
     };
     let (target, target_agent) = match target(vm, &spec, &source, ctx) {
         Ok(t) => t,
-        Err(why) => return Ok(Outcome::Failed(why)),
+        Err(why) => return Ok(Outcome::failed(why)),
     };
     if let Some(outcome) = resume(vm, ns, &source, &target_agent, ctx).await? {
         return Ok(outcome);
     }
     let (mut client, options) = match preflight(vm, &spec, &source, &target_agent, ctx) {
         Ok(ready) => ready,
-        Err(why) => return Ok(Outcome::Failed(why)),
+        Err(why) => return Ok(Outcome::failed(why)),
     };
     mark(vm, ns, ctx, Some(&target)).await?;
     info!(source, target, live = spec.live, "migrating");
@@ -67,13 +99,18 @@ pub(super) async fn run(
     match outcome {
         Ok(message) => {
             finish(vm, ns, &target, ctx).await?;
-            ctx.event(&vm.object_ref(&()), false, "Migrated", message.clone())
-                .await;
+            ctx.event(
+                &vm.object_ref(&()),
+                false,
+                Reason::Migrated,
+                message.clone(),
+            )
+            .await;
             Ok(Outcome::Done(message))
         }
-        Err(message) => {
+        Err(why) => {
             mark(vm, ns, ctx, None).await?;
-            Ok(Outcome::Failed(message))
+            Ok(Outcome::failed(why))
         }
     }
 }
@@ -84,7 +121,7 @@ fn target(
     spec: &MigrateSpec,
     source: &str,
     ctx: &Context,
-) -> std::result::Result<(String, Arc<Agent>), String> {
+) -> std::result::Result<(String, Arc<Agent>), MigrateError> {
     let target = match &spec.target_node {
         Some(t) => t.clone(),
         None => choose_target(vm, source, ctx)?,
@@ -98,10 +135,10 @@ fn target(
                 .iter()
                 .map(|a| a.info.node.clone())
                 .collect();
-            Err(format!(
-                "migrateSpec.targetNode: node {target:?} is not known (known nodes: {})",
-                known.join(", ")
-            ))
+            Err(MigrateError::UnknownNode {
+                node: target,
+                known: known.join(", "),
+            })
         }
     }
 }
@@ -123,9 +160,10 @@ async fn resume(
             finish(vm, ns, to, ctx).await?;
             Outcome::Done(format!("VM {vm_name} runs on node {to}"))
         } else {
-            Outcome::Failed(format!(
-                "migrateSpec.targetNode: VM {vm_name} already runs on node {to}"
-            ))
+            Outcome::failed(MigrateError::AlreadyThere {
+                vm: vm_name,
+                node: to.clone(),
+            })
         }));
     }
     if !is_moving(vm) {
@@ -154,26 +192,19 @@ fn preflight(
     source: &str,
     target: &Agent,
     ctx: &Context,
-) -> std::result::Result<(Client, pb::MigrationOptions), String> {
+) -> std::result::Result<(Client, pb::MigrationOptions), MigrateError> {
     if vm.status.as_ref().and_then(|s| s.phase) != Some(VmPhase::Running) {
-        return Err(format!(
-            "VM {} is not running (only a running VM migrates)",
-            vm.name_any()
-        ));
+        return Err(MigrateError::NotRunning(vm.name_any()));
     }
     let client = ctx
         .agents
         .get(source)
         .and_then(|a| a.client())
-        .ok_or_else(|| format!("agent on node {source} does not answer"))?;
+        .ok_or_else(|| MigrateError::Source(AgentFailure::Unreachable(source.into())))?;
     if target.client().is_none() {
-        return Err(format!(
-            "migrateSpec.targetNode: agent on node {} does not answer",
-            target.info.node
-        ));
+        return Err(MigrateError::TargetUnreachable(target.info.node.clone()));
     }
-    let options = migration_options(spec).map_err(|e| e.to_string())?;
-    Ok((client, options))
+    Ok((client, migration_options(spec)?))
 }
 
 /// The scheduler's choice among the other nodes.
@@ -181,7 +212,7 @@ fn choose_target(
     vm: &VirtualMachine,
     source: &str,
     ctx: &Context,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<String, MigrateError> {
     let nodes: Vec<_> = ctx
         .placements
         .inventory(&ctx.agents)
@@ -191,7 +222,7 @@ fn choose_target(
     let req = scheduling::Request::for_vm(&vm.spec);
     scheduling::schedule(&nodes, &req, &ctx.settings.policy)
         .map(|n| n.name.clone())
-        .map_err(|why| format!("migrateSpec.targetNode: no other node fits: {why}"))
+        .map_err(MigrateError::NoNodeFits)
 }
 
 /// Follows the source agent's migration stream, writing progress to the operation.
@@ -202,7 +233,7 @@ async fn live(
     name: &str,
     target: &str,
     options: pb::MigrationOptions,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<String, MigrateError> {
     let req = pb::MigrateVmRequest {
         name: name.to_string(),
         target: target.to_string(),
@@ -211,7 +242,7 @@ async fn live(
     let mut stream = client
         .migrate_vm(req)
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(MigrateError::Refused)?
         .into_inner();
     let mut written = Instant::now() - PROGRESS_EVERY;
     let mut last = pb::MigrationProgress::default();
@@ -226,7 +257,7 @@ async fn live(
                 last = p;
             }
             Ok(None) => break,
-            Err(s) => return Err(format!("migration stream: {}", s.message())),
+            Err(s) => return Err(MigrateError::Stream(s)),
         }
     }
     match last.phase() {
@@ -238,14 +269,10 @@ async fn live(
             last.downtime_ms,
             mib(last.transferred_bytes)
         )),
-        phase => Err(format!(
-            "migration {}: {}",
-            phase
-                .as_str_name()
-                .trim_start_matches("MIGRATION_PHASE_")
-                .to_lowercase(),
-            last.message
-        )),
+        phase => Err(MigrateError::Ended {
+            phase: phase_name(phase),
+            message: last.message,
+        }),
     }
 }
 
@@ -261,10 +288,7 @@ async fn write_progress(
     };
     let stage = format!(
         "{}: {} of {} sent, {} passes",
-        p.phase()
-            .as_str_name()
-            .trim_start_matches("MIGRATION_PHASE_")
-            .to_lowercase(),
+        phase_name(p.phase()),
         hypersdk_proto::quantity::format_bytes(p.transferred_bytes),
         hypersdk_proto::quantity::format_bytes(total),
         p.iterations
@@ -287,23 +311,28 @@ async fn cold(
     client: &mut Client,
     name: &str,
     ctx: &Context,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<String, MigrateError> {
     let stop = pb::StopVmRequest {
         name: name.to_string(),
         timeout_seconds: ctx.settings.stop_timeout_seconds,
         force: false,
     };
-    client
-        .stop_vm(stop)
-        .await
-        .map_err(|s| format!("stopping: {}", s.message()))?;
+    client.stop_vm(stop).await.map_err(MigrateError::Stop)?;
     client
         .delete_vm(pb::DeleteVmRequest {
             name: name.to_string(),
         })
         .await
-        .map_err(|s| format!("removing from its node: {}", s.message()))?;
+        .map_err(MigrateError::Remove)?;
     Ok("stopped on its node; starting on the target".into())
+}
+
+/// "precopy", "completed", ...: a migration phase as the status names it.
+fn phase_name(phase: pb::MigrationPhase) -> String {
+    phase
+        .as_str_name()
+        .trim_start_matches("MIGRATION_PHASE_")
+        .to_lowercase()
 }
 
 fn mib(bytes: u64) -> String {
@@ -323,8 +352,7 @@ async fn mark(vm: &VirtualMachine, ns: &str, ctx: &Context, target: Option<&str>
         &PatchParams::apply(super::MANAGER),
         &Patch::Merge(patch),
     )
-    .await
-    .map_err(Error::Kube)?;
+    .await?;
     Ok(())
 }
 

@@ -30,8 +30,7 @@ where
     if old == Some(status) {
         return Ok(());
     }
-    let mut value =
-        serde_json::to_value(status).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+    let mut value = serde_json::to_value(status).map_err(Error::Encode)?;
     if let (Some(obj), Some(old)) = (value.as_object_mut(), old.map(serde_json::to_value)) {
         for key in old
             .ok()
@@ -84,8 +83,7 @@ where
             {"op": "add", "path": "/metadata/ownerReferences/-", "value": owner},
         ])
     };
-    let patch: json_patch::Patch =
-        serde_json::from_value(patch).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Encode)?;
     api.patch(
         &obj.name_any(),
         &PatchParams::default(),

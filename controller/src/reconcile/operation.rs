@@ -24,8 +24,8 @@ use crate::crd::operation::{
 };
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot, VMSnapshotSpec};
 use crate::crd::vm::{VirtualMachine, VmPhase};
-use crate::crd::{Status, set_condition};
-use crate::error::Result;
+use crate::crd::{Reason, Status, set_condition};
+use crate::error::{AgentFailure, Result};
 use crate::nodes::Client;
 use crate::nodes::spec::agent_name;
 
@@ -64,7 +64,11 @@ pub async fn reconcile(op: Arc<VMOperation>, ctx: Arc<Context>) -> Result<Action
         let verb = op.spec.operation.as_str();
         let failed = matches!(outcome, Outcome::Failed(_));
         info!(verb, failed, message, "operation finished");
-        let reason = if failed { "Failed" } else { "Succeeded" };
+        let reason = if failed {
+            Reason::Failed
+        } else {
+            Reason::Succeeded
+        };
         ctx.event(
             &op.object_ref(&()),
             failed,
@@ -107,9 +111,9 @@ fn conclude(op: &VMOperation, outcome: &Outcome) -> VMOperationStatus {
             percent: 100,
             stage: None,
         });
-        (Status::True, "Succeeded")
+        (Status::True, Reason::Succeeded)
     } else {
-        (Status::False, "Failed")
+        (Status::False, Reason::Failed)
     };
     let generation = op.metadata.generation;
     set_condition(
@@ -132,6 +136,13 @@ pub(super) enum Outcome {
     Failed(String),
     /// Under way: percent done and what it waits for.
     Waiting(u32, String),
+}
+
+impl Outcome {
+    /// Failed, saying why.
+    pub(super) fn failed(why: impl std::error::Error) -> Self {
+        Outcome::Failed(why.to_string())
+    }
 }
 
 async fn run(op: &VMOperation, ns: &str, ctx: &Context, ops: &Api<VMOperation>) -> Result<Outcome> {
@@ -295,9 +306,7 @@ async fn on_agent(
     };
     let agent = ctx.agents.get(&node);
     let Some((agent, client)) = agent.and_then(|a| Some((a.clone(), a.client()?))) else {
-        return Ok(Outcome::Failed(format!(
-            "agent on node {node} does not answer"
-        )));
+        return Ok(Outcome::failed(AgentFailure::Unreachable(node)));
     };
     let reply = call(op, client, agent_name(ns, &vm_name), ctx).await;
     if reply.is_ok()
@@ -314,7 +323,7 @@ async fn on_agent(
                 op.spec.operation.as_str()
             ))
         }
-        Err(s) => Outcome::Failed(format!("agent on node {node}: {}", s.message())),
+        Err(s) => Outcome::failed(AgentFailure::refused(&node, s)),
     })
 }
 

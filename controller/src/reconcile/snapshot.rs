@@ -19,8 +19,8 @@ use tracing::info;
 use crate::context::Context;
 use crate::crd::snapshot::{SnapshotPhase, VMSnapshot};
 use crate::crd::vm::VirtualMachine;
-use crate::crd::{Status, set_condition};
-use crate::error::{Error, Result};
+use crate::crd::{Reason, Status, set_condition};
+use crate::error::{AgentFailure, Error, Result};
 use crate::nodes::Client;
 use crate::nodes::spec::agent_name;
 
@@ -53,7 +53,7 @@ enum Target {
     /// The VM does not exist (any more).
     NoVm(String),
     /// Not now: the VM has no node yet, or its agent does not answer (reason, message).
-    NotNow(&'static str, String),
+    NotNow(Reason, String),
 }
 
 async fn vm_of(snap: &VMSnapshot, ns: &str, ctx: &Context) -> Result<Option<VirtualMachine>> {
@@ -71,11 +71,11 @@ fn target(vm: Option<&VirtualMachine>, snap: &VMSnapshot, ns: &str, ctx: &Contex
     };
     let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
         let message = format!("VM {vm_name} is not placed on a node yet");
-        return Target::NotNow("VMNotPlaced", message);
+        return Target::NotNow(Reason::VmNotPlaced, message);
     };
     let Some(client) = ctx.agents.get(&node).and_then(|a| a.client()) else {
-        let message = format!("agent on node {node} does not answer");
-        return Target::NotNow("AgentUnreachable", message);
+        let message = AgentFailure::Unreachable(node).to_string();
+        return Target::NotNow(Reason::AgentUnreachable, message);
     };
     Target::On {
         node,
@@ -113,7 +113,7 @@ async fn apply(
     } else {
         Some(match target {
             Target::NoVm(message) => {
-                Verdict::not_ready(SnapshotPhase::Failed, "VMNotFound", message)
+                Verdict::not_ready(SnapshotPhase::Failed, Reason::VmNotFound, message)
             }
             Target::NotNow(reason, message) => {
                 Verdict::not_ready(SnapshotPhase::Pending, reason, message)
@@ -150,7 +150,7 @@ async fn still_there(snap: &VMSnapshot, target: Target) -> Result<Option<Verdict
     };
     Ok(Some(Verdict::not_ready(
         SnapshotPhase::Failed,
-        "Gone",
+        Reason::Gone,
         message,
     )))
 }
@@ -199,14 +199,17 @@ async fn take(
     let name = snap.name_any();
     let taken = listed(client.clone(), node, vm.clone())
         .await?
-        .ok_or_else(|| Error::agent(node, tonic::Status::not_found(format!("VM {vm}"))))?
+        .ok_or_else(|| Error::NotOnAgent {
+            node: node.into(),
+            vm: vm.clone(),
+        })?
         .into_iter()
         .find(|s| s.name == name);
     let result = match taken {
         Some(s) => Ok(s),
         None => {
             let message = format!("taking the snapshot on node {node}");
-            Verdict::not_ready(SnapshotPhase::Creating, "Creating", message)
+            Verdict::not_ready(SnapshotPhase::Creating, Reason::Creating, message)
                 .write(snap, api)
                 .await?;
             let req = pb::CreateSnapshotRequest {
@@ -228,13 +231,13 @@ async fn take(
             Verdict {
                 phase: SnapshotPhase::Ready,
                 ready: Status::True,
-                reason: "Created",
+                reason: Reason::Created,
                 message: ready_message(node, &s),
             }
         }
         Err(s) => {
-            let message = format!("agent on node {node}: {}", s.message());
-            Verdict::not_ready(SnapshotPhase::Failed, "Failed", message)
+            let message = AgentFailure::refused(node, s).to_string();
+            Verdict::not_ready(SnapshotPhase::Failed, Reason::Failed, message)
         }
     })
 }
@@ -252,12 +255,12 @@ fn ready_message(node: &str, s: &pb::Snapshot) -> String {
 struct Verdict {
     phase: SnapshotPhase,
     ready: Status,
-    reason: &'static str,
+    reason: Reason,
     message: String,
 }
 
 impl Verdict {
-    fn not_ready(phase: SnapshotPhase, reason: &'static str, message: String) -> Self {
+    fn not_ready(phase: SnapshotPhase, reason: Reason, message: String) -> Self {
         Verdict {
             phase,
             ready: Status::False,

@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use crate::context::Context;
 use crate::crd::template::{VMTemplate, VMTemplateSpec};
 use crate::crd::vm::VirtualMachine;
-use crate::crd::{Status, set_condition};
+use crate::crd::{Reason, Status, set_condition};
 use crate::error::Result;
 
 pub const READY: &str = "Ready";
@@ -50,18 +50,22 @@ pub async fn reconcile(tpl: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action
 }
 
 /// The template's image reference: an absolute node path (or `file://` URL) is usable.
-fn image_check(spec: &VMTemplateSpec) -> (Status, &'static str, String) {
+fn image_check(spec: &VMTemplateSpec) -> (Status, Reason, String) {
     let source = spec
         .image
         .source
         .strip_prefix("file://")
         .unwrap_or(&spec.image.source);
     if source.starts_with('/') {
-        (Status::True, "ImageReferenced", format!("image {source}"))
+        (
+            Status::True,
+            Reason::ImageReferenced,
+            format!("image {source}"),
+        )
     } else {
         let msg = format!(
             "image.source: {source:?} must be an absolute path on the nodes (or file:///path)"
         );
-        (Status::False, "InvalidImage", msg)
+        (Status::False, Reason::InvalidImage, msg)
     }
 }

@@ -15,8 +15,9 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
-use crate::crd::{Status, VMTemplate, VMTemplateSpec, set_condition};
+use crate::crd::{Reason, Status, VMTemplate, VMTemplateSpec, set_condition};
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::nodes::spec::{self, Built};
 use crate::nodes::{Agent, Client};
 use crate::scheduling::Request;
@@ -62,7 +63,7 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    fn set(&mut self, type_: &str, status: Status, reason: &str, message: impl Into<String>) {
+    fn set(&mut self, type_: &str, status: Status, reason: Reason, message: impl Into<String>) {
         set_condition(
             &mut self.status.conditions,
             type_,
@@ -115,7 +116,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     pass.set(
         NODE_REACHABLE,
         Status::True,
-        "AgentAnswers",
+        Reason::AgentAnswers,
         format!("agent on {node} answers"),
     );
     let current = match agent.vm(&built.spec.name) {
@@ -146,11 +147,11 @@ async fn build(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Option<Bu
     }
     let template = match template(vm, ns, ctx).await? {
         Ok(t) => t,
-        Err(msg) => return Ok(not_ready(pass, "TemplateNotFound", msg)),
+        Err(e) => return Ok(not_ready(pass, Reason::TemplateNotFound, e.to_string())),
     };
     let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
         Ok(b) => b,
-        Err(e) => return Ok(not_ready(pass, "InvalidSpec", e.to_string())),
+        Err(e) => return Ok(not_ready(pass, Reason::InvalidSpec, e.to_string())),
     };
     if let Some(key) = &template_key {
         ctx.waiting.template.cancel(key, &pass.me);
@@ -158,21 +159,30 @@ async fn build(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Option<Bu
     Ok(Some(built))
 }
 
-/// The spec of the VM's template; Err(message) when it names one that does not exist.
+/// A VM's `spec.image.templateRef` names a VMTemplate that does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("spec.image.templateRef: VMTemplate {name:?} not found in namespace {namespace}")]
+struct TemplateNotFound {
+    name: String,
+    namespace: String,
+}
+
+/// The spec of the VM's template, if it names one.
 async fn template(
     vm: &VirtualMachine,
     ns: &str,
     ctx: &Context,
-) -> Result<std::result::Result<Option<VMTemplateSpec>, String>> {
+) -> Result<std::result::Result<Option<VMTemplateSpec>, TemplateNotFound>> {
     let Some(image) = &vm.spec.image else {
         return Ok(Ok(None));
     };
-    let tpl = &image.template_ref.name;
+    let name = &image.template_ref.name;
     let found = Api::<VMTemplate>::namespaced(ctx.client.clone(), ns)
-        .get_opt(tpl)
+        .get_opt(name)
         .await?;
-    Ok(found.map(|t| Some(t.spec)).ok_or_else(|| {
-        format!("spec.image.templateRef: VMTemplate {tpl:?} not found in namespace {ns}")
+    Ok(found.map(|t| Some(t.spec)).ok_or_else(|| TemplateNotFound {
+        name: name.clone(),
+        namespace: ns.into(),
     }))
 }
 
@@ -192,7 +202,8 @@ async fn create(
         info!(from = node, to = other, "VM found on another node");
         pass.status.node_name = Some(other.clone());
         let msg = format!("now runs on node {other} (was {node})");
-        ctx.event(&vm.object_ref(&()), false, "Moved", msg).await;
+        ctx.event(&vm.object_ref(&()), false, Reason::Moved, msg)
+            .await;
         return Ok(Err(Action::requeue(Duration::from_millis(10))));
     }
     if vm.annotations().contains_key(super::migrate::MIGRATING) {
@@ -213,14 +224,15 @@ async fn create(
         }
         Err(s) if s.code() == tonic::Code::InvalidArgument => {
             let message = s.message().to_string();
-            not_ready::<()>(pass, "AgentRefused", message);
+            not_ready::<()>(pass, Reason::AgentRefused, message);
             return Ok(Err(Action::requeue(REFUSED_RETRY)));
         }
         other => call(node, other)?,
     };
     agent.observe(created.clone());
     let msg = format!("created on node {node}");
-    ctx.event(&vm.object_ref(&()), false, "Created", msg).await;
+    ctx.event(&vm.object_ref(&()), false, Reason::Created, msg)
+        .await;
     Ok(Ok(created))
 }
 
@@ -236,7 +248,7 @@ fn found_on_agent(ctx: &Context, name: &str, except: Option<&str>) -> Option<Str
 }
 
 /// Records a problem that needs the user (or another object) to change: None, to stop here.
-fn not_ready<T>(pass: &mut Pass<'_>, reason: &str, message: String) -> Option<T> {
+fn not_ready<T>(pass: &mut Pass<'_>, reason: Reason, message: String) -> Option<T> {
     if pass.status.node_name.is_none() {
         pass.status.phase = Some(VmPhase::Pending);
     }
@@ -250,7 +262,7 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
         pass.set(
             DISK_READY,
             Status::True,
-            "Attached",
+            Reason::Attached,
             "all disks are attached",
         );
     } else {
@@ -258,13 +270,13 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
             "disks {} have no image: sized volumes are not provisioned by the node agent; set disks[].path to an image on the node",
             built.unprovisioned_disks.join(", ")
         );
-        pass.set(DISK_READY, Status::False, "NotProvisioned", msg);
+        pass.set(DISK_READY, Status::False, Reason::NotProvisioned, msg);
     }
     let nets = built.spec.networks.len();
     pass.set(
         NETWORK_READY,
         Status::True,
-        "UserNetworking",
+        Reason::UserNetworking,
         format!("{nets} network(s) attached with NAT through the node"),
     );
 }
@@ -279,7 +291,7 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
         if let Some(node) = found_on_agent(ctx, &built.spec.name, None) {
             info!(node, "found on a node's agent");
             let msg = format!("already on node {node}");
-            pass.set(SCHEDULED, Status::True, "Found", msg);
+            pass.set(SCHEDULED, Status::True, Reason::Found, msg);
             pass.status.node_name = Some(node);
         }
     }
@@ -295,7 +307,12 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
     if !vm.spec.running {
         pass.status.phase = Some(VmPhase::Stopped);
         pass.status.message = None;
-        pass.set(READY, Status::False, "Stopped", "spec.running is false");
+        pass.set(
+            READY,
+            Status::False,
+            Reason::Stopped,
+            "spec.running is false",
+        );
         return Ok(None);
     }
     let req = Request::for_vm(&vm.spec);
@@ -319,25 +336,24 @@ async fn place(pass: &mut Pass<'_>, built: &Built, ctx: &Context) -> Result<Opti
 
 async fn unschedulable(pass: &mut Pass<'_>, why: &str, ctx: &Context) {
     ctx.metrics
-        .inc("hypersdk_scheduling_failures_total", "VirtualMachine");
+        .inc(metrics::SCHEDULING_FAILURES, "VirtualMachine");
     pass.status.phase = Some(VmPhase::Pending);
     pass.status.message = Some(why.to_string());
-    pass.set(SCHEDULED, Status::False, "Unschedulable", why);
-    pass.set(READY, Status::False, "Unschedulable", why);
+    pass.set(SCHEDULED, Status::False, Reason::Unschedulable, why);
+    pass.set(READY, Status::False, Reason::Unschedulable, why);
     let vm = pass.vm.object_ref(&());
-    ctx.event(&vm, true, "FailedScheduling", why.to_string())
+    ctx.event(&vm, true, Reason::FailedScheduling, why.to_string())
         .await;
 }
 
 async fn scheduled(pass: &mut Pass<'_>, node: &str, ctx: &Context) {
-    ctx.metrics
-        .inc("hypersdk_vms_placed_total", "VirtualMachine");
+    ctx.metrics.inc(metrics::VMS_PLACED, "VirtualMachine");
     info!(node, "placed");
     pass.status.node_name = Some(node.to_string());
     pass.status.phase = Some(VmPhase::Creating);
     let msg = format!("placed on node {node}");
-    pass.set(SCHEDULED, Status::True, "Scheduled", msg.clone());
-    ctx.event(&pass.vm.object_ref(&()), false, "Scheduled", msg)
+    pass.set(SCHEDULED, Status::True, Reason::Scheduled, msg.clone());
+    ctx.event(&pass.vm.object_ref(&()), false, Reason::Scheduled, msg)
         .await;
 }
 
@@ -352,10 +368,10 @@ async fn node_lost(
     pass.set(
         NODE_REACHABLE,
         Status::False,
-        "AgentUnreachable",
+        Reason::AgentUnreachable,
         msg.clone(),
     );
-    pass.set(READY, Status::False, "NodeLost", msg.clone());
+    pass.set(READY, Status::False, Reason::NodeLost, msg.clone());
     pass.status.message = Some(msg);
     let ha = pass
         .vm
@@ -383,8 +399,8 @@ async fn node_lost(
         "node {node} lost for {}s; placing the VM on another node",
         lost_for.as_secs()
     );
-    pass.set(SCHEDULED, Status::False, "Rescheduling", msg.clone());
-    ctx.event(&pass.vm.object_ref(&()), true, "Rescheduling", msg)
+    pass.set(SCHEDULED, Status::False, Reason::Rescheduling, msg.clone());
+    ctx.event(&pass.vm.object_ref(&()), true, Reason::Rescheduling, msg)
         .await;
     Ok(Action::requeue(Duration::from_millis(10)))
 }
@@ -411,7 +427,7 @@ async fn converge(
         ctx.event(
             &pass.vm.object_ref(&()),
             false,
-            "Started",
+            Reason::Started,
             format!("started on node {node}"),
         )
         .await;
@@ -429,7 +445,7 @@ async fn converge(
         ctx.event(
             &pass.vm.object_ref(&()),
             false,
-            "Stopped",
+            Reason::Stopped,
             format!("stopped on node {node}"),
         )
         .await;
@@ -475,20 +491,20 @@ fn report(pass: &mut Pass<'_>, vm: &pb::Vm) {
         pass.set(
             AGENT_CONNECTED,
             Status::True,
-            "GuestAgentConnected",
+            Reason::GuestAgentConnected,
             "the guest agent answers",
         );
     } else {
         pass.set(
             AGENT_CONNECTED,
             Status::False,
-            "GuestAgentNotConnected",
+            Reason::GuestAgentNotConnected,
             "no guest agent answers",
         );
     }
     match phase {
-        VmPhase::Running => pass.set(READY, Status::True, "Running", "the VM runs"),
-        other => pass.set(READY, Status::False, other.as_str(), status.message),
+        VmPhase::Running => pass.set(READY, Status::True, Reason::Phase(phase), "the VM runs"),
+        other => pass.set(READY, Status::False, Reason::Phase(other), status.message),
     }
 }
 
@@ -527,7 +543,7 @@ async fn cleanup(vm: &VirtualMachine, ns: &str, ctx: &Context) -> Result<Action>
                     "agent on node {node} does not answer; VM {agent_name} may remain there"
                 );
                 warn!("{msg}");
-                ctx.event(&vm.object_ref(&()), true, "CleanupSkipped", msg)
+                ctx.event(&vm.object_ref(&()), true, Reason::CleanupSkipped, msg)
                     .await;
             }
         }

@@ -127,6 +127,8 @@ impl std::fmt::Display for Unschedulable {
     }
 }
 
+impl std::error::Error for Unschedulable {}
+
 /// Picks the best node for `req`; ties go to the first node in `nodes` order.
 pub fn schedule<'a>(
     nodes: &'a [NodeInfo],

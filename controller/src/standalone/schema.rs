@@ -39,14 +39,13 @@ pub struct Schema {
     patterns: Patterns,
 }
 
-type Patterns = HashMap<String, Result<regex::Regex, String>>;
+type Patterns = HashMap<String, Result<regex::Regex, regex::Error>>;
 
 fn collect_patterns(v: &Value, out: &mut Patterns) {
     match v {
         Value::Object(o) => {
             if let Some(Value::String(p)) = o.get("pattern") {
-                out.entry(p.clone())
-                    .or_insert_with(|| regex::Regex::new(p).map_err(|e| e.to_string()));
+                out.entry(p.clone()).or_insert_with(|| regex::Regex::new(p));
             }
             o.values().for_each(|c| collect_patterns(c, out));
         }

@@ -1,0 +1,107 @@
+//! The reasons of conditions and events, as they appear on the wire (`reason` of a condition,
+//! `reason` and `action` of an event). Code and tests name them through [`Reason`], never as
+//! string literals.
+
+use super::vm::VmPhase;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    // VirtualMachine conditions.
+    TemplateNotFound,
+    InvalidSpec,
+    AgentRefused,
+    AgentAnswers,
+    AgentUnreachable,
+    NodeLost,
+    Found,
+    Scheduled,
+    Unschedulable,
+    Rescheduling,
+    Attached,
+    NotProvisioned,
+    UserNetworking,
+    GuestAgentConnected,
+    GuestAgentNotConnected,
+    /// Ready while the VM runs, or not Ready named after the phase it is in.
+    Phase(VmPhase),
+    // VMSnapshot conditions.
+    VmNotFound,
+    VmNotPlaced,
+    Creating,
+    /// The agent-side snapshot is no longer there.
+    Gone,
+    // VMOperation and VMSnapshot outcomes.
+    Succeeded,
+    Failed,
+    // VMTemplate conditions.
+    ImageReferenced,
+    InvalidImage,
+    // Events only.
+    Created,
+    Started,
+    Stopped,
+    Moved,
+    Migrated,
+    Cloned,
+    FailedScheduling,
+    CleanupSkipped,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        use Reason as R;
+        match self {
+            R::TemplateNotFound => "TemplateNotFound",
+            R::InvalidSpec => "InvalidSpec",
+            R::AgentRefused => "AgentRefused",
+            R::AgentAnswers => "AgentAnswers",
+            R::AgentUnreachable => "AgentUnreachable",
+            R::NodeLost => "NodeLost",
+            R::Found => "Found",
+            R::Scheduled => "Scheduled",
+            R::Unschedulable => "Unschedulable",
+            R::Rescheduling => "Rescheduling",
+            R::Attached => "Attached",
+            R::NotProvisioned => "NotProvisioned",
+            R::UserNetworking => "UserNetworking",
+            R::GuestAgentConnected => "GuestAgentConnected",
+            R::GuestAgentNotConnected => "GuestAgentNotConnected",
+            R::Phase(p) => p.as_str(),
+            R::VmNotFound => "VMNotFound",
+            R::VmNotPlaced => "VMNotPlaced",
+            R::Creating => "Creating",
+            R::Gone => "Gone",
+            R::Succeeded => "Succeeded",
+            R::Failed => "Failed",
+            R::ImageReferenced => "ImageReferenced",
+            R::InvalidImage => "InvalidImage",
+            R::Created => "Created",
+            R::Started => "Started",
+            R::Stopped => "Stopped",
+            R::Moved => "Moved",
+            R::Migrated => "Migrated",
+            R::Cloned => "Cloned",
+            R::FailedScheduling => "FailedScheduling",
+            R::CleanupSkipped => "CleanupSkipped",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// So that a condition's or event's reason compares with a [`Reason`].
+impl PartialEq<Reason> for String {
+    fn eq(&self, other: &Reason) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<Reason> for &str {
+    fn eq(&self, other: &Reason) -> bool {
+        *self == other.as_str()
+    }
+}
