@@ -153,7 +153,7 @@ impl Agent {
             extra_args: extra.iter().map(|a| a.to_string()).collect(),
             process: None,
         };
-        agent.spawn();
+        agent.spawn().await;
         let node = agent
             .client()
             .await
@@ -172,7 +172,7 @@ impl Agent {
         self.dir.path().join("data")
     }
 
-    fn spawn(&mut self) {
+    async fn spawn(&mut self) {
         let accel = std::env::var("HYPERSDK_TEST_ACCEL").unwrap_or_else(|_| "auto".into());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -198,20 +198,18 @@ impl Agent {
             unreachable!()
         };
         // A restarted agent replaces the old socket file: wait until it answers.
-        wait_until(Duration::from_secs(20), "agent socket", || {
-            std::os::unix::net::UnixStream::connect(sock).is_ok()
-        });
+        eventually(AGENT_UP, "the agent's socket", async || {
+            tokio::net::UnixStream::connect(sock).await
+        })
+        .await;
     }
 
     pub async fn client(&self) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match endpoint::connect(&self.address).await {
-                Ok(c) => return c,
-                Err(e) if Instant::now() > deadline => panic!("connecting to agent: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+        let address = self.address.clone();
+        eventually(AGENT_UP, "a connection to the agent", async move || {
+            endpoint::connect(&address).await
+        })
+        .await
     }
 
     /// A fixed-size 128 MiB guest, for tests that run several at once.
@@ -264,9 +262,9 @@ impl Agent {
     }
 
     /// Starts a new agent process on the same data directory.
-    pub fn respawn(&mut self) {
+    pub async fn respawn(&mut self) {
         assert!(self.process.is_none(), "the agent is still running");
-        self.spawn();
+        self.spawn().await;
     }
 
     /// The agent's process id.
@@ -351,6 +349,8 @@ pub fn is_qemu(pid: i32) -> bool {
     state != Some('Z') && comm.starts_with("qemu-system")
 }
 
+/// For synchronous code (benchmark set-up): polls `f` until it holds, for at most `limit`.
+/// Tests wait with [`eventually`].
 pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
@@ -359,6 +359,59 @@ pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
             "timed out after {limit:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How long an agent process may take to answer once started.
+const AGENT_UP: Duration = Duration::from_secs(30);
+
+/// How often [`eventually`] checks.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What a check of [`eventually`] returns: the value waited for, or what it saw instead.
+pub trait Outcome {
+    type Value;
+    fn outcome(self) -> Result<Self::Value, String>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn outcome(self) -> Result<(), String> {
+        self.then_some(()).ok_or_else(|| "not yet".into())
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn outcome(self) -> Result<T, String> {
+        self.ok_or_else(|| "nothing yet".into())
+    }
+}
+
+impl<T, E: std::fmt::Display> Outcome for Result<T, E> {
+    type Value = T;
+    fn outcome(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Runs `check` until it succeeds (`true`, `Some`, `Ok`) and returns its value. Fails the test
+/// once `bound` has passed, naming `what` and the last thing `check` saw. Bounds are generous:
+/// they only keep a broken run from hanging, and a slow machine must not fail a test.
+pub async fn eventually<C: Outcome>(
+    bound: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> C,
+) -> C::Value {
+    let deadline = Instant::now() + bound;
+    loop {
+        match check().await.outcome() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {bound:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
     }
 }
 
@@ -438,23 +491,14 @@ pub async fn wait_vm(
     what: &str,
     pred: impl Fn(&pb::VmStatus) -> bool,
 ) -> pb::Vm {
-    let deadline = Instant::now() + limit;
-    loop {
-        let vm = client
-            .get_vm(pb::GetVmRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if pred(vm.status.as_ref().unwrap()) {
-            return vm;
+    eventually(limit, &format!("{name}: {what}"), async || {
+        let vm = get(client, name).await;
+        match &vm.status {
+            Some(s) if pred(s) => Ok(vm),
+            other => Err(format!("{other:?}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {name}: {what}; last status {:?}",
-            vm.status
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 pub fn phase(vm: &pb::Vm) -> pb::VmPhase {
@@ -487,27 +531,108 @@ pub fn all_counters(serial: &str) -> Vec<u64> {
 
 /// Waits until the guest's counter passes `n`.
 pub async fn wait_counter_above(vm: &pb::Vm, n: u64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while last_counter(&serial(vm)).unwrap_or(0) <= n {
-        assert!(
-            Instant::now() < deadline,
-            "counter stuck at {n} for {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        limit,
+        &format!("the counter to pass {n}"),
+        async || match last_counter(&serial(vm)) {
+            Some(c) if c > n => Ok(()),
+            last => Err(format!("counter at {last:?}")),
+        },
+    )
+    .await
+}
+
+/// Waits until the guest has printed a counter; returns the last one.
+pub async fn current_counter(vm: &pb::Vm, limit: Duration) -> u64 {
+    eventually(limit, "a counter", async || last_counter(&serial(vm))).await
+}
+
+/// Waits until the guest prints a counter above the one it printed last (any, if none yet).
+pub async fn wait_counting(vm: &pb::Vm, limit: Duration) {
+    let from = last_counter(&serial(vm));
+    eventually(
+        limit,
+        &format!("the counter to move on from {from:?}"),
+        async || last_counter(&serial(vm)) > from,
+    )
+    .await
+}
+
+/// How long a paused guest is watched: a running one prints its counter once a second.
+pub const PAUSED_WINDOW: Duration = Duration::from_secs(5);
+
+/// A paused guest prints no counter for [`PAUSED_WINDOW`]. (The absence of an event needs a
+/// window; it is five of the guest's ticks.)
+pub async fn assert_holds_still(vm: &pb::Vm) {
+    let from = serial(vm).len();
+    tokio::time::sleep(PAUSED_WINDOW).await;
+    let printed = all_counters(&serial(vm)[from..]);
+    assert!(printed.is_empty(), "a paused guest counted: {printed:?}");
 }
 
 /// Waits until the serial log has `n` ready markers (one per boot).
 pub async fn wait_boots(vm: &pb::Vm, n: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while count_markers(&serial(vm), READY_MARKER) < n {
-        assert!(
-            Instant::now() < deadline,
-            "guest did not reach boot #{n} within {limit:?}; serial:\n{}",
-            serial(vm)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(limit, &format!("boot #{n}"), async || {
+        let log = serial(vm);
+        if count_markers(&log, READY_MARKER) >= n {
+            Ok(())
+        } else {
+            Err(format!("serial:\n{log}"))
+        }
+    })
+    .await
+}
+
+/// The disk counter each boot found (`HYPERSDK-DISK <n>` lines), in order.
+pub fn disk_counters(serial: &str) -> Vec<u64> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("HYPERSDK-DISK "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Waits for the first boot after byte `from` of the serial log; returns the counter it found
+/// on the disk.
+pub async fn disk_counter_at_boot(vm: &pb::Vm, from: usize, limit: Duration) -> u64 {
+    eventually(limit, "a boot with the disk mounted", async || {
+        let log = serial(vm);
+        disk_counters(&log[from..])
+            .first()
+            .copied()
+            .ok_or_else(|| format!("serial:\n{}", &log[from..]))
+    })
+    .await
+}
+
+/// How a guest restored to a memory snapshot carries on: the first counter it printed after
+/// byte `from` of its serial log (the log's length before the restore), once it has counted
+/// past the snapshot. `at_most` is the highest counter the guest can resume at; the guest it
+/// replaced, if it was running, must have counted past `at_most` before `from`, so that the
+/// first counter not past `at_most` is the restored guest's. Fails if the guest booted.
+pub async fn resumed_counter(vm: &pb::Vm, from: usize, at_most: u64, limit: Duration) -> u64 {
+    let (first, log) = eventually(
+        limit,
+        &format!("the restored guest to count past {at_most}"),
+        async || {
+            let log = serial(vm);
+            let counters = all_counters(&log[from..]);
+            let resumed = counters.iter().position(|n| *n <= at_most);
+            match resumed {
+                Some(i) if counters[i..].iter().any(|n| *n > at_most) => Ok((counters[i], log)),
+                _ => Err(format!("counters after the restore: {counters:?}")),
+            }
+        },
+    )
+    .await;
+    // A boot prints its ready marker before its first counter.
+    assert_eq!(
+        count_markers(&log[from..], READY_MARKER),
+        0,
+        "the restored guest booted instead of resuming:\n{}",
+        &log[from..]
+    );
+    first
 }
 
 pub fn pid_alive(pid: u32) -> bool {
@@ -535,6 +660,38 @@ pub async fn migrate(
         all.push(p);
     }
     Ok(all)
+}
+
+/// The least a migration of the test guest sends: its kernel and its root file system (the
+/// initramfs, unpacked in RAM) are well above this.
+const LEAST_SENT: u64 = 16 << 20;
+
+/// The figures of a completed migration make sense for a guest of `memory_bytes` moved by a
+/// call that took `wall` as the caller measured it: QEMU counted all of the guest's RAM and
+/// sent between [`LEAST_SENT`] and a few copies of it; the guest's pause lies within the whole
+/// migration, which lies within the call.
+pub fn assert_plausible_migration(p: &pb::MigrationProgress, memory_bytes: u64, wall: Duration) {
+    assert_eq!(p.phase(), pb::MigrationPhase::Completed, "{p:?}");
+    assert!(
+        p.total_bytes >= memory_bytes,
+        "RAM of {memory_bytes} bytes: {p:?}"
+    );
+    assert!(
+        (LEAST_SENT..=3 * p.total_bytes).contains(&p.transferred_bytes),
+        "sent {} bytes of {}: {p:?}",
+        p.transferred_bytes,
+        p.total_bytes
+    );
+    assert!(
+        0 < p.downtime_ms
+            && u64::from(p.downtime_ms) <= p.elapsed_ms
+            && u64::from(p.qemu_downtime_ms) <= p.elapsed_ms
+            && u128::from(p.elapsed_ms) <= wall.as_millis(),
+        "paused {} ms (QEMU: {} ms) of {} ms, in a call of {wall:?}: {p:?}",
+        p.downtime_ms,
+        p.qemu_downtime_ms,
+        p.elapsed_ms
+    );
 }
 
 /// The final message of a migration's progress.

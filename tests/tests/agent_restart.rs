@@ -9,6 +9,9 @@ use nix::sys::signal::Signal;
 
 const VMS: [&str; 3] = ["keep-0", "keep-1", "keep-2"];
 
+/// How long a stop request may take to reach the agent's VM (bounds the wait only).
+const STOPPING: Duration = Duration::from_secs(30);
+
 async fn pids(c: &mut Client) -> Vec<u32> {
     let mut out = vec![];
     for name in VMS {
@@ -33,10 +36,10 @@ async fn vms_survive_twenty_agent_restarts() {
         wait_boots(vm, 1, Duration::from_secs(90)).await;
     }
     let before = pids(&mut c).await;
-    let counters: Vec<_> = vms
-        .iter()
-        .map(|vm| last_counter(&serial(vm)).unwrap_or(0))
-        .collect();
+    let mut counters = vec![];
+    for vm in &vms {
+        counters.push(current_counter(vm, Duration::from_secs(90)).await);
+    }
 
     let started = Instant::now();
     for round in 0..20 {
@@ -57,7 +60,7 @@ async fn vms_survive_twenty_agent_restarts() {
                 "round {round}: QEMU {pid} died with the agent ({signal})"
             );
         }
-        agent.respawn();
+        agent.respawn().await;
         c = agent.client().await;
         assert_eq!(
             pids(&mut c).await,
@@ -115,8 +118,11 @@ async fn qemu_that_died_while_the_agent_was_down_is_reported() {
 
     agent.kill_agent(Signal::SIGKILL);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(5), "QEMU gone", || !pid_alive(pid));
-    agent.respawn();
+    eventually(Duration::from_secs(30), "QEMU gone", async || {
+        !pid_alive(pid)
+    })
+    .await;
+    agent.respawn().await;
     let mut c = agent.client().await;
 
     let lost = get(&mut c, "lost").await;
@@ -161,7 +167,7 @@ async fn a_stop_interrupted_by_an_agent_crash_completes() {
         })
         .await
     });
-    wait_vm(&mut c, "halting", Duration::from_secs(5), "Stopping", |s| {
+    wait_vm(&mut c, "halting", STOPPING, "Stopping", |s| {
         s.phase == pb::VmPhase::Stopping as i32
     })
     .await;
@@ -170,7 +176,7 @@ async fn a_stop_interrupted_by_an_agent_crash_completes() {
         stop.await.unwrap().is_err(),
         "the caller sees the agent go away"
     );
-    agent.respawn();
+    agent.respawn().await;
     let mut c = agent.client().await;
 
     // Whether QEMU ended before or after the new agent came up, the stop is seen through.
@@ -210,13 +216,9 @@ async fn sigterm_lets_calls_in_flight_finish() {
         })
         .await
     });
-    wait_vm(
-        &mut c,
-        "draining",
-        Duration::from_secs(5),
-        "Stopping",
-        |s| s.phase == pb::VmPhase::Stopping as i32,
-    )
+    wait_vm(&mut c, "draining", STOPPING, "Stopping", |s| {
+        s.phase == pb::VmPhase::Stopping as i32
+    })
     .await;
     agent.kill_agent(Signal::SIGTERM);
     let reply = call

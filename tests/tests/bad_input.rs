@@ -224,8 +224,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(dirs, vec![std::ffi::OsString::from("good")]);
-    let counter = last_counter(&serial(&now)).unwrap_or(0);
-    wait_counter_above(&now, counter, Duration::from_secs(10)).await;
+    wait_counting(&now, Duration::from_secs(60)).await;
     let _ = std::fs::remove_file(outside);
 }
 

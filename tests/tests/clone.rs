@@ -55,7 +55,7 @@ async fn running_and_layered_vms_clone_at_one_instant() {
     );
     let now = get(&mut c, "src").await;
     assert_eq!(now.status.as_ref().unwrap().pid, pid, "the source ran on");
-    wait_counter_above(&src, after + 1, Duration::from_secs(10)).await;
+    wait_counter_above(&src, after + 1, Duration::from_secs(60)).await;
     assert_eq!(count_markers(&serial(&src), READY_MARKER), 1);
 
     // Bad input: nothing is made.

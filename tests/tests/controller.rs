@@ -4,24 +4,26 @@
 //! available VMs move. The standalone binary is checked with simulated agents.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hypersdk_controller::nodes::{AgentInfo, Agents};
+use futures::FutureExt;
 use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine, condition};
-use hypersdk_controller::standalone::FakeApi;
+use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_controller::scheduling::Policy;
+use hypersdk_controller::standalone::FakeApi;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::{
-    Agent, GUEST_CMDLINE, READY_MARKER, bin, count_markers, guest, last_counter, repo_root, serial,
-    wait_boots, wait_counter_above,
+    Agent, GUEST_CMDLINE, READY_MARKER, bin, count_markers, current_counter, eventually, guest,
+    repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
 };
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
@@ -77,7 +79,10 @@ impl Controller {
         let agents = Arc::new(Agents::default());
         agents.sync(nodes.iter().map(|n| info(n)).collect());
         let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
-        let task = tokio::spawn(hypersdk_controller::controllers::run(ctx, std::future::pending()));
+        let task = tokio::spawn(hypersdk_controller::controllers::run(
+            ctx,
+            std::future::pending(),
+        ));
         Controller {
             client,
             agents,
@@ -146,20 +151,71 @@ async fn wait_for<K>(
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let obj = api.get_opt(name).await.unwrap();
-        if let Some(o) = &obj
-            && pred(o)
-        {
-            return o.clone();
+    eventually(limit, &format!("{name}: {what}"), async || {
+        match api.get_opt(name).await.unwrap() {
+            Some(o) if pred(&o) => Ok(o),
+            last => Err(format!("{last:#?}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {name}: {what}; last: {obj:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    })
+    .await
+}
+
+/// Waits until `name` is gone from the API.
+async fn wait_gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} deleted"),
+        async || api.get_opt(name).await.unwrap().is_none(),
+    )
+    .await
+}
+
+/// What the controller could change: every object in the API (by kind and name, without the
+/// version the API bumps on every write) and every VM on the agents (its spec; its phase, QEMU
+/// process and when they last changed; its size).
+async fn everything(ctl: &Controller, nodes: &[Agent]) -> BTreeMap<String, Value> {
+    let mut all = BTreeMap::new();
+    for ar in [
+        ApiResource::erase::<VirtualMachine>(&()),
+        ApiResource::erase::<VMTemplate>(&()),
+        ApiResource::erase::<VMOperation>(&()),
+        ApiResource::erase::<VMSnapshot>(&()),
+    ] {
+        let api = Api::<DynamicObject>::namespaced_with(ctl.client.clone(), "default", &ar);
+        for o in api.list(&Default::default()).await.unwrap() {
+            let mut o = serde_json::to_value(&o).unwrap();
+            o["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("resourceVersion");
+            let key = format!("{}/{}", ar.kind, o["metadata"]["name"].as_str().unwrap());
+            all.insert(key, o);
+        }
     }
+    for node in nodes {
+        for vm in node
+            .client()
+            .await
+            .list_vms(pb::ListVmsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+        {
+            let s = vm.status.unwrap();
+            let spec = vm.spec.unwrap();
+            all.insert(
+                format!("{}/{}", node.name, spec.name),
+                json!({"spec": format!("{spec:?}"), "phase": s.phase, "pid": s.pid,
+                    "startedAtMs": s.started_at_ms, "phaseChangedAtMs": s.phase_changed_at_ms,
+                    "restartCount": s.restart_count, "cpus": s.cpus, "memoryBytes": s.memory_bytes}),
+            );
+        }
+    }
+    all
 }
 
 fn phase(vm: &VirtualMachine) -> Option<VmPhase> {
@@ -171,6 +227,19 @@ fn cond<'a>(
     type_: &str,
 ) -> Option<&'a hypersdk_controller::crd::Condition> {
     condition(&vm.status.as_ref()?.conditions, type_)
+}
+
+/// Waits until the guest agent of my-vm on `node` answers.
+async fn wait_guest_agent(node: &Agent) {
+    eventually(BOOT, "the guest agent of my-vm", async || {
+        agent_vm(node, "my-vm")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .agent_connected
+    })
+    .await;
 }
 
 async fn agent_vm(node: &Agent, name: &str) -> Result<pb::Vm, tonic::Status> {
@@ -225,8 +294,11 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         .await
         .unwrap();
     assert_eq!(tpl.status.unwrap().usage_count, 1);
+    wait_guest_agent(node).await;
 
-    // Bad manifests: refused by the schema, or a clear condition; my-vm is untouched.
+    // Bad manifests: refused by the schema, or a clear condition; nothing else changes, in the
+    // API or on the nodes.
+    let before = everything(&ctl, &nodes).await;
     let mut no_cpus = example("vm-my-vm.yaml");
     no_cpus["metadata"]["name"] = json!("no-cpus");
     no_cpus["spec"].as_object_mut().unwrap().remove("cpus");
@@ -248,7 +320,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     let v = wait_for(
         &ctl.vms(),
         "no-template",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "TemplateNotFound",
         |v| cond(v, "Ready").is_some_and(|c| c.reason == "TemplateNotFound"),
     )
@@ -265,7 +337,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     let op = wait_for(
         &ctl.ops(),
         "migrate-my-vm",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "Failed",
         |o| o.status.as_ref().and_then(|s| s.phase) == Some(OperationPhase::Failed),
     )
@@ -280,6 +352,18 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         (phase(&vm), vm.status.unwrap().node_name),
         (Some(VmPhase::Running), Some(node_name.clone()))
     );
+    let mut after = everything(&ctl, &nodes).await;
+    for added in ["VirtualMachine/no-template", "VMOperation/migrate-my-vm"] {
+        assert!(after.remove(added).is_some(), "{added} in {after:#?}");
+    }
+    for (key, was) in &before {
+        assert_eq!(after.get(key), Some(was), "{key} changed");
+    }
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "nothing else appeared or went"
+    );
 
     // Restart through a VMOperation: a second boot of the same guest.
     let restart = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
@@ -293,17 +377,8 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
 
     // The seed's VMSnapshot (memory, quiesced) is taken on the VM's agent; a VMOperation
     // restores it; deleting the VMSnapshot deletes it there.
-    let deadline = Instant::now() + BOOT;
-    while !agent_vm(node, "my-vm")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .agent_connected
-    {
-        assert!(Instant::now() < deadline, "the guest agent never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_guest_agent(node).await;
+    let snap_from = current_counter(&on_agent, BOOT).await;
     ctl.create::<VMSnapshot>(example("vmsnapshot-my-vm-snapshot.yaml"))
         .await
         .unwrap();
@@ -316,6 +391,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         |s| s.status.as_ref().and_then(|s| s.phase) == Some(SnapshotPhase::Ready),
     )
     .await;
+    let snap_to = current_counter(&on_agent, BOOT).await;
     println!("VMSnapshot: {:?}", snap.status.unwrap().message);
     let on_node = || async {
         node.client()
@@ -338,7 +414,9 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     let restore = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
         "metadata": {"name": "restore-my-vm"}, "spec": {"vmRef": {"name": "my-vm"},
         "operation": "restore", "restoreSpec": {"snapshotName": "my-vm-snapshot"}}});
-    let boots = count_markers(&serial(&on_agent), READY_MARKER);
+    // The guest runs on past the snapshot, so that the restored guest goes back.
+    wait_counter_above(&on_agent, snap_to + 1, BOOT).await;
+    let from = serial(&on_agent).len();
     ctl.create::<VMOperation>(restore).await.unwrap();
     let op = wait_for(
         &ctl.ops(),
@@ -359,27 +437,23 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         "{:?}",
         op.status
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        count_markers(&serial(&on_agent), READY_MARKER),
-        boots,
-        "a memory restore does not boot the guest"
+    // A memory restore does not boot the guest: it goes on from the snapshot's counter.
+    let resumed = resumed_counter(&on_agent, from, snap_to + 1, BOOT).await;
+    assert!(
+        resumed >= snap_from,
+        "resumed at {resumed}, the snapshot was taken at {snap_from}..{snap_to}"
     );
     snaps
         .delete("my-vm-snapshot", &DeleteParams::default())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while snaps.get_opt("my-vm-snapshot").await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "my-vm-snapshot still exists");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(&snaps, "my-vm-snapshot").await;
     assert!(on_node().await.is_empty(), "deleted on the agent too");
 
     // The seed's VMOperation migrate (live, 100Mbps cap, auto-converge), aimed at the other
     // node: the guest moves without a reboot and the VM's nodeName follows it.
     let other = nodes.iter().find(|n| n.name != node_name).unwrap();
-    let counter = last_counter(&serial(&on_agent)).unwrap_or(0);
+    let counter = current_counter(&on_agent, BOOT).await;
     let mut migrate = example("vmoperation-migrate-my-vm.yaml");
     migrate["metadata"]["name"] = json!("migrate-my-vm-live");
     migrate["spec"]["migrateSpec"]["targetNode"] = json!(other.name);
@@ -398,7 +472,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     println!("migrate: {:?}", status.message);
     assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
     assert!(saw_progress, "live progress was written");
-    let vm = wait_for(&ctl.vms(), "my-vm", Duration::from_secs(30), "moved", |v| {
+    let vm = wait_for(&ctl.vms(), "my-vm", Duration::from_secs(60), "moved", |v| {
         v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(other.name.as_str())
             && phase(v) == Some(VmPhase::Running)
     })
@@ -411,7 +485,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     );
     let node = other;
     let on_agent = agent_vm(node, "my-vm").await.unwrap();
-    wait_counter_above(&on_agent, counter + 1, Duration::from_secs(20)).await;
+    wait_counter_above(&on_agent, counter + 1, Duration::from_secs(60)).await;
     assert_eq!(
         count_markers(&serial(&on_agent), READY_MARKER),
         0,
@@ -481,11 +555,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         .delete("my-vm", &DeleteParams::default())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ctl.vms().get_opt("my-vm").await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "my-vm still exists");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(&ctl.vms(), "my-vm").await;
     assert_eq!(
         agent_vm(node, "my-vm").await.unwrap_err().code(),
         tonic::Code::NotFound
@@ -563,7 +633,7 @@ async fn lost_node_is_reported_and_highly_available_vms_move() {
     let pinned = wait_for(
         &ctl.vms(),
         "pinned",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "NodeReachable=False",
         |v| cond(v, "NodeReachable").is_some_and(|c| c.status == "False"),
     )
@@ -637,22 +707,24 @@ async fn standalone_binary_applies_a_manifest_directory() {
         .spawn()
         .unwrap();
     let status = dir.join("status/virtualmachine-default-my-vm.yaml");
-    let result = std::panic::catch_unwind(|| {
-        hypersdk_tests::wait_until(
-            Duration::from_secs(30),
+    let result = AssertUnwindSafe(async {
+        eventually(
+            STATUS_FILE,
             "my-vm Running in its status file",
-            || {
+            async || {
                 std::fs::read_to_string(&status)
                     .is_ok_and(|s| s.contains("phase: Running") && s.contains("nodeName: sim-"))
             },
-        );
+        )
+        .await;
         let huge = dir.join("status/virtualmachine-default-huge.yaml");
-        hypersdk_tests::wait_until(Duration::from_secs(30), "huge unschedulable", || {
+        eventually(STATUS_FILE, "huge unschedulable", async || {
             std::fs::read_to_string(&huge).is_ok_and(|s| {
                 s.contains("reason: Unschedulable")
                     && s.contains("0/2 nodes are available: 2 insufficient cpu")
             })
-        });
+        })
+        .await;
         let errors = std::fs::read_to_string(dir.join("status/errors.yaml")).unwrap();
         assert!(
             errors.contains("bad.yaml") && errors.contains("spec.memory"),
@@ -663,12 +735,13 @@ async fn standalone_binary_applies_a_manifest_directory() {
         assert!(http_get(port, "/readyz").ends_with("ok"));
         // The manifest goes: the VM goes, from the agent too.
         std::fs::remove_file(dir.join("vm.yaml")).unwrap();
-        hypersdk_tests::wait_until(
-            Duration::from_secs(30),
-            "my-vm's status file removed",
-            || !status.exists(),
-        );
-    });
+        eventually(STATUS_FILE, "my-vm's status file removed", async || {
+            !status.exists()
+        })
+        .await;
+    })
+    .catch_unwind()
+    .await;
     let _ = ctl.kill();
     let _ = ctl.wait();
     if let Err(p) = result {
@@ -690,6 +763,9 @@ async fn standalone_binary_applies_a_manifest_directory() {
         assert!(vms.is_empty(), "{} still has {vms:?}", n.name);
     }
 }
+
+/// How long the standalone controller may take to write a status file (bounds the wait only).
+const STATUS_FILE: Duration = Duration::from_secs(60);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -29,24 +29,40 @@ fn report(what: &str, progress: &[pb::MigrationProgress]) {
     );
 }
 
+/// How long a migration of the test guest may take, from the call to the guest running on
+/// the target (bounds the wait only).
+const MOVE: Duration = Duration::from_secs(180);
+
 /// Watches `name` arrive on the target agent behind `client`: the main-thread priority of its
 /// QEMU while it loads the state (None if never seen loading), and its pid once it runs.
-async fn watch_arrival(mut client: Client, name: &str) -> (Option<i32>, u32) {
+async fn watch_arrival(client: &mut Client, name: &str) -> (Option<i32>, u32) {
     let mut loading = None;
-    loop {
-        if let Ok(vm) = client.get_vm(pb::GetVmRequest { name: name.into() }).await {
-            let vm = vm.into_inner();
-            let s = vm.status.as_ref().unwrap();
-            match (phase(&vm), s.pid) {
-                (pb::VmPhase::Running, pid) => return (loading, pid),
-                (pb::VmPhase::Incoming, pid) if pid > 0 => {
-                    loading = loading.or(process::priority(pid).ok());
-                }
-                _ => {}
+    let pid = eventually(MOVE, &format!("{name} running on the target"), async || {
+        let vm = client.get_vm(pb::GetVmRequest { name: name.into() }).await;
+        let vm = vm.map_err(|e| e.to_string())?.into_inner();
+        match (phase(&vm), vm.status.as_ref().unwrap().pid) {
+            (pb::VmPhase::Running, pid) => Ok(pid),
+            (pb::VmPhase::Incoming, pid) if pid > 0 => {
+                loading = loading.or(process::priority(pid).ok());
+                Err(format!("loading at {loading:?}"))
             }
+            (other, _) => Err(format!("{other:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
+    (loading, pid)
+}
+
+/// Whether this process, and so the agent it starts, may raise a priority (CAP_SYS_NICE).
+fn may_raise_priority() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    caps & (1 << CAP_SYS_NICE) != 0
 }
 
 /// A running guest moves with its memory, disk, vCPUs and hot-plugged memory; the guest never
@@ -75,24 +91,27 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
 
     for name in ["idle", "busy"] {
         let before = get(&mut a, name).await;
-        let counter = last_counter(&serial(&before)).unwrap_or(0);
+        let memory = before.status.as_ref().unwrap().memory_bytes;
+        let counter = current_counter(&before, Duration::from_secs(60)).await;
         let t = Instant::now();
         // The idle guest moves by the gRPC call, the busy one by hyperctl (its JSON figures).
         let figures = if name == "idle" {
-            let arrival = tokio::spawn(watch_arrival(dst.client().await, name));
-            let progress = migrate(&mut a, name, &dst.address, Default::default())
-                .await
-                .unwrap();
+            let mut arriving = dst.client().await;
+            let (progress, (loading, pid)) = tokio::join!(
+                migrate(&mut a, name, &dst.address, Default::default()),
+                watch_arrival(&mut arriving, name)
+            );
+            let progress = progress.unwrap();
             report(name, &progress);
-            // The receiving QEMU loads at a raised priority (the agent runs as root here),
-            // and runs the guest at the agent's own.
-            let (loading, pid) = tokio::time::timeout(Duration::from_secs(30), arrival)
-                .await
-                .expect("the VM runs on the target")
-                .unwrap();
-            // SAFETY: a plain syscall without arguments.
-            if unsafe { libc::geteuid() } == 0 {
+            // The receiving QEMU loads at a raised priority where the agent may raise one
+            // (as root), else at the agent's own, and says why; it runs the guest at the
+            // agent's own priority.
+            if may_raise_priority() {
                 assert_eq!(loading, Some(process::LOADING_NICE));
+            } else {
+                assert_eq!(loading, Some(process::own_priority()));
+                let log = dst.agent_log();
+                assert!(log.contains("runs at normal priority"), "{log}");
             }
             assert!(
                 process::thread_priorities(pid)
@@ -108,21 +127,14 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
                     .any(|p| p.phase() == pb::MigrationPhase::Active),
                 "progress was streamed"
             );
-            let last = progress.last().unwrap();
-            serde_json::json!({
-                "phase": format!("{:?}", last.phase()), "downtimeMs": last.downtime_ms,
-                "transferredBytes": last.transferred_bytes, "sourceNode": last.source_node,
-                "targetNode": last.target_node, "message": last.message,
-            })
+            progress.last().unwrap().clone()
         } else {
             hyperctl_migrate(&src, name, &dst)
         };
-        println!("{name}: migrated in {:?}: {figures}", t.elapsed());
-        assert_eq!(figures["phase"], "Completed", "{figures}");
-        assert!(figures["downtimeMs"].as_u64() > Some(0), "{figures}");
-        assert!(figures["transferredBytes"].as_u64() > Some(0), "{figures}");
-        assert_eq!(figures["sourceNode"], "mig-a");
-        assert_eq!(figures["targetNode"], "mig-b");
+        println!("{name}: migrated in {:?}: {figures:?}", t.elapsed());
+        assert_plausible_migration(&figures, memory, t.elapsed());
+        assert_eq!(figures.source_node, "mig-a");
+        assert_eq!(figures.target_node, "mig-b");
 
         // Only the target has it now, running, with the same guest.
         assert!(
@@ -142,7 +154,7 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
         let moved = get(&mut b, name).await;
         assert_eq!(phase(&moved), pb::VmPhase::Running);
         assert_eq!(moved.status.as_ref().unwrap().node_name, "mig-b");
-        wait_counter_above(&moved, counter, Duration::from_secs(20)).await;
+        wait_counter_above(&moved, counter, Duration::from_secs(60)).await;
         let log = serial(&moved);
         assert_eq!(
             count_markers(&log, READY_MARKER),
@@ -162,7 +174,7 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
 
     // The plugged vCPU and memory came along, the guest still sees them, and the vCPU can be
     // unplugged on the target (it kept its device id).
-    let idle = wait_vm(&mut b, "idle", Duration::from_secs(30), "guest view", |s| {
+    let idle = wait_vm(&mut b, "idle", Duration::from_secs(60), "guest view", |s| {
         s.guest_cpus == 2
     })
     .await;
@@ -172,6 +184,8 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
     // A migration that cannot finish in time (a busy guest over a 2 MiB/s cap, 6 s timeout): the
     // agent lifts the cap and throttles the guest, and it completes (back to the source) before
     // the cancel at twice the timeout, with room to spare on a loaded machine.
+    let memory = get(&mut b, "busy").await.status.unwrap().memory_bytes;
+    let t = Instant::now();
     let progress = migrate(
         &mut b,
         "busy",
@@ -191,14 +205,14 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
             .any(|p| p.phase() == pb::MigrationPhase::Throttling),
         "no escalation seen"
     );
-    assert_eq!(final_phase(&progress).0, pb::MigrationPhase::Completed);
+    assert_plausible_migration(progress.last().unwrap(), memory, t.elapsed());
     assert!(progress.last().unwrap().elapsed_ms >= 6000);
 
     // Disk writes went on across both moves: after a reboot, the guest reads back a counter at
     // least as high as any it printed before.
     let back = get(&mut a, "busy").await;
-    wait_counter_above(&back, 0, Duration::from_secs(20)).await;
-    let seen = last_counter(&serial(&back)).unwrap();
+    let seen = current_counter(&back, Duration::from_secs(60)).await;
+    let from = serial(&back).len();
     let restarted = a
         .restart_vm(pb::RestartVmRequest {
             name: "busy".into(),
@@ -208,15 +222,15 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
         .await
         .unwrap()
         .into_inner();
-    wait_boots(&restarted, 1, Duration::from_secs(60)).await;
-    let disk = wait_disk_marker(&restarted).await;
+    let disk = disk_counter_at_boot(&restarted, from, Duration::from_secs(60)).await;
     assert!(
         disk >= seen,
         "disk counter {disk} < {seen} printed on the target"
     );
 }
 
-fn hyperctl_migrate(src: &Agent, name: &str, dst: &Agent) -> serde_json::Value {
+/// Migrates by `hyperctl vm migrate --wait -o json`; returns the figures it printed.
+fn hyperctl_migrate(src: &Agent, name: &str, dst: &Agent) -> pb::MigrationProgress {
     let out = std::process::Command::new(bin("hyperctl"))
         .env("HYPERSDK_AGENT", src.address.to_string())
         .args(["vm", "migrate", name, "--to", &dst.address.to_string()])
@@ -232,7 +246,31 @@ fn hyperctl_migrate(src: &Agent, name: &str, dst: &Agent) -> serde_json::Value {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let number = |field: &str| {
+        figures[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} in {figures}"))
+    };
+    let text = |field: &str| figures[field].as_str().unwrap_or_default().to_string();
+    let phase = pb::MigrationPhase::from_str_name(&format!(
+        "MIGRATION_PHASE_{}",
+        text("phase").to_uppercase()
+    ))
+    .unwrap_or_else(|| panic!("phase in {figures}"));
+    pb::MigrationProgress {
+        vm: text("vm"),
+        phase: phase as i32,
+        message: text("message"),
+        source_node: text("sourceNode"),
+        target_node: text("targetNode"),
+        transferred_bytes: number("transferredBytes"),
+        total_bytes: number("totalBytes"),
+        elapsed_ms: number("totalTimeMs"),
+        downtime_ms: number("downtimeMs") as u32,
+        qemu_downtime_ms: number("qemuDowntimeMs") as u32,
+        ..Default::default()
+    }
 }
 
 async fn resize_to(c: &mut Client, name: &str, cpus: u32, memory: &str) {
@@ -243,22 +281,6 @@ async fn resize_to(c: &mut Client, name: &str, cpus: u32, memory: &str) {
     })
     .await
     .unwrap_or_else(|e| panic!("resize {name}: {e}"));
-}
-
-async fn wait_disk_marker(vm: &pb::Vm) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(n) = serial(vm)
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("HYPERSDK-DISK "))
-            .filter_map(|n| n.trim().parse().ok())
-            .next_back()
-        {
-            return n;
-        }
-        assert!(Instant::now() < deadline, "no disk marker:\n{}", serial(vm));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A slow migration (bandwidth capped) that the test interrupts while memory is being copied.
@@ -301,7 +323,7 @@ async fn rest(mut stream: tonic::Streaming<pb::MigrationProgress>) -> Vec<pb::Mi
 
 /// The VM is still here, Running, and its guest keeps counting.
 async fn still_running_here(c: &mut Client, pid: u32) {
-    let vm = wait_vm(c, "stay", Duration::from_secs(10), "Running", |s| {
+    let vm = wait_vm(c, "stay", Duration::from_secs(60), "Running", |s| {
         s.phase == pb::VmPhase::Running as i32
     })
     .await;
@@ -310,16 +332,16 @@ async fn still_running_here(c: &mut Client, pid: u32) {
         pid,
         "the source QEMU was replaced"
     );
-    let n = last_counter(&serial(&vm)).unwrap_or(0);
-    wait_counter_above(&vm, n, Duration::from_secs(15)).await;
+    wait_counting(&vm, Duration::from_secs(60)).await;
 }
 
 /// Nothing of the VM is left on the target.
 async fn nothing_on(target: &Agent) {
     let mut c = target.client().await;
-    wait_until(Duration::from_secs(10), "target cleaned up", || {
+    eventually(Duration::from_secs(60), "target cleaned up", async || {
         qemu_pids_under(target.dir.path()).is_empty()
-    });
+    })
+    .await;
     assert!(list(&mut c).await.is_empty(), "{:?}", list(&mut c).await);
 }
 
@@ -437,15 +459,17 @@ async fn failed_migrations_leave_the_vm_running() {
     assert!(why.contains("target agent"), "{why}");
     println!("target agent killed: noticed in {:?}: {why}", t.elapsed());
     still_running_here(&mut a, pid).await;
-    dst.respawn();
+    dst.respawn().await;
     nothing_on(&dst).await;
 
     // After all that, a migration still works.
+    let memory = get(&mut a, "stay").await.status.unwrap().memory_bytes;
+    let t = Instant::now();
     let p = migrate(&mut a, "stay", &dst.address, Default::default())
         .await
         .unwrap();
     report("after failures", &p);
-    assert_eq!(final_phase(&p).0, pb::MigrationPhase::Completed, "{p:?}");
+    assert_plausible_migration(p.last().unwrap(), memory, t.elapsed());
     let mut b = dst.client().await;
     assert_eq!(phase(&get(&mut b, "stay").await), pb::VmPhase::Running);
 }

@@ -54,7 +54,7 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
         |s| s.guest_cpus == 1,
     )
     .await;
-    let counter = last_counter(&serial(&vm)).unwrap_or(0);
+    let counter = current_counter(&vm, Duration::from_secs(60)).await;
 
     // (cpus, memory) asked → (QEMU cpus, QEMU MiB, guest cpus, guest MiB) seen
     let steps: [(Option<u32>, Option<&str>, Sizes); 4] = [
@@ -91,7 +91,7 @@ async fn cpus_and_memory_grow_and_shrink_while_running() {
     assert_eq!((phase(&now), sizes(&now).0), (pb::VmPhase::Running, 2));
 
     // The guest never stopped: same boot, counter moved on.
-    wait_counter_above(&vm, counter, Duration::from_secs(10)).await;
+    wait_counter_above(&vm, counter, Duration::from_secs(60)).await;
     assert_eq!(count_markers(&serial(&vm), READY_MARKER), 1);
 
     // Bad input: refused before anything is touched.
@@ -197,7 +197,7 @@ async fn dimm_memory_grows_shrinks_and_moves() {
         |s| s.guest_memory_bytes > 0,
     )
     .await;
-    let counter = last_counter(&serial(&vm)).unwrap_or(0);
+    let counter = current_counter(&vm, Duration::from_secs(60)).await;
 
     for (memory, guest_mib) in [("1Gi", 1024), ("768Mi", 768)] {
         let t = Instant::now();
@@ -219,14 +219,15 @@ async fn dimm_memory_grows_shrinks_and_moves() {
     );
     assert_eq!(sizes(&get(&mut a, "elastic").await), (1, 768, 1, 768));
 
+    let t = Instant::now();
     let progress = migrate(&mut a, "elastic", &dst.address, Default::default())
         .await
         .unwrap();
-    assert_eq!(final_phase(&progress).0, pb::MigrationPhase::Completed);
+    assert_plausible_migration(progress.last().unwrap(), 768 * MIB, t.elapsed());
     let moved = wait_vm(
         &mut b,
         "elastic",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "guest agent",
         |s| s.guest_memory_bytes > 0,
     )
@@ -239,7 +240,7 @@ async fn dimm_memory_grows_shrinks_and_moves() {
             .unwrap_or_else(|e| panic!("on the target, {memory}: {e}"));
         assert_eq!(sizes(&vm), (1, guest_mib, 1, guest_mib));
     }
-    wait_counter_above(&moved, counter + 2, Duration::from_secs(10)).await;
+    wait_counter_above(&moved, counter + 2, Duration::from_secs(60)).await;
     // The target's console has the counter, but no boot.
     assert_eq!(count_markers(&serial(&moved), READY_MARKER), 0, "no reboot");
 }

@@ -2,7 +2,6 @@
 //! must match reality: the QEMU processes that exist, their run state, and the directories.
 
 use std::collections::BTreeSet;
-
 use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
@@ -24,18 +23,29 @@ impl Rng {
     }
 }
 
-async fn random_call(c: &mut Client, agent: &Agent, rng: &mut Rng) -> Result<(), tonic::Status> {
+/// The calls a client picks from, by name.
+const CALLS: [&str; 7] = [
+    "create", "start", "stop", "pause", "resume", "restart", "delete",
+];
+
+/// One random call; returns its index in [`CALLS`] and how it went.
+async fn random_call(
+    c: &mut Client,
+    agent: &Agent,
+    rng: &mut Rng,
+) -> (usize, Result<(), tonic::Status>) {
     let name = NAMES[rng.next(NAMES.len())].to_string();
-    match rng.next(8) {
-        0 | 1 => c
+    let call = [0, 0, 1, 2, 3, 4, 5, 6][rng.next(8)];
+    let result = match call {
+        0 => c
             .create_vm(pb::CreateVmRequest {
                 spec: Some(agent.small_spec(&name)),
                 start: rng.next(2) == 0,
             })
             .await
             .map(drop),
-        2 => c.start_vm(pb::StartVmRequest { name }).await.map(drop),
-        3 => c
+        1 => c.start_vm(pb::StartVmRequest { name }).await.map(drop),
+        2 => c
             .stop_vm(pb::StopVmRequest {
                 name,
                 timeout_seconds: 10,
@@ -43,9 +53,9 @@ async fn random_call(c: &mut Client, agent: &Agent, rng: &mut Rng) -> Result<(),
             })
             .await
             .map(drop),
-        4 => c.pause_vm(pb::PauseVmRequest { name }).await.map(drop),
-        5 => c.resume_vm(pb::ResumeVmRequest { name }).await.map(drop),
-        6 => c
+        3 => c.pause_vm(pb::PauseVmRequest { name }).await.map(drop),
+        4 => c.resume_vm(pb::ResumeVmRequest { name }).await.map(drop),
+        5 => c
             .restart_vm(pb::RestartVmRequest {
                 name,
                 timeout_seconds: 10,
@@ -54,7 +64,8 @@ async fn random_call(c: &mut Client, agent: &Agent, rng: &mut Rng) -> Result<(),
             .await
             .map(drop),
         _ => c.delete_vm(pb::DeleteVmRequest { name }).await.map(drop),
-    }
+    };
+    (call, result)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -78,43 +89,61 @@ async fn concurrent_random_calls_leave_a_true_report() {
         tasks.push(tokio::spawn(async move {
             let mut c = agent.client().await;
             let mut rng = Rng(seed.wrapping_add((i as u64).wrapping_mul(0x9E3779B97F4A7C15)) | 1);
-            let mut done = 0;
+            let mut done = [0; CALLS.len()];
             for _ in 0..OPS_PER_CLIENT {
                 if started.elapsed() > Duration::from_secs(150) {
                     break;
                 }
                 match random_call(&mut c, &agent, &mut rng).await {
-                    Ok(()) => done += 1,
+                    (call, Ok(())) => done[call] += 1,
                     // Refusals for the wrong state or a missing/existing name are expected.
-                    Err(s)
+                    (_, Err(s))
                         if matches!(
                             s.code(),
                             Code::FailedPrecondition | Code::NotFound | Code::AlreadyExists
                         ) => {}
-                    Err(s) => panic!("unexpected error: {s:?}"),
+                    (_, Err(s)) => panic!("unexpected error: {s:?}"),
                 }
             }
             done
         }));
     }
-    let mut succeeded = 0;
+    let mut succeeded = [0; CALLS.len()];
     for t in tasks {
-        succeeded += t.await.unwrap();
+        for (total, done) in succeeded.iter_mut().zip(t.await.unwrap()) {
+            *total += done;
+        }
     }
-    println!("{succeeded} calls succeeded in {:?}", started.elapsed());
+    let tally: Vec<_> = CALLS.iter().zip(succeeded).collect();
+    println!(
+        "calls that succeeded: {tally:?}, in {:?}",
+        started.elapsed()
+    );
+    // The run did something: VMs were made and removed, and their run state changed.
+    let [create, start, stop, pause, resume, restart, delete] = succeeded;
+    assert!(create > 0 && delete > 0, "{tally:?}");
+    assert!(start + stop + pause + resume + restart > 0, "{tally:?}");
 
     let mut c = agent.client().await;
     // Let transitional phases settle.
-    let vms = loop {
-        let vms = list(&mut c).await;
-        let settled = vms
-            .iter()
-            .all(|vm| !matches!(phase(vm), pb::VmPhase::Starting | pb::VmPhase::Stopping));
-        if settled || started.elapsed() > Duration::from_secs(200) {
-            break vms;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let vms = eventually(
+        Duration::from_secs(180),
+        "no VM Starting or Stopping",
+        async || {
+            let vms = list(&mut c).await;
+            let busy: Vec<_> = vms
+                .iter()
+                .filter(|vm| matches!(phase(vm), pb::VmPhase::Starting | pb::VmPhase::Stopping))
+                .map(|vm| vm.spec.as_ref().unwrap().name.clone())
+                .collect();
+            if busy.is_empty() {
+                Ok(vms)
+            } else {
+                Err(format!("{busy:?}"))
+            }
+        },
+    )
+    .await;
 
     // Processes: exactly those of VMs that are Running or Paused, with the pids reported.
     let reported: BTreeSet<u32> = vms
@@ -148,19 +177,8 @@ async fn concurrent_random_calls_leave_a_true_report() {
     // Run state: a Running guest counts, a Paused one does not.
     for vm in &vms {
         match phase(vm) {
-            pb::VmPhase::Running => {
-                let from = last_counter(&serial(vm)).unwrap_or(0);
-                wait_counter_above(vm, from, Duration::from_secs(90)).await;
-            }
-            pb::VmPhase::Paused => {
-                let before = serial(vm);
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                assert_eq!(
-                    last_counter(&serial(vm)),
-                    last_counter(&before),
-                    "paused guest counted"
-                );
-            }
+            pb::VmPhase::Running => wait_counting(vm, Duration::from_secs(180)).await,
+            pb::VmPhase::Paused => assert_holds_still(vm).await,
             _ => {}
         }
     }
