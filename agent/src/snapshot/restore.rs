@@ -38,54 +38,12 @@ impl Supervisor {
         let meta = self.read_snapshot(snapshot)?;
         let dir = self.ctx.snapshots.dir(&self.spec.name, snapshot);
         let was_running = matches!(self.status.phase, Phase::Running | Phase::Paused);
-        // The guest's state is about to be replaced: paused, it leaves the CPU to the checks.
-        // Should they fail, it runs on.
-        let paused_here = self.status.phase == Phase::Running
-            && self
-                .qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
-                .await
-                .is_ok();
-        let (layers, spec, resolved) = match self.prepare_restore(snapshot, &meta, &dir).await {
-            Ok(ready) => ready,
-            Err(e) => {
-                if paused_here {
-                    let _ = self
-                        .qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
-                        .await;
-                }
-                self.collect_layers();
-                return Err(e);
-            }
-        };
-        // From here on the VM's current state is replaced.
-        self.discard_process().await;
-        self.spec = spec;
-        self.save_spec()?;
-        self.set_layers(layers.active, Some(snapshot.to_string()))
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
-        self.collect_layers();
-        let loaded = Instant::now();
-        let outcome = match &meta.memory {
-            Some(m) => {
-                self.load_memory(&meta, &resolved, &dir.join(&m.file), m)
-                    .await
-            }
-            None if was_running => {
-                self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
-                    .await
-            }
-            None => Ok(()),
-        };
-        let load_ms = match meta.memory {
-            Some(_) => loaded.elapsed().as_millis() as u32,
-            None => 0,
-        };
-        if outcome.is_ok() && meta.memory.is_some() && meta.quiesced {
-            // The saved guest had its filesystems frozen (the thaw came after the save).
-            self.thaw_restored().await;
-        }
-        match outcome {
-            Ok(()) => {
+        let ready = self.checked_restore(snapshot, &meta, &dir).await?;
+        match self
+            .replace_with(snapshot, &meta, &dir, ready, was_running)
+            .await
+        {
+            Ok(load_ms) => {
                 let phase = if meta.memory.is_some() || was_running {
                     self.status.phase
                 } else {
@@ -105,6 +63,68 @@ impl Supervisor {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Runs the checks of [`Self::prepare_restore`] with a running guest paused (its state is
+    /// about to be replaced: paused, it leaves the CPU to the checks). Should they fail, it
+    /// runs on.
+    async fn checked_restore(
+        &mut self,
+        snapshot: &str,
+        meta: &SnapshotMeta,
+        dir: &Path,
+    ) -> Result<(DiskLayers, VmSpec, VmSpec), AgentError> {
+        let paused_here = self.status.phase == Phase::Running
+            && self
+                .qmp_call(|q| async move { q.execute(qapi::qmp::stop {}).await })
+                .await
+                .is_ok();
+        let prepared = self.prepare_restore(snapshot, meta, dir).await;
+        if prepared.is_err() {
+            if paused_here {
+                let _ = self
+                    .qmp_call(|q| async move { q.execute(qapi::qmp::cont {}).await })
+                    .await;
+            }
+            self.collect_layers();
+        }
+        prepared
+    }
+
+    /// Replaces the VM's state with the snapshot's: the spec, the disk layers and, with
+    /// memory, the guest itself. Ok: how long the memory took to load, in milliseconds.
+    async fn replace_with(
+        &mut self,
+        snapshot: &str,
+        meta: &SnapshotMeta,
+        dir: &Path,
+        (layers, spec, resolved): (DiskLayers, VmSpec, VmSpec),
+        was_running: bool,
+    ) -> Result<u32, AgentError> {
+        self.discard_process().await;
+        self.spec = spec;
+        self.save_spec()?;
+        self.set_layers(layers.active, Some(snapshot.to_string()))
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        self.collect_layers();
+        let loaded = Instant::now();
+        match &meta.memory {
+            Some(m) => {
+                self.load_memory(meta, &resolved, &dir.join(&m.file), m)
+                    .await?;
+                if meta.quiesced {
+                    // The saved guest had its filesystems frozen (the thaw came after the save).
+                    self.thaw_restored().await;
+                }
+                Ok(loaded.elapsed().as_millis() as u32)
+            }
+            None if was_running => {
+                self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
+                    .await?;
+                Ok(0)
+            }
+            None => Ok(0),
         }
     }
 
