@@ -178,7 +178,11 @@ async fn a_guest_that_powers_off_is_stopped() {
         (pb::VmPhase::Stopped, "stopped".to_string())
     );
     let vm = n.vms.get("vm1").await.unwrap();
-    assert_eq!(vm.status.unwrap().next_restart_at_ms, 0, "a stop is no crash");
+    assert_eq!(
+        vm.status.unwrap().next_restart_at_ms,
+        0,
+        "a stop is no crash"
+    );
 }
 
 #[tokio::test]
@@ -209,10 +213,7 @@ async fn a_crash_is_restarted_by_policy_with_its_cause_shown() {
     let failed = n.event("ProcessExited").await;
     assert_eq!(
         status(failed.vm.as_ref().unwrap()),
-        (
-            pb::VmPhase::Failed,
-            "QEMU exited with status 3".to_string()
-        )
+        (pb::VmPhase::Failed, "QEMU exited with status 3".to_string())
     );
     let scheduled = n.event("RestartScheduled").await;
     let s = scheduled.vm.unwrap().status.unwrap();
@@ -224,7 +225,13 @@ async fn a_crash_is_restarted_by_policy_with_its_cause_shown() {
     // The second crash backs off (1 s), and its note replaces the first one's.
     n.event("Running").await;
     n.exit_qemu(4);
-    let again = n.event("RestartScheduled").await.vm.unwrap().status.unwrap();
+    let again = n
+        .event("RestartScheduled")
+        .await
+        .vm
+        .unwrap()
+        .status
+        .unwrap();
     assert_eq!(
         again.message,
         "QEMU exited with status 4; restarting in 1s (restart policy Always)"
