@@ -1,6 +1,6 @@
 //! The gRPC service: a thin layer mapping requests onto the VM registry.
 
-use crate::vm::reason::Reason;
+use crate::vm::reason::{Reason, event};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,12 +169,7 @@ impl AgentService for Service {
             .list()
             .await
             .into_iter()
-            .map(|vm| pb::VmEvent {
-                r#type: pb::EventType::Added as i32,
-                vm: Some(vm),
-                reason: Reason::Existing.as_str().into(),
-                message: String::new(),
-            })
+            .map(|vm| event(pb::EventType::Added, vm, Reason::Existing, ""))
             .collect();
         let matches = move |ev: &pb::VmEvent| {
             filter.is_empty()

@@ -1,6 +1,8 @@
 //! Why a VM event happened: the `reason` of every `VmEvent` the agent sends. Clients (the
 //! controller, hyperctl, tests) match these words, so they are one list here.
 
+use hypersdk_proto::agent::v1 as pb;
+
 macro_rules! reasons {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +69,16 @@ reasons! {
     IncomingAborted,
     /// Removed: its QEMU ended while it waited for the state.
     IncomingFailed,
+}
+
+/// A watch event about `vm`.
+pub fn event(kind: pb::EventType, vm: pb::Vm, reason: Reason, message: &str) -> pb::VmEvent {
+    pb::VmEvent {
+        r#type: kind as i32,
+        vm: Some(vm),
+        reason: reason.as_str().into(),
+        message: message.into(),
+    }
 }
 
 impl std::fmt::Display for Reason {

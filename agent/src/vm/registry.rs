@@ -1,6 +1,6 @@
 //! The registry of this agent's VMs: creation (validation, duplicate names), lookup, deletion.
 
-use crate::vm::reason::Reason;
+use crate::vm::reason::{Reason, event};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -211,12 +211,8 @@ impl Vms {
             handle
         };
         info!(vm = %name, %reason, "created");
-        let _ = self.ctx.events.send(pb::VmEvent {
-            r#type: pb::EventType::Added as i32,
-            vm: Some(handle.current()),
-            reason: reason.as_str().into(),
-            message: String::new(),
-        });
+        let added = event(pb::EventType::Added, handle.current(), reason, "");
+        let _ = self.ctx.events.send(added);
         Ok(handle)
     }
 

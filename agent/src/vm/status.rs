@@ -6,7 +6,7 @@ use crate::vm::actor::Supervisor;
 use crate::vm::actor::Task;
 use crate::vm::guest::GuestView;
 use crate::vm::phase::{self, Phase};
-use crate::vm::reason::Reason;
+use crate::vm::reason::{Reason, event};
 use hypersdk_proto::agent::v1 as pb;
 use tracing::{error, warn};
 
@@ -55,12 +55,10 @@ impl Supervisor {
         self.status.revision += 1;
         let vm = self.snapshot();
         self.publish.send_replace(vm.clone());
-        let _ = self.ctx.events.send(pb::VmEvent {
-            r#type: pb::EventType::Modified as i32,
-            vm: Some(vm),
-            reason: reason.as_str().into(),
-            message: message.to_string(),
-        });
+        let _ = self
+            .ctx
+            .events
+            .send(event(pb::EventType::Modified, vm, reason, message));
     }
 
     /// The status message: why the VM is in its phase, and when it restarts if it will.

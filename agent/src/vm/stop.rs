@@ -6,7 +6,7 @@ use crate::vm::actor::Reply;
 use crate::vm::actor::Supervisor;
 use crate::vm::actor::{Stopping, Task};
 use crate::vm::phase::{Action, Phase};
-use crate::vm::reason::Reason;
+use crate::vm::reason::{Reason, event};
 use hypersdk_proto::agent::v1 as pb;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -169,12 +169,8 @@ impl Supervisor {
         info!(%reason, "removed from this node");
         self.gone = true;
         let vm = self.snapshot();
-        let _ = self.ctx.events.send(pb::VmEvent {
-            r#type: pb::EventType::Deleted as i32,
-            vm: Some(vm.clone()),
-            reason: reason.as_str().into(),
-            message: String::new(),
-        });
+        let deleted = event(pb::EventType::Deleted, vm.clone(), reason, "");
+        let _ = self.ctx.events.send(deleted);
         Ok(vm)
     }
 }

@@ -82,6 +82,14 @@ async fn node(script: Script) -> Node {
     }
 }
 
+/// A node with one VM running under the scripted QEMU.
+async fn running(obeys_power_button: bool, policy: RestartPolicy) -> Node {
+    let mut n = node(Script { obeys_power_button }).await;
+    n.vms.create(spec(&n.kernel(), policy), true).await.unwrap();
+    n.event("Running").await;
+    n
+}
+
 fn spec(kernel: &Path, policy: RestartPolicy) -> pb::VmSpec {
     let mut s = crate::spec::tests::minimal("vm1");
     s.boot.kernel = kernel.to_path_buf();
@@ -109,14 +117,6 @@ impl Node {
             .unwrap_or_else(|_| panic!("no {reason} event"))
     }
 
-    async fn start(&mut self, policy: RestartPolicy) {
-        self.vms
-            .create(spec(&self.kernel(), policy), true)
-            .await
-            .unwrap();
-        self.event("Running").await;
-    }
-
     async fn call(&self, op: Op) -> Result<pb::Vm, AgentError> {
         self.vms.call("vm1", op).await
     }
@@ -142,11 +142,7 @@ fn stop(timeout_ms: u64) -> Op {
 
 #[tokio::test]
 async fn pause_and_resume_follow_the_state_machine() {
-    let mut n = node(Script {
-        obeys_power_button: true,
-    })
-    .await;
-    n.start(RestartPolicy::Never).await;
+    let n = running(true, RestartPolicy::Never).await;
     let paused = n.call(Op::Pause).await.unwrap();
     assert_eq!(status(&paused).0, pb::VmPhase::Paused);
     let again = n.call(Op::Pause).await.unwrap_err();
@@ -167,11 +163,7 @@ async fn pause_and_resume_follow_the_state_machine() {
 
 #[tokio::test]
 async fn a_guest_that_powers_off_is_stopped() {
-    let mut n = node(Script {
-        obeys_power_button: true,
-    })
-    .await;
-    n.start(RestartPolicy::Always).await;
+    let n = running(true, RestartPolicy::Always).await;
     let stopped = n.call(stop(20_000)).await.unwrap();
     assert_eq!(
         status(&stopped),
@@ -187,11 +179,7 @@ async fn a_guest_that_powers_off_is_stopped() {
 
 #[tokio::test]
 async fn a_guest_that_ignores_the_power_button_is_ended_at_the_timeout() {
-    let mut n = node(Script {
-        obeys_power_button: false,
-    })
-    .await;
-    n.start(RestartPolicy::Never).await;
+    let n = running(false, RestartPolicy::Never).await;
     let stopped = n.call(stop(300)).await.unwrap();
     assert_eq!(
         status(&stopped),
@@ -204,11 +192,7 @@ async fn a_guest_that_ignores_the_power_button_is_ended_at_the_timeout() {
 
 #[tokio::test]
 async fn a_crash_is_restarted_by_policy_with_its_cause_shown() {
-    let mut n = node(Script {
-        obeys_power_button: true,
-    })
-    .await;
-    n.start(RestartPolicy::Always).await;
+    let mut n = running(true, RestartPolicy::Always).await;
     n.exit_qemu(3);
     let failed = n.event("ProcessExited").await;
     assert_eq!(
@@ -250,11 +234,7 @@ async fn a_crash_is_restarted_by_policy_with_its_cause_shown() {
 
 #[tokio::test]
 async fn delete_removes_the_vm_with_its_reason() {
-    let mut n = node(Script {
-        obeys_power_button: true,
-    })
-    .await;
-    n.start(RestartPolicy::Always).await;
+    let mut n = running(true, RestartPolicy::Always).await;
     n.vms.delete("vm1").await.unwrap();
     let deleted = n.event("Deleted").await;
     assert_eq!(deleted.r#type(), pb::EventType::Deleted);
