@@ -20,7 +20,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     to: Address,
     /// Bandwidth cap per second as a quantity, e.g. 500Mi (0 = unlimited, the default).
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = hypersdk_proto::quantity::parse_bytes)]
     bandwidth: Option<u64>,
     /// Longest acceptable guest pause at the switch-over, e.g. 50ms (the default).
     #[arg(long, value_parser = parse_duration)]
@@ -179,21 +179,25 @@ fn print_summary(v: &MigrationView, waited: bool) {
     }
 }
 
-/// A Kubernetes quantity ("500Mi", "1Gi", "100M", "0"): bytes.
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    hypersdk_proto::quantity::parse_bytes(s).map_err(|e| e.to_string())
+/// A duration flag the parser does not read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration")]
+    NotANumber(String),
+    #[error("{0:?}: give a unit, e.g. 50ms, 2s or 5m")]
+    NoUnit(String),
 }
 
 /// "50ms", "2s", "5m".
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    let n: u64 = n.parse().map_err(|_| DurationError::NotANumber(s.into()))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: give a unit, e.g. 50ms, 2s or 5m")),
+        _ => Err(DurationError::NoUnit(s.into())),
     }
 }
 
@@ -203,6 +207,7 @@ mod tests {
 
     #[test]
     fn sizes_and_durations() {
+        let parse_bytes = hypersdk_proto::quantity::parse_bytes;
         assert_eq!(parse_bytes("500Mi"), Ok(500 << 20));
         assert_eq!(parse_bytes("0"), Ok(0));
         assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
@@ -210,7 +215,12 @@ mod tests {
         assert!(parse_bytes("99999999999Gi").is_err());
         assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("50").is_err());
+        assert_eq!(
+            parse_duration("50"),
+            Err(DurationError::NoUnit("50".into()))
+        );
+        let fast = parse_duration("fast");
+        assert_eq!(fast, Err(DurationError::NotANumber("fast".into())));
     }
 
     #[test]
