@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
+use serde_json::json;
 use tracing::info;
 
 use crate::context::Context;
@@ -26,6 +27,8 @@ use crate::nodes::spec::agent_name;
 
 pub const READY: &str = "Ready";
 const FINALIZER: &str = "hypersdk.io/snapshot";
+/// Annotation on a Ready VMSnapshot: the node it was taken on.
+pub const TAKEN_ON: &str = "hypersdk.io/taken-on";
 /// Looked at again this often (retention; an agent-side snapshot deleted on the node).
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -130,29 +133,35 @@ async fn apply(
     Ok(Action::requeue(RESYNC))
 }
 
-/// A Ready snapshot whose agent-side snapshot is gone says so: its VM was deleted (and its
-/// snapshots with it), or the VM's node has no such snapshot (the VM moved to another node, or
-/// the snapshot was deleted there). None while it is there, or while that cannot be told.
+/// A Ready snapshot whose agent-side snapshot is gone says so: its VM was deleted, or moved to
+/// another node (snapshots stay on the node they were taken on: a live migration refuses a VM
+/// with snapshots, other moves leave them), or the node no longer has the VM or the snapshot.
+/// None while it is there, or while that cannot be told.
 async fn still_there(snap: &VMSnapshot, target: Target) -> Result<Option<Verdict>> {
     let vm_name = &snap.spec.vm_ref.name;
     let message = match target {
         Target::NotNow(..) => return Ok(None),
         Target::NoVm(_) => format!("VM {vm_name} no longer exists; its snapshots went with it"),
-        Target::On { node, client, vm } => {
-            let listed = listed(client, &node, vm).await?;
-            if listed.is_some_and(|l| l.iter().any(|s| s.name == snap.name_any())) {
-                return Ok(None);
-            }
-            format!(
-                "no longer on node {node}, where VM {vm_name} is: the VM moved to another node, or the snapshot was deleted there"
-            )
-        }
+        Target::On { node, .. } if taken_on(snap).is_some_and(|t| t != node) => format!(
+            "taken on node {}; VM {vm_name} is now on node {node}",
+            taken_on(snap).unwrap_or_default()
+        ),
+        Target::On { node, client, vm } => match listed(client, &node, vm).await? {
+            Some(l) if l.iter().any(|s| s.name == snap.name_any()) => return Ok(None),
+            Some(_) => format!("deleted on node {node}, where VM {vm_name} is"),
+            None => format!("VM {vm_name} is no longer on node {node}; its snapshots went with it"),
+        },
     };
     Ok(Some(Verdict::not_ready(
         SnapshotPhase::Failed,
         Reason::Gone,
         message,
     )))
+}
+
+/// The node the snapshot was taken on (recorded once it is Ready).
+fn taken_on(snap: &VMSnapshot) -> Option<&str> {
+    snap.annotations().get(TAKEN_ON).map(String::as_str)
 }
 
 /// The agent's snapshots of its VM `vm`; None when the agent has no such VM.
@@ -228,6 +237,9 @@ async fn take(
     Ok(match result {
         Ok(s) => {
             info!(node, pause_ms = s.pause_ms, "snapshot ready");
+            let taken_on = json!({"metadata": {"annotations": {TAKEN_ON: node}}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(taken_on))
+                .await?;
             Verdict {
                 phase: SnapshotPhase::Ready,
                 ready: Status::True,
