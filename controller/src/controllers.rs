@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::metrics;
 use crate::nodes::Signal;
 use crate::reconcile::{operation, snapshot, template, vm};
-use crate::waiting::key;
+use crate::waiting::{Key, Waiters, Waiting, key};
 
 /// Runs every controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
@@ -75,22 +75,31 @@ fn vms(ctx: &Arc<Context>) -> Controller<VirtualMachine> {
 }
 
 fn operations(ctx: &Arc<Context>) -> Controller<VMOperation> {
-    let waiting = ctx.clone();
-    Controller::new(all::<VMOperation>(ctx), watcher::Config::default())
-        .owns(all::<VMSnapshot>(ctx), watcher::Config::default())
-        .watches(
-            all::<VirtualMachine>(ctx),
-            watcher::Config::default(),
-            move |vm| waiting.waiting.operations.wake(&key(&vm)),
-        )
+    let ops = Controller::new(all::<VMOperation>(ctx), watcher::Config::default())
+        .owns(all::<VMSnapshot>(ctx), watcher::Config::default());
+    woken_by_vms(ops, ctx, |w| &w.operations)
 }
 
 fn snapshots(ctx: &Arc<Context>) -> Controller<VMSnapshot> {
+    let snaps = Controller::new(all::<VMSnapshot>(ctx), watcher::Config::default());
+    woken_by_vms(snaps, ctx, |w| &w.snapshots)
+}
+
+/// `controller` also watches VirtualMachines: a VM's change wakes the objects in `waiters` that
+/// wait for it.
+fn woken_by_vms<K>(
+    controller: Controller<K>,
+    ctx: &Arc<Context>,
+    waiters: fn(&Waiting) -> &Waiters<Key, K>,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     let waiting = ctx.clone();
-    Controller::new(all::<VMSnapshot>(ctx), watcher::Config::default()).watches(
+    controller.watches(
         all::<VirtualMachine>(ctx),
         watcher::Config::default(),
-        move |vm| waiting.waiting.snapshots.wake(&key(&vm)),
+        move |vm| waiters(&waiting.waiting).wake(&key(&vm)),
     )
 }
 

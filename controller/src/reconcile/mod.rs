@@ -1,5 +1,9 @@
 //! One reconciler per kind, each idempotent: it reads the object and the agents, does what is
-//! missing, and writes status only when it changed.
+//! missing, and writes status only when it changed. What one waits for (another object, a node)
+//! it registers in [`crate::waiting`] before it reads it, so that the change wakes it; a periodic
+//! look is only a safety net. Failures go back to the controller, which retries with back-off.
+//!
+//! This file holds what they share: status writes that clear what is unset, ownerReferences.
 
 pub mod clone;
 pub mod migrate;

@@ -200,8 +200,9 @@ async fn snapshot(
     ns: &str,
     ctx: &Context,
 ) -> Result<Outcome> {
-    let spec = op.spec.snapshot_spec.clone();
-    let name = spec
+    let name = op
+        .spec
+        .snapshot_spec
         .as_ref()
         .and_then(|s| s.snapshot_name.clone())
         .unwrap_or_else(|| op.name_any());
@@ -209,23 +210,7 @@ async fn snapshot(
     let snap = match snaps.get_opt(&name).await? {
         Some(s) => s,
         None => {
-            let mut new = VMSnapshot::new(
-                &name,
-                VMSnapshotSpec {
-                    vm_ref: op.spec.vm_ref.clone(),
-                    include_memory: spec.is_some_and(|s| s.include_memory),
-                    quiesce: false,
-                    description: Some(format!("taken by VMOperation {}", op.name_any())),
-                    retention: None,
-                },
-            );
-            new.metadata.namespace = Some(ns.to_string());
-            new.metadata.owner_references = Some(
-                [vm.owner_ref(&()), op.owner_ref(&())]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-            );
+            let new = new_snapshot(op, vm, ns, &name);
             snaps.create(&PostParams::default(), &new).await?
         }
     };
@@ -250,6 +235,26 @@ async fn snapshot(
             Outcome::Waiting(50, format!("waiting for VMSnapshot {name} to be Ready"))
         }
     })
+}
+
+/// The VMSnapshot `name` a snapshot operation takes of `vm`.
+fn new_snapshot(op: &VMOperation, vm: &VirtualMachine, ns: &str, name: &str) -> VMSnapshot {
+    let spec = VMSnapshotSpec {
+        vm_ref: op.spec.vm_ref.clone(),
+        include_memory: op
+            .spec
+            .snapshot_spec
+            .as_ref()
+            .is_some_and(|s| s.include_memory),
+        quiesce: false,
+        description: Some(format!("taken by VMOperation {}", op.name_any())),
+        retention: None,
+    };
+    let mut new = VMSnapshot::new(name, spec);
+    new.metadata.namespace = Some(ns.to_string());
+    let owners = [vm.owner_ref(&()), op.owner_ref(&())];
+    new.metadata.owner_references = Some(owners.into_iter().flatten().collect());
+    new
 }
 
 /// Returns the VM to a Ready VMSnapshot of it, on its agent.

@@ -221,13 +221,7 @@ async fn take(
             Verdict::not_ready(SnapshotPhase::Creating, Reason::Creating, message)
                 .write(snap, api)
                 .await?;
-            let req = pb::CreateSnapshotRequest {
-                name: vm,
-                snapshot: name.clone(),
-                memory: snap.spec.include_memory,
-                quiesce: snap.spec.quiesce,
-                description: snap.spec.description.clone().unwrap_or_default(),
-            };
+            let req = create_request(snap, vm);
             client
                 .create_snapshot(req)
                 .await
@@ -252,6 +246,16 @@ async fn take(
             Verdict::not_ready(SnapshotPhase::Failed, Reason::Failed, message)
         }
     })
+}
+
+fn create_request(snap: &VMSnapshot, vm: String) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest {
+        name: vm,
+        snapshot: snap.name_any(),
+        memory: snap.spec.include_memory,
+        quiesce: snap.spec.quiesce,
+        description: snap.spec.description.clone().unwrap_or_default(),
+    }
 }
 
 fn ready_message(node: &str, s: &pb::Snapshot) -> String {

@@ -1,5 +1,7 @@
 //! VirtualMachine: resolve the template, place the VM (scheduler), make the agent run it as
 //! `spec.running` says, report what the agent reports. The finalizer deletes it from its agent.
+//! A VM waits for its template while it is missing, for room on some node while none fits,
+//! and for its node while that node's agent does not answer.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use fake_agent::{FakeAgent, Peers};
 use hypersdk_controller::context::{Context, Settings};
+use hypersdk_controller::crd::VirtualMachine;
+use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{Condition, condition};
 use hypersdk_controller::nodes::spec::agent_name;
 use hypersdk_controller::nodes::{AgentInfo, Agents};
@@ -24,7 +26,7 @@ use hypersdk_controller::standalone::FakeApi;
 use hypersdk_proto::agent::v1::agent_service_server::AgentServiceServer;
 use hypersdk_proto::endpoint::Address;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::NamespaceResourceScope;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -151,22 +153,12 @@ impl Cluster {
         &node.unwrap_or_else(|| panic!("no node {name}")).agent
     }
 
-    pub fn api<K>(&self) -> Api<K>
-    where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
-    {
+    pub fn api<K: Object>(&self) -> Api<K> {
         Api::namespaced(self.client.clone(), "default")
     }
 
     /// Creates the object `doc` describes (in namespace "default").
-    pub async fn create<K>(&self, doc: Value) -> K
-    where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Debug
-            + Serialize
-            + DeserializeOwned,
-    {
+    pub async fn create<K: Object + Serialize>(&self, doc: Value) -> K {
         let obj: K = serde_json::from_value(doc).unwrap();
         self.api::<K>()
             .create(&PostParams::default(), &obj)
@@ -174,37 +166,56 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Merges `patch` into object `name`.
+    pub async fn patch<K: Object>(&self, name: &str, patch: Value) {
+        self.api::<K>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap();
+    }
+
+    /// Deletes object `name` and waits until it is gone (its finalizers done).
+    pub async fn delete<K: Object>(&self, name: &str) {
+        self.api::<K>()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+        self.wait_gone::<K>(name).await;
+    }
+
     /// Waits until object `name` exists and `pred` holds for it.
-    pub async fn wait<K>(&self, name: &str, what: &str, pred: impl Fn(&K) -> bool) -> K
-    where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Debug
-            + DeserializeOwned,
-    {
-        let api = self.api::<K>();
-        eventually(&format!("{name}: {what}"), async || {
-            match api.get_opt(name).await.unwrap() {
-                Some(o) if pred(&o) => Ok(o),
-                other => Err(other),
-            }
+    pub async fn wait<K: Object>(&self, name: &str, what: &str, pred: impl Fn(&K) -> bool) -> K {
+        let found = self.until(name, what, |o: Option<&K>| o.is_some_and(&pred));
+        found.await.unwrap()
+    }
+
+    /// Waits until object `name` no longer exists.
+    pub async fn wait_gone<K: Object>(&self, name: &str) {
+        self.until(name, "deleted", |o: Option<&K>| o.is_none())
+            .await;
+    }
+
+    /// Waits until VirtualMachine `name` runs.
+    pub async fn running(&self, name: &str) -> VirtualMachine {
+        self.wait(name, "Running", |v: &VirtualMachine| {
+            v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Running)
         })
         .await
     }
 
-    /// Waits until object `name` no longer exists.
-    pub async fn wait_gone<K>(&self, name: &str)
-    where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Debug
-            + DeserializeOwned,
-    {
+    async fn until<K: Object>(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(Option<&K>) -> bool,
+    ) -> Option<K> {
         let api = self.api::<K>();
-        eventually(&format!("{name} deleted"), async || {
-            match api.get_opt(name).await.unwrap() {
-                None => Ok(()),
-                Some(o) => Err(o),
+        eventually(&format!("{name}: {what}"), async || {
+            let obj = api.get_opt(name).await.unwrap();
+            if pred(obj.as_ref()) {
+                Ok(obj)
+            } else {
+                Err(obj)
             }
         })
         .await
@@ -219,6 +230,20 @@ impl Cluster {
             .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
             .collect()
     }
+}
+
+/// A namespaced kind these tests read and write.
+pub trait Object:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + DeserializeOwned
+{
+}
+
+impl<K> Object for K where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned
+{
 }
 
 /// The agent's name of VirtualMachine `name` in namespace "default".

@@ -7,7 +7,6 @@ use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{Reason, VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
 use hypersdk_proto::agent::v1 as pb;
 use kube::ResourceExt;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use super::{Cluster, cond, on_agent, operation, owned_by, template, vm};
@@ -30,11 +29,7 @@ async fn running(nodes: &[&str]) -> (Cluster, VirtualMachine) {
     let spec = json!({"nodeSelector": {"hypersdk.io/node": "node-1"},
                       "maxCpus": 4, "maxMemory": "1Gi"});
     c.create::<VirtualMachine>(vm("a", spec)).await;
-    let a = c
-        .wait("a", "Running", |v: &VirtualMachine| {
-            v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Running)
-        })
-        .await;
+    let a = c.running("a").await;
     (c, a)
 }
 
@@ -113,11 +108,8 @@ async fn a_finished_operation_is_never_run_again_and_refusals_fail_it() {
     // Resumed behind the operation's back, then the operation is touched: the finished pause
     // must not pause the VM again.
     node.resume(&on_agent("a")).await;
-    let touch = Patch::Merge(json!({"metadata": {"annotations": {"touched": "yes"}}}));
-    c.api::<VMOperation>()
-        .patch("pause", &PatchParams::default(), &touch)
-        .await
-        .unwrap();
+    let touch = json!({"metadata": {"annotations": {"touched": "yes"}}});
+    c.patch::<VMOperation>("pause", touch).await;
     // A resume of the running VM is refused by the agent, as a real one refuses it.
     let refused = finish(&c, operation("resume", "a", "resume", json!({}))).await;
     assert_eq!(op_phase(&refused), Some(OperationPhase::Failed));
@@ -182,11 +174,7 @@ async fn a_clone_is_a_new_vm_on_the_same_node() {
     let spec = json!({"cloneSpec": {"targetName": "copy", "startAfterClone": true}});
     let op = finish(&c, operation("clone", "a", "clone", spec)).await;
     assert_succeeded(&op);
-    let copy = c
-        .wait("copy", "Running", |v: &VirtualMachine| {
-            v.status.as_ref().and_then(|s| s.phase) == Some(VmPhase::Running)
-        })
-        .await;
+    let copy = c.running("copy").await;
     assert_eq!(copy.annotations()["hypersdk.io/cloned-by"], "clone");
     let node = copy.status.unwrap().node_name.unwrap();
     assert_eq!(node, "node-1", "where its disks are");
@@ -255,18 +243,10 @@ async fn operations_and_snapshots_go_with_their_vm() {
     let take = json!({"snapshotSpec": {"snapshotName": "s1"}});
     assert_succeeded(&finish(&c, operation("take", "a", "snapshot", take)).await);
     // Deleting the operation that took it leaves the snapshot: the VM still owns it.
-    c.api::<VMOperation>()
-        .delete("take", &DeleteParams::default())
-        .await
-        .unwrap();
-    c.wait_gone::<VMOperation>("take").await;
+    c.delete::<VMOperation>("take").await;
     let snap = c.api::<VMSnapshot>().get("s1").await.unwrap();
     assert_eq!(snap.status.unwrap().phase, Some(SnapshotPhase::Ready));
-    c.api::<VirtualMachine>()
-        .delete("a", &DeleteParams::default())
-        .await
-        .unwrap();
-    c.wait_gone::<VirtualMachine>("a").await;
+    c.delete::<VirtualMachine>("a").await;
     c.wait_gone::<VMOperation>("pause").await;
     c.wait_gone::<VMSnapshot>("s1").await;
 }

@@ -5,7 +5,6 @@ use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{Reason, VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
 use kube::ResourceExt;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use super::{Cluster, cond, on_agent, operation, owned_by, template, vm};
@@ -22,13 +21,6 @@ fn phase(s: &VMSnapshot) -> Option<SnapshotPhase> {
 fn ready(s: &VMSnapshot) -> (String, String) {
     let c = cond(s.status.as_ref().map(|s| &s.conditions), "Ready").unwrap();
     (c.status.clone(), c.reason.clone())
-}
-
-async fn patch_vm(c: &Cluster, patch: Value) {
-    c.api::<VirtualMachine>()
-        .patch("a", &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -56,7 +48,8 @@ async fn taken_once_the_vm_runs_on_a_node_and_deleted_there_with_the_object() {
         .await;
     assert_eq!(ready(&pending).1, Reason::VmNotPlaced.to_string());
     // The VM's placement wakes the snapshot (its next resync is minutes away).
-    patch_vm(&c, json!({"spec": {"running": true}})).await;
+    c.patch::<VirtualMachine>("a", json!({"spec": {"running": true}}))
+        .await;
     let s1 = c
         .wait("s1", "Ready", |s: &VMSnapshot| {
             phase(s) == Some(SnapshotPhase::Ready)
@@ -74,11 +67,7 @@ async fn taken_once_the_vm_runs_on_a_node_and_deleted_there_with_the_object() {
     assert_eq!(node.snapshot_names(&on_agent("a")), ["s1"]);
     assert_eq!(s1.annotations()["hypersdk.io/taken-on"], "node-1");
 
-    c.api::<VMSnapshot>()
-        .delete("s1", &DeleteParams::default())
-        .await
-        .unwrap();
-    c.wait_gone::<VMSnapshot>("s1").await;
+    c.delete::<VMSnapshot>("s1").await;
     assert!(
         node.snapshot_names(&on_agent("a")).is_empty(),
         "deleted on the node"
@@ -104,7 +93,11 @@ async fn a_snapshot_gone_from_the_node_is_no_longer_ready() {
     // Deleted on the node behind the controller's back: seen at the VM's next change.
     c.node("node-1")
         .forget_snapshot(&on_agent("a"), "deleted-there");
-    patch_vm(&c, json!({"metadata": {"annotations": {"touched": "yes"}}})).await;
+    c.patch::<VirtualMachine>(
+        "a",
+        json!({"metadata": {"annotations": {"touched": "yes"}}}),
+    )
+    .await;
     let s = c.wait("deleted-there", "Gone", gone).await;
     assert_eq!(
         s.status.unwrap().message.unwrap(),
@@ -124,7 +117,8 @@ async fn a_snapshot_gone_from_the_node_is_no_longer_ready() {
     );
 
     // The VM moves (cold: its snapshots stay behind, with its disks).
-    patch_vm(&c, json!({"spec": {"nodeSelector": null}})).await;
+    c.patch::<VirtualMachine>("a", json!({"spec": {"nodeSelector": null}}))
+        .await;
     let cold = json!({"migrateSpec": {"targetNode": "node-2", "live": false}});
     c.create::<VMOperation>(operation("move", "a", "migrate", cold))
         .await;

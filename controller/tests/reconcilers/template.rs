@@ -2,7 +2,6 @@
 //! reference is checked.
 
 use hypersdk_controller::crd::{Reason, VMTemplate, VirtualMachine};
-use kube::api::DeleteParams;
 use serde_json::json;
 
 use super::{Cluster, cond, template, vm};
@@ -34,10 +33,7 @@ async fn usage_follows_the_vms_and_the_image_is_checked() {
             "image /images/disk.qcow2"
         )
     );
-    c.api::<VirtualMachine>()
-        .delete("a", &DeleteParams::default())
-        .await
-        .unwrap();
+    c.delete::<VirtualMachine>("a").await;
     c.wait("tpl", "used once", |t: &VMTemplate| usage(t) == Some(1))
         .await;
 

@@ -5,7 +5,6 @@
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{Reason, VMTemplate, VirtualMachine};
 use hypersdk_proto::agent::v1 as pb;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 use super::{Cluster, cond, on_agent, template, vm};
@@ -28,11 +27,7 @@ async fn a_vm_runs_on_its_node_and_reports_what_the_agent_reports() {
     c.create::<VMTemplate>(template()).await;
     c.create::<VirtualMachine>(vm("a", json!({"cpus": 2, "memory": "512Mi"})))
         .await;
-    let a = c
-        .wait("a", "Running", |v: &VirtualMachine| {
-            phase(v) == Some(VmPhase::Running)
-        })
-        .await;
+    let a = c.running("a").await;
     let status = a.status.clone().unwrap();
     assert_eq!(
         (status.cpus, status.memory.as_deref()),
@@ -96,10 +91,7 @@ async fn an_unschedulable_vm_is_placed_when_a_node_with_room_comes() {
     // 8 CPUs at the default overcommit of 4 hold 32 vCPUs: 20 fit once, not twice.
     c.create::<VirtualMachine>(vm("big", json!({"cpus": 20})))
         .await;
-    c.wait("big", "Running", |v: &VirtualMachine| {
-        phase(v) == Some(VmPhase::Running)
-    })
-    .await;
+    c.running("big").await;
     c.create::<VirtualMachine>(vm("bigger", json!({"cpus": 20})))
         .await;
     let v = c
@@ -129,15 +121,9 @@ async fn running_false_stops_it_and_deleting_it_removes_it_from_its_agent() {
     let c = Cluster::start(&["node-1"]).await;
     c.create::<VMTemplate>(template()).await;
     c.create::<VirtualMachine>(vm("a", json!({}))).await;
-    c.wait("a", "Running", |v: &VirtualMachine| {
-        phase(v) == Some(VmPhase::Running)
-    })
-    .await;
-    let stop = Patch::Merge(json!({"spec": {"running": false}}));
-    c.api::<VirtualMachine>()
-        .patch("a", &PatchParams::default(), &stop)
-        .await
-        .unwrap();
+    c.running("a").await;
+    c.patch::<VirtualMachine>("a", json!({"spec": {"running": false}}))
+        .await;
     let a = c
         .wait("a", "Stopped", |v: &VirtualMachine| {
             phase(v) == Some(VmPhase::Stopped)
@@ -147,11 +133,7 @@ async fn running_false_stops_it_and_deleting_it_removes_it_from_its_agent() {
     assert_eq!((status.cpus, status.memory), (None, None), "nothing runs");
     let node = c.node("node-1");
     assert_eq!(node.phase(&on_agent("a")).await, Some(pb::VmPhase::Stopped));
-    c.api::<VirtualMachine>()
-        .delete("a", &DeleteParams::default())
-        .await
-        .unwrap();
-    c.wait_gone::<VirtualMachine>("a").await;
+    c.delete::<VirtualMachine>("a").await;
     assert!(
         node.vm(&on_agent("a")).await.is_none(),
         "deleted on the agent"
@@ -168,17 +150,11 @@ async fn a_lost_node_is_reported_and_a_highly_available_vm_moves() {
                     "highAvailability": {"enabled": true}});
     c.create::<VirtualMachine>(vm("ha", ha)).await;
     for name in ["pinned", "ha"] {
-        c.wait(name, "Running", |v: &VirtualMachine| {
-            phase(v) == Some(VmPhase::Running)
-        })
-        .await;
+        c.running(name).await;
     }
     // The HA VM may go anywhere once its node is lost: its selector goes.
-    let unpin = Patch::Merge(json!({"spec": {"nodeSelector": null}}));
-    c.api::<VirtualMachine>()
-        .patch("ha", &PatchParams::default(), &unpin)
-        .await
-        .unwrap();
+    c.patch::<VirtualMachine>("ha", json!({"spec": {"nodeSelector": null}}))
+        .await;
     c.node("node-1").set_down(true);
     let pinned = c
         .wait("pinned", "NodeReachable False", |v: &VirtualMachine| {
