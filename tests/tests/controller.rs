@@ -206,10 +206,12 @@ async fn everything(ctl: &Controller, nodes: &[Agent]) -> BTreeMap<String, Value
             .vms
         {
             let s = vm.status.unwrap();
-            let spec = vm.spec.unwrap();
+            let mut spec = vm.spec.unwrap();
+            // In order: a HashMap's Debug is not.
+            let labels: BTreeMap<_, _> = spec.labels.drain().collect();
             all.insert(
                 format!("{}/{}", node.name, spec.name),
-                json!({"spec": format!("{spec:?}"), "phase": s.phase, "pid": s.pid,
+                json!({"spec": format!("{spec:?}"), "labels": labels, "phase": s.phase, "pid": s.pid,
                     "startedAtMs": s.started_at_ms, "phaseChangedAtMs": s.phase_changed_at_ms,
                     "restartCount": s.restart_count, "cpus": s.cpus, "memoryBytes": s.memory_bytes}),
             );
