@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::VirtualMachine;
 use hypersdk_controller::crd::vm::VmPhase;
+use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_controller::standalone::FakeApi;
 use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::{bench_rounds, bin, wait_until};
@@ -111,7 +111,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ctx = Arc::new(Context::new(client.clone(), agents, Settings::default()));
-    let controllers = tokio::spawn(hypersdk_controller::controllers::run(ctx, std::future::pending()));
+    let controllers = tokio::spawn(hypersdk_controller::controllers::run(
+        ctx,
+        std::future::pending(),
+    ));
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
 
     // Record when each VM is first seen Running.
