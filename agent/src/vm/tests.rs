@@ -24,8 +24,9 @@ use crate::vm::actor::Op;
 use crate::vm::registry::Vms;
 
 /// Stands in for QEMU: runs until the peer writes an exit code to `exit` in the VM's directory
-/// (QEMU's working directory), as QEMU ends when its guest powers off.
-const FAKE_QEMU: &str = "#!/bin/sh\nwhile [ ! -e exit ]; do sleep 0.01; done\nread code < exit\nrm -f exit\nexit \"$code\"\n";
+/// (QEMU's working directory), as QEMU ends when its guest powers off. It also ends once that
+/// directory is gone (the test is over), since VMs outlive whoever started them.
+const FAKE_QEMU: &str = "#!/bin/sh\nwhile [ ! -e exit ]; do\n  [ -d \"$PWD\" ] || exit 0\n  sleep 0.01\ndone\nread code < exit\nrm -f exit\nexit \"$code\"\n";
 
 /// How the scripted QEMU behaves.
 #[derive(Clone, Copy)]
