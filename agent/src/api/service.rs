@@ -1,6 +1,5 @@
 //! The gRPC service: a thin layer mapping requests onto the VM registry.
 
-use crate::vm::reason::{Reason, event};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +7,10 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_server::AgentService;
 use hypersdk_proto::endpoint::Address;
-use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::{EventStream, watch_stream};
 use crate::host::node::NodeFacts;
 use crate::migration::{Options, is_final};
 use crate::spec::check_name;
@@ -50,7 +50,6 @@ fn stop_timeout(seconds: u32) -> Duration {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -162,34 +161,9 @@ impl AgentService for Service {
         if !filter.is_empty() {
             check_name("name", &filter)?;
         }
-        // Subscribe before listing, so no change falls between the list and the stream.
-        let changes = BroadcastStream::new(self.vms.context().events.subscribe());
-        let initial: Vec<_> = self
-            .vms
-            .list()
-            .await
-            .into_iter()
-            .map(|vm| event(pb::EventType::Added, vm, Reason::Existing, ""))
-            .collect();
-        let matches = move |ev: &pb::VmEvent| {
-            filter.is_empty()
-                || ev
-                    .vm
-                    .as_ref()
-                    .and_then(|v| v.spec.as_ref())
-                    .is_some_and(|s| s.name == filter)
-        };
-        let changes = changes.filter_map(|r| match r {
-            Ok(ev) => Some(Ok(ev)),
-            // A slow watcher missed events: tell it, so it re-lists rather than trusting a gap.
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Some(Err(
-                Status::data_loss(format!("watch fell behind by {n} events; watch again")),
-            )),
-        });
-        let stream = tokio_stream::iter(initial.into_iter().map(Ok))
-            .chain(changes)
-            .filter(move |r| r.as_ref().map_or(true, &matches));
-        Ok(Response::new(Box::pin(stream)))
+        let changes = self.vms.context().events.subscribe();
+        let existing = self.vms.list().await;
+        Ok(Response::new(watch_stream(changes, existing, filter)))
     }
 
     type MigrateVmStream = ProgressStream;

@@ -11,9 +11,10 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_server::AgentService;
 use tokio::sync::broadcast;
-use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::{EventStream, watch_stream};
 use crate::error::AgentError;
 use crate::spec::{VmSpec, check_name};
 use crate::vm::phase::{self, Action, Phase};
@@ -175,8 +176,6 @@ fn allow(vm: &pb::Vm, action: Action) -> Result<(), Status> {
     })
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl AgentService for Simulator {
     async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
@@ -327,32 +326,9 @@ impl AgentService for Simulator {
         req: Request<pb::WatchVmsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let filter = req.into_inner().name;
-        // Subscribe before listing, so no change falls between the list and the stream.
-        let changes = BroadcastStream::new(self.0.events.subscribe()).map(|r| {
-            r.map_err(|e| Status::data_loss(format!("watch fell behind ({e}); watch again")))
-        });
-        let initial: Vec<_> = self
-            .vms()
-            .values()
-            .map(|vm| {
-                Ok(pb::VmEvent {
-                    r#type: pb::EventType::Added as i32,
-                    vm: Some(vm.clone()),
-                    reason: "Existing".into(),
-                    message: String::new(),
-                })
-            })
-            .collect();
-        let stream = tokio_stream::iter(initial).chain(changes).filter(move |r| {
-            filter.is_empty()
-                || r.as_ref().map_or(true, |ev| {
-                    ev.vm
-                        .as_ref()
-                        .and_then(|v| v.spec.as_ref())
-                        .is_some_and(|s| s.name == filter)
-                })
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let changes = self.0.events.subscribe();
+        let existing = self.vms().values().cloned().collect();
+        Ok(Response::new(watch_stream(changes, existing, filter)))
     }
 
     type MigrateVmStream =

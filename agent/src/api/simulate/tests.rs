@@ -1,6 +1,7 @@
 //! The simulator against the rules of real VMs.
 
 use super::*;
+use tokio_stream::StreamExt;
 
 fn sim() -> Simulator {
     Simulator::new(SimNode {
