@@ -501,6 +501,36 @@ pub async fn wait_vm(
     .await
 }
 
+/// What a VM is and how it runs, without the figures that move on their own (guest reports,
+/// revisions): the same before and after means nothing was done to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmState {
+    pub spec: pb::VmSpec,
+    pub phase: pb::VmPhase,
+    pub pid: u32,
+    pub started_at_ms: i64,
+    pub phase_changed_at_ms: i64,
+    pub restart_count: u32,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+impl From<&pb::Vm> for VmState {
+    fn from(vm: &pb::Vm) -> VmState {
+        let s = vm.status.as_ref().unwrap();
+        VmState {
+            spec: vm.spec.clone().unwrap(),
+            phase: s.phase(),
+            pid: s.pid,
+            started_at_ms: s.started_at_ms,
+            phase_changed_at_ms: s.phase_changed_at_ms,
+            restart_count: s.restart_count,
+            cpus: s.cpus,
+            memory_bytes: s.memory_bytes,
+        }
+    }
+}
+
 pub fn phase(vm: &pb::Vm) -> pb::VmPhase {
     pb::VmPhase::try_from(vm.status.as_ref().unwrap().phase).unwrap()
 }
@@ -605,27 +635,21 @@ pub async fn disk_counter_at_boot(vm: &pb::Vm, from: usize, limit: Duration) -> 
     .await
 }
 
-/// How a guest restored to a memory snapshot carries on: the first counter it printed after
-/// byte `from` of its serial log (the log's length before the restore), once it has counted
-/// past the snapshot. `at_most` is the highest counter the guest can resume at; the guest it
-/// replaced, if it was running, must have counted past `at_most` before `from`, so that the
-/// first counter not past `at_most` is the restored guest's. Fails if the guest booted.
-pub async fn resumed_counter(vm: &pb::Vm, from: usize, at_most: u64, limit: Duration) -> u64 {
-    let (first, log) = eventually(
-        limit,
-        &format!("the restored guest to count past {at_most}"),
-        async || {
-            let log = serial(vm);
-            let counters = all_counters(&log[from..]);
-            let resumed = counters.iter().position(|n| *n <= at_most);
-            match resumed {
-                Some(i) if counters[i..].iter().any(|n| *n > at_most) => Ok((counters[i], log)),
-                _ => Err(format!("counters after the restore: {counters:?}")),
-            }
-        },
-    )
+/// The first counter a guest restored to a memory snapshot printed after byte `restored` of
+/// its serial log: the log's length once the restore had returned, so that what follows is
+/// the restored guest's alone (the guest it replaced may print up to the restore, and its last
+/// line may be cut short). Fails the test if the guest booted instead of resuming: a boot
+/// prints its ready marker before its first counter, so once the guest has counted, any boot
+/// since byte `from` (the length before the restore began) is in the log.
+pub async fn resumed_counter(vm: &pb::Vm, from: usize, restored: usize, limit: Duration) -> u64 {
+    let (first, log) = eventually(limit, "a counter from the restored guest", async || {
+        let log = serial(vm);
+        match all_counters(&log[restored..]).first() {
+            Some(&first) => Ok((first, log)),
+            None => Err(format!("serial after the restore:\n{}", &log[restored..])),
+        }
+    })
     .await;
-    // A boot prints its ready marker before its first counter.
     assert_eq!(
         count_markers(&log[from..], READY_MARKER),
         0,

@@ -14,6 +14,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let good = create(&mut c, agent.guest_spec("good"), true).await;
     let pid = good.status.as_ref().unwrap().pid;
     wait_boots(&good, 1, Duration::from_secs(60)).await;
+    let before = VmState::from(&get(&mut c, "good").await);
 
     let base = agent.guest_spec("bad");
     let with = |f: &dyn Fn(&mut pb::VmSpec)| {
@@ -211,12 +212,13 @@ async fn bad_requests_are_refused_and_change_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
-    // Nothing changed: one VM, still the same QEMU, still counting.
+    // Nothing changed: one VM, the same, still the same QEMU, still counting.
     let vms = list(&mut c).await;
     assert_eq!(vms.len(), 1);
     let now = get(&mut c, "good").await;
     assert_eq!(phase(&now), pb::VmPhase::Running);
     assert_eq!(now.status.as_ref().unwrap().pid, pid);
+    assert_eq!(VmState::from(&now), before);
     assert!(pid_alive(pid));
     let dirs: Vec<_> = std::fs::read_dir(agent.data_dir().join("vms"))
         .unwrap()

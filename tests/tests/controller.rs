@@ -22,8 +22,8 @@ use hypersdk_controller::standalone::FakeApi;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::{
-    Agent, GUEST_CMDLINE, READY_MARKER, bin, count_markers, current_counter, eventually, guest,
-    repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
+    Agent, GUEST_CMDLINE, READY_MARKER, VmState, bin, count_markers, current_counter, eventually,
+    guest, list, repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
 };
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
@@ -173,10 +173,16 @@ where
     .await
 }
 
+/// An object in the API, or a VM on an agent.
+#[derive(Debug, PartialEq)]
+enum Thing {
+    Object(Value),
+    Vm(Box<VmState>),
+}
+
 /// What the controller could change: every object in the API (by kind and name, without the
-/// version the API bumps on every write) and every VM on the agents (its spec; its phase, QEMU
-/// process and when they last changed; its size).
-async fn everything(ctl: &Controller, nodes: &[Agent]) -> BTreeMap<String, Value> {
+/// version the API bumps on every write) and every VM on the agents (by node and name).
+async fn everything(ctl: &Controller, nodes: &[Agent]) -> BTreeMap<String, Thing> {
     let mut all = BTreeMap::new();
     for ar in [
         ApiResource::erase::<VirtualMachine>(&()),
@@ -192,29 +198,13 @@ async fn everything(ctl: &Controller, nodes: &[Agent]) -> BTreeMap<String, Value
                 .unwrap()
                 .remove("resourceVersion");
             let key = format!("{}/{}", ar.kind, o["metadata"]["name"].as_str().unwrap());
-            all.insert(key, o);
+            all.insert(key, Thing::Object(o));
         }
     }
     for node in nodes {
-        for vm in node
-            .client()
-            .await
-            .list_vms(pb::ListVmsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-        {
-            let s = vm.status.unwrap();
-            let mut spec = vm.spec.unwrap();
-            // In order: a HashMap's Debug is not.
-            let labels: BTreeMap<_, _> = spec.labels.drain().collect();
-            all.insert(
-                format!("{}/{}", node.name, spec.name),
-                json!({"spec": format!("{spec:?}"), "labels": labels, "phase": s.phase, "pid": s.pid,
-                    "startedAtMs": s.started_at_ms, "phaseChangedAtMs": s.phase_changed_at_ms,
-                    "restartCount": s.restart_count, "cpus": s.cpus, "memoryBytes": s.memory_bytes}),
-            );
+        for vm in list(&mut node.client().await).await {
+            let key = format!("{}/{}", node.name, vm.spec.as_ref().unwrap().name);
+            all.insert(key, Thing::Vm(Box::new(VmState::from(&vm))));
         }
     }
     all
@@ -358,14 +348,9 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     for added in ["VirtualMachine/no-template", "VMOperation/migrate-my-vm"] {
         assert!(after.remove(added).is_some(), "{added} in {after:#?}");
     }
-    for (key, was) in &before {
-        assert_eq!(after.get(key), Some(was), "{key} changed");
+    for key in before.keys().chain(after.keys()) {
+        assert_eq!(after.get(key), before.get(key), "{key} changed");
     }
-    assert_eq!(
-        after.keys().collect::<Vec<_>>(),
-        before.keys().collect::<Vec<_>>(),
-        "nothing else appeared or went"
-    );
 
     // Restart through a VMOperation: a second boot of the same guest.
     let restart = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
@@ -416,9 +401,10 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     let restore = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VMOperation",
         "metadata": {"name": "restore-my-vm"}, "spec": {"vmRef": {"name": "my-vm"},
         "operation": "restore", "restoreSpec": {"snapshotName": "my-vm-snapshot"}}});
-    // The guest runs on past the snapshot, so that the restored guest goes back.
-    wait_counter_above(&on_agent, snap_to + 1, BOOT).await;
+    // The guest runs on well past the snapshot, so that the restored guest is seen to go back.
+    wait_counter_above(&on_agent, snap_to + 5, BOOT).await;
     let from = serial(&on_agent).len();
+    let replaced_at = current_counter(&on_agent, BOOT).await;
     ctl.create::<VMOperation>(restore).await.unwrap();
     let op = wait_for(
         &ctl.ops(),
@@ -440,10 +426,12 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         op.status
     );
     // A memory restore does not boot the guest: it goes on from the snapshot's counter.
-    let resumed = resumed_counter(&on_agent, from, snap_to + 1, BOOT).await;
+    let restored = serial(&on_agent).len();
+    let resumed = resumed_counter(&on_agent, from, restored, BOOT).await;
     assert!(
-        resumed >= snap_from,
-        "resumed at {resumed}, the snapshot was taken at {snap_from}..{snap_to}"
+        (snap_from..replaced_at).contains(&resumed),
+        "resumed at {resumed}: the snapshot was taken at {snap_from}..{snap_to}, \
+         the guest it replaced was at {replaced_at}"
     );
     snaps
         .delete("my-vm-snapshot", &DeleteParams::default())

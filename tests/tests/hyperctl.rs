@@ -1,10 +1,14 @@
 //! The hyperctl surface users and scripts rely on, against a real agent and QEMU.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use hypersdk_tests::*;
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// How long a watch event may take to arrive (bounds the wait only).
+const EVENT: Duration = Duration::from_secs(60);
 
 fn hyperctl(agent: &Agent, args: &[&str]) -> Output {
     Command::new(bin("hyperctl"))
@@ -41,16 +45,23 @@ async fn vm_lifecycle_from_the_command_line() {
     let boot = spec.boot.clone().unwrap();
     let args = ["vm", "create", "early", "--cpus", "1", "--memory", "64Mi"];
     json(&agent, &[&args[..], &["--kernel", &boot.kernel]].concat());
-    let mut watch = Command::new(bin("hyperctl"))
+    let mut watch = tokio::process::Command::new(bin("hyperctl"))
         .env("HYPERSDK_AGENT", agent.address.to_string())
         .args(["vm", "watch", "-o", "json"])
         .stdout(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut events = BufReader::new(watch.stdout.take().unwrap())
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap());
-    let first = events.next().unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next_event = async || {
+        let line = tokio::time::timeout(EVENT, lines.next_line())
+            .await
+            .expect("a watch event in time")
+            .unwrap()
+            .expect("the watch goes on");
+        serde_json::from_str::<Value>(&line).unwrap()
+    };
+    let first = next_event().await;
     assert_eq!(
         (&first["type"], &first["vm"]["name"]),
         (&Value::from("ADDED"), &Value::from("early"))
@@ -117,18 +128,20 @@ async fn vm_lifecycle_from_the_command_line() {
 
     // The watch saw the VM appear, run and go away.
     let mut seen = vec![];
-    for ev in events.filter(|ev| ev["vm"]["name"] == "cli-vm") {
-        seen.push(format!(
-            "{}:{}",
-            ev["type"].as_str().unwrap(),
-            ev["vm"]["status"]["phase"].as_str().unwrap()
-        ));
-        if ev["type"] == "DELETED" {
-            break;
+    while seen
+        .last()
+        .is_none_or(|s: &String| !s.starts_with("DELETED"))
+    {
+        let ev = next_event().await;
+        if ev["vm"]["name"] == "cli-vm" {
+            seen.push(format!(
+                "{}:{}",
+                ev["type"].as_str().unwrap(),
+                ev["vm"]["status"]["phase"].as_str().unwrap()
+            ));
         }
     }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    let _ = watch.kill().await;
     assert_eq!(
         seen.first().map(String::as_str),
         Some("ADDED:Pending"),
