@@ -218,7 +218,11 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let now = get(&mut c, "good").await;
     assert_eq!(phase(&now), pb::VmPhase::Running);
     assert_eq!(now.status.as_ref().unwrap().pid, pid);
-    assert_eq!(VmState::from(&now), before);
+    assert_eq!(
+        VmState::from(&now),
+        before,
+        "a refused request changed the VM"
+    );
     assert!(pid_alive(pid));
     let dirs: Vec<_> = std::fs::read_dir(agent.data_dir().join("vms"))
         .unwrap()
