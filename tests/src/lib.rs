@@ -589,7 +589,7 @@ pub async fn wait_counting(vm: &pb::Vm, limit: Duration) {
 }
 
 /// How long a paused guest is watched: a running one prints its counter once a second.
-pub const PAUSED_WINDOW: Duration = Duration::from_secs(5);
+const PAUSED_WINDOW: Duration = Duration::from_secs(5);
 
 /// A paused guest prints no counter for [`PAUSED_WINDOW`]. (The absence of an event needs a
 /// window; it is five of the guest's ticks.)
@@ -614,7 +614,7 @@ pub async fn wait_boots(vm: &pb::Vm, n: usize, limit: Duration) {
 }
 
 /// The disk counter each boot found (`HYPERSDK-DISK <n>` lines), in order.
-pub fn disk_counters(serial: &str) -> Vec<u64> {
+fn disk_counters(serial: &str) -> Vec<u64> {
     serial
         .lines()
         .filter_map(|l| l.trim().strip_prefix("HYPERSDK-DISK "))

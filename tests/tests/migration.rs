@@ -222,6 +222,7 @@ async fn idle_and_busy_guests_move_without_a_reboot() {
         .await
         .unwrap()
         .into_inner();
+    wait_boots(&restarted, 1, Duration::from_secs(60)).await;
     let disk = disk_counter_at_boot(&restarted, from, Duration::from_secs(60)).await;
     assert!(
         disk >= seen,
