@@ -121,10 +121,10 @@ impl Supervisor {
                 .await;
             return;
         }
-        // Only once: the process exit ends the stop.
-        s.next_powerdown = None;
+        // Only once: the process exit ends the stop. A forced stop pressed no button, so it
+        // did not time out.
+        s.timed_out = s.next_powerdown.take().is_some();
         s.deadline = now + Duration::from_secs(3600);
-        s.timed_out = true;
         warn!("guest did not power off in time; ending QEMU");
         self.kill();
     }

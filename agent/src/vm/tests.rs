@@ -192,6 +192,20 @@ async fn a_guest_that_ignores_the_power_button_is_ended_at_the_timeout() {
 }
 
 #[tokio::test]
+async fn a_forced_stop_ends_qemu_without_a_timeout() {
+    let n = running(false, RestartPolicy::Never).await;
+    let forced = Op::Stop {
+        timeout: Duration::from_secs(30),
+        force: true,
+    };
+    let stopped = n.call(forced).await.unwrap();
+    assert_eq!(
+        status(&stopped),
+        (pb::VmPhase::Stopped, "stopped".to_string())
+    );
+}
+
+#[tokio::test]
 async fn a_crash_is_restarted_by_policy_with_its_cause_shown() {
     let mut n = running(true, RestartPolicy::Always).await;
     n.exit_qemu(3);
