@@ -355,7 +355,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
 }
 
 impl Supervisor {
-    pub(crate) async fn run(mut self) {
+    async fn run(mut self) {
         loop {
             let deadline = self.task.stop_tick();
             let restart_at = self.task.restart_at();
@@ -385,7 +385,7 @@ impl Supervisor {
         }
     }
 
-    pub(crate) async fn handle(&mut self, Request { op, reply }: Request) {
+    async fn handle(&mut self, Request { op, reply }: Request) {
         let result = match op {
             Op::Start => self.start().await,
             Op::Pause => self.pause().await,
@@ -456,7 +456,7 @@ impl Supervisor {
 
     /// For an op that answers with a value besides the VM: the value goes to `to`, the
     /// caller's reply is the VM as it is now.
-    pub(crate) fn answer<T>(
+    fn answer<T>(
         &self,
         result: Result<T, AgentError>,
         to: oneshot::Sender<T>,
