@@ -48,7 +48,7 @@ spec:
     boot:
       kernel: $work/images/vmlinuz
       initrd: $work/images/initrd.img
-      cmdline: "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check pti=on cryptomgr.notests"
+      cmdline: "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check nohz=off highres=off pti=on cryptomgr.notests"
   image:
     source: $work/images/disk.qcow2
 YAML

@@ -49,7 +49,7 @@ hyperctl node info
 step "Creating and starting demo-vm (1 vCPU, 256Mi, the test guest)"
 hyperctl vm create demo-vm --cpus 1 --max-cpus 2 --memory 256Mi --max-memory 512Mi \
   --kernel "$work/images/vmlinuz" --initrd "$work/images/initrd.img" \
-  --cmdline "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check pti=on cryptomgr.notests" \
+  --cmdline "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check nohz=off highres=off pti=on cryptomgr.notests" \
   --disk "$work/images/disk.qcow2" --start
 
 step "Waiting for the guest agent inside the VM to answer"

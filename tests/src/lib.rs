@@ -28,6 +28,10 @@ pub const COUNTER_MARKER: &str = "HYPERSDK-COUNTER ";
 /// `tsc=reliable` keeps the TSC clock under TCG with several vCPUs (HPET is far slower);
 /// `no_timer_check` skips the boot-time IO-APIC timer check, which a TCG guest starved of CPU
 /// fails ("IO-APIC + timer doesn't work", a panic); `cryptomgr.notests` skips crypto self-tests.
+/// `nohz=off highres=off`: each vCPU's local APIC timer ticks periodically instead of being
+/// re-armed one shot at a time. Under TCG on a loaded host, a guest's idle vCPU once stopped
+/// getting timer interrupts for good (RCU stalls naming one CPU with a single timer softirq since
+/// boot, the guest agent never starting); a periodic timer re-raises a missed interrupt.
 /// `pti=on`: under TCG, QEMU 10's migration dirty tracking misses guest writes made through a
 /// TLB entry that outlives a bitmap sync, and a migrated guest came out with stale kernel
 /// memory (oopses, list corruption) in a fair share of runs on a loaded machine. Page-table
@@ -35,7 +39,7 @@ pub const COUNTER_MARKER: &str = "HYPERSDK-COUNTER ";
 /// that window (1 failure in 14 agent migrations remained: an idle vCPU stays in the kernel),
 /// so the agent now pauses TCG guests for the copy; raw QEMU in the migration benchmark still
 /// migrates live. KVM tracks dirty pages in the host and needs none of it.
-pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check pti=on cryptomgr.notests";
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet memhp_default_state=online_movable tsc=reliable no_timer_check nohz=off highres=off pti=on cryptomgr.notests";
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
