@@ -38,6 +38,8 @@ pub struct Context {
     pub allocatable_memory: u64,
     /// Whether this node's QEMU has virtio-mem-pci (else memory hotplug uses pc-dimm).
     pub virtio_mem: bool,
+    /// The controller's lease on this node.
+    pub fence: std::sync::Arc<crate::fence::hold::Hold>,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -11,12 +11,14 @@
 //! - [`qemu`]: process spawn, the QMP client, the guest-agent client.
 //! - [`host`]: accelerator choice, KVM probe, node facts, cgroups, path policy, image checks.
 //! - [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
+//! - [`fence`]: the controller's lease, and stopping highly available VMs when it runs out.
 
 pub mod api;
 pub mod clone;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod fence;
 pub mod host;
 pub mod hotplug;
 pub mod migration;

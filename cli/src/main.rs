@@ -204,6 +204,8 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
         labels: Default::default(),
         restart_policy: a.restart_policy.to_proto() as i32,
         memory_hotplug: a.memory_hotplug.to_proto() as i32,
+        // Only the controller moves VMs between nodes, and fences them for it.
+        high_availability: false,
     }
 }
 

@@ -199,6 +199,8 @@ pub fn parse(yaml: &str) -> Result<(pb::VmSpec, bool), ManifestError> {
         labels: m.metadata.labels.into_iter().collect(),
         restart_policy: m.spec.high_availability.restart_policy.to_proto() as i32,
         memory_hotplug: m.spec.memory_hotplug.to_proto() as i32,
+        // Only the controller moves VMs between nodes, and fences them for it.
+        high_availability: false,
     };
     Ok((spec, m.spec.running))
 }

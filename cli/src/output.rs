@@ -184,6 +184,7 @@ pub fn node(format: Format, n: &NodeView) -> anyhow::Result<()> {
             format!("{} ({})", n.accelerator, n.accelerator_reason),
         ),
         ("cgroups", n.cgroups.clone()),
+        ("Lease", n.lease.describe()),
         ("KVM modules", n.kvm.modules.join(", ")),
         ("KVM usable", n.kvm.usable.to_string()),
         (

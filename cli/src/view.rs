@@ -171,6 +171,25 @@ pub struct NodeView {
     pub vm_count: u32,
     pub cgroups: String,
     pub kvm: KvmView,
+    /// The controller's lease on the node (fencing of highly available VMs).
+    pub lease: LeaseView,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseView {
+    pub remaining_ms: u64,
+    pub fenced: bool,
+}
+
+impl LeaseView {
+    pub fn describe(&self) -> String {
+        match (self.fenced, self.remaining_ms) {
+            (true, _) => "ran out: highly available VMs are stopped and kept stopped".into(),
+            (false, 0) => "none (no controller renews one)".into(),
+            (false, ms) => format!("{:.1}s left", ms as f64 / 1000.0),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -188,6 +207,7 @@ pub struct KvmView {
 impl From<pb::Node> for NodeView {
     fn from(n: pb::Node) -> Self {
         let k = n.kvm.unwrap_or_default();
+        let lease = n.lease.unwrap_or_default();
         NodeView {
             node_name: n.node_name,
             hostname: n.hostname,
@@ -210,6 +230,10 @@ impl From<pb::Node> for NodeView {
                 max_vcpus: k.max_vcpus,
                 recommended_vcpus: k.recommended_vcpus,
                 extensions: k.extensions.into_iter().collect(),
+            },
+            lease: LeaseView {
+                remaining_ms: lease.remaining_ms,
+                fenced: lease.fenced,
             },
         }
     }

@@ -16,11 +16,14 @@ use crate::scheduling::Policy;
 use crate::scheduling::placement::Placements;
 use crate::waiting::Waiting;
 
+pub const DEFAULT_FENCE_MARGIN: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub policy: Policy,
-    /// How long a node's agent may be unreachable before highly available VMs move.
-    pub node_lost_grace: Duration,
+    /// Waited beyond a lost agent's fence timeout before its highly available VMs move: for
+    /// clocks that run apart and the agent's check interval.
+    pub fence_margin: Duration,
     /// Seconds a guest gets to power off before the agent ends it.
     pub stop_timeout_seconds: u32,
 }
@@ -29,7 +32,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             policy: Policy::default(),
-            node_lost_grace: Duration::from_secs(30),
+            fence_margin: DEFAULT_FENCE_MARGIN,
             stop_timeout_seconds: 30,
         }
     }

@@ -68,9 +68,14 @@ struct RunArgs {
     /// Place VMs only on nodes whose agent runs them under KVM.
     #[arg(long, env = "HYPERSDK_REQUIRE_KVM")]
     require_kvm: bool,
-    /// Seconds an agent may be unreachable before highly available VMs move elsewhere.
-    #[arg(long, env = "HYPERSDK_NODE_LOST_GRACE", default_value = "30")]
-    node_lost_grace: u64,
+    /// Seconds an agent's lease lasts without renewal: an agent cut off from the controller for
+    /// this long stops its highly available VMs (fencing).
+    #[arg(long, env = "HYPERSDK_FENCE_TIMEOUT", default_value = "20", value_parser = clap::value_parser!(u64).range(1..=600))]
+    fence_timeout: u64,
+    /// Seconds waited beyond a lost agent's fence timeout before its highly available VMs
+    /// start on another node.
+    #[arg(long, env = "HYPERSDK_FENCE_MARGIN", default_value = "10")]
+    fence_margin: u64,
     /// Seconds a guest gets to power off on stop before it is ended.
     #[arg(long, env = "HYPERSDK_STOP_TIMEOUT", default_value = "30")]
     stop_timeout: u32,
@@ -137,7 +142,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the Kubernetes API")?
     };
-    let agents = Arc::new(Agents::default());
+    let agents = Arc::new(Agents::new(Duration::from_secs(args.fence_timeout)));
     find_agents(&args, &client, &agents)?;
     let ctx = Arc::new(Context::new(client.clone(), agents, settings(&args)));
     let ready = Arc::new(Readiness::default());
@@ -215,7 +220,7 @@ fn settings(args: &RunArgs) -> Settings {
             strategy: args.strategy,
             require_kvm: args.require_kvm,
         },
-        node_lost_grace: Duration::from_secs(args.node_lost_grace),
+        fence_margin: Duration::from_secs(args.fence_margin),
         stop_timeout_seconds: args.stop_timeout,
     }
 }

@@ -12,6 +12,8 @@ use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
+pub mod controller;
+pub mod link;
 mod raw;
 pub use raw::RawQemu;
 
@@ -254,6 +256,7 @@ impl Agent {
             labels: Default::default(),
             restart_policy: pb::RestartPolicy::Never as i32,
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
+            high_availability: false,
         }
     }
 
@@ -328,7 +331,11 @@ pub fn print_serial_tails(node: &str, data_dir: &Path) {
 
 /// Live QEMU processes whose command line points into `dir`.
 pub fn qemu_pids_under(dir: &Path) -> std::collections::BTreeSet<u32> {
-    let needle = dir.to_string_lossy().into_owned();
+    qemu_pids_with(&dir.to_string_lossy())
+}
+
+/// Live QEMU processes whose command line contains `needle`.
+pub fn qemu_pids_with(needle: &str) -> std::collections::BTreeSet<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -336,7 +343,7 @@ pub fn qemu_pids_under(dir: &Path) -> std::collections::BTreeSet<u32> {
         .filter(|pid| is_qemu(*pid as i32))
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
         })
         .collect()
 }

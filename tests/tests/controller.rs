@@ -5,173 +5,24 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
-use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine, condition};
-use hypersdk_controller::nodes::{AgentInfo, Agents};
-use hypersdk_controller::scheduling::Policy;
-use hypersdk_controller::standalone::FakeApi;
-use hypersdk_controller::standalone::parse_documents;
+use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::controller::*;
 use hypersdk_tests::{
-    Agent, GUEST_CMDLINE, READY_MARKER, VmState, bin, count_markers, current_counter, eventually,
-    guest, list, repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
+    Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually, list, repo_root,
+    resumed_counter, serial, wait_boots, wait_counter_above,
 };
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::ApiResource;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-
-/// A node of the test: an agent whose --image-dir is shared with the other agents of the test,
-/// so that one VMTemplate (image paths are node paths) fits every node.
-async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
-    let mut args = vec![
-        "--image-dir",
-        images.to_str().unwrap(),
-        "--cgroup-parent",
-        "",
-    ];
-    args.extend_from_slice(extra);
-    Agent::start_with(name, &args).await
-}
-
-/// How the controller finds `agent`, labelled with its node name for nodeSelectors.
-fn info(agent: &Agent) -> AgentInfo {
-    AgentInfo {
-        node: agent.name.clone(),
-        address: agent.address.clone(),
-        labels: BTreeMap::from([("hypersdk.io/node".to_string(), agent.name.clone())]),
-        carbon_intensity: None,
-    }
-}
-
-/// Shared image directory holding the test guest.
-fn images() -> tempfile::TempDir {
-    let g = guest();
-    let dir = tempfile::Builder::new()
-        .prefix("hs-img-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    for f in [&g.kernel, &g.initrd, &g.disk] {
-        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
-    dir
-}
-
-/// The controllers, in-process over the in-memory API.
-struct Controller {
-    client: kube::Client,
-    agents: Arc<Agents>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Controller {
-    fn start(nodes: &[&Agent], settings: Settings) -> Controller {
-        let client = FakeApi::new().client("default");
-        let agents = Arc::new(Agents::default());
-        agents.sync(nodes.iter().map(|n| info(n)).collect());
-        let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
-        let task = tokio::spawn(hypersdk_controller::controllers::run(
-            ctx,
-            std::future::pending(),
-        ));
-        Controller {
-            client,
-            agents,
-            task,
-        }
-    }
-
-    fn vms(&self) -> Api<VirtualMachine> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    fn ops(&self) -> Api<VMOperation> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    /// Sends `doc` as it is (no typed round trip), as kubectl would.
-    async fn create<K: kube::Resource<DynamicType = ()>>(
-        &self,
-        doc: Value,
-    ) -> Result<DynamicObject, kube::Error> {
-        let ar = ApiResource::erase::<K>(&());
-        let obj: DynamicObject = serde_json::from_value(doc).unwrap();
-        Api::<DynamicObject>::namespaced_with(self.client.clone(), "default", &ar)
-            .create(&PostParams::default(), &obj)
-            .await
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn settings() -> Settings {
-    Settings {
-        policy: Policy::default(),
-        node_lost_grace: Duration::from_secs(2),
-        stop_timeout_seconds: 10,
-    }
-}
-
-fn example(file: &str) -> Value {
-    let text = std::fs::read_to_string(repo_root().join("deploy/examples").join(file)).unwrap();
-    parse_documents(&text).unwrap().remove(0)
-}
-
-/// The example template, pointed at the test guest in `images`.
-fn guest_template(images: &Path) -> Value {
-    let mut t = example("vmtemplate-ubuntu.yaml");
-    let p = |f: &str| images.join(f).to_string_lossy().into_owned();
-    t["spec"]["defaultSpec"]["boot"] =
-        json!({"kernel": p("vmlinuz"), "initrd": p("initrd.img"), "cmdline": GUEST_CMDLINE});
-    t["spec"]["image"]["source"] = json!(p("disk.qcow2"));
-    t
-}
-
-/// Polls `name` until `pred` holds; panics with the last state after `limit`.
-async fn wait_for<K>(
-    api: &Api<K>,
-    name: &str,
-    limit: Duration,
-    what: &str,
-    mut pred: impl FnMut(&K) -> bool,
-) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    eventually(limit, &format!("{name}: {what}"), async || {
-        match api.get_opt(name).await.unwrap() {
-            Some(o) if pred(&o) => Ok(o),
-            last => Err(format!("{last:#?}")),
-        }
-    })
-    .await
-}
-
-/// Waits until `name` is gone from the API.
-async fn wait_gone<K>(api: &Api<K>, name: &str)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    eventually(
-        Duration::from_secs(60),
-        &format!("{name} deleted"),
-        async || api.get_opt(name).await.unwrap().is_none(),
-    )
-    .await
-}
 
 /// An object in the API, or a VM on an agent.
 #[derive(Debug, PartialEq)]
@@ -209,41 +60,6 @@ async fn everything(ctl: &Controller, nodes: &[Agent]) -> BTreeMap<String, Thing
     }
     all
 }
-
-fn phase(vm: &VirtualMachine) -> Option<VmPhase> {
-    vm.status.as_ref().and_then(|s| s.phase)
-}
-
-fn cond<'a>(
-    vm: &'a VirtualMachine,
-    type_: &str,
-) -> Option<&'a hypersdk_controller::crd::Condition> {
-    condition(&vm.status.as_ref()?.conditions, type_)
-}
-
-/// Waits until the guest agent of my-vm on `node` answers.
-async fn wait_guest_agent(node: &Agent) {
-    eventually(BOOT, "the guest agent of my-vm", async || {
-        agent_vm(node, "my-vm")
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .agent_connected
-    })
-    .await;
-}
-
-async fn agent_vm(node: &Agent, name: &str) -> Result<pb::Vm, tonic::Status> {
-    let agent_name = hypersdk_controller::nodes::spec::agent_name("default", name);
-    node.client()
-        .await
-        .get_vm(pb::GetVmRequest { name: agent_name })
-        .await
-        .map(|r| r.into_inner())
-}
-
-const BOOT: Duration = Duration::from_secs(180);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing() {
@@ -552,18 +368,6 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     );
 }
 
-fn small_vm(name: &str, ha: bool, selector: Option<&str>) -> Value {
-    let mut v = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VirtualMachine",
-        "metadata": {"name": name},
-        "spec": {"cpus": 1, "memory": "256Mi", "running": true,
-                 "image": {"templateRef": {"name": "ubuntu-22-04-template"}},
-                 "highAvailability": {"enabled": ha, "restartPolicy": "Always"}}});
-    if let Some(node) = selector {
-        v["spec"]["nodeSelector"] = json!({"hypersdk.io/node": node});
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_node_is_reported_and_highly_available_vms_move() {
     let images = images();
@@ -572,12 +376,7 @@ async fn lost_node_is_reported_and_highly_available_vms_move() {
         start_node("node-2", images.path(), &[]).await,
     ];
     let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
-    ctl.create::<VMTemplate>(guest_template(images.path()))
-        .await
-        .unwrap();
-    ctl.create::<VirtualMachine>(small_vm("ha", true, None))
-        .await
-        .unwrap();
+    ctl.create_ha_vm(images.path()).await;
     let ha = wait_for(&ctl.vms(), "ha", BOOT, "Running", |v| {
         phase(v) == Some(VmPhase::Running)
     })

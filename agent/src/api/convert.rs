@@ -25,6 +25,7 @@ impl TryFrom<pb::VmSpec> for VmSpec {
         Ok(VmSpec {
             restart_policy: restart_policy(s.restart_policy)?,
             memory_hotplug: memory_hotplug(s.memory_hotplug)?,
+            high_availability: s.high_availability,
             name: s.name,
             cpus,
             max_cpus,
@@ -240,6 +241,7 @@ impl From<&VmSpec> for pb::VmSpec {
                 MemoryHotplug::VirtioMem => pb::MemoryHotplug::VirtioMem,
                 MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
             } as i32,
+            high_availability: s.high_availability,
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::api::service::Service;
 use crate::api::simulate::Simulator;
 use crate::config::Config;
 use crate::context::Context;
+use crate::fence::hold::Hold;
 use crate::host::accel;
 use crate::host::cgroup::{CgroupError, Cgroups};
 use crate::host::kvm;
@@ -100,7 +101,9 @@ pub async fn run(
         return serve(&config, &data_dir, service, shutdown).await;
     }
     let (ctx, facts) = context(&config, &data_dir)?;
+    let fence = ctx.fence.clone();
     let vms = Arc::new(Vms::load(ctx).await.map_err(data_dir_error(&data_dir))?);
+    tokio::spawn(crate::fence::hold::watch(fence, vms.clone()));
     let service =
         AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
     serve(&config, &data_dir, service, shutdown).await
@@ -168,6 +171,7 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         migration_ports: config.migration_ports.clone(),
         allocatable_memory: config.allocatable_memory.unwrap_or(node::memory().0),
         virtio_mem: qemu.virtio_mem,
+        fence: Arc::new(Hold::load(data_dir)),
     };
     Ok((Arc::new(ctx), facts))
 }

@@ -57,7 +57,22 @@ impl AgentService for Service {
     async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let allocated = self.vms.allocated().await;
-        Ok(Response::new(self.node.to_proto(&meminfo, allocated)))
+        let lease = self.vms.context().fence.view();
+        Ok(Response::new(
+            self.node.to_proto(&meminfo, allocated, lease),
+        ))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let r = req.into_inner();
+        let timeout = std::time::Duration::from_millis(r.fence_timeout_ms.into());
+        let lease = self.vms.context().fence.renew(r.token, timeout);
+        Ok(Response::new(
+            lease.map_err(|e| Status::invalid_argument(e.to_string()))?,
+        ))
     }
 
     async fn create_vm(

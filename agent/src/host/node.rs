@@ -73,7 +73,12 @@ pub fn has_device(qemu: &Path, driver: &str) -> bool {
 }
 
 impl NodeFacts {
-    pub fn to_proto(&self, meminfo: &str, allocated: (u32, u64, u32)) -> pb::Node {
+    pub fn to_proto(
+        &self,
+        meminfo: &str,
+        allocated: (u32, u64, u32),
+        lease: pb::Lease,
+    ) -> pb::Node {
         let (total, available) = parse_meminfo(meminfo);
         let k = &self.kvm;
         pb::Node {
@@ -103,6 +108,7 @@ impl NodeFacts {
             allocated_memory_bytes: allocated.1,
             vm_count: allocated.2,
             cgroups: self.cgroups.clone(),
+            lease: Some(lease),
         }
     }
 }

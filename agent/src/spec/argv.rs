@@ -221,6 +221,7 @@ mod tests {
             labels: Default::default(),
             restart_policy: Default::default(),
             memory_hotplug: MemoryHotplug::VirtioMem,
+            high_availability: false,
         }
     }
 

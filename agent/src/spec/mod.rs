@@ -62,6 +62,9 @@ pub struct VmSpec {
     /// field existed ran virtio-mem.
     #[serde(default)]
     pub memory_hotplug: MemoryHotplug,
+    /// Fenced when the controller's lease runs out (see `crate::fence`).
+    #[serde(default)]
+    pub high_availability: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +314,7 @@ pub(crate) mod tests {
             labels: Default::default(),
             restart_policy: Default::default(),
             memory_hotplug: Default::default(),
+            high_availability: false,
         }
     }
 
@@ -338,6 +342,7 @@ pub(crate) mod tests {
             labels: Default::default(),
             restart_policy: pb::RestartPolicy::Always as i32,
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
+            high_availability: true,
         }
     }
 

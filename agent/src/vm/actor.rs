@@ -64,6 +64,8 @@ pub enum Op {
         memory: Option<u64>,
     },
     Delete,
+    /// The node's lease ran out: end QEMU at once and do not restart it (see `crate::fence`).
+    Fence,
     /// Live-migrate to the agent at `target`; `progress` gets the figures as they change.
     Migrate {
         target: Address,
@@ -174,6 +176,8 @@ pub(crate) struct Stopping {
     pub(crate) restart: bool,
     /// The guest did not power off within the timeout, and QEMU was ended.
     pub(crate) timed_out: bool,
+    /// Ended because the node's lease ran out.
+    pub(crate) fenced: bool,
 }
 
 impl Stopping {
@@ -396,6 +400,7 @@ impl Supervisor {
                 return self.stop(timeout, force, true, reply).await;
             }
             Op::Delete => self.remove(Reason::Deleted).await,
+            Op::Fence => return self.fence(reply).await,
             Op::Migrate {
                 target,
                 options,

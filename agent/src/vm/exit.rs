@@ -42,13 +42,19 @@ impl Supervisor {
         drop(run);
         let stopping = self.task.take_stopping();
         let (phase, mut message) = phase::on_exit(self.status.phase, &exit);
+        let fenced = stopping.as_ref().is_some_and(|s| s.fenced);
         if phase == Phase::Stopped && stopping.as_ref().is_some_and(|s| s.timed_out) {
             message = "guest did not power off in time; QEMU ended".into();
+        }
+        if fenced {
+            message = crate::vm::stop::FENCED.into();
         }
         info!(?phase, message, "QEMU exited");
         let ran_for = Duration::from_millis((now_ms() - self.status.started_at_ms).max(0) as u64);
         self.forget_process();
-        let reason = if phase == Phase::Failed {
+        let reason = if fenced {
+            Reason::Fenced
+        } else if phase == Phase::Failed {
             Reason::ProcessExited
         } else {
             Reason::Stopped
@@ -89,6 +95,10 @@ impl Supervisor {
     pub(crate) fn schedule_restart(&mut self, ran_for: Duration) {
         if ran_for >= phase::STEADY_RUN {
             self.status.restart_count = 0;
+        }
+        if self.spec.high_availability && self.ctx.fence.fenced() {
+            // It may run elsewhere by now: the controller starts it again if not.
+            return;
         }
         let policy = self.spec.restart_policy;
         let Some(delay) =

@@ -40,6 +40,8 @@ reasons! {
     Stopped,
     /// QEMU ended without being asked to.
     ProcessExited,
+    /// Stopped because the node's lease ran out (see `crate::fence`).
+    Fenced,
     RestartScheduled,
     Resized,
     ResizeFailed,

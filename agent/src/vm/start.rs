@@ -41,6 +41,14 @@ pub(crate) enum ConnectError {
 impl Supervisor {
     pub(crate) async fn start(&mut self) -> Result<pb::Vm, AgentError> {
         self.check(Action::Start)?;
+        if self.spec.high_availability && self.ctx.fence.fenced() {
+            return Err(AgentError::Conflict {
+                name: self.spec.name.clone(),
+                why: "not started: this node is fenced (its lease from the controller ran out), \
+                      and a highly available VM may run on another node"
+                    .into(),
+            });
+        }
         self.task.take_restart();
         let resolved = self.resolved_spec()?;
         self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)

@@ -9,6 +9,10 @@ use crate::vm::phase::{Action, Phase};
 use crate::vm::reason::{Reason, event};
 use hypersdk_proto::agent::v1 as pb;
 use std::time::Duration;
+
+/// What a fenced VM's status says.
+pub(crate) const FENCED: &str = "fenced: this node's lease from the controller ran out, so the \
+    VM was stopped here and may run on another node";
 use tracing::{info, warn};
 
 impl Supervisor {
@@ -72,6 +76,37 @@ impl Supervisor {
         self.begin_stop(timeout, graceful, restart, reply).await;
     }
 
+    /// The node's lease ran out: ends QEMU at once (the controller may start the VM elsewhere
+    /// after the fence timeout, so there is no time for a power button) and drops a scheduled
+    /// restart. `reply` is answered once QEMU has exited.
+    pub(crate) async fn fence(&mut self, reply: Reply) {
+        if self.task.take_restart().is_some() {
+            self.set_phase(Phase::Stopped, FENCED, Reason::Fenced);
+        }
+        if self.running.is_none() {
+            let _ = reply.send(Ok(self.snapshot()));
+            return;
+        }
+        match std::mem::take(&mut self.task) {
+            Task::Stopping(mut s) => {
+                s.waiters.push(reply);
+                s.restart = false;
+                s.fenced = true;
+                self.task = Task::Stopping(s);
+                self.kill();
+                return;
+            }
+            Task::Migrating(m) => {
+                let _ = m.cancel.send(true);
+            }
+            _ => {}
+        }
+        self.begin_stop(Duration::ZERO, false, false, reply).await;
+        if let Task::Stopping(s) = &mut self.task {
+            s.fenced = true;
+        }
+    }
+
     /// Enters Stopping: presses the power button (graceful) or ends QEMU.
     pub(crate) async fn begin_stop(
         &mut self,
@@ -86,6 +121,7 @@ impl Supervisor {
             waiters: vec![reply],
             restart,
             timed_out: false,
+            fenced: false,
         });
         self.set_phase(
             Phase::Stopping,

@@ -73,6 +73,7 @@ async fn node(script: Script) -> Node {
         pause_for_copy: true,
         allocatable_memory: 1 << 30,
         virtio_mem: true,
+        fence: Arc::new(crate::fence::hold::Hold::load(root)),
     });
     let vm_dir = ctx.store.vm_dir("vm1");
     tokio::spawn(serve(vm_dir.join("qmp.sock"), vm_dir, script));

@@ -86,6 +86,7 @@ async fn session(
     drop(a);
     let mut refresh =
         tokio::time::interval_at(tokio::time::Instant::now() + NODE_REFRESH, NODE_REFRESH);
+    let (mut token, mut renewal) = (0, None);
     loop {
         let alive = tokio::select! {
             event = stream.next() => {
@@ -93,11 +94,43 @@ async fn session(
                 on_event(agents, agent, event)
             }
             _ = refresh.tick() => refresh_node(agents, agent, &mut client).await?,
+            _ = tick(&mut renewal, agent) => match agent.upgrade() {
+                Some(a) => {
+                    token = renew(&a, &mut client, token).await?;
+                    true
+                }
+                None => false,
+            },
         };
         if !alive {
             return Ok(());
         }
     }
+}
+
+/// Waits for the next lease renewal: four per fence timeout, the first at once.
+async fn tick(renewal: &mut Option<tokio::time::Interval>, agent: &Weak<Agent>) {
+    let every = agent
+        .upgrade()
+        .map_or(Duration::from_secs(1), |a| a.fence_timeout / 4);
+    renewal
+        .get_or_insert_with(|| tokio::time::interval(every))
+        .tick()
+        .await;
+}
+
+/// Renews the agent's lease with `token` (0: only asks for a first one); returns the next.
+async fn renew(agent: &Agent, client: &mut Client, token: u64) -> Result<u64, Broken> {
+    if token != 0 {
+        agent.renewing();
+    }
+    let mut req = tonic::Request::new(pb::RenewLeaseRequest {
+        token,
+        fence_timeout_ms: agent.fence_timeout.as_millis() as u32,
+    });
+    // A renewal that takes a quarter of the timeout is as good as lost.
+    req.set_timeout(agent.fence_timeout / 4);
+    Ok(client.renew_lease(req).await?.into_inner().token)
 }
 
 /// Records one WatchVms event; false once the agent or the registry is gone.

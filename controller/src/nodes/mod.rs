@@ -25,6 +25,10 @@ use spec::{NAME_LABEL, NAMESPACE_LABEL};
 
 pub type Client = AgentServiceClient<Channel>;
 
+/// How long an agent's lease lasts unless renewed: an agent cut off from the controller for
+/// this long stops its highly available VMs (see the agent's `RenewLease`).
+pub const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// An agent as discovered: where it is and what the scheduler may know about its node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentInfo {
@@ -50,11 +54,14 @@ struct State {
     vms: HashMap<String, pb::Vm>,
     /// Since when the agent has not answered (None while connected).
     lost_since: Option<Instant>,
+    /// When the last lease renewal was sent (or may have been, by an earlier controller).
+    lease_sent: Option<Instant>,
 }
 
 /// One agent and what it last reported.
 pub struct Agent {
     pub info: AgentInfo,
+    pub fence_timeout: Duration,
     state: RwLock<State>,
 }
 
@@ -86,6 +93,18 @@ impl Agent {
             // Never connected yet: counts as lost from the start.
             (None, None) => Duration::MAX,
         }
+    }
+
+    /// The latest instant at which the agent has fenced itself if it heard nothing since: the
+    /// last renewal sent, plus the fence timeout.
+    pub fn fenced_by(&self) -> Instant {
+        let sent = self.read().lease_sent.unwrap_or_else(Instant::now);
+        sent + self.fence_timeout
+    }
+
+    /// A renewal is about to be sent: once sent, it may arrive, however late.
+    fn renewing(&self) {
+        self.write().lease_sent = Some(Instant::now());
     }
 
     /// The agent's VM `name`, from its watch stream.
@@ -144,18 +163,25 @@ impl Agent {
 pub struct Agents {
     agents: RwLock<BTreeMap<String, Arc<Agent>>>,
     signals: broadcast::Sender<Signal>,
+    fence_timeout: Duration,
 }
 
 impl Default for Agents {
     fn default() -> Self {
-        Agents {
-            agents: RwLock::default(),
-            signals: broadcast::channel(65536).0,
-        }
+        Agents::new(DEFAULT_FENCE_TIMEOUT)
     }
 }
 
 impl Agents {
+    /// Agents whose leases last `fence_timeout`.
+    pub fn new(fence_timeout: Duration) -> Agents {
+        Agents {
+            agents: RwLock::default(),
+            signals: broadcast::channel(65536).0,
+            fence_timeout,
+        }
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Signal> {
         self.signals.subscribe()
     }
@@ -190,7 +216,12 @@ impl Agents {
             let node = info.node.clone();
             let agent = Arc::new(Agent {
                 info,
-                state: RwLock::default(),
+                fence_timeout: self.fence_timeout,
+                // An earlier controller may have renewed the agent's lease just before now.
+                state: RwLock::new(State {
+                    lease_sent: Some(Instant::now()),
+                    ..State::default()
+                }),
             });
             agents.insert(node.clone(), agent.clone());
             let this = Arc::downgrade(self);

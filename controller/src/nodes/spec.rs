@@ -114,6 +114,7 @@ pub fn build(
             labels: identity_labels(namespace, name),
             restart_policy: restart_policy(vm) as i32,
             memory_hotplug: memory_hotplug(vm) as i32,
+            high_availability: vm.high_availability.as_ref().is_some_and(|h| h.enabled),
         },
         unprovisioned_disks,
     })

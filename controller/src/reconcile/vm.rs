@@ -111,8 +111,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     ctx.waiting.node.wait(waiting.clone(), pass.me.clone());
     let agent = ctx.agents.get(&node);
     let Some((agent, client)) = agent.as_ref().and_then(|a| Some((a, a.client()?))) else {
-        let lost_for = agent.map_or(Duration::MAX, |a| a.lost_for());
-        return node_lost(pass, &node, lost_for, ctx).await;
+        return node_lost(pass, &node, agent.as_deref(), ctx).await;
     };
     ctx.waiting.node.cancel(&waiting, &pass.me);
     pass.set(
@@ -131,7 +130,37 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
     let current = converge(pass, &node, client, current, ctx).await?;
     agent.observe(current.clone());
     report(pass, &current);
+    if !pass
+        .vm
+        .annotations()
+        .contains_key(super::migrate::MIGRATING)
+    {
+        remove_stopped_copies(&built.spec.name, &node, ctx).await;
+    }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Removes copies of the VM left stopped on other nodes: a highly available VM that was fenced
+/// on a cut-off node and has run here since that node came back.
+async fn remove_stopped_copies(name: &str, node: &str, ctx: &Context) {
+    for other in ctx.agents.all() {
+        let (Some(vm), Some(mut client)) = (other.vm(name), other.client()) else {
+            continue;
+        };
+        let phase = agent_phase(&vm);
+        if other.info.node == node || !matches!(phase, pb::VmPhase::Stopped | pb::VmPhase::Failed) {
+            continue;
+        }
+        info!(
+            other = other.info.node,
+            "removing the VM's stopped copy on another node"
+        );
+        let req = pb::DeleteVmRequest { name: name.into() };
+        match client.delete_vm(req).await {
+            Ok(_) => other.forget(name),
+            Err(e) => warn!(other = other.info.node, "removing the stopped copy: {e}"),
+        }
+    }
 }
 
 /// What the VM's agent is to run, from the VM and its template; None (with the reason in the
@@ -359,13 +388,15 @@ async fn scheduled(pass: &mut Pass<'_>, node: &str, ctx: &Context) {
         .await;
 }
 
-/// The VM's agent does not answer: say so, and move a highly available VM once the grace is over.
+/// The VM's agent does not answer: say so, and move a highly available VM once the agent has
+/// stopped it (its lease has run out there, see `Agent::fenced_by`) and a margin has passed.
 async fn node_lost(
     pass: &mut Pass<'_>,
     node: &str,
-    lost_for: Duration,
+    agent: Option<&Agent>,
     ctx: &Context,
 ) -> Result<Action> {
+    let lost_for = agent.map_or(Duration::MAX, |a| a.lost_for());
     let msg = format!("agent on node {node} does not answer");
     pass.set(
         NODE_REACHABLE,
@@ -381,15 +412,16 @@ async fn node_lost(
         .high_availability
         .as_ref()
         .is_some_and(|h| h.enabled);
-    let grace = ctx.settings.node_lost_grace;
     if !ha {
         // Woken when the agent answers again.
         return Ok(Action::requeue(RESYNC));
     }
-    if lost_for < grace {
-        return Ok(Action::requeue(
-            grace - lost_for + Duration::from_millis(50),
-        ));
+    // An agent gone from the registry holds no lease this controller renews.
+    if let Some(safe) = agent.map(|a| a.fenced_by() + ctx.settings.fence_margin) {
+        let now = std::time::Instant::now();
+        if now < safe {
+            return Ok(Action::requeue(safe - now + Duration::from_millis(50)));
+        }
     }
     ctx.placements.release(&pass.key);
     ctx.waiting.node.cancel(&Some(node.to_string()), &pass.me);
@@ -398,7 +430,8 @@ async fn node_lost(
     pass.status.cpus = None;
     pass.status.memory = None;
     let msg = format!(
-        "node {node} lost for {}s; placing the VM on another node",
+        "node {node} lost for {}s and its lease has run out (the VM is stopped there); \
+         placing the VM on another node",
         lost_for.as_secs()
     );
     pass.set(SCHEDULED, Status::False, Reason::Rescheduling, msg.clone());

@@ -109,6 +109,14 @@ impl AgentService for FakeAgent {
         self.sim.get_node(r).await
     }
 
+    async fn renew_lease(
+        &self,
+        r: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        self.check()?;
+        self.sim.renew_lease(r).await
+    }
+
     async fn create_vm(&self, r: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         self.check()?;
         self.sim.create_vm(r).await

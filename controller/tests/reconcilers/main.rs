@@ -91,12 +91,12 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// The controllers, with a node (8 CPUs, 16 GiB) per name; a highly available VM moves
-    /// after its node is lost for a second.
+    /// 1.5 s after the last lease renewal its lost node got.
     pub async fn start(nodes: &[&str]) -> Cluster {
         let client = FakeApi::new().client("default");
-        let agents = Arc::new(Agents::default());
+        let agents = Arc::new(Agents::new(Duration::from_secs(1)));
         let settings = Settings {
-            node_lost_grace: Duration::from_secs(1),
+            fence_margin: Duration::from_millis(500),
             stop_timeout_seconds: 1,
             ..Settings::default()
         };

@@ -156,6 +156,7 @@ async fn a_lost_node_is_reported_and_a_highly_available_vm_moves() {
     c.patch::<VirtualMachine>("ha", json!({"spec": {"nodeSelector": null}}))
         .await;
     c.node("node-1").set_down(true);
+    let lost = std::time::Instant::now();
     let pinned = c
         .wait("pinned", "NodeReachable False", |v: &VirtualMachine| {
             reason(v, "NodeReachable").is_some_and(|r| r == Reason::AgentUnreachable)
@@ -166,6 +167,13 @@ async fn a_lost_node_is_reported_and_a_highly_available_vm_moves() {
         phase(v) == Some(VmPhase::Running) && node_of(v) == "node-2"
     })
     .await;
+    // Not before the node's lease has run out (1 s after its last renewal, which is at most
+    // 250 ms old) and the margin (0.5 s) has passed.
+    let waited = lost.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1250),
+        "moved after {waited:?}"
+    );
     assert!(
         c.events("ha")
             .await

@@ -182,6 +182,19 @@ impl AgentService for Simulator {
         Ok(Response::new(self.node()))
     }
 
+    /// Granted as asked: simulated VMs are never fenced.
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::Lease {
+            token: r.token + 1,
+            remaining_ms: r.fence_timeout_ms.into(),
+            fenced: false,
+        }))
+    }
+
     async fn create_vm(
         &self,
         req: Request<pb::CreateVmRequest>,

@@ -1,0 +1,230 @@
+//! The controller in tests: in-process over the in-memory API, with real agents as its nodes,
+//! and what tests of it wait for and look at.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypersdk_controller::context::{Context, Settings};
+use hypersdk_controller::crd::vm::VmPhase;
+use hypersdk_controller::crd::{VMOperation, VMTemplate, VirtualMachine, condition};
+use hypersdk_controller::nodes::{AgentInfo, Agents, DEFAULT_FENCE_TIMEOUT};
+use hypersdk_controller::scheduling::Policy;
+use hypersdk_controller::standalone::FakeApi;
+use hypersdk_controller::standalone::parse_documents;
+use hypersdk_proto::agent::v1 as pb;
+use kube::Api;
+use kube::api::{DynamicObject, PostParams};
+use kube::core::ApiResource;
+use serde_json::{Value, json};
+
+use crate::{Agent, GUEST_CMDLINE, eventually, guest, repo_root};
+
+/// A node of the test: an agent whose --image-dir is shared with the other agents of the test,
+/// so that one VMTemplate (image paths are node paths) fits every node.
+pub async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
+    let mut args = vec![
+        "--image-dir",
+        images.to_str().unwrap(),
+        "--cgroup-parent",
+        "",
+    ];
+    args.extend_from_slice(extra);
+    Agent::start_with(name, &args).await
+}
+
+/// How the controller finds `agent`, labelled with its node name for nodeSelectors.
+pub fn info(agent: &Agent) -> AgentInfo {
+    AgentInfo {
+        node: agent.name.clone(),
+        address: agent.address.clone(),
+        labels: BTreeMap::from([("hypersdk.io/node".to_string(), agent.name.clone())]),
+        carbon_intensity: None,
+    }
+}
+
+/// Shared image directory holding the test guest.
+pub fn images() -> tempfile::TempDir {
+    let g = guest();
+    let dir = tempfile::Builder::new()
+        .prefix("hs-img-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    for f in [&g.kernel, &g.initrd, &g.disk] {
+        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// The controllers, in-process over the in-memory API.
+pub struct Controller {
+    pub client: kube::Client,
+    pub agents: Arc<Agents>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    pub fn start(nodes: &[&Agent], settings: Settings) -> Controller {
+        let nodes = nodes.iter().map(|n| info(n)).collect();
+        Controller::start_with(nodes, settings, DEFAULT_FENCE_TIMEOUT)
+    }
+
+    /// With the nodes as given (reached through a [`crate::link::Link`], say), whose leases
+    /// last `fence_timeout`.
+    pub fn start_with(nodes: Vec<AgentInfo>, settings: Settings, fence_timeout: Duration) -> Self {
+        let client = FakeApi::new().client("default");
+        let agents = Arc::new(Agents::new(fence_timeout));
+        agents.sync(nodes);
+        let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
+        let task = tokio::spawn(hypersdk_controller::controllers::run(
+            ctx,
+            std::future::pending(),
+        ));
+        Controller {
+            client,
+            agents,
+            task,
+        }
+    }
+
+    /// The example template (pointed at the test guest in `images`) and a small highly
+    /// available VM "ha" of it.
+    pub async fn create_ha_vm(&self, images: &Path) {
+        self.create::<VMTemplate>(guest_template(images))
+            .await
+            .unwrap();
+        self.create::<VirtualMachine>(small_vm("ha", true, None))
+            .await
+            .unwrap();
+    }
+
+    pub fn vms(&self) -> Api<VirtualMachine> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    pub fn ops(&self) -> Api<VMOperation> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    /// Sends `doc` as it is (no typed round trip), as kubectl would.
+    pub async fn create<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        doc: Value,
+    ) -> Result<DynamicObject, kube::Error> {
+        let ar = ApiResource::erase::<K>(&());
+        let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+        Api::<DynamicObject>::namespaced_with(self.client.clone(), "default", &ar)
+            .create(&PostParams::default(), &obj)
+            .await
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn settings() -> Settings {
+    Settings {
+        policy: Policy::default(),
+        fence_margin: Duration::from_secs(1),
+        stop_timeout_seconds: 10,
+    }
+}
+
+pub fn example(file: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join("deploy/examples").join(file)).unwrap();
+    parse_documents(&text).unwrap().remove(0)
+}
+
+/// The example template, pointed at the test guest in `images`.
+pub fn guest_template(images: &Path) -> Value {
+    let mut t = example("vmtemplate-ubuntu.yaml");
+    let p = |f: &str| images.join(f).to_string_lossy().into_owned();
+    t["spec"]["defaultSpec"]["boot"] =
+        json!({"kernel": p("vmlinuz"), "initrd": p("initrd.img"), "cmdline": GUEST_CMDLINE});
+    t["spec"]["image"]["source"] = json!(p("disk.qcow2"));
+    t
+}
+
+/// Polls `name` until `pred` holds; panics with the last state after `limit`.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    mut pred: impl FnMut(&K) -> bool,
+) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(limit, &format!("{name}: {what}"), async || {
+        match api.get_opt(name).await.unwrap() {
+            Some(o) if pred(&o) => Ok(o),
+            last => Err(format!("{last:#?}")),
+        }
+    })
+    .await
+}
+
+/// Waits until `name` is gone from the API.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} deleted"),
+        async || api.get_opt(name).await.unwrap().is_none(),
+    )
+    .await
+}
+
+pub fn phase(vm: &VirtualMachine) -> Option<VmPhase> {
+    vm.status.as_ref().and_then(|s| s.phase)
+}
+
+pub fn cond<'a>(
+    vm: &'a VirtualMachine,
+    type_: &str,
+) -> Option<&'a hypersdk_controller::crd::Condition> {
+    condition(&vm.status.as_ref()?.conditions, type_)
+}
+
+/// Waits until the guest agent of my-vm on `node` answers.
+pub async fn wait_guest_agent(node: &Agent) {
+    eventually(BOOT, "the guest agent of my-vm", async || {
+        agent_vm(node, "my-vm")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .agent_connected
+    })
+    .await;
+}
+
+pub async fn agent_vm(node: &Agent, name: &str) -> Result<pb::Vm, tonic::Status> {
+    let agent_name = hypersdk_controller::nodes::spec::agent_name("default", name);
+    node.client()
+        .await
+        .get_vm(pb::GetVmRequest { name: agent_name })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub const BOOT: Duration = Duration::from_secs(180);
+
+pub fn small_vm(name: &str, ha: bool, selector: Option<&str>) -> Value {
+    let mut v = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {"cpus": 1, "memory": "256Mi", "running": true,
+                 "image": {"templateRef": {"name": "ubuntu-22-04-template"}},
+                 "highAvailability": {"enabled": ha, "restartPolicy": "Always"}}});
+    if let Some(node) = selector {
+        v["spec"]["nodeSelector"] = json!({"hypersdk.io/node": node});
+    }
+    v
+}
