@@ -135,3 +135,29 @@ pub async fn watch(hold: Arc<Hold>, vms: Arc<Vms>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_agent_keeps_its_lease_and_fences_on_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = Hold::load(dir.path());
+        assert_eq!(hold.view().remaining_ms, 0);
+        let token = hold.renew(0, Duration::from_secs(60)).unwrap().token;
+        hold.renew(token, Duration::from_secs(60)).unwrap();
+        // A new agent process reads the same lease.
+        let again = Hold::load(dir.path());
+        assert!(again.view().remaining_ms > 50_000, "{:?}", again.view());
+        assert!(!again.must_fence());
+        // One that ran out while no agent was there is fenced at once, and stays so.
+        again.save(&Lease {
+            until_us: Some(now_us() - 1_000_000),
+            fenced: false,
+        });
+        let after = Hold::load(dir.path());
+        assert!(after.must_fence());
+        assert!(after.fenced() && Hold::load(dir.path()).fenced());
+    }
+}
