@@ -57,6 +57,10 @@ struct RunArgs {
     /// Grid carbon intensity of a --agent node in gCO2eq/kWh: NODE=GRAMS (repeatable).
     #[arg(long = "carbon-intensity", value_delimiter = ',')]
     carbon: Vec<String>,
+    /// A --agent node to drain: no new VMs go there, and its VMs leave as their
+    /// evictionStrategy says (repeatable; in a cluster, the Node's spec.unschedulable).
+    #[arg(long = "unschedulable", value_delimiter = ',')]
+    unschedulable: Vec<String>,
     #[arg(long, env = "HYPERSDK_STRATEGY", value_enum, default_value = "spread")]
     strategy: Strategy,
     /// vCPUs placeable per host CPU.
@@ -182,11 +186,9 @@ fn find_agents(args: &RunArgs, client: &kube::Client, agents: &Arc<Agents>) -> a
         tokio::spawn(follow_manifests(Standalone::new(client.clone(), dir)));
     }
     if args.standalone || !args.agents.is_empty() {
-        agents.sync(discover::from_flags(
-            &args.agents,
-            &args.node_labels,
-            &args.carbon,
-        )?);
+        let mut nodes = discover::from_flags(&args.agents, &args.node_labels, &args.carbon)?;
+        discover::drain(&mut nodes, &args.unschedulable)?;
+        agents.sync(nodes);
     } else {
         tokio::spawn(discover::watch_pods(
             client.clone(),

@@ -73,6 +73,7 @@ fn start_sims(n: usize) -> Sims {
             address: Address::Unix(sock),
             labels: Default::default(),
             carbon_intensity: None,
+            unschedulable: false,
         });
     }
     for a in &agents {

@@ -23,6 +23,7 @@ fn nodes(n: usize) -> Vec<NodeInfo> {
             allocated_memory_bytes: (i as u64 * 13 % 60) * GI,
             labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 3))]),
             carbon_intensity: Some((i * 37 % 800) as u32),
+            unschedulable: false,
         })
         .collect()
 }

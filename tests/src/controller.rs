@@ -41,6 +41,7 @@ pub fn info(agent: &Agent) -> AgentInfo {
         address: agent.address.clone(),
         labels: BTreeMap::from([("hypersdk.io/node".to_string(), agent.name.clone())]),
         carbon_intensity: None,
+        unschedulable: false,
     }
 }
 

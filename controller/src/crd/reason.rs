@@ -43,6 +43,8 @@ pub enum Reason {
     Moved,
     Migrated,
     Cloned,
+    /// Leaving a drained node.
+    Evicting,
     FailedScheduling,
     CleanupSkipped,
 }
@@ -61,6 +63,7 @@ impl Reason {
             R::Scheduled => "Scheduled",
             R::Unschedulable => "Unschedulable",
             R::Rescheduling => "Rescheduling",
+            R::Evicting => "Evicting",
             R::Attached => "Attached",
             R::NotProvisioned => "NotProvisioned",
             R::UserNetworking => "UserNetworking",

@@ -35,6 +35,19 @@ pub enum FlagError {
         "--carbon-intensity {0:?}: expected NODE=GRAMS (gCO2eq/kWh) for a node given with --agent"
     )]
     Carbon(String),
+    #[error("--unschedulable {0:?}: not a node given with --agent")]
+    Unschedulable(String),
+}
+
+/// Marks the `drained` nodes of `agents` unschedulable (`--unschedulable NODE`).
+pub fn drain(agents: &mut [AgentInfo], drained: &[String]) -> Result<(), FlagError> {
+    for node in drained {
+        let agent = agents.iter_mut().find(|a| &a.node == node);
+        agent
+            .ok_or_else(|| FlagError::Unschedulable(node.clone()))?
+            .unschedulable = true;
+    }
+    Ok(())
 }
 
 /// The agents named by flags, with the labels and carbon intensities given for their nodes.
@@ -63,6 +76,7 @@ pub fn from_flags(
             address,
             labels: BTreeMap::new(),
             carbon_intensity: None,
+            unschedulable: false,
         });
     }
     for flag in labels {
@@ -116,12 +130,14 @@ async fn discover(
         let Ok(address) = format!("http://{ip}:{port}").parse() else {
             continue;
         };
-        let meta = nodes
-            .get_opt(&node)
-            .await?
-            .map(|n| n.metadata)
-            .unwrap_or_default();
+        let found = nodes.get_opt(&node).await?;
+        let unschedulable = found
+            .as_ref()
+            .and_then(|n| n.spec.as_ref()?.unschedulable)
+            .unwrap_or(false);
+        let meta = found.map(|n| n.metadata).unwrap_or_default();
         out.push(AgentInfo {
+            unschedulable,
             carbon_intensity: meta
                 .annotations
                 .as_ref()
@@ -172,5 +188,12 @@ mod tests {
             from_flags(&s(&["n=unix:///a"]), &[], &s(&["n=lots"])),
             Err(FlagError::Carbon(_))
         ));
+        let mut a = a;
+        drain(&mut a, &s(&["n2"])).unwrap();
+        assert!(!a[0].unschedulable && a[1].unschedulable);
+        assert_eq!(
+            drain(&mut a, &s(&["n3"])),
+            Err(FlagError::Unschedulable("n3".into()))
+        );
     }
 }

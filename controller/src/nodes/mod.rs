@@ -36,6 +36,8 @@ pub struct AgentInfo {
     pub address: Address,
     pub labels: BTreeMap<String, String>,
     pub carbon_intensity: Option<u32>,
+    /// Drained: nothing new is placed there, and its VMs leave as their eviction strategy says.
+    pub unschedulable: bool,
 }
 
 /// What changed, for the reconcilers to look again.

@@ -6,6 +6,7 @@
 //! This file holds what they share: status writes that clear what is unset, ownerReferences.
 
 pub mod clone;
+pub mod evict;
 pub mod migrate;
 pub mod operation;
 pub mod snapshot;

@@ -136,6 +136,9 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
         .contains_key(super::migrate::MIGRATING)
     {
         remove_stopped_copies(&built.spec.name, &node, ctx).await;
+        if agent.info.unschedulable && agent_phase(&current) == pb::VmPhase::Running {
+            super::evict::evict(pass.vm, ns, &node, ctx).await?;
+        }
     }
     Ok(Action::requeue(RESYNC))
 }

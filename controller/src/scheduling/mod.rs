@@ -30,6 +30,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Grid carbon intensity (gCO2eq/kWh) where the node runs, when known.
     pub carbon_intensity: Option<u32>,
+    /// Drained: takes no new VMs.
+    pub unschedulable: bool,
 }
 
 /// What one VM needs.
@@ -94,6 +96,7 @@ impl Default for Policy {
 pub struct Unschedulable {
     pub nodes: usize,
     pub unreachable: usize,
+    pub unschedulable: usize,
     pub no_kvm: usize,
     pub selector: usize,
     pub carbon: usize,
@@ -106,6 +109,7 @@ impl std::fmt::Display for Unschedulable {
         write!(f, "0/{} nodes are available", self.nodes)?;
         let reasons = [
             (self.unreachable, "agent unreachable"),
+            (self.unschedulable, "unschedulable"),
             (self.no_kvm, "no usable KVM"),
             (self.selector, "didn't match nodeSelector"),
             (
@@ -155,6 +159,10 @@ pub fn schedule<'a>(
 fn fit(node: &NodeInfo, req: &Request, policy: &Policy, why: &mut Unschedulable) -> Option<f64> {
     if !node.reachable {
         why.unreachable += 1;
+        return None;
+    }
+    if node.unschedulable {
+        why.unschedulable += 1;
         return None;
     }
     if policy.require_kvm && !node.kvm {
@@ -221,6 +229,7 @@ mod tests {
             allocated_memory_bytes: 0,
             labels: BTreeMap::new(),
             carbon_intensity: None,
+            unschedulable: false,
         }
     }
 
@@ -273,6 +282,13 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "0/3 nodes are available: 1 agent unreachable, 1 insufficient cpu, 1 insufficient memory"
+        );
+        let mut drained = nodes[1..].to_vec();
+        drained[0].unschedulable = true;
+        let e = schedule(&drained, &req(4, 8), &exact()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "0/2 nodes are available: 1 unschedulable, 1 insufficient memory"
         );
         assert_eq!(
             schedule(&[], &req(1, 1), &exact()).unwrap_err().to_string(),

@@ -97,6 +97,7 @@ fn inventory(agents: &Agents, placed: &HashMap<VmKey, Placed>) -> Vec<NodeInfo> 
                 allocated_memory_bytes: mem.max(node.allocated_memory_bytes),
                 labels: a.info.labels.clone(),
                 carbon_intensity: a.info.carbon_intensity,
+                unschedulable: a.info.unschedulable,
             }
         })
         .collect()

@@ -67,6 +67,7 @@ impl Node {
             address: self.address.clone(),
             labels: BTreeMap::from([("hypersdk.io/node".to_string(), self.name.clone())]),
             carbon_intensity: None,
+            unschedulable: false,
         }
     }
 }
