@@ -204,6 +204,7 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
         labels: Default::default(),
         restart_policy: a.restart_policy.to_proto() as i32,
         memory_hotplug: a.memory_hotplug.to_proto() as i32,
+        cloud_init: None,
     }
 }
 

@@ -319,6 +319,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         restart_count: 0,
         guest: GuestView::default(),
         migration: None,
+        import: None,
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
     let span = info_span!("vm", name = %spec.name);

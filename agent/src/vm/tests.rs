@@ -63,6 +63,11 @@ async fn node(script: Script) -> Node {
             reason: "test".into(),
         },
         policy: PathPolicy::new([images.clone()]).unwrap(),
+        images: Arc::new(
+            crate::image::cache::ImageCache::open(&images.join("cache"), "qemu-img".as_ref())
+                .unwrap(),
+        ),
+        disk_dir: images.join("disks"),
         images_dir: images,
         store,
         snapshots: SnapshotDirs::new(root.join("snapshots")),

@@ -151,7 +151,14 @@ async fn build(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Option<Bu
         Ok(t) => t,
         Err(e) => return Ok(not_ready(pass, Reason::TemplateNotFound, e.to_string())),
     };
-    let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
+    let name = vm.name_any();
+    let uid = vm.uid().unwrap_or_default();
+    let id = spec::Identity {
+        namespace: ns,
+        name: &name,
+        uid: &uid,
+    };
+    let built = match spec::build(id, &vm.spec, template.as_ref()) {
         Ok(b) => b,
         Err(e) => return Ok(not_ready(pass, Reason::InvalidSpec, e.to_string())),
     };
@@ -269,7 +276,7 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
         );
     } else {
         let msg = format!(
-            "disks {} have no image: sized volumes are not provisioned by the node agent; set disks[].path to an image on the node",
+            "disks {} have no image, path or size: the node agent cannot make them",
             built.unprovisioned_disks.join(", ")
         );
         pass.set(DISK_READY, Status::False, Reason::NotProvisioned, msg);
@@ -470,6 +477,7 @@ pub fn phase_from_agent(phase: pb::VmPhase, running: bool) -> VmPhase {
         P::Running | P::Stopping => VmPhase::Running,
         P::Paused => VmPhase::Paused,
         P::Migrating | P::Incoming => VmPhase::Migrating,
+        P::Importing => VmPhase::Importing,
         P::Failed => VmPhase::Failed,
         P::Stopped => VmPhase::Stopped,
         P::Pending if !running => VmPhase::Stopped,
