@@ -12,7 +12,9 @@ use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
+mod http;
 mod raw;
+pub use http::ImageServer;
 pub use raw::RawQemu;
 
 pub type Client = AgentServiceClient<Channel>;

@@ -75,11 +75,26 @@ impl Vms {
 
     pub async fn create(&self, spec: pb::VmSpec, start: bool) -> Result<pb::Vm, AgentError> {
         let handle = self.register(spec, Reason::Created).await?;
-        let name = handle.current().spec.unwrap_or_default().name;
-        if start {
-            handle.call(&name, Op::Start).await
-        } else {
-            Ok(handle.current())
+        let vm = handle.current();
+        let name = vm.spec.clone().unwrap_or_default().name;
+        let importing = vm
+            .spec
+            .iter()
+            .flat_map(|s| &s.disks)
+            .any(|d| d.image.is_some() && !std::path::Path::new(&d.path).exists());
+        match start {
+            // An import can take long: the caller follows it in the VM's status (Importing,
+            // then Running or Failed with the reason).
+            true if importing => {
+                tokio::spawn(async move {
+                    if let Err(e) = handle.call(&name, Op::Start).await {
+                        warn!(vm = %name, "not started: {e}");
+                    }
+                });
+                Ok(vm)
+            }
+            true => handle.call(&name, Op::Start).await,
+            false => Ok(vm),
         }
     }
 
