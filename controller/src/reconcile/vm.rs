@@ -489,6 +489,15 @@ fn report(pass: &mut Pass<'_>, vm: &pb::Vm) {
     let status = vm.status.clone().unwrap_or_default();
     let phase = phase_from_agent(agent_phase(vm), pass.vm.spec.running);
     pass.status.phase = Some(phase);
+    // The agent names the disk at fault: "spec.disks[0].image: ... has digest ...".
+    let disk_problem = phase == VmPhase::Failed && status.message.starts_with("spec.disks[");
+    if phase == VmPhase::Importing || disk_problem {
+        let reason = match phase {
+            VmPhase::Importing => Reason::Importing,
+            _ => Reason::DiskFailed,
+        };
+        pass.set(DISK_READY, Status::False, reason, status.message.clone());
+    }
     let live = matches!(
         phase,
         VmPhase::Running | VmPhase::Paused | VmPhase::Migrating
