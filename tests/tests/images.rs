@@ -236,6 +236,36 @@ async fn a_url_image_is_fetched_once_and_each_vm_runs_on_its_own_overlay() {
     assert!(!disk_dir(&agent, "a").exists(), "a's disks are gone");
     assert_eq!(sha256(&std::fs::read(&cached[0]).unwrap()), checksum);
     wait_counting(&b, BOOT).await;
+
+    // A linked clone copies the overlay's top layer, over the same cached image, and boots
+    // from the copy; deleting it leaves the image alone.
+    let clone = c
+        .clone_vm(pb::CloneVmRequest {
+            name: "b".into(),
+            target_name: "b2".into(),
+            linked: true,
+            start: true,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let copy = &clone.spec.as_ref().unwrap().disks[0];
+    assert!(
+        copy.image.is_none() && copy.size.is_empty(),
+        "the copy is the clone's own file"
+    );
+    let info = qemu_img_info(&copy.path);
+    assert_eq!(info["backing-filename"], cached[0].to_str().unwrap());
+    assert_eq!(info["virtual-size"], 128u64 << 20);
+    assert!(
+        disk_counter_at_boot(&clone, 0, BOOT).await > 0,
+        "the clone has b's disk"
+    );
+    c.delete_vm(pb::DeleteVmRequest { name: "b2".into() })
+        .await
+        .unwrap();
+    assert!(!Path::new(&copy.path).exists());
     c.delete_vm(pb::DeleteVmRequest { name: "b".into() })
         .await
         .unwrap();
