@@ -103,7 +103,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let agent = Agent::for_bench("bench-import").await;
+    let agent = Agent::start("bench-import").await;
     let mut c = agent.client().await;
     let image = make_image(agent.dir.path(), mib);
     let size = image.len() as f64 / (1 << 20) as f64;
