@@ -237,6 +237,30 @@ async fn a_url_image_is_fetched_once_and_each_vm_runs_on_its_own_overlay() {
     assert_eq!(sha256(&std::fs::read(&cached[0]).unwrap()), checksum);
     wait_counting(&b, BOOT).await;
 
+    // A snapshot puts a layer over the overlay; deleting it merges the layer back into the
+    // overlay (the disk's own file), never into the cached image.
+    let b_root = b.spec.as_ref().unwrap().disks[0].path.clone();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        name: "b".into(),
+        snapshot: "s1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_counting(&b, BOOT).await;
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: "b".into(),
+        snapshot: "s1".into(),
+    })
+    .await
+    .unwrap();
+    wait_counting(&b, BOOT).await;
+    assert_eq!(
+        qemu_img_info(&b_root)["backing-filename"],
+        cached[0].to_str().unwrap()
+    );
+    assert_eq!(sha256(&std::fs::read(&cached[0]).unwrap()), checksum);
+
     // A linked clone copies the overlay's top layer, over the same cached image, and boots
     // from the copy; deleting it leaves the image alone.
     let clone = c
