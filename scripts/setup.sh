@@ -16,6 +16,8 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+# The image import benchmark compares the agent with curl.
+command -v curl >/dev/null || need_pkgs+=(curl)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")

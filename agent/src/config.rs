@@ -32,6 +32,17 @@ pub struct Config {
     #[arg(long = "image-dir", env = "HYPERSDK_IMAGE_DIR", value_delimiter = ',')]
     pub image_dirs: Vec<PathBuf>,
 
+    /// The node's image cache: images fetched for VMs, one file per digest, shared by the VMs
+    /// made from them (default: DATA_DIR/images/cache).
+    #[arg(long, env = "HYPERSDK_IMAGE_CACHE")]
+    pub image_cache: Option<PathBuf>,
+
+    /// Where the agent makes VMs' disks (overlays on cached images, blank disks), one
+    /// directory per VM (default: DATA_DIR/images/disks). Live migration needs it on storage
+    /// both nodes see, at the same path.
+    #[arg(long, env = "HYPERSDK_DISK_DIR")]
+    pub disk_dir: Option<PathBuf>,
+
     /// Accelerator: auto picks KVM only where a KVM self-test passes.
     #[arg(long, env = "HYPERSDK_ACCEL", value_enum, default_value = "auto")]
     pub accel: AccelMode,

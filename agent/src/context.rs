@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hypersdk_proto::agent::v1 as pb;
 use tokio::sync::broadcast;
@@ -9,6 +10,7 @@ use tokio::sync::broadcast;
 use crate::host::accel::Selection;
 use crate::host::cgroup::{CgroupError, Cgroups};
 use crate::host::paths::PathPolicy;
+use crate::image::cache::ImageCache;
 use crate::migration::PortRange;
 use crate::snapshot::files::SnapshotDirs;
 use crate::store::Store;
@@ -23,6 +25,10 @@ pub struct Context {
     pub policy: PathPolicy,
     /// The agent's own image dir (DATA/images), where clones' disks go.
     pub images_dir: PathBuf,
+    /// The node's image cache (see `--image-cache`).
+    pub images: Arc<ImageCache>,
+    /// Where the disks the agent makes for VMs go, one directory per VM (`--disk-dir`).
+    pub disk_dir: PathBuf,
     pub store: Store,
     pub snapshots: SnapshotDirs,
     /// Per-VM cgroups, or why there are none on this node.

@@ -10,17 +10,22 @@
 //!   and the registry of VMs.
 //! - [`qemu`]: process spawn, the QMP client, the guest-agent client.
 //! - [`host`]: accelerator choice, KVM probe, node facts, cgroups, path policy, image checks.
+//! - [`image`]: images from URLs or node paths, verified, in the node's cache.
+//! - [`disks`]: the disks the agent makes (overlays, blank disks); [`cloudinit`]: NoCloud.
 //! - [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
 //! - [`fence`]: the controller's lease, and stopping highly available VMs when it runs out.
 
 pub mod api;
 pub mod clone;
+pub mod cloudinit;
 pub mod config;
 pub mod context;
+pub mod disks;
 pub mod error;
 pub mod fence;
 pub mod host;
 pub mod hotplug;
+pub mod image;
 pub mod migration;
 pub mod qemu;
 pub use hypersdk_proto::quantity;

@@ -206,6 +206,7 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
         memory_hotplug: a.memory_hotplug.to_proto() as i32,
         // Only the controller moves VMs between nodes, and fences them for it.
         high_availability: false,
+        cloud_init: None,
     }
 }
 
@@ -334,7 +335,10 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
 
 async fn delete(client: &mut Client, out: Format, name: String) -> anyhow::Result<()> {
     client
-        .delete_vm(pb::DeleteVmRequest { name: name.clone() })
+        .delete_vm(pb::DeleteVmRequest {
+            name: name.clone(),
+            keep_disks: false,
+        })
         .await?;
     if !output::structured(out, &serde_json::json!({"deleted": name}))? {
         println!("vm {name} deleted");

@@ -173,6 +173,7 @@ pub fn parse(yaml: &str) -> Result<(pb::VmSpec, bool), ManifestError> {
             path: d.path,
             format: format as i32,
             read_only: d.read_only,
+            ..Default::default()
         });
     }
     let spec = pb::VmSpec {
@@ -198,6 +199,7 @@ pub fn parse(yaml: &str) -> Result<(pb::VmSpec, bool), ManifestError> {
             .collect(),
         labels: m.metadata.labels.into_iter().collect(),
         restart_policy: m.spec.high_availability.restart_policy.to_proto() as i32,
+        cloud_init: None,
         memory_hotplug: m.spec.memory_hotplug.to_proto() as i32,
         // Only the controller moves VMs between nodes, and fences them for it.
         high_availability: false,

@@ -416,15 +416,18 @@ impl AgentVm {
     async fn delete(mut self) {
         let name = self.name.clone();
         stop(self.client(), &name, true).await;
-        let req = pb::DeleteVmRequest { name };
+        let req = pb::DeleteVmRequest {
+            keep_disks: false,
+            name,
+        };
         self.client().delete_vm(req).await.unwrap();
     }
 }
 
 /// Something that moves the guest: raw QEMU or the agents.
 enum Mover {
-    Raw(RawVm),
-    Agent(AgentVm),
+    Raw(Box<RawVm>),
+    Agent(Box<AgentVm>),
 }
 
 impl Mover {
@@ -558,7 +561,7 @@ async fn run_case(
         spec.name = name.into();
         let base = src.dir.path().join(&disk);
         let raw = RawVm::boot(resolved(spec, &images), &base, accel, *settings).await;
-        movers.push(Mover::Raw(raw));
+        movers.push(Mover::Raw(Box::new(raw)));
     }
     wait_vm(&mut a, name, BOOT_LIMIT, "guest agent", |s| {
         s.agent_connected
@@ -577,14 +580,14 @@ async fn run_case(
             println!("  QEMU's defaults: {}", raw.describe_parameters().await);
         }
     }
-    movers.push(Mover::Agent(AgentVm {
+    movers.push(Mover::Agent(Box::new(AgentVm {
         name: name.into(),
         nodes: [
             (a, src.address.clone()),
             (dst.client().await, dst.address.clone()),
         ],
         at: 0,
-    }));
+    })));
     if dirty_mib > 0 {
         tokio::time::sleep(WARMUP).await;
     }

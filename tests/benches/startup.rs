@@ -189,6 +189,7 @@ async fn main() {
 
     // Memory: the agent with 0 and 10 idle VMs, and one QEMU's footprint beyond guest RAM.
     c.delete_vm(pb::DeleteVmRequest {
+        keep_disks: false,
         name: "bench-vm".into(),
     })
     .await

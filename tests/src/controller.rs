@@ -22,11 +22,17 @@ use serde_json::{Value, json};
 use crate::{Agent, GUEST_CMDLINE, eventually, guest, repo_root};
 
 /// A node of the test: an agent whose --image-dir is shared with the other agents of the test,
-/// so that one VMTemplate (image paths are node paths) fits every node.
+/// so that one VMTemplate (image paths are node paths) fits every node, and whose VMs' disks
+/// are made there too (the shared storage live migration needs).
 pub async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
+    let disks = images.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let disks = disks.to_str().unwrap().to_string();
     let mut args = vec![
         "--image-dir",
         images.to_str().unwrap(),
+        "--disk-dir",
+        &disks,
         "--cgroup-parent",
         "",
     ];

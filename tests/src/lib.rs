@@ -13,8 +13,10 @@ use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
 pub mod controller;
+mod http;
 pub mod link;
 mod raw;
+pub use http::ImageServer;
 pub use raw::RawQemu;
 
 pub type Client = AgentServiceClient<Channel>;
@@ -257,6 +259,7 @@ impl Agent {
             restart_policy: pb::RestartPolicy::Never as i32,
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
             high_availability: false,
+            cloud_init: None,
         }
     }
 

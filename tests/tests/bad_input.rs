@@ -182,9 +182,12 @@ async fn bad_requests_are_refused_and_change_nothing() {
             c.resume_vm(pb::ResumeVmRequest { name: n() })
                 .await
                 .unwrap_err(),
-            c.delete_vm(pb::DeleteVmRequest { name: n() })
-                .await
-                .unwrap_err(),
+            c.delete_vm(pb::DeleteVmRequest {
+                keep_disks: false,
+                name: n(),
+            })
+            .await
+            .unwrap_err(),
         ];
         for e in errs {
             assert_eq!(e.code(), code, "{name}: {}", e.message());
@@ -304,6 +307,7 @@ async fn create_racing_delete_of_the_same_name_keeps_the_registry_true() {
         let (mut d, mut k) = (c.clone(), c.clone());
         let delete = tokio::spawn(async move {
             d.delete_vm(pb::DeleteVmRequest {
+                keep_disks: false,
                 name: "twin".into(),
             })
             .await

@@ -105,6 +105,7 @@ async fn running_and_layered_vms_clone_at_one_instant() {
 
     // The clone's disks go with it.
     c.delete_vm(pb::DeleteVmRequest {
+        keep_disks: false,
         name: "copy".into(),
     })
     .await

@@ -299,7 +299,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     );
 
     // The seed's VMOperation clone, unchanged (linked, started): a VM my-vm-clone on the same
-    // node, sharing the template's read-only image, boots; my-vm runs on.
+    // node, over the template's image like my-vm, boots; my-vm runs on.
     ctl.create::<VMOperation>(example("vmoperation-clone-my-vm.yaml"))
         .await
         .unwrap();
@@ -322,10 +322,16 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         "the clone stays where its disks are"
     );
     let on_node = agent_vm(node, "my-vm-clone").await.unwrap();
+    let copy = &on_node.spec.as_ref().unwrap().disks[0].path;
+    let backing = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", copy])
+        .output()
+        .unwrap();
+    let backing: Value = serde_json::from_slice(&backing.stdout).unwrap();
     assert_eq!(
-        on_node.spec.as_ref().unwrap().disks[0].path,
-        images.path().join("disk.qcow2").to_string_lossy(),
-        "a linked clone shares the template's read-only image"
+        backing["backing-filename"],
+        json!(images.path().join("disk.qcow2")),
+        "a linked clone copies my-vm's overlay, over the template's image"
     );
     wait_boots(&on_node, 1, BOOT).await;
     assert_eq!(

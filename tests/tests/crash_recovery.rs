@@ -193,6 +193,7 @@ async fn damaged_state_files_are_reported_and_set_aside() {
     assert_eq!(phase(&fine), pb::VmPhase::Pending);
 
     c.delete_vm(pb::DeleteVmRequest {
+        keep_disks: false,
         name: "torn-spec".into(),
     })
     .await

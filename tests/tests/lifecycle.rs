@@ -107,6 +107,7 @@ async fn create_pause_resume_stop_start_restart_delete() {
     let dir = std::path::PathBuf::from(&vm.status.as_ref().unwrap().data_dir);
     assert!(dir.is_dir());
     c.delete_vm(pb::DeleteVmRequest {
+        keep_disks: false,
         name: "life".into(),
     })
     .await
@@ -197,6 +198,7 @@ async fn watch_streams_existing_vms_then_changes() {
     }
     assert!(phases.contains(&pb::VmPhase::Starting), "{phases:?}");
     c2.delete_vm(pb::DeleteVmRequest {
+        keep_disks: false,
         name: "before".into(),
     })
     .await

@@ -63,7 +63,13 @@ async fn random_call(
             })
             .await
             .map(drop),
-        _ => c.delete_vm(pb::DeleteVmRequest { name }).await.map(drop),
+        _ => c
+            .delete_vm(pb::DeleteVmRequest {
+                keep_disks: false,
+                name,
+            })
+            .await
+            .map(drop),
     };
     (call, result)
 }

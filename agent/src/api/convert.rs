@@ -5,9 +5,11 @@ use std::path::Path;
 
 use hypersdk_proto::agent::v1 as pb;
 
+use crate::cloudinit::CloudInit;
+use crate::image::{ImageRef, Source, parse_image};
 use crate::quantity::format_bytes;
 use crate::spec::{
-    Boot, Disk, DiskFormat, FieldError, MAX_VCPUS, MemoryHotplug, Network, NetworkBackend,
+    Boot, Disk, DiskFormat, FieldError, MAX_VCPUS, Made, MemoryHotplug, Network, NetworkBackend,
     RestartPolicy, VmSpec, check_cmdline, check_name, check_path_shape, check_unique, parse_memory,
 };
 
@@ -22,7 +24,20 @@ impl TryFrom<pb::VmSpec> for VmSpec {
         let disks = disks(s.disks)?;
         let networks = networks(s.networks)?;
         check_labels(&s.labels)?;
+        let cloud_init = s
+            .cloud_init
+            .map(|c| {
+                CloudInit::new(
+                    c.user_data,
+                    c.network_data,
+                    &c.instance_id,
+                    &c.hostname,
+                    &s.name,
+                )
+            })
+            .transpose()?;
         Ok(VmSpec {
+            cloud_init,
             restart_policy: restart_policy(s.restart_policy)?,
             memory_hotplug: memory_hotplug(s.memory_hotplug)?,
             high_availability: s.high_availability,
@@ -112,16 +127,59 @@ fn disks(disks: Vec<pb::Disk>) -> Result<Vec<Disk>, FieldError> {
         .enumerate()
         .map(|(i, d)| {
             check_name(&format!("spec.disks[{i}].name"), &d.name)?;
+            let made = made(i, &d)?;
+            let path = match d.path.as_str() {
+                "" if made.is_some() => Default::default(),
+                p => check_path_shape(&format!("spec.disks[{i}].path"), p)?,
+            };
             Ok(Disk {
-                path: check_path_shape(&format!("spec.disks[{i}].path"), &d.path)?,
+                path,
                 format: disk_format(i, d.format)?,
                 name: d.name,
                 read_only: d.read_only,
+                made,
+                boot_order: d.boot_order,
             })
         })
         .collect::<Result<Vec<_>, FieldError>>()?;
     check_unique("disks", disks.iter().map(|d| &d.name))?;
     Ok(disks)
+}
+
+/// What the agent makes the disk from, if it makes it: an image and/or a size.
+fn made(i: usize, d: &pb::Disk) -> Result<Option<Made>, FieldError> {
+    let image = d
+        .image
+        .as_ref()
+        .map(|img| {
+            parse_image(
+                &format!("spec.disks[{i}].image"),
+                &img.source,
+                &img.checksum,
+            )
+        })
+        .transpose()?;
+    let size = match d.size.as_str() {
+        "" => None,
+        q => Some(disk_size(&format!("spec.disks[{i}].size"), q)?),
+    };
+    if image.is_none() && size.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Made { image, size }))
+}
+
+/// A disk's virtual size: a positive quantity in whole 512-byte sectors.
+fn disk_size(field: &str, q: &str) -> Result<u64, FieldError> {
+    let bytes =
+        crate::quantity::parse_bytes(q).map_err(|e| FieldError::new(field, e.to_string()))?;
+    if bytes == 0 || !bytes.is_multiple_of(512) {
+        return Err(FieldError::new(
+            field,
+            format!("{q:?} must be a positive whole number of 512-byte sectors (e.g. 10Gi)"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn disk_format(i: usize, format: i32) -> Result<Option<DiskFormat>, FieldError> {
@@ -242,6 +300,12 @@ impl From<&VmSpec> for pb::VmSpec {
                 MemoryHotplug::Dimm => pb::MemoryHotplug::Dimm,
             } as i32,
             high_availability: s.high_availability,
+            cloud_init: s.cloud_init.as_ref().map(|c| pb::CloudInit {
+                user_data: c.user_data.clone(),
+                network_data: c.network_data.clone().unwrap_or_default(),
+                instance_id: c.instance_id.clone(),
+                hostname: c.hostname.clone(),
+            }),
         }
     }
 }
@@ -256,5 +320,27 @@ fn disk(d: &Disk) -> pb::Disk {
             Some(DiskFormat::Raw) => pb::DiskFormat::Raw,
         } as i32,
         read_only: d.read_only,
+        image: d.made.as_ref().and_then(|m| m.image.as_ref()).map(image),
+        size: d
+            .made
+            .as_ref()
+            .and_then(|m| m.size)
+            .map(format_bytes)
+            .unwrap_or_default(),
+        boot_order: d.boot_order,
+    }
+}
+
+fn image(i: &ImageRef) -> pb::DiskImage {
+    pb::DiskImage {
+        source: match &i.source {
+            Source::Url(u) => u.clone(),
+            Source::Path(p) => path_string(p),
+        },
+        checksum: i
+            .checksum
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
     }
 }

@@ -19,6 +19,7 @@ use crate::host::cgroup::{CgroupError, Cgroups};
 use crate::host::kvm;
 use crate::host::node::{self, NodeFacts};
 use crate::host::paths::PathPolicy;
+use crate::image::cache::ImageCache;
 use crate::snapshot::files::SnapshotDirs;
 use crate::store::Store;
 use crate::vm::registry::Vms;
@@ -115,8 +116,23 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
     // VMs may use files under <data-dir>/images, never the agent's own state under vms/.
     let own_images = data_dir.join("images");
     std::fs::create_dir_all(&own_images).map_err(data_dir_error(data_dir))?;
+    // The cache and the VMs' disks are files VMs use too: allowed wherever they are.
+    let image_cache = prepare_data_dir(
+        &config
+            .image_cache
+            .clone()
+            .unwrap_or_else(|| own_images.join("cache")),
+    )?;
+    let disk_dir = prepare_data_dir(
+        &config
+            .disk_dir
+            .clone()
+            .unwrap_or_else(|| own_images.join("disks")),
+    )?;
     let policy = PathPolicy::new(
-        std::iter::once(own_images.clone()).chain(config.image_dirs.iter().cloned()),
+        [own_images.clone(), image_cache.clone(), disk_dir.clone()]
+            .into_iter()
+            .chain(config.image_dirs.iter().cloned()),
     )
     .map_err(StartupError::ImageDir)?;
     let qemu = QemuFacts::find(&config.qemu)?;
@@ -154,9 +170,13 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
     )?;
     let snapshots = SnapshotDirs::new(snapshot_dir);
     snapshots.remove_unfinished();
+    let qemu_img = find_program(&config.qemu_img).unwrap_or_else(|| config.qemu_img.clone());
+    let images = ImageCache::open(&image_cache, &qemu_img).map_err(data_dir_error(&image_cache))?;
     let ctx = Context {
         node_name,
-        qemu_img: find_program(&config.qemu_img).unwrap_or_else(|| config.qemu_img.clone()),
+        images: Arc::new(images),
+        disk_dir,
+        qemu_img,
         pause_for_copy: config.migration_copy.pauses(selection.accel),
         qemu: qemu.path,
         qemu_version: qemu.version,

@@ -102,9 +102,9 @@ impl AgentService for Service {
         &self,
         req: Request<pb::DeleteVmRequest>,
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
-        let name = req.into_inner().name;
-        check_name("name", &name)?;
-        self.vms.delete(&name).await?;
+        let r = req.into_inner();
+        check_name("name", &r.name)?;
+        self.vms.delete(&r.name, r.keep_disks).await?;
         Ok(Response::new(pb::DeleteVmResponse {}))
     }
 

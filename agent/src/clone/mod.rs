@@ -123,8 +123,17 @@ pub fn spec(
     if !labels.is_empty() {
         out.labels = labels;
     }
+    // Another instance for cloud-init (it runs its first-boot steps again).
+    if let Some(ci) = &mut out.cloud_init {
+        if ci.hostname == source.name {
+            ci.hostname = target.to_string();
+        }
+        ci.instance_id = target.to_string();
+    }
     for c in copies {
         let disk = &mut out.disks[c.index];
+        // Copies are the clone's (removed with its directory); shared disks are not its own.
+        disk.made = None;
         if c.how != How::Share {
             disk.path = c.to.clone();
             disk.format = Some(DiskFormat::Qcow2);
@@ -198,12 +207,19 @@ mod tests {
                 path: "/img/base.qcow2".into(),
                 format: Some(DiskFormat::Raw),
                 read_only: true,
+                made: None,
+                boot_order: 1,
             },
             crate::spec::Disk {
                 name: "data".into(),
                 path: "/img/data.raw".into(),
                 format: Some(DiskFormat::Raw),
                 read_only: false,
+                made: Some(crate::spec::Made {
+                    image: None,
+                    size: Some(1 << 30),
+                }),
+                boot_order: 0,
             },
         ];
         let disks = [
@@ -224,6 +240,11 @@ mod tests {
         assert_eq!(clone.disks[0].path, Path::new("/img/base.qcow2"));
         assert_eq!(clone.disks[1].path, Path::new("/c/data.qcow2"));
         assert_eq!(clone.disks[1].format, Some(DiskFormat::Qcow2));
+        assert_eq!(
+            clone.disks[1].made, None,
+            "the copy is the clone's, not made for it"
+        );
+        assert_eq!(clone.disks[0].boot_order, 1);
         assert_eq!(
             spec(&src, "web", &copies, labels.clone())
                 .unwrap_err()

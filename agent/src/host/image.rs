@@ -98,7 +98,7 @@ pub fn parse_header(
     })
 }
 
-fn read_header(path: &Path) -> Result<Header, HeaderError> {
+pub(crate) fn read_header(path: &Path) -> Result<Header, HeaderError> {
     use std::os::unix::fs::FileExt;
     let mut f = std::fs::File::open(path)?;
     let mut head = vec![0u8; 4096];

@@ -18,6 +18,8 @@ pub struct VmFiles {
     pub qmp_socket: PathBuf,
     pub qga_socket: PathBuf,
     pub serial_log: PathBuf,
+    /// The cloud-init NoCloud volume, written before each launch of a VM that has one.
+    pub cidata: PathBuf,
 }
 
 impl VmFiles {
@@ -26,6 +28,7 @@ impl VmFiles {
             qmp_socket: dir.join("qmp.sock"),
             qga_socket: dir.join("qga.sock"),
             serial_log: dir.join("serial.log"),
+            cidata: dir.join("cidata.img"),
         }
     }
 }
@@ -66,6 +69,9 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
     a.channels(files);
     a.boot(spec);
     a.disks(spec);
+    if spec.cloud_init.is_some() {
+        a.cidata(files);
+    }
     a.networks(spec);
     a.0
 }
@@ -154,6 +160,7 @@ impl Argv {
     }
 
     fn disks(&mut self, spec: &VmSpec) {
+        let boot = crate::disks::boot_indexes(spec);
         for (i, disk) in spec.disks.iter().enumerate() {
             let format = disk.format.unwrap_or(DiskFormat::Raw);
             let blockdev = json!({
@@ -168,11 +175,28 @@ impl Argv {
                 },
             });
             self.push(&["-blockdev", &blockdev.to_string()]);
+            let bootindex = boot[i].map_or(String::new(), |b| format!(",bootindex={b}"));
             self.push(&[
                 "-device",
-                &format!("virtio-blk-pci,id=vdisk{i},drive=disk{i}"),
+                &format!("virtio-blk-pci,id=vdisk{i},drive=disk{i}{bootindex}"),
             ]);
         }
+    }
+
+    /// The cloud-init volume, read-only, after the VM's own disks (so they keep their names).
+    fn cidata(&mut self, files: &VmFiles) {
+        let blockdev = json!({
+            "driver": "raw",
+            "node-name": "cidata",
+            "read-only": true,
+            "file": {
+                "driver": "file",
+                "filename": path(&files.cidata),
+                "read-only": true,
+            },
+        });
+        self.push(&["-blockdev", &blockdev.to_string()]);
+        self.push(&["-device", "virtio-blk-pci,id=vcidata,drive=cidata"]);
     }
 
     fn networks(&mut self, spec: &VmSpec) {
@@ -213,6 +237,8 @@ mod tests {
                 path: "/img/disk \"1\".qcow2".into(),
                 format: Some(DiskFormat::Qcow2),
                 read_only: false,
+                made: None,
+                boot_order: 0,
             }],
             networks: vec![Network {
                 name: "default".into(),
@@ -222,6 +248,7 @@ mod tests {
             restart_policy: Default::default(),
             memory_hotplug: MemoryHotplug::VirtioMem,
             high_availability: false,
+            cloud_init: None,
         }
     }
 
@@ -298,6 +325,28 @@ mod tests {
         assert_eq!(bd["node-name"], "disk0");
         assert_eq!(bd["file"]["filename"], "/img/disk \"1\".qcow2");
         assert!(value_of(&argv, "-device").contains(&"virtio-blk-pci,id=vdisk0,drive=disk0"));
+    }
+
+    #[test]
+    fn boot_order_and_the_cloud_init_volume() {
+        let mut s = spec();
+        s.disks[0].boot_order = 3;
+        s.cloud_init = Some(
+            crate::cloudinit::CloudInit::new(String::new(), String::new(), "", "", "web-1")
+                .unwrap(),
+        );
+        let argv = build(&s, &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        let devices = value_of(&argv, "-device");
+        assert!(devices.contains(&"virtio-blk-pci,id=vdisk0,drive=disk0,bootindex=1"));
+        let disks = value_of(&argv, "-blockdev");
+        let cidata: serde_json::Value = serde_json::from_str(disks[1]).unwrap();
+        assert_eq!(cidata["read-only"], true);
+        assert_eq!(cidata["file"]["filename"], "/d/cidata.img");
+        let at = |d: &str| devices.iter().position(|x| x.contains(d)).unwrap();
+        assert!(
+            at("drive=disk0") < at("drive=cidata"),
+            "the VM's disks come first"
+        );
     }
 
     #[test]

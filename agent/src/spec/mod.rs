@@ -9,6 +9,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cloudinit::CloudInit;
+pub use crate::image::ImageRef;
 use crate::quantity::{format_bytes, parse_bytes};
 
 pub mod argv;
@@ -65,6 +67,9 @@ pub struct VmSpec {
     /// Fenced when the controller's lease runs out (see `crate::fence`).
     #[serde(default)]
     pub high_availability: bool,
+    /// The NoCloud volume the agent writes for the guest's cloud-init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +163,26 @@ pub struct Disk {
     pub format: Option<DiskFormat>,
     #[serde(default)]
     pub read_only: bool,
+    /// A disk the agent makes (and deletes with the VM); None for a file given by path. Its
+    /// `path` is empty until the VM is registered, and the file exists once the VM started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made: Option<Made>,
+    /// Boot priority, 1 first; 0: not in the boot order.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub boot_order: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What the agent makes a disk from: an overlay on an image, or a blank disk of `size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Made {
+    pub image: Option<ImageRef>,
+    /// Virtual size in bytes; with an image, None means the image's own.
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +340,7 @@ pub(crate) mod tests {
             restart_policy: Default::default(),
             memory_hotplug: Default::default(),
             high_availability: false,
+            cloud_init: None,
         }
     }
 
@@ -343,6 +369,7 @@ pub(crate) mod tests {
             restart_policy: pb::RestartPolicy::Always as i32,
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
             high_availability: true,
+            cloud_init: None,
         }
     }
 

@@ -63,7 +63,10 @@ pub enum Op {
         cpus: Option<u32>,
         memory: Option<u64>,
     },
-    Delete,
+    /// Removes the VM; its disks too unless `keep_disks`.
+    Delete {
+        keep_disks: bool,
+    },
     /// The node's lease ran out: end QEMU at once and do not restart it (see `crate::fence`).
     Fence,
     /// Live-migrate to the agent at `target`; `progress` gets the figures as they change.
@@ -323,6 +326,7 @@ pub async fn spawn(ctx: Arc<Context>, spec: VmSpec, init: Init) -> VmHandle {
         restart_count: 0,
         guest: GuestView::default(),
         migration: None,
+        import: None,
     };
     let (publish, status_rx) = watch::channel(pb::Vm::default());
     let span = info_span!("vm", name = %spec.name);
@@ -399,7 +403,9 @@ impl Supervisor {
             Op::Restart { timeout, force } => {
                 return self.stop(timeout, force, true, reply).await;
             }
-            Op::Delete => self.remove(Reason::Deleted).await,
+            Op::Delete { keep_disks: false } => self.remove(Reason::Deleted).await,
+            // Its disks serve the VM where it runs now, as after a migration.
+            Op::Delete { keep_disks: true } => self.remove(Reason::MigratedAway).await,
             Op::Fence => return self.fence(reply).await,
             Op::Migrate {
                 target,

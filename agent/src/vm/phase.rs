@@ -33,6 +33,8 @@ pub enum Phase {
     Failed,
     /// A QEMU waiting for the VM's state from another node (target side).
     Incoming,
+    /// Fetching the VM's disk image into the node's cache before its first start.
+    Importing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,7 @@ impl Phase {
             Phase::Migrating => "Migrating",
             Phase::Failed => "Failed",
             Phase::Incoming => "Incoming",
+            Phase::Importing => "Importing",
         }
     }
 }
@@ -129,7 +132,9 @@ pub fn valid_transition(from: Phase, to: Phase) -> Result<(), InvalidTransition>
     let ok = from == to
         || match from {
             // Stopped: a disk-only snapshot restored onto a VM that never ran.
-            Pending => matches!(to, Starting | Stopped | Failed),
+            Pending => matches!(to, Starting | Importing | Stopped | Failed),
+            // The disks are made once the image is in: QEMU starts next.
+            Importing => matches!(to, Starting | Failed),
             // Incoming: a migration target's QEMU, launched paused.
             Starting => matches!(
                 to,
@@ -142,7 +147,7 @@ pub fn valid_transition(from: Phase, to: Phase) -> Result<(), InvalidTransition>
             // Running: the migration failed or was cancelled, and the VM stays here.
             Migrating => matches!(to, Running | Paused | Stopped | Failed),
             Incoming => to == Running,
-            Stopped | Failed => matches!(to, Starting | Stopped | Failed),
+            Stopped | Failed => matches!(to, Starting | Importing | Stopped | Failed),
         };
     if ok {
         Ok(())
@@ -240,6 +245,7 @@ impl TryFrom<pb::VmPhase> for Phase {
             pb::VmPhase::Migrating => Phase::Migrating,
             pb::VmPhase::Failed => Phase::Failed,
             pb::VmPhase::Incoming => Phase::Incoming,
+            pb::VmPhase::Importing => Phase::Importing,
             pb::VmPhase::Unspecified => return Err(p),
         })
     }
@@ -256,6 +262,7 @@ impl From<Phase> for pb::VmPhase {
             Phase::Stopped => pb::VmPhase::Stopped,
             Phase::Migrating => pb::VmPhase::Migrating,
             Phase::Incoming => pb::VmPhase::Incoming,
+            Phase::Importing => pb::VmPhase::Importing,
             Phase::Failed => pb::VmPhase::Failed,
         }
     }
@@ -366,7 +373,8 @@ mod tests {
         );
     }
 
-    const ALL: [Phase; 9] = [
+    const ALL: [Phase; 10] = [
+        Phase::Importing,
         Phase::Pending,
         Phase::Starting,
         Phase::Running,
@@ -398,6 +406,9 @@ mod tests {
             (Running, Failed),
             (Failed, Starting),
             (Stopped, Starting),
+            (Pending, Importing),
+            (Importing, Starting),
+            (Importing, Failed),
         ] {
             assert!(valid_transition(from, to).is_ok(), "{from:?} -> {to:?}");
         }
@@ -412,6 +423,8 @@ mod tests {
             (Migrating, Incoming),
             (Paused, Migrating),
             (Failed, Running),
+            (Importing, Running),
+            (Importing, Pending),
         ] {
             let e = valid_transition(from, to).unwrap_err();
             assert_eq!(e, InvalidTransition { from, to });

@@ -30,6 +30,11 @@ reasons! {
     Adopted,
     Starting,
     StartFailed,
+    /// The VM's image is being fetched into the node's cache.
+    Importing,
+    ImportProgress,
+    /// A disk of the VM could not be made (its image could not be imported, or is too big).
+    DiskFailed,
     Running,
     Paused,
     Resumed,

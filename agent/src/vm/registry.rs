@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::error::AgentError;
+use crate::image::Source;
 use crate::quantity::format_bytes;
 use crate::spec::resolve::resolve_spec;
 use crate::spec::{FieldError, VmSpec};
@@ -74,11 +75,26 @@ impl Vms {
 
     pub async fn create(&self, spec: pb::VmSpec, start: bool) -> Result<pb::Vm, AgentError> {
         let handle = self.register(spec, Reason::Created).await?;
-        let name = handle.current().spec.unwrap_or_default().name;
-        if start {
-            handle.call(&name, Op::Start).await
-        } else {
-            Ok(handle.current())
+        let vm = handle.current();
+        let name = vm.spec.clone().unwrap_or_default().name;
+        let importing = vm
+            .spec
+            .iter()
+            .flat_map(|s| &s.disks)
+            .any(|d| d.image.is_some() && !std::path::Path::new(&d.path).exists());
+        match start {
+            // An import can take long: the caller follows it in the VM's status (Importing,
+            // then Running or Failed with the reason).
+            true if importing => {
+                tokio::spawn(async move {
+                    if let Err(e) = handle.call(&name, Op::Start).await {
+                        warn!(vm = %name, "not started: {e}");
+                    }
+                });
+                Ok(vm)
+            }
+            true => handle.call(&name, Op::Start).await,
+            false => Ok(vm),
         }
     }
 
@@ -160,11 +176,8 @@ impl Vms {
         spec.memory_hotplug =
             spec.memory_hotplug
                 .resolve(spec.memory, spec.max_memory, self.ctx.virtio_mem)?;
-        let resolved = resolve_spec(&spec, &self.ctx.policy)?;
-        // Keep the paths as the user wrote them, with the format read from each image.
-        for (disk, seen) in spec.disks.iter_mut().zip(&resolved.disks) {
-            disk.format = seen.format;
-        }
+        crate::disks::place(&mut spec, &self.ctx.disk_dir, reason == Reason::Created)?;
+        self.check_files(&mut spec)?;
         let sock = self.ctx.store.vm_dir(&spec.name).join("qmp.sock");
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(FieldError::new(
@@ -214,6 +227,33 @@ impl Vms {
         let added = event(pb::EventType::Added, handle.current(), reason, "");
         let _ = self.ctx.events.send(added);
         Ok(handle)
+    }
+
+    /// Checks the files of a new VM: those it is given (their format is read from each image,
+    /// the paths kept as written) and the node files its made disks come from. Disks still to
+    /// be made are checked when they are.
+    fn check_files(&self, spec: &mut VmSpec) -> Result<(), FieldError> {
+        let mut given = spec.clone();
+        given.disks.retain(|d| d.made.is_none() || d.path.exists());
+        let resolved = resolve_spec(&given, &self.ctx.policy)?;
+        for disk in spec.disks.iter_mut() {
+            if let Some(seen) = resolved.disks.iter().find(|d| d.name == disk.name) {
+                disk.format = seen.format;
+            }
+        }
+        for (i, d) in spec.disks.iter().enumerate() {
+            if let Some(Source::Path(p)) = d
+                .made
+                .as_ref()
+                .and_then(|m| m.image.as_ref())
+                .map(|i| &i.source)
+            {
+                self.ctx
+                    .policy
+                    .resolve_file(&format!("spec.disks[{i}].image.source"), p)?;
+            }
+        }
+        Ok(())
     }
 
     async fn handle(&self, name: &str) -> Result<VmHandle, AgentError> {
@@ -276,7 +316,8 @@ impl Vms {
         Ok((vm, value))
     }
 
-    pub async fn delete(&self, name: &str) -> Result<(), AgentError> {
+    /// Removes VM `name`; its disks too unless `keep_disks` (it runs elsewhere from them).
+    pub async fn delete(&self, name: &str, keep_disks: bool) -> Result<(), AgentError> {
         if self.broken.read().await.contains_key(name) {
             self.ctx
                 .store
@@ -286,7 +327,7 @@ impl Vms {
             return Ok(());
         }
         let handle = self.handle(name).await?;
-        handle.call(name, Op::Delete).await?;
+        handle.call(name, Op::Delete { keep_disks }).await?;
         // Not `remove(name)`: a create may already have put a new VM under this name.
         self.vms.write().await.retain(|_, h| !h.is_gone());
         Ok(())
@@ -376,6 +417,13 @@ fn initial_state(ctx: &Context, name: &str, saved: Option<SavedState>) -> Init {
             },
         };
     };
+    if saved.phase == Phase::Importing {
+        return Init::Idle {
+            phase: Phase::Failed,
+            message: "the agent restarted during the image import: start the VM again to finish it"
+                .into(),
+        };
+    }
     if !saved.phase.has_process() {
         return Init::Idle {
             phase: saved.phase,

@@ -50,6 +50,7 @@ impl Supervisor {
             });
         }
         self.task.take_restart();
+        self.make_disks().await?;
         let resolved = self.resolved_spec()?;
         self.launch(&resolved, &[], resolved.max_cpus - resolved.cpus)
             .await?;
@@ -64,6 +65,12 @@ impl Supervisor {
         extra: &[&str],
         cpu_adds: u32,
     ) -> Result<(), AgentError> {
+        if let Some(ci) = &resolved.cloud_init {
+            // Written afresh for every process: the same bytes for the same spec.
+            ci.volume()
+                .and_then(|v| std::fs::write(&self.files.cidata, v))
+                .map_err(|e| self.qemu_error(format!("writing the cloud-init volume: {e}")))?;
+        }
         let mut argv = argv::build(resolved, &self.files, self.ctx.accel.accel);
         argv.extend(extra.iter().map(|a| a.to_string()));
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {

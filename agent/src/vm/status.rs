@@ -100,6 +100,7 @@ impl Supervisor {
                 guest_cpus: s.guest.cpus,
                 guest_memory_bytes: s.guest.memory_bytes,
                 migration: s.migration.clone(),
+                import: s.import.clone(),
             }),
         }
     }
@@ -123,6 +124,8 @@ pub(crate) struct Status {
     pub(crate) guest: GuestView,
     /// The migration under way, or the last one.
     pub(crate) migration: Option<pb::MigrationProgress>,
+    /// The image import under way, or the last one.
+    pub(crate) import: Option<pb::ImportProgress>,
 }
 
 pub(crate) fn phase_reason(phase: Phase) -> Reason {

@@ -193,8 +193,9 @@ impl Supervisor {
         // Snapshots of a VM that left this node cannot be restored here.
         self.ctx.snapshots.remove_vm(&self.spec.name);
         if reason == Reason::Deleted {
-            // The disks a clone was given go with it (after a migration they may be in use on
-            // the target, which sees them through shared storage: kept then).
+            // The disks made for the VM or a clone's copies go with it (after a migration they
+            // may be in use on the target, which sees them through shared storage: kept then).
+            crate::disks::make::remove_made(&self.spec);
             let dir = crate::clone::clone_dir(&self.ctx.images_dir, &self.spec.name);
             if let Err(e) = std::fs::remove_dir_all(&dir)
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -63,6 +63,11 @@ async fn node(script: Script) -> Node {
             reason: "test".into(),
         },
         policy: PathPolicy::new([images.clone()]).unwrap(),
+        images: Arc::new(
+            crate::image::cache::ImageCache::open(&images.join("cache"), "qemu-img".as_ref())
+                .unwrap(),
+        ),
+        disk_dir: images.join("disks"),
         images_dir: images,
         store,
         snapshots: SnapshotDirs::new(root.join("snapshots")),
@@ -251,7 +256,7 @@ async fn a_crash_is_restarted_by_policy_with_its_cause_shown() {
 #[tokio::test]
 async fn delete_removes_the_vm_with_its_reason() {
     let mut n = running(true, RestartPolicy::Always).await;
-    n.vms.delete("vm1").await.unwrap();
+    n.vms.delete("vm1", false).await.unwrap();
     let deleted = n.event("Deleted").await;
     assert_eq!(deleted.r#type(), pb::EventType::Deleted);
     assert!(!n.vms.context().store.vm_dir("vm1").exists());

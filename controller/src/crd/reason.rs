@@ -19,6 +19,10 @@ pub enum Reason {
     Rescheduling,
     Attached,
     NotProvisioned,
+    /// The node fetches the VM's image; the message has the percent.
+    Importing,
+    /// The node could not make a disk (image import failed, size below the image's).
+    DiskFailed,
     UserNetworking,
     GuestAgentConnected,
     GuestAgentNotConnected,
@@ -66,6 +70,8 @@ impl Reason {
             R::Evicting => "Evicting",
             R::Attached => "Attached",
             R::NotProvisioned => "NotProvisioned",
+            R::Importing => "Importing",
+            R::DiskFailed => "DiskFailed",
             R::UserNetworking => "UserNetworking",
             R::GuestAgentConnected => "GuestAgentConnected",
             R::GuestAgentNotConnected => "GuestAgentNotConnected",

@@ -76,12 +76,15 @@ pub struct DefaultSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateImage {
-    /// The root disk image: a path on the nodes (inside the agents' image directories).
+    /// The root disk image: an http:// or https:// URL, or a path on the nodes (inside the
+    /// agents' image directories). Each node fetches it once into its image cache; every VM
+    /// gets a writable overlay on it.
     #[schemars(length(min = 1, max = 4096))]
     pub source: String,
-    /// "sha256:<hex>" of the image file.
+    /// "sha256:<hex>" or "sha512:<hex>" of the image file, verified as it is fetched; required
+    /// for URLs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^sha256:[0-9a-f]{64}$"))]
+    #[schemars(pattern(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$"))]
     pub checksum: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<ImageFormat>,

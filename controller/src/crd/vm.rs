@@ -102,7 +102,8 @@ pub struct Boot {
 pub struct Disk {
     #[schemars(pattern(DNS_LABEL_PATTERN))]
     pub name: String,
-    /// Requested size; volumes of this size are provisioned by storage, not by the agent.
+    /// Virtual size. The root disk (over the template's image) must be at least the image's
+    /// size; any other disk without a path is made blank, of this size, by the node agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(QUANTITY_PATTERN))]
     pub size: Option<String>,
@@ -143,6 +144,10 @@ pub struct CloudInit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub user_data: Option<String>,
+    /// cloud-init network configuration (YAML), given to the guest as `network-config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub network_data: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -219,6 +224,8 @@ pub struct VirtualMachineStatus {
 pub enum VmPhase {
     Pending,
     Scheduling,
+    /// The node fetches the VM's image (the message says how far).
+    Importing,
     Creating,
     Running,
     Stopped,
@@ -232,6 +239,7 @@ impl VmPhase {
         match self {
             VmPhase::Pending => "Pending",
             VmPhase::Scheduling => "Scheduling",
+            VmPhase::Importing => "Importing",
             VmPhase::Creating => "Creating",
             VmPhase::Running => "Running",
             VmPhase::Stopped => "Stopped",

@@ -7,7 +7,7 @@ use hypersdk_proto::quantity::{self, QuantityError};
 use std::collections::HashMap;
 
 use crate::crd::operation::MigrateSpec;
-use crate::crd::template::{DefaultSpec, ImageFormat, VMTemplateSpec};
+use crate::crd::template::{DefaultSpec, VMTemplateSpec};
 use crate::crd::vm::{Disk, MemoryHotplug, Network, RestartPolicy, VirtualMachineSpec};
 
 /// Labels that tie an agent VM back to its VirtualMachine.
@@ -67,13 +67,26 @@ pub struct Built {
     pub unprovisioned_disks: Vec<String>,
 }
 
+/// The VirtualMachine an agent spec is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// Its `metadata.uid`: cloud-init's instance-id.
+    pub uid: &'a str,
+}
+
 /// Builds the agent spec; `template` is the resolved `spec.image.templateRef`, if any.
 pub fn build(
-    namespace: &str,
-    name: &str,
+    id: Identity<'_>,
     vm: &VirtualMachineSpec,
     template: Option<&VMTemplateSpec>,
 ) -> Result<Built, SpecError> {
+    let Identity {
+        namespace,
+        name,
+        uid,
+    } = id;
     let defaults = template
         .and_then(|t| t.default_spec.clone())
         .unwrap_or_default();
@@ -115,6 +128,16 @@ pub fn build(
             restart_policy: restart_policy(vm) as i32,
             memory_hotplug: memory_hotplug(vm) as i32,
             high_availability: vm.high_availability.as_ref().is_some_and(|h| h.enabled),
+            cloud_init: vm
+                .cloud_init
+                .as_ref()
+                .or(defaults.cloud_init.as_ref())
+                .map(|c| pb::CloudInit {
+                    user_data: c.user_data.clone().unwrap_or_default(),
+                    network_data: c.network_data.clone().unwrap_or_default(),
+                    instance_id: uid.to_string(),
+                    hostname: name.to_string(),
+                }),
         },
         unprovisioned_disks,
     })
@@ -146,61 +169,73 @@ fn max_memory(
     Ok(max_memory)
 }
 
-/// The agent's disks: the template image as the read-only root disk, then every disk with a
-/// path; disks with neither are returned by name, as not provisioned.
+/// The agent's disks: the root disk over the template's image (the agent makes it, of the root
+/// entry's size), then every disk with a path, and a blank disk for every other one with a
+/// size; disks with none of these are returned by name, as not provisioned.
 fn disks(
     spec_disks: &[Disk],
     template: Option<&VMTemplateSpec>,
 ) -> Result<(Vec<pb::Disk>, Vec<String>), SpecError> {
-    // The template image is the root disk, shared read-only by every VM made from it.
-    let root_name = spec_disks
-        .iter()
-        .find(|d| d.path.is_none())
-        .map_or("root".to_string(), |d| d.name.clone());
+    let root = spec_disks.iter().find(|d| d.path.is_none());
+    let root_name = root.map_or("root".to_string(), |d| d.name.clone());
     let mut disks: Vec<pb::Disk> = template
-        .map(|t| root_disk(t, &root_name))
+        .map(|t| root_disk(t, &root_name, root))
         .transpose()?
         .into_iter()
         .collect();
     let mut unprovisioned = Vec::new();
     for d in spec_disks {
-        match &d.path {
-            Some(path) => disks.push(pb::Disk {
-                name: d.name.clone(),
+        let disk = pb::Disk {
+            name: d.name.clone(),
+            read_only: d.read_only,
+            boot_order: d.boot_order.unwrap_or(0),
+            ..Default::default()
+        };
+        match (&d.path, &d.size) {
+            _ if template.is_some() && d.name == root_name => {}
+            (Some(path), _) => disks.push(pb::Disk {
                 path: path.clone(),
-                format: pb::DiskFormat::Unspecified as i32,
-                read_only: d.read_only,
+                ..disk
             }),
-            None if template.is_some() && d.name == root_name => {}
-            None => unprovisioned.push(d.name.clone()),
+            (None, Some(size)) => disks.push(pb::Disk {
+                size: size.clone(),
+                ..disk
+            }),
+            (None, None) => unprovisioned.push(d.name.clone()),
         }
     }
     Ok((disks, unprovisioned))
 }
 
-/// The template's image, as the disk `name`.
-fn root_disk(t: &VMTemplateSpec, name: &str) -> Result<pb::Disk, SpecError> {
+/// The root disk `name` the agent makes over the template's image, sized by `entry`.
+fn root_disk(t: &VMTemplateSpec, name: &str, entry: Option<&Disk>) -> Result<pb::Disk, SpecError> {
     let source = t
         .image
         .source
         .strip_prefix("file://")
         .unwrap_or(&t.image.source);
-    if !source.starts_with('/') {
+    let url = source.starts_with("http://") || source.starts_with("https://");
+    if !url && !source.starts_with('/') {
         return Err(err(
             "image.source",
-            format!("{source:?} must be an absolute path on the nodes"),
+            format!("{source:?} must be an http(s) URL or an absolute path on the nodes"),
         ));
     }
-    let format = match t.image.format {
-        Some(ImageFormat::Qcow2) => pb::DiskFormat::Qcow2,
-        Some(ImageFormat::Raw) => pb::DiskFormat::Raw,
-        None => pb::DiskFormat::Unspecified,
-    };
+    if url && t.image.checksum.is_none() {
+        return Err(err(
+            "image.checksum",
+            "is required for an http(s) image (sha256:<hex> or sha512:<hex>)",
+        ));
+    }
     Ok(pb::Disk {
         name: name.into(),
-        path: source.into(),
-        format: format as i32,
-        read_only: true,
+        image: Some(pb::DiskImage {
+            source: source.into(),
+            checksum: t.image.checksum.clone().unwrap_or_default(),
+        }),
+        size: entry.and_then(|d| d.size.clone()).unwrap_or_default(),
+        boot_order: entry.and_then(|d| d.boot_order).unwrap_or(1),
+        ..Default::default()
     })
 }
 
@@ -310,6 +345,14 @@ fn parse_bandwidth(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn id<'a>(namespace: &'a str, name: &'a str) -> Identity<'a> {
+        Identity {
+            namespace,
+            name,
+            uid: "uid-1",
+        }
+    }
+
     fn vm(yaml: &str) -> VirtualMachineSpec {
         serde_yaml_ng::from_str(yaml).unwrap()
     }
@@ -326,13 +369,17 @@ mod tests {
         let spec = vm(
             "cpus: 4\nmemory: 8Gi\nrunning: true\ndisks: [{name: root, size: 50Gi}, {name: data, size: 1Gi}]\nnetworks: [{name: default, type: pod-network}]",
         );
-        let b = build("default", "my-vm", &spec, Some(&template())).unwrap();
-        assert_eq!(b.spec.disks.len(), 1);
-        assert_eq!(
-            (b.spec.disks[0].name.as_str(), b.spec.disks[0].read_only),
-            ("root", true)
-        );
-        assert_eq!(b.unprovisioned_disks, ["data"]);
+        let b = build(id("default", "my-vm"), &spec, Some(&template())).unwrap();
+        assert_eq!(b.spec.disks.len(), 2);
+        let root = &b.spec.disks[0];
+        assert_eq!((root.name.as_str(), root.read_only), ("root", false));
+        assert_eq!((root.path.as_str(), root.size.as_str()), ("", "50Gi"));
+        assert_eq!(root.image.as_ref().unwrap().source, "/images/disk.qcow2");
+        assert_eq!(root.boot_order, 1);
+        let data = &b.spec.disks[1];
+        assert_eq!((data.name.as_str(), data.size.as_str()), ("data", "1Gi"));
+        assert!(data.image.is_none() && data.path.is_empty());
+        assert!(b.unprovisioned_disks.is_empty());
         assert_eq!(b.spec.boot.unwrap().kernel, "/images/vmlinuz");
         assert_eq!(b.spec.labels[NAME_LABEL], "my-vm");
         assert_eq!(b.spec.networks.len(), 1);
@@ -340,20 +387,47 @@ mod tests {
     }
 
     #[test]
+    fn cloud_init_gets_the_vms_uid_and_name() {
+        let spec = vm(
+            "cpus: 1\nmemory: 1Gi\ncloudInit: {userData: \"#cloud-config\\n\", networkData: \"version: 2\"}\ndisks: [{name: scratch}]",
+        );
+        let mut t = template();
+        t.image.source = "https://images.example/debian.qcow2".into();
+        t.image.checksum = Some(format!("sha256:{}", "ab".repeat(32)));
+        let b = build(id("default", "web"), &spec, Some(&t)).unwrap();
+        let ci = b.spec.cloud_init.unwrap();
+        assert_eq!(
+            (ci.instance_id.as_str(), ci.hostname.as_str()),
+            ("uid-1", "web")
+        );
+        assert_eq!(
+            (ci.user_data.as_str(), ci.network_data.as_str()),
+            ("#cloud-config\n", "version: 2")
+        );
+        let image = b.spec.disks[0].image.clone().unwrap();
+        assert_eq!(image.checksum, format!("sha256:{}", "ab".repeat(32)));
+        assert_eq!(
+            b.spec.disks[0].name, "scratch",
+            "the first disk without a path is the root"
+        );
+        t.image.checksum = None;
+        let e = build(id("default", "web"), &spec, Some(&t)).unwrap_err();
+        assert_eq!(e.field(), "image.checksum");
+    }
+
+    #[test]
     fn errors_name_the_field() {
-        let e = build("d", "v", &vm("cpus: 1\nmemory: 1Gi"), None).unwrap_err();
+        let e = build(id("d", "v"), &vm("cpus: 1\nmemory: 1Gi"), None).unwrap_err();
         assert_eq!(e.field(), "spec.boot.kernel");
         let e = build(
-            "d",
-            "v",
+            id("d", "v"),
             &vm("cpus: 1\nmemory: 1000k\nboot: {kernel: /k}"),
             None,
         )
         .unwrap_err();
         assert_eq!(e.field(), "spec.memory");
         let e = build(
-            "d",
-            "v",
+            id("d", "v"),
             &vm("cpus: 1\nmemory: 8XB\nboot: {kernel: /k}"),
             None,
         )
@@ -372,7 +446,7 @@ mod tests {
         let mut t = template();
         t.image.source = "disk.qcow2".into();
         assert_eq!(
-            build("d", "v", &vm("cpus: 1\nmemory: 1Gi"), Some(&t))
+            build(id("d", "v"), &vm("cpus: 1\nmemory: 1Gi"), Some(&t))
                 .unwrap_err()
                 .field(),
             "image.source"

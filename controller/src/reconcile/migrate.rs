@@ -321,6 +321,8 @@ async fn cold(
     client
         .delete_vm(pb::DeleteVmRequest {
             name: name.to_string(),
+            // The target starts the VM from the same disks (shared storage).
+            keep_disks: true,
         })
         .await
         .map_err(MigrateError::Remove)?;

@@ -158,7 +158,11 @@ async fn remove_stopped_copies(name: &str, node: &str, ctx: &Context) {
             other = other.info.node,
             "removing the VM's stopped copy on another node"
         );
-        let req = pb::DeleteVmRequest { name: name.into() };
+        // It runs here now, maybe from the same disks on shared storage.
+        let req = pb::DeleteVmRequest {
+            name: name.into(),
+            keep_disks: true,
+        };
         match client.delete_vm(req).await {
             Ok(_) => other.forget(name),
             Err(e) => warn!(other = other.info.node, "removing the stopped copy: {e}"),
@@ -183,7 +187,14 @@ async fn build(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Option<Bu
         Ok(t) => t,
         Err(e) => return Ok(not_ready(pass, Reason::TemplateNotFound, e.to_string())),
     };
-    let built = match spec::build(ns, &vm.name_any(), &vm.spec, template.as_ref()) {
+    let name = vm.name_any();
+    let uid = vm.uid().unwrap_or_default();
+    let id = spec::Identity {
+        namespace: ns,
+        name: &name,
+        uid: &uid,
+    };
+    let built = match spec::build(id, &vm.spec, template.as_ref()) {
         Ok(b) => b,
         Err(e) => return Ok(not_ready(pass, Reason::InvalidSpec, e.to_string())),
     };
@@ -301,7 +312,7 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
         );
     } else {
         let msg = format!(
-            "disks {} have no image: sized volumes are not provisioned by the node agent; set disks[].path to an image on the node",
+            "disks {} have no image, path or size: the node agent cannot make them",
             built.unprovisioned_disks.join(", ")
         );
         pass.set(DISK_READY, Status::False, Reason::NotProvisioned, msg);
@@ -506,6 +517,7 @@ pub fn phase_from_agent(phase: pb::VmPhase, running: bool) -> VmPhase {
         P::Running | P::Stopping => VmPhase::Running,
         P::Paused => VmPhase::Paused,
         P::Migrating | P::Incoming => VmPhase::Migrating,
+        P::Importing => VmPhase::Importing,
         P::Failed => VmPhase::Failed,
         P::Stopped => VmPhase::Stopped,
         P::Pending if !running => VmPhase::Stopped,
@@ -517,6 +529,15 @@ fn report(pass: &mut Pass<'_>, vm: &pb::Vm) {
     let status = vm.status.clone().unwrap_or_default();
     let phase = phase_from_agent(agent_phase(vm), pass.vm.spec.running);
     pass.status.phase = Some(phase);
+    // The agent names the disk at fault: "spec.disks[0].image: ... has digest ...".
+    let disk_problem = phase == VmPhase::Failed && status.message.starts_with("spec.disks[");
+    if phase == VmPhase::Importing || disk_problem {
+        let reason = match phase {
+            VmPhase::Importing => Reason::Importing,
+            _ => Reason::DiskFailed,
+        };
+        pass.set(DISK_READY, Status::False, reason, status.message.clone());
+    }
     let live = matches!(
         phase,
         VmPhase::Running | VmPhase::Paused | VmPhase::Migrating
@@ -566,6 +587,7 @@ async fn cleanup(vm: &VirtualMachine, ns: &str, ctx: &Context) -> Result<Action>
                 let r = client
                     .delete_vm(pb::DeleteVmRequest {
                         name: agent_name.clone(),
+                        keep_disks: false,
                     })
                     .await;
                 match r {

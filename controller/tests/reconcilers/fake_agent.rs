@@ -220,6 +220,7 @@ impl AgentService for FakeAgent {
         };
         target.sim.create_vm(Request::new(create)).await?;
         let delete = pb::DeleteVmRequest {
+            keep_disks: false,
             name: r.name.clone(),
         };
         self.sim.delete_vm(Request::new(delete)).await?;

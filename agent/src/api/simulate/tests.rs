@@ -101,9 +101,12 @@ async fn lifecycle_is_plausible() {
             .code(),
         tonic::Code::FailedPrecondition
     );
-    s.delete_vm(Request::new(pb::DeleteVmRequest { name: "a".into() }))
-        .await
-        .unwrap();
+    s.delete_vm(Request::new(pb::DeleteVmRequest {
+        keep_disks: false,
+        name: "a".into(),
+    }))
+    .await
+    .unwrap();
     assert_eq!(
         s.get_vm(Request::new(pb::GetVmRequest { name: "a".into() }))
             .await
