@@ -166,7 +166,8 @@ start_control_plane() {
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
     --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
-    --kubelet-certificate-authority "$PKI/ca.crt" --profiling=false
+    --kubelet-certificate-authority "$PKI/ca.crt" --kubelet-preferred-address-types InternalIP \
+    --profiling=false
   wait_until "the API server to be ready" 120 kctl get --raw /readyz
   start kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$ETC/controller-manager.kubeconfig" \

@@ -13,6 +13,9 @@ state = "$RUN/containerd"
   path = "$DATA/containerd-opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # Where CAP_SYS_RESOURCE is withheld (as on these machines), a process cannot lower its
+  # oom_score_adj: pods then get at least containerd's instead of the kubelet's -998.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"

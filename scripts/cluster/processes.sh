@@ -42,16 +42,23 @@ start() {
   echo $! >"$RUN/$name.pid"
 }
 
-# stop NAME: SIGTERM, then SIGKILL after 15 s.
+# stop NAME...: SIGTERM to each at once, then SIGKILL to those alive after 15 s.
 stop() {
-  local name=$1 pid waited=0
-  running "$name" || { rm -f "$RUN/$name.pid"; return; }
-  pid=$(cat "$RUN/$name.pid")
-  say "stopping $name (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  while [ -d "/proc/$pid" ] && [ "$waited" -lt 150 ]; do sleep 0.1; waited=$((waited + 1)); done
-  kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$RUN/$name.pid"
+  local name pids=() waited=0
+  for name in "$@"; do
+    if running "$name"; then
+      pids+=("$(cat "$RUN/$name.pid")")
+      say "stopping $name (pid ${pids[-1]})"
+    fi
+    rm -f "$RUN/$name.pid"
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  while [ "$waited" -lt 150 ] && kill -0 "${pids[@]}" 2>/dev/null; do
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 # cgroup_pids: every process left in the cluster's cgroup tree.
@@ -107,9 +114,10 @@ down() {
   local name netns
   check_tools
   netns=$(pod_netns)
-  for name in kube-proxy kubelet kube-scheduler kube-controller-manager kube-apiserver etcd containerd; do
-    stop "$name"
-  done
+  # The API server's graceful shutdown waits for etcd: etcd stops last.
+  stop kube-proxy kubelet kube-scheduler kube-controller-manager containerd
+  stop kube-apiserver
+  stop etcd
   kill_the_rest
   unmount_all
   for name in $netns; do
