@@ -85,7 +85,7 @@ pass "a second up kept every component's process"
 [ -z "$(find "/sys/fs/cgroup/pids/$CGROUP" -name cgroup.procs -exec cat {} + 2>/dev/null)" ] ||
   fail "processes left in cgroup $CGROUP"
 for pid in $pids; do [ ! -d "/proc/$pid" ] || fail "process $pid survived down"; done
-diff <(echo "$before") <(host_state) || fail "down left the machine different from before up (diff above)"
+diff <(echo "$before") <(echo "$(host_state)") || fail "down left the machine different from before up (diff above)"
 pass "down stopped everything and gave back the machine's iptables, links, mounts, namespaces and cgroups"
 
 timed_up warm

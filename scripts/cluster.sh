@@ -139,6 +139,9 @@ network() {
   in_netns ip addr add "$NODE_IP/24" dev "$NODE_IF"
   in_netns ip link set "$NODE_IF" up
   in_netns ip link set lo up
+  # Service addresses need a route before kube-proxy's DNAT applies to the node's own traffic
+  # (hostNetwork pods); the machine forwards nothing further.
+  in_netns ip route add default via "$HOST_IP"
   # Both are per network namespace: they change nothing outside the cluster's.
   in_netns sysctl -q -w net.ipv4.ip_forward=1
   in_netns sysctl -q -w net.bridge.bridge-nf-call-iptables=1

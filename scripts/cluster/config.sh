@@ -1,9 +1,17 @@
 # Configuration files of containerd, CNI, kubelet and kube-proxy; sourced by scripts/cluster.sh,
 # which sets the paths and addresses used here.
 
+# put FILE: writes stdin to FILE unless FILE has it already (kube-proxy exits when its
+# configuration file changes, so a second `up` must leave the files alone).
+put() {
+  local new
+  new=$(cat)
+  [ "$new" = "$(cat "$1" 2>/dev/null)" ] || echo "$new" >"$1"
+}
+
 write_configs() {
   mkdir -p "$ETC/cni"
-  cat >"$ETC/containerd.toml" <<TOML
+  put "$ETC/containerd.toml" <<TOML
 version = 2
 root = "$DATA/containerd"
 state = "$RUN/containerd"
@@ -30,7 +38,7 @@ TOML
 
   # The pods' bridge lives in the cluster's network namespace; no masquerading: pods talk to
   # the node and to each other only.
-  cat >"$ETC/cni/10-hypersdk.conflist" <<JSON
+  put "$ETC/cni/10-hypersdk.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "hypersdk-cluster",
@@ -45,7 +53,7 @@ JSON
 
   # Disk thresholds are low because the machine's disk is shared and often more than 85% full:
   # eviction or image garbage collection would otherwise remove the imported images.
-  cat >"$ETC/kubelet.yaml" <<YAML
+  put "$ETC/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -72,7 +80,7 @@ YAML
 
   # kube-proxy leaves the machine-wide conntrack settings alone and serves node ports on the
   # node's address only.
-  cat >"$ETC/kube-proxy.yaml" <<YAML
+  put "$ETC/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $ETC/kube-proxy.kubeconfig}

@@ -22,7 +22,7 @@ cert() {
 # kubeconfig NAME SERVER: a kubeconfig for the client certificate NAME.
 kubeconfig() {
   local name=$1 server=$2
-  cat >"$ETC/$name.kubeconfig" <<YAML
+  put "$ETC/$name.kubeconfig" <<YAML
 apiVersion: v1
 kind: Config
 clusters:
