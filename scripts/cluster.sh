@@ -41,12 +41,14 @@ kctl() { "$BIN/kubectl" --kubeconfig "$ETC/admin.kubeconfig" "$@"; }
 
 # wait_until WHAT SECONDS COMMAND...: polls COMMAND every second, saying it still waits every 10 s.
 wait_until() {
-  local what=$1 bound=$2 start=$SECONDS
+  local what=$1 bound=$2 start=$SECONDS told=$SECONDS
   shift 2
   until "$@" >/dev/null 2>&1; do
-    local waited=$((SECONDS - start))
-    [ "$waited" -lt "$bound" ] || die "$what not reached after ${bound}s (logs: $LOG)"
-    [ $((waited % 10)) -ne 9 ] || say "  still waiting for $what (${waited}s)"
+    [ $((SECONDS - start)) -lt "$bound" ] || die "$what not reached after ${bound}s (logs: $LOG)"
+    if [ $((SECONDS - told)) -ge 10 ]; then
+      told=$SECONDS
+      say "  still waiting for $what ($((SECONDS - start))s)"
+    fi
     sleep 1
   done
 }
@@ -67,7 +69,7 @@ build_stamp() {
     sha256sum | cut -d' ' -f1
 }
 
-# build_one NAME PACKAGE: compiles one binary, printing progress every 100 packages.
+# build_one NAME PACKAGE: compiles one binary, printing progress every 100 packages or minute.
 build_one() {
   local name=$1 pkg=$2 version_pkg ldflags
   ldflags="-s -w"
@@ -78,12 +80,12 @@ build_one() {
   local started=$SECONDS
   (cd "$SRC" && CGO_ENABLED=0 nice -n 19 go build -v -trimpath -ldflags "$ldflags" \
     -o "$BIN.new/$name" "$pkg") 2>"$LOG/build-$name.log" &
-  local pid=$! count=0 shown=0
+  local pid=$! count=0 shown=0 told=$SECONDS
   while kill -0 "$pid" 2>/dev/null; do
     sleep 5
     count=$(wc -l <"$LOG/build-$name.log")
-    if [ $((count / 100)) -gt "$shown" ]; then
-      shown=$((count / 100))
+    if [ $((count / 100)) -gt "$shown" ] || [ $((SECONDS - told)) -ge 60 ]; then
+      shown=$((count / 100)) told=$SECONDS
       say "  $name: $count packages compiled ($((SECONDS - started))s)"
     fi
   done
@@ -118,7 +120,8 @@ build() {
 
 # images: the pause image that every pod's sandbox runs, and the image of the check pod.
 images() {
-  [ "$BIN/pause" -ot "$IMAGES/pause.tar" ] && return
+  [ "$BIN/pause" -ot "$IMAGES/pause.tar" ] && [ "$ROOT/scripts/oci-archive.sh" -ot "$IMAGES/pause.tar" ] &&
+    return
   say "packing $PAUSE_IMAGE and $CHECK_IMAGE into $IMAGES"
   local rootfs
   rootfs=$(mktemp -d)

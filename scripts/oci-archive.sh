@@ -29,7 +29,8 @@ read -r layer layer_size < <(put "$work/layer")
 
 jq -cn --arg layer "$layer" --argjson entrypoint "$(json_strings "$@")" '{
   architecture: "amd64", os: "linux",
-  config: {Entrypoint: $entrypoint, WorkingDir: "/"},
+  config: {Entrypoint: $entrypoint, WorkingDir: "/",
+    Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
   rootfs: {type: "layers", diff_ids: [$layer]}
 }' >"$work/config"
 read -r config config_size < <(put "$work/config")
