@@ -41,6 +41,7 @@ host_state() {
     findmnt -rn -o TARGET,SOURCE
     ls /sys/fs/cgroup/*/
   } | grep -E "$ours" | sort || true
+  find /var/lib/kubelet /var/lib/cni /run/containerd /var/log/containers 2>/dev/null || true
 }
 
 "$cluster" down >/dev/null

@@ -111,9 +111,10 @@ restore_kernel_tunables() {
 }
 
 down() {
-  local name netns
+  local name netns tasks
   check_tools
   netns=$(pod_netns)
+  tasks=$(ls "$RUN/containerd/io.containerd.runtime.v2.task/k8s.io" 2>/dev/null || true)
   # The API server's graceful shutdown waits for etcd: etcd stops last.
   stop kube-proxy kubelet kube-scheduler kube-controller-manager containerd
   stop kube-apiserver
@@ -131,6 +132,15 @@ down() {
   remove_cgroups
   restore_kernel_tunables
   find /var/log/containers -maxdepth 1 -lname "$DATA/*" -delete 2>/dev/null || true
+  # Paths that containerd 1.6 and the kubelet use whatever they are told: what is the cluster's
+  # goes, then each directory if it is empty.
+  for name in $tasks; do
+    rm -f "/run/containerd/s/$(printf %s "$CONTAINERD_SOCK/k8s.io/$name" | sha256sum | cut -d' ' -f1)" \
+      "/var/lib/cni/results/hypersdk-cluster-$name-eth0" "/var/lib/cni/results/cni-loopback-$name-lo"
+  done
+  rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+  rmdir /var/lib/cni/results /var/lib/cni /var/lib/kubelet/device-plugins /var/lib/kubelet \
+    /run/containerd/s /run/containerd 2>/dev/null || true
   rm -rf "$DATA" "$RUN"
   say "down: nothing of the cluster runs; its binaries, certificates and images stay in $C"
 }
