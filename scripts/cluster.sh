@@ -20,7 +20,9 @@ NETNS=hypersdk-cluster CGROUP=hypersdk-cluster
 HOST_IF=hsdk-host HOST_IP=10.243.0.1 NODE_IF=hsdk-node NODE_IP=10.243.0.2
 POD_BRIDGE=hsdk-pods POD_CIDR=10.244.0.0/24 SERVICE_CIDR=10.96.0.0/24 SERVICE_IP=10.96.0.1
 NODE=hypersdk-node
-K8S_VERSION=v1.34.4
+# pinned MODULE: the version scripts/cluster/go.mod requires.
+pinned() { sed -n "s|^\t$1 \(v[^ ]*\).*|\1|p" "$SRC/go.mod"; }
+K8S_VERSION=$(pinned k8s.io/kubernetes) HELM_VERSION=$(pinned helm.sh/helm/v3)
 PAUSE_IMAGE=localhost/hypersdk/pause:3.10
 CHECK_IMAGE=localhost/hypersdk/cluster-check:v1
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl helm)
@@ -63,22 +65,27 @@ check_tools() {
   [ "$(id -u)" -eq 0 ] || die "needs root (network namespace, mounts, cgroups)"
 }
 
+# ldflags: the linker flags of every binary: stripped, with the pinned versions they report.
+ldflags() {
+  local flags version_pkg
+  flags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for version_pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $version_pkg.gitVersion=$K8S_VERSION -X $version_pkg.gitMajor=1"
+    flags+=" -X $version_pkg.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $version_pkg.gitTreeState=clean"
+  done
+  echo "$flags"
+}
+
 # build_stamp: what the binaries depend on; a change rebuilds them.
 build_stamp() {
-  { cat "$SRC/go.mod" "$SRC/go.sum" "$SRC/pause/main.go"; echo "$K8S_VERSION"; go version; } |
+  { cat "$SRC/go.mod" "$SRC/go.sum" "$SRC/pause/main.go"; ldflags; go version; } |
     sha256sum | cut -d' ' -f1
 }
 
 # build_one NAME PACKAGE: compiles one binary, printing progress every 100 packages or minute.
 build_one() {
-  local name=$1 pkg=$2 version_pkg ldflags
-  ldflags="-s -w"
-  for version_pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $version_pkg.gitVersion=$K8S_VERSION -X $version_pkg.gitMajor=1"
-    ldflags+=" -X $version_pkg.gitMinor=34 -X $version_pkg.gitTreeState=clean"
-  done
-  local started=$SECONDS
-  (cd "$SRC" && CGO_ENABLED=0 nice -n 19 go build -v -trimpath -ldflags "$ldflags" \
+  local name=$1 pkg=$2 started=$SECONDS
+  (cd "$SRC" && CGO_ENABLED=0 nice -n 19 go build -v -trimpath -ldflags "$(ldflags)" \
     -o "$BIN.new/$name" "$pkg") 2>"$LOG/build-$name.log" &
   local pid=$! count=0 shown=0 told=$SECONDS
   while kill -0 "$pid" 2>/dev/null; do
@@ -86,7 +93,7 @@ build_one() {
     count=$(wc -l <"$LOG/build-$name.log")
     if [ $((count / 100)) -gt "$shown" ] || [ $((SECONDS - told)) -ge 60 ]; then
       shown=$((count / 100)) told=$SECONDS
-      say "  $name: $count packages compiled ($((SECONDS - started))s)"
+      say "  $name: $count packages compiled, still building ($((SECONDS - started))s)"
     fi
   done
   wait "$pid" || { tail -n 30 "$LOG/build-$name.log" >&2; die "building $name failed"; }
