@@ -39,6 +39,11 @@ run_pod() {
     sleep 1
   done
   [ "$phase" = Succeeded ] || fail "pod $name ($*) ended $phase: $(kubectl logs "$name" 2>&1 | tail -3)"
+  # The log can lag the phase by a moment.
+  for _ in $(seq 30); do
+    kubectl logs "$name" | grep -q "$expected" && break
+    sleep 1
+  done
   kubectl logs "$name" | grep -q "$expected" || fail "pod $name's log lacks '$expected'"
   kubectl delete pod "$name" --wait=false >/dev/null
   pass "$image runs $* in a pod"
