@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a Debian machine, only when missing:
-# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, cargo-nextest, and the test guest.
+# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, cargo-nextest, the test guest, and
+# the container runtime of the one-node cluster (scripts/cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,14 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+# scripts/cluster.sh: Debian's containerd, runc and CNI plugins (in /usr/lib/cni), what the kubelet
+# and kube-proxy call, and what packs images.
+command -v containerd >/dev/null || need_pkgs+=(containerd)
+command -v runc >/dev/null || need_pkgs+=(runc)
+[ -x /usr/lib/cni/bridge ] || need_pkgs+=(containernetworking-plugins)
+command -v iptables >/dev/null || need_pkgs+=(iptables)
+command -v conntrack >/dev/null || need_pkgs+=(conntrack)
+command -v jq >/dev/null || need_pkgs+=(jq)
 # The image import benchmark compares the agent with curl.
 command -v curl >/dev/null || need_pkgs+=(curl)
 
