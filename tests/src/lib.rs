@@ -12,6 +12,7 @@ use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
+pub mod pki;
 mod raw;
 pub use raw::RawQemu;
 
@@ -207,7 +208,7 @@ impl Agent {
     pub async fn client(&self) -> Client {
         let address = self.address.clone();
         eventually(AGENT_UP, "a connection to the agent", async move || {
-            endpoint::connect(&address).await
+            endpoint::connect(&address, None).await
         })
         .await
     }

@@ -103,6 +103,7 @@ impl NodeFacts {
             allocated_memory_bytes: allocated.1,
             vm_count: allocated.2,
             cgroups: self.cgroups.clone(),
+            ..Default::default()
         }
     }
 }

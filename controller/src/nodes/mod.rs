@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::Address;
+use hypersdk_tls::TlsFiles;
 use tokio::sync::broadcast;
 use tonic::transport::Channel;
 use tracing::{Instrument, info_span};
@@ -144,18 +145,30 @@ impl Agent {
 pub struct Agents {
     agents: RwLock<BTreeMap<String, Arc<Agent>>>,
     signals: broadcast::Sender<Signal>,
+    /// The controller's certificate for `https://` agents, read for every new connection.
+    tls: Option<TlsFiles>,
 }
 
 impl Default for Agents {
     fn default() -> Self {
-        Agents {
-            agents: RwLock::default(),
-            signals: broadcast::channel(65536).0,
-        }
+        Agents::with_tls(None)
     }
 }
 
 impl Agents {
+    pub fn with_tls(tls: Option<TlsFiles>) -> Agents {
+        Agents {
+            agents: RwLock::default(),
+            signals: broadcast::channel(65536).0,
+            tls,
+        }
+    }
+
+    /// The scheme agents found without an address (cluster pods) are reached with.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Signal> {
         self.signals.subscribe()
     }
