@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use hypersdk_tls::TlsFiles;
-use hypersdk_tls::rustls::ClientConfig;
 use hypersdk_tls::client::{self, ClientTlsError};
+use hypersdk_tls::rustls::ClientConfig;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::agent::v1::agent_service_client::AgentServiceClient;

@@ -51,8 +51,20 @@ async fn delete_as(port: u16, files: &TlsFiles, name: &str) -> tonic::Status {
 fn issue_by_cli(ca: &Path, role: &str, name: &str) -> TlsFiles {
     let out = ca.join("issued");
     let o = hyperctl(&[
-        "certs", "issue", "--ca", ca.to_str().unwrap(), "--role", role, "--name", name,
-        "--san", "127.0.0.1", "--days", "30", "--out", out.to_str().unwrap(),
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--role",
+        role,
+        "--name",
+        name,
+        "--san",
+        "127.0.0.1",
+        "--days",
+        "30",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     TlsFiles {
@@ -71,19 +83,36 @@ async fn admins_are_served_and_every_other_client_is_refused() {
     let ca = dir.path().join("ca");
     let o = hyperctl(&["certs", "init", ca.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    let mode = std::fs::metadata(ca.join("ca.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(ca.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     // Bad flags are named, and write nothing.
     for (args, needle) in [
         (vec!["--role", "root", "--name", "x"], "--role"),
         (vec!["--role", "agent", "--name", "n1"], "--san"),
         (vec!["--role", "admin", "--name", "a/b"], "--name"),
-        (vec!["--role", "admin", "--name", "a", "--days", "0"], "--days"),
+        (
+            vec!["--role", "admin", "--name", "a", "--days", "0"],
+            "--days",
+        ),
     ] {
-        let mut all = vec!["certs", "issue", "--ca", ca.to_str().unwrap(), "--out", "/tmp/hs-never"];
+        let mut all = vec![
+            "certs",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            "/tmp/hs-never",
+        ];
         all.extend(args);
         let o = hyperctl(&all);
-        assert!(!o.status.success() && text(&o).contains(needle), "{needle}: {}", text(&o));
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "{needle}: {}",
+            text(&o)
+        );
     }
     assert!(!Path::new("/tmp/hs-never").exists());
 
@@ -92,18 +121,29 @@ async fn admins_are_served_and_every_other_client_is_refused() {
     let agent = Agent::start_with("node-tls", &args_of(&tls_flags(port, &agent_files))).await;
     let admin = issue_by_cli(&ca, "admin", "alice");
     let https = format!("https://127.0.0.1:{port}");
-    let flags = |f: &TlsFiles| {
-        [&f.cert, &f.key, &f.ca].map(|p| p.to_string_lossy().into_owned())
-    };
+    let flags = |f: &TlsFiles| [&f.cert, &f.key, &f.ca].map(|p| p.to_string_lossy().into_owned());
     let [cert, key, ca_file] = flags(&admin);
     let o = hyperctl(&[
-        "--agent", &https, "--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_file,
-        "-o", "json", "node", "info",
+        "--agent",
+        &https,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca_file,
+        "-o",
+        "json",
+        "node",
+        "info",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let node: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(node["nodeName"], "node-tls");
-    assert!((29..=30).contains(&node["tlsDaysLeft"].as_i64().unwrap()), "{node}");
+    assert!(
+        (29..=30).contains(&node["tlsDaysLeft"].as_i64().unwrap()),
+        "{node}"
+    );
     let o = hyperctl(&["--agent", &https, "node", "info"]);
     assert!(text(&o).contains("needs --tls-cert"), "{}", text(&o));
 
@@ -116,7 +156,10 @@ async fn admins_are_served_and_every_other_client_is_refused() {
     foreign.ca = admin.ca.clone();
     let s = delete_as(port, &foreign, "keep").await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
-    assert!(s.message().contains("not issued by the cluster CA"), "{s:?}");
+    assert!(
+        s.message().contains("not issued by the cluster CA"),
+        "{s:?}"
+    );
 
     let ca_pem = hypersdk_tls::files::read_pem(&ca, "ca").unwrap();
     let long_ago = Validity {
@@ -125,7 +168,11 @@ async fn admins_are_served_and_every_other_client_is_refused() {
     };
     let old = issue::issue(&ca_pem, &Role::Admin("old".into()), &[], long_ago).unwrap();
     let (cert, key) = hypersdk_tls::files::write_pem(&dir.path().join("old"), "old", &old).unwrap();
-    let expired = TlsFiles { cert, key, ca: admin.ca.clone() };
+    let expired = TlsFiles {
+        cert,
+        key,
+        ca: admin.ca.clone(),
+    };
     let s = delete_as(port, &expired, "keep").await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     assert!(s.message().contains("expired"), "{s:?}");
@@ -133,7 +180,10 @@ async fn admins_are_served_and_every_other_client_is_refused() {
     let peer = issue_by_cli(&ca, "agent", "node-other");
     let s = delete_as(port, &peer, "keep").await;
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-    for needle in ["hypersdk://agent/node-other", "/hypersdk.agent.v1.AgentService/DeleteVm"] {
+    for needle in [
+        "hypersdk://agent/node-other",
+        "/hypersdk.agent.v1.AgentService/DeleteVm",
+    ] {
         assert!(s.message().contains(needle), "{needle}: {s:?}");
     }
 
@@ -151,7 +201,9 @@ async fn admins_are_served_and_every_other_client_is_refused() {
         .await
         .unwrap();
     let s = AgentServiceClient::new(channel)
-        .delete_vm(pb::DeleteVmRequest { name: "keep".into() })
+        .delete_vm(pb::DeleteVmRequest {
+            name: "keep".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
@@ -163,7 +215,11 @@ async fn admins_are_served_and_every_other_client_is_refused() {
         Err(e) => println!("plaintext refused at connect: {e}"),
         Ok(mut c) => {
             // The connection breaks (the code depends on when hyper notices).
-            let e = c.delete_vm(pb::DeleteVmRequest { name: "keep".into() }).await;
+            let e = c
+                .delete_vm(pb::DeleteVmRequest {
+                    name: "keep".into(),
+                })
+                .await;
             println!("plaintext call: {:?}", e.unwrap_err());
         }
     }
@@ -177,20 +233,31 @@ async fn agents_refuse_unsafe_listen_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     for (listen, needle) in [
-        ("http://192.0.2.1:7443", "plain gRPC is only served on loopback"),
+        (
+            "http://192.0.2.1:7443",
+            "plain gRPC is only served on loopback",
+        ),
         ("https://127.0.0.1:7443", "https:// needs --tls-cert"),
     ] {
         let o = Command::new(bin("hypersdk-agent"))
             .args(["--data-dir", data, "--listen", listen, "--simulate"])
             .output()
             .unwrap();
-        assert!(!o.status.success() && text(&o).contains(needle), "{listen}: {}", text(&o));
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "{listen}: {}",
+            text(&o)
+        );
     }
     let o = Command::new(bin("hypersdk-agent"))
         .args(["--data-dir", data, "--tls-cert", "/x.crt", "--simulate"])
         .output()
         .unwrap();
-    assert!(!o.status.success() && text(&o).contains("--tls-key"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("--tls-key"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A live migration between two https:// agents: the source presents its agent certificate
@@ -221,8 +288,16 @@ async fn live_migration_between_tls_agents_keeps_the_guest_counting() {
     let moved = get(&mut b, "mover").await;
     assert_eq!(phase(&moved), pb::VmPhase::Running);
     wait_counter_above(&moved, counter, Duration::from_secs(60)).await;
-    assert_eq!(count_markers(&serial(&moved), READY_MARKER), 0, "the guest rebooted");
-    let gone = a.get_vm(pb::GetVmRequest { name: "mover".into() }).await;
+    assert_eq!(
+        count_markers(&serial(&moved), READY_MARKER),
+        0,
+        "the guest rebooted"
+    );
+    let gone = a
+        .get_vm(pb::GetVmRequest {
+            name: "mover".into(),
+        })
+        .await;
     assert_eq!(gone.unwrap_err().code(), Code::NotFound);
     drop(dst);
 }
@@ -261,22 +336,46 @@ async fn certificates_replaced_on_disk_are_used_without_a_restart() {
     replace(&files, &new_cert, &new_pki.ca.cert);
 
     let new_admin = new_pki.issue("admin", Role::Admin("admin".into()));
-    let mut fresh = eventually(Duration::from_secs(10), "a client of the new CA", async || {
-        let mut c = tls_client(port, &new_admin).await.map_err(|e| e.to_string())?;
-        c.get_node(pb::GetNodeRequest {}).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(c)
-    })
+    let mut fresh = eventually(
+        Duration::from_secs(10),
+        "a client of the new CA",
+        async || {
+            let mut c = tls_client(port, &new_admin)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.get_node(pb::GetNodeRequest {})
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(c)
+        },
+    )
     .await;
-    let node = fresh.get_node(pb::GetNodeRequest {}).await.unwrap().into_inner();
+    let node = fresh
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!((6..=7).contains(&node.tls_days_left), "{node:?}");
     let refused = match tls_client(port, &old_admin).await {
         Err(e) => e.to_string(),
-        Ok(mut c) => c.get_node(pb::GetNodeRequest {}).await.unwrap_err().to_string(),
+        Ok(mut c) => c
+            .get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap_err()
+            .to_string(),
     };
     println!("old CA's client: {refused}");
     let again = get(&mut fresh, "steady").await;
-    assert_eq!(again.status.as_ref().unwrap().pid, pid, "the VM was restarted");
+    assert_eq!(
+        again.status.as_ref().unwrap().pid,
+        pid,
+        "the VM was restarted"
+    );
     assert_eq!(agent.pid(), agent_pid);
     wait_counting(&again, Duration::from_secs(60)).await;
-    assert_eq!(count_markers(&serial(&again), READY_MARKER), 1, "the guest rebooted");
+    assert_eq!(
+        count_markers(&serial(&again), READY_MARKER),
+        1,
+        "the guest rebooted"
+    );
 }

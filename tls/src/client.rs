@@ -27,7 +27,10 @@ pub fn config(files: &TlsFiles) -> Result<Arc<ClientConfig>, ClientTlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_client_auth_cert(files::read_certs(&files.cert)?, files::read_key(&files.key)?)?;
+        .with_client_auth_cert(
+            files::read_certs(&files.cert)?,
+            files::read_key(&files.key)?,
+        )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -42,8 +45,8 @@ pub async fn connect(
         .rsplit_once(':')
         .ok_or_else(|| invalid(format!("{hostport:?}: expected host:port")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| invalid(format!("{host:?}: {e}")))?;
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|e| invalid(format!("{host:?}: {e}")))?;
     let tcp = TcpStream::connect(hostport).await?;
     tcp.set_nodelay(true)?;
     TlsConnector::from(config).connect(name, tcp).await

@@ -158,7 +158,10 @@ mod tests {
         let f = facts(&pem.cert);
         assert_eq!(f.role, Ok(role));
         let left = f.not_after - OffsetDateTime::now_utc();
-        assert!(left > Duration::days(2) && left < Duration::days(3), "{left}");
+        assert!(
+            left > Duration::days(2) && left < Duration::days(3),
+            "{left}"
+        );
         assert!(pem.key.contains("PRIVATE KEY"));
     }
 
@@ -173,9 +176,15 @@ mod tests {
             Err(IssueError::AgentWithoutSan)
         ));
         let e = issue(&ca, &admin, &["bad name!".into()], v).unwrap_err();
-        assert_eq!(e.to_string(), "--san \"bad name!\": expected an IP address or a DNS name");
+        assert_eq!(
+            e.to_string(),
+            "--san \"bad name!\": expected an IP address or a DNS name"
+        );
         let zero = Validity { days: 0, ..v };
-        assert!(matches!(issue(&ca, &admin, &[], zero), Err(IssueError::NoDays)));
+        assert!(matches!(
+            issue(&ca, &admin, &[], zero),
+            Err(IssueError::NoDays)
+        ));
         let garbage = Pem {
             cert: "x".into(),
             key: "y".into(),

@@ -159,8 +159,16 @@ mod tests {
     #[test]
     fn agents_may_call_only_the_migration_methods() {
         let agent = Role::Agent("n1".into());
-        for m in ["PrepareIncoming", "FinishIncoming", "AbortIncoming", "GetVm"] {
-            assert!(agent.authorize(&format!("{AGENT_SERVICE}{m}")).is_ok(), "{m}");
+        for m in [
+            "PrepareIncoming",
+            "FinishIncoming",
+            "AbortIncoming",
+            "GetVm",
+        ] {
+            assert!(
+                agent.authorize(&format!("{AGENT_SERVICE}{m}")).is_ok(),
+                "{m}"
+            );
         }
         for path in [
             "/hypersdk.agent.v1.AgentService/DeleteVm",
@@ -170,14 +178,20 @@ mod tests {
         ] {
             let denied = agent.authorize(path).unwrap_err();
             assert_eq!(denied.method, path);
-            assert!(denied.to_string().contains("hypersdk://agent/n1"), "{denied}");
+            assert!(
+                denied.to_string().contains("hypersdk://agent/n1"),
+                "{denied}"
+            );
         }
     }
 
     #[test]
     fn admin_and_controller_may_call_everything() {
         for role in [Role::Admin("a".into()), Role::Controller("c".into())] {
-            assert!(role.authorize("/hypersdk.agent.v1.AgentService/DeleteVm").is_ok());
+            assert!(
+                role.authorize("/hypersdk.agent.v1.AgentService/DeleteVm")
+                    .is_ok()
+            );
             assert!(role.authorize("/grpc.health.v1.Health/Check").is_ok());
         }
     }

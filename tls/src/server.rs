@@ -83,7 +83,10 @@ fn load(files: &TlsFiles) -> Result<Loaded, ServerTlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(Deferred(verifier.clone())))
-        .with_single_cert(files::read_certs(&files.cert)?, files::read_key(&files.key)?)?;
+        .with_single_cert(
+            files::read_certs(&files.cert)?,
+            files::read_key(&files.key)?,
+        )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Loaded {
         stamps,
@@ -121,7 +124,10 @@ impl ServerTls {
     }
 
     /// Handshakes on every connection `listener` accepts; yields the established ones.
-    pub fn incoming(self: Arc<Self>, listener: TcpListener) -> ReceiverStream<std::io::Result<TlsConn>> {
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<TlsConn>> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             loop {
@@ -175,7 +181,9 @@ async fn handshake(
 /// The verdict on a client's certificate chain (leaf first).
 pub fn verify(verifier: &dyn ClientCertVerifier, chain: Option<&[CertificateDer<'_>]>) -> Peer {
     let Some((leaf, intermediates)) = chain.and_then(|c| c.split_first()) else {
-        return Peer::Refused("no client certificate; this port requires one from the cluster CA".into());
+        return Peer::Refused(
+            "no client certificate; this port requires one from the cluster CA".into(),
+        );
     };
     if let Err(e) = verifier.verify_client_cert(leaf, intermediates, UnixTime::now()) {
         let why = match e {

@@ -51,7 +51,9 @@ pub enum StartupError {
     #[error("--listen {addr}: {} exists and is not a socket", path.display())]
     NotASocket { addr: Address, path: PathBuf },
     /// Without TLS, anyone who reaches the port controls the VMs.
-    #[error("--listen {0}: plain gRPC is only served on loopback addresses; use https:// with --tls-cert, --tls-key and --tls-ca")]
+    #[error(
+        "--listen {0}: plain gRPC is only served on loopback addresses; use https:// with --tls-cert, --tls-key and --tls-ca"
+    )]
     NotLoopback(Address),
     #[error("gRPC server task: {0}")]
     ServerTask(#[from] tokio::task::JoinError),
@@ -109,8 +111,8 @@ pub async fn run(
     }
     let (ctx, facts) = context(&config, &data_dir)?;
     let vms = Arc::new(Vms::load(ctx).await.map_err(data_dir_error(&data_dir))?);
-    let service =
-        AgentServiceServer::new(Service::new(vms, facts, tls.clone())).max_decoding_message_size(16 << 20);
+    let service = AgentServiceServer::new(Service::new(vms, facts, tls.clone()))
+        .max_decoding_message_size(16 << 20);
     serve(&config, &data_dir, tls, service, shutdown).await
 }
 
@@ -295,7 +297,9 @@ async fn serve<S: AgentService>(
                 );
             }
             Address::Tls(hostport) => {
-                let tls = tls.clone().ok_or_else(|| StartupError::NoTlsFiles(addr.clone()))?;
+                let tls = tls
+                    .clone()
+                    .ok_or_else(|| StartupError::NoTlsFiles(addr.clone()))?;
                 let listener = TcpListener::bind(hostport)
                     .await
                     .map_err(listen_error(&addr))?;

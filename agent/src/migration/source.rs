@@ -128,13 +128,16 @@ impl Outgoing {
     /// Connects to the target agent and has it start the receiving QEMU.
     async fn prepare(&mut self) -> Result<AgentServiceClient<Channel>, PrepareError> {
         self.update(|p| p.phase = pb::MigrationPhase::Preparing as i32);
-        let mut client = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.target, self.tls.as_ref()))
-            .await
-            .map_err(|_| PrepareError::NoAnswer(self.target.clone()))?
-            .map_err(|source| PrepareError::Unreachable {
-                target: self.target.clone(),
-                source,
-            })?;
+        let mut client = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            endpoint::connect(&self.target, self.tls.as_ref()),
+        )
+        .await
+        .map_err(|_| PrepareError::NoAnswer(self.target.clone()))?
+        .map_err(|source| PrepareError::Unreachable {
+            target: self.target.clone(),
+            source,
+        })?;
         let req = pb::PrepareIncomingRequest {
             spec: Some(self.spec.clone()),
             layout: Some(self.layout.clone()),
