@@ -242,21 +242,20 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Certs { command } = cli.command {
-        return certs::run(command);
-    }
-    let mut client = endpoint::connect(&cli.agent, cli.tls.files().as_ref())
-        .await
-        .with_context(|| format!("cannot reach the agent at {}", cli.agent))?;
+    let connect = async || {
+        endpoint::connect(&cli.agent, cli.tls.files().as_ref())
+            .await
+            .with_context(|| format!("cannot reach the agent at {}", cli.agent))
+    };
     match cli.command {
+        Command::Certs { command } => certs::run(command),
         Command::Node {
             command: NodeCommand::Info,
         } => {
-            let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
-            output::node(cli.output, &NodeView::from(node))
+            let node = connect().await?.get_node(pb::GetNodeRequest {}).await?;
+            output::node(cli.output, &NodeView::from(node.into_inner()))
         }
-        Command::Vm { command } => vm(&mut client, cli.output, *command).await,
-        Command::Certs { .. } => unreachable!("handled before connecting"),
+        Command::Vm { command } => vm(&mut connect().await?, cli.output, *command).await,
     }
 }
 

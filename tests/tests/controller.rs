@@ -21,10 +21,14 @@ use hypersdk_controller::scheduling::Policy;
 use hypersdk_controller::standalone::FakeApi;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::Address;
+use hypersdk_tests::pki::{Pki, tls_flags};
 use hypersdk_tests::{
     Agent, GUEST_CMDLINE, READY_MARKER, VmState, bin, count_markers, current_counter, eventually,
     guest, list, repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
 };
+use hypersdk_tls::TlsFiles;
+use hypersdk_tls::role::Role;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Api, ResourceExt};
@@ -75,9 +79,14 @@ struct Controller {
 
 impl Controller {
     fn start(nodes: &[&Agent], settings: Settings) -> Controller {
+        Controller::start_with(nodes.iter().map(|n| info(n)).collect(), settings, None)
+    }
+
+    /// Agents as given, reached with the controller certificate `tls` when they are https://.
+    fn start_with(nodes: Vec<AgentInfo>, settings: Settings, tls: Option<TlsFiles>) -> Controller {
         let client = FakeApi::new().client("default");
-        let agents = Arc::new(Agents::default());
-        agents.sync(nodes.iter().map(|n| info(n)).collect());
+        let agents = Arc::new(Agents::with_tls(tls));
+        agents.sync(nodes);
         let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
         let task = tokio::spawn(hypersdk_controller::controllers::run(
             ctx,
@@ -562,6 +571,34 @@ fn small_vm(name: &str, ha: bool, selector: Option<&str>) -> Value {
         v["spec"]["nodeSelector"] = json!({"hypersdk.io/node": node});
     }
     v
+}
+
+/// The controller reaches an https:// agent with its controller certificate and runs a VM on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_runs_a_vm_on_an_agent_over_mutual_tls() {
+    let images = images();
+    let pki = Pki::new();
+    let port = hypersdk_tests::pki::free_port();
+    let flags = tls_flags(port, &pki.issue("node-tls", Role::Agent("node-tls".into())));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let node = start_node("node-tls", images.path(), &flags).await;
+    let mut over_tls = info(&node);
+    over_tls.address = Address::Tls(format!("127.0.0.1:{port}"));
+    let ctl_cert = pki.issue("ctl", Role::Controller("ctl".into()));
+    let ctl = Controller::start_with(vec![over_tls], settings(), Some(ctl_cert));
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    ctl.create::<VirtualMachine>(small_vm("tls-vm", false, None))
+        .await
+        .unwrap();
+    let vm = wait_for(&ctl.vms(), "tls-vm", BOOT, "Running", |v| {
+        phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-tls"));
+    let on_agent = agent_vm(&node, "tls-vm").await.unwrap();
+    wait_boots(&on_agent, 1, BOOT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
