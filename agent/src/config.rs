@@ -23,10 +23,14 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_DATA_DIR", default_value = "/var/lib/hypersdk")]
     pub data_dir: PathBuf,
 
-    /// gRPC listen address: unix:///path or http://127.0.0.1:PORT (repeatable).
+    /// gRPC listen address: unix:///path, http://127.0.0.1:PORT (loopback only) or
+    /// https://HOST:PORT (mutual TLS; needs --tls-*) (repeatable).
     /// Defaults to unix://DATA_DIR/agent.sock.
     #[arg(long, env = "HYPERSDK_LISTEN", value_delimiter = ',')]
     pub listen: Vec<Address>,
+
+    #[command(flatten)]
+    pub tls: hypersdk_tls::TlsArgs,
 
     /// Directories whose files VMs may use as kernel, initrd or disk (repeatable).
     #[arg(long = "image-dir", env = "HYPERSDK_IMAGE_DIR", value_delimiter = ',')]

@@ -35,6 +35,8 @@ pub struct Context {
     pub cgroups: Result<Cgroups, CgroupError>,
     /// Every VM status change, for WatchVms.
     pub events: broadcast::Sender<pb::VmEvent>,
+    /// The agent's certificate and the cluster CA (--tls-*), also for calls to other agents.
+    pub tls: Option<hypersdk_tls::TlsFiles>,
     /// Where incoming migrations listen.
     pub migration_address: IpAddr,
     pub migration_ports: PortRange,

@@ -1,5 +1,6 @@
 //! hyperctl: the HyperSDK debug client. Talks gRPC to one node agent.
 
+mod certs;
 mod manifest;
 mod migrate;
 mod output;
@@ -27,7 +28,8 @@ use view::{EventView, NodeView, VmView};
     about = "HyperSDK debug client for node agents"
 )]
 struct Cli {
-    /// Agent address: unix:///path/agent.sock or http://127.0.0.1:PORT.
+    /// Agent address: unix:///path/agent.sock, http://127.0.0.1:PORT or https://HOST:PORT
+    /// (with --tls-cert, --tls-key and --tls-ca, e.g. an admin certificate).
     #[arg(
         long,
         global = true,
@@ -35,6 +37,8 @@ struct Cli {
         default_value = "unix:///var/lib/hypersdk/agent.sock"
     )]
     agent: Address,
+    #[command(flatten)]
+    tls: hypersdk_tls::TlsArgs,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -53,6 +57,11 @@ enum Command {
     Vm {
         #[command(subcommand)]
         command: Box<VmCommand>,
+    },
+    /// A cluster CA and role certificates (no agent involved).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
     },
 }
 
@@ -236,17 +245,20 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut client = endpoint::connect(&cli.agent)
-        .await
-        .with_context(|| format!("cannot reach the agent at {}", cli.agent))?;
+    let connect = async || {
+        endpoint::connect(&cli.agent, cli.tls.files().as_ref())
+            .await
+            .with_context(|| format!("cannot reach the agent at {}", cli.agent))
+    };
     match cli.command {
+        Command::Certs { command } => certs::run(command),
         Command::Node {
             command: NodeCommand::Info,
         } => {
-            let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
-            output::node(cli.output, &NodeView::from(node))
+            let node = connect().await?.get_node(pb::GetNodeRequest {}).await?;
+            output::node(cli.output, &NodeView::from(node.into_inner()))
         }
-        Command::Vm { command } => vm(&mut client, cli.output, *command).await,
+        Command::Vm { command } => vm(&mut connect().await?, cli.output, *command).await,
     }
 }
 

@@ -145,6 +145,14 @@ pub fn vm(format: Format, vm: &VmView) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn tls_expiry(n: &NodeView) -> String {
+    match (n.tls_not_after.as_str(), n.tls_days_left) {
+        ("", _) => "none (the agent serves no TLS)".into(),
+        (at, left) if left < 0 => format!("EXPIRED at {at}"),
+        (at, left) => format!("expires {at} ({left} days left)"),
+    }
+}
+
 pub fn node(format: Format, n: &NodeView) -> anyhow::Result<()> {
     if structured(format, n)? {
         return Ok(());
@@ -185,6 +193,7 @@ pub fn node(format: Format, n: &NodeView) -> anyhow::Result<()> {
         ),
         ("cgroups", n.cgroups.clone()),
         ("Lease", n.lease.describe()),
+        ("TLS certificate", tls_expiry(n)),
         ("KVM modules", n.kvm.modules.join(", ")),
         ("KVM usable", n.kvm.usable.to_string()),
         (

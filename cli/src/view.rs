@@ -170,6 +170,8 @@ pub struct NodeView {
     pub allocated_memory_bytes: u64,
     pub vm_count: u32,
     pub cgroups: String,
+    pub tls_not_after: String,
+    pub tls_days_left: i64,
     pub kvm: KvmView,
     /// The controller's lease on the node (fencing of highly available VMs).
     pub lease: LeaseView,
@@ -222,6 +224,8 @@ impl From<pb::Node> for NodeView {
             allocated_memory_bytes: n.allocated_memory_bytes,
             vm_count: n.vm_count,
             cgroups: n.cgroups,
+            tls_not_after: n.tls_not_after,
+            tls_days_left: n.tls_days_left,
             kvm: KvmView {
                 present: k.present,
                 usable: k.usable,

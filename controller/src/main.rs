@@ -48,7 +48,8 @@ struct RunArgs {
     /// Directory of manifests (standalone); status is written to DIR/status/.
     #[arg(long, env = "HYPERSDK_MANIFESTS", required_if_eq("standalone", "true"))]
     manifests: Option<PathBuf>,
-    /// An agent: NODE=ADDR, ADDR being unix:///path or http://host:port (repeatable).
+    /// An agent: NODE=ADDR, ADDR being unix:///path, http://host:port (loopback) or
+    /// https://host:port (repeatable).
     #[arg(long = "agent", env = "HYPERSDK_AGENTS", value_delimiter = ',')]
     agents: Vec<String>,
     /// A label of a --agent node, for nodeSelector: NODE=KEY=VALUE (repeatable).
@@ -101,6 +102,10 @@ struct RunArgs {
     agent_selector: String,
     #[arg(long, env = "HYPERSDK_AGENT_PORT", default_value = "7443")]
     agent_port: u16,
+    /// The controller's certificate for https:// agents (in a cluster: agent pods are then
+    /// reached over https).
+    #[command(flatten)]
+    tls: hypersdk_tls::TlsArgs,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
@@ -146,7 +151,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the Kubernetes API")?
     };
-    let agents = Arc::new(Agents::new(Duration::from_secs(args.fence_timeout)));
+    let agents =
+        Arc::new(Agents::new(Duration::from_secs(args.fence_timeout)).with_tls(args.tls.files()));
     find_agents(&args, &client, &agents)?;
     let ctx = Arc::new(Context::new(client.clone(), agents, settings(&args)));
     let ready = Arc::new(Readiness::default());

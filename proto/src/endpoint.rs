@@ -1,9 +1,13 @@
-//! Agent addresses, as users write them (`unix:///run/hypersdk/agent.sock`, `http://127.0.0.1:7443`),
-//! and connecting a client to one.
+//! Agent addresses, as users write them (`unix:///run/hypersdk/agent.sock`, `http://127.0.0.1:7443`,
+//! `https://10.0.0.5:7443`), and connecting a client to one.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
+use hypersdk_tls::TlsFiles;
+use hypersdk_tls::client::{self, ClientTlsError};
+use hypersdk_tls::rustls::ClientConfig;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::agent::v1::agent_service_client::AgentServiceClient;
@@ -11,16 +15,26 @@ use crate::agent::v1::agent_service_client::AgentServiceClient;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Unix(PathBuf),
-    /// `host:port`, plain HTTP/2.
+    /// `host:port`, plain HTTP/2 (loopback only).
     Tcp(String),
+    /// `host:port`, HTTP/2 over mutual TLS.
+    Tls(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
-    #[error("{0:?}: expected unix:///absolute/path or http://host:port")]
+    #[error("{0:?}: expected unix:///absolute/path, http://host:port or https://host:port")]
     Malformed(String),
-    #[error("{0:?}: TLS (https://) is not supported yet; use unix:// or http:// on loopback")]
-    TlsUnsupported(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    #[error("TLS files: {0}")]
+    Tls(#[from] ClientTlsError),
+    #[error("{0}: https:// needs --tls-cert, --tls-key and --tls-ca")]
+    NoTlsFiles(Address),
 }
 
 impl std::str::FromStr for Address {
@@ -34,18 +48,16 @@ impl std::str::FromStr for Address {
             }
             return Ok(Address::Unix(PathBuf::from(path)));
         }
-        if s.starts_with("https://") {
-            return Err(AddressError::TlsUnsupported(s.to_string()));
-        }
-        let hostport = s
-            .strip_prefix("http://")
-            .ok_or_else(bad)?
-            .trim_end_matches('/');
+        let (hostport, kind): (_, fn(String) -> Address) = match s.strip_prefix("https://") {
+            Some(rest) => (rest, Address::Tls),
+            None => (s.strip_prefix("http://").ok_or_else(bad)?, Address::Tcp),
+        };
+        let hostport = hostport.trim_end_matches('/');
         let (host, port) = hostport.rsplit_once(':').ok_or_else(bad)?;
         if host.is_empty() || port.parse::<u16>().is_err() || hostport.contains('/') {
             return Err(bad());
         }
-        Ok(Address::Tcp(hostport.to_string()))
+        Ok(kind(hostport.to_string()))
     }
 }
 
@@ -54,22 +66,28 @@ impl std::fmt::Display for Address {
         match self {
             Address::Unix(p) => write!(f, "unix://{}", p.display()),
             Address::Tcp(hp) => write!(f, "http://{hp}"),
+            Address::Tls(hp) => write!(f, "https://{hp}"),
         }
     }
 }
 
-/// Connects an agent client.
+/// Connects an agent client; `tls` (read now) for `https://` addresses.
 pub async fn connect(
     addr: &Address,
-) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
+    tls: Option<&TlsFiles>,
+) -> Result<AgentServiceClient<Channel>, ConnectError> {
     // VM lists with many specs can exceed tonic's 4 MiB default.
-    Ok(AgentServiceClient::new(channel(addr).await?).max_decoding_message_size(64 << 20))
+    Ok(AgentServiceClient::new(channel(addr, tls).await?).max_decoding_message_size(64 << 20))
 }
 
 /// Opens a channel to any service the agent serves (health, reflection, the agent API).
-/// Unix sockets need a custom connector; the URI is then only a placeholder.
-pub async fn channel(addr: &Address) -> Result<Channel, tonic::transport::Error> {
+/// Unix sockets and TLS need a custom connector; the URI is then only a placeholder.
+pub async fn channel(addr: &Address, tls: Option<&TlsFiles>) -> Result<Channel, ConnectError> {
     Ok(match addr {
+        Address::Tls(hp) => {
+            let files = tls.ok_or_else(|| ConnectError::NoTlsFiles(addr.clone()))?;
+            tls_channel(client::config(files)?, hp).await?
+        }
         Address::Tcp(hp) => {
             Endpoint::from_shared(format!("http://{hp}"))?
                 .connect()
@@ -90,6 +108,23 @@ pub async fn channel(addr: &Address) -> Result<Channel, tonic::transport::Error>
     })
 }
 
+/// A channel over TLS to `hostport` with a client configuration of the caller's.
+pub async fn tls_channel(
+    config: Arc<ClientConfig>,
+    hostport: &str,
+) -> Result<Channel, tonic::transport::Error> {
+    let hp = hostport.to_string();
+    Endpoint::from_shared(format!("http://{hp}"))?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (config, hp) = (config.clone(), hp.clone());
+            async move {
+                let stream = client::connect(config, &hp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,10 +143,11 @@ mod tests {
             "http://[::1]:7443/".parse(),
             Ok(Address::Tcp("[::1]:7443".into()))
         );
-        assert!(matches!(
-            "https://h:1".parse::<Address>(),
-            Err(AddressError::TlsUnsupported(_))
-        ));
+        assert_eq!(
+            "https://node-1.example:7443".parse(),
+            Ok(Address::Tls("node-1.example:7443".into()))
+        );
+        assert_eq!(Address::Tls("h:1".into()).to_string(), "https://h:1");
         for bad in [
             "unix://rel.sock",
             "unix://",
@@ -119,6 +155,8 @@ mod tests {
             "http://h",
             "http://h:x",
             "http://h:1/p",
+            "https://h",
+            "ftp://h:1",
         ] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMTemplate, VirtualMachine, condition};
-use hypersdk_controller::nodes::{AgentInfo, Agents, DEFAULT_FENCE_TIMEOUT};
+use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_controller::scheduling::Policy;
 use hypersdk_controller::standalone::FakeApi;
 use hypersdk_controller::standalone::parse_documents;
@@ -74,14 +74,14 @@ pub struct Controller {
 impl Controller {
     pub fn start(nodes: &[&Agent], settings: Settings) -> Controller {
         let nodes = nodes.iter().map(|n| info(n)).collect();
-        Controller::start_with(nodes, settings, DEFAULT_FENCE_TIMEOUT)
+        Controller::start_with(nodes, settings, Agents::default())
     }
 
-    /// With the nodes as given (reached through a [`crate::link::Link`], say), whose leases
-    /// last `fence_timeout`.
-    pub fn start_with(nodes: Vec<AgentInfo>, settings: Settings, fence_timeout: Duration) -> Self {
+    /// With the nodes as given (reached through a [`crate::link::Link`], say) and `agents`
+    /// configured by the test (lease length, TLS).
+    pub fn start_with(nodes: Vec<AgentInfo>, settings: Settings, agents: Agents) -> Self {
         let client = FakeApi::new().client("default");
-        let agents = Arc::new(Agents::new(fence_timeout));
+        let agents = Arc::new(agents);
         agents.sync(nodes);
         let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
         let task = tokio::spawn(hypersdk_controller::controllers::run(

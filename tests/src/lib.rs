@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 pub mod controller;
 mod http;
 pub mod link;
+pub mod pki;
 mod raw;
 pub use http::ImageServer;
 pub use raw::RawQemu;
@@ -215,7 +216,7 @@ impl Agent {
     pub async fn client(&self) -> Client {
         let address = self.address.clone();
         eventually(AGENT_UP, "a connection to the agent", async move || {
-            endpoint::connect(&address).await
+            endpoint::connect(&address, None).await
         })
         .await
     }

@@ -13,12 +13,16 @@ use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use hypersdk_controller::nodes::Agents;
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::controller::*;
+use hypersdk_tests::pki::{Pki, tls_flags};
 use hypersdk_tests::{
     Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually, list, repo_root,
     resumed_counter, serial, wait_boots, wait_counter_above,
 };
+use hypersdk_tls::role::Role;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::ApiResource;
 use kube::{Api, ResourceExt};
@@ -372,6 +376,38 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         agent_vm(node, "my-vm").await.unwrap_err().code(),
         tonic::Code::NotFound
     );
+}
+
+/// The controller reaches an https:// agent with its controller certificate and runs a VM on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_runs_a_vm_on_an_agent_over_mutual_tls() {
+    let images = images();
+    let pki = Pki::new();
+    let port = hypersdk_tests::pki::free_port();
+    let flags = tls_flags(port, &pki.issue("node-tls", Role::Agent("node-tls".into())));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let node = start_node("node-tls", images.path(), &flags).await;
+    let mut over_tls = info(&node);
+    over_tls.address = Address::Tls(format!("127.0.0.1:{port}"));
+    let ctl_cert = pki.issue("ctl", Role::Controller("ctl".into()));
+    let ctl = Controller::start_with(
+        vec![over_tls],
+        settings(),
+        Agents::default().with_tls(Some(ctl_cert)),
+    );
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    ctl.create::<VirtualMachine>(small_vm("tls-vm", false, None))
+        .await
+        .unwrap();
+    let vm = wait_for(&ctl.vms(), "tls-vm", BOOT, "Running", |v| {
+        phase(v) == Some(VmPhase::Running)
+    })
+    .await;
+    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-tls"));
+    let on_agent = agent_vm(&node, "tls-vm").await.unwrap();
+    wait_boots(&on_agent, 1, BOOT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

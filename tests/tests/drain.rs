@@ -8,7 +8,7 @@ use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMTemplate, VirtualMachine};
 use hypersdk_controller::nodes::AgentInfo;
-use hypersdk_controller::nodes::DEFAULT_FENCE_TIMEOUT;
+use hypersdk_controller::nodes::Agents;
 use hypersdk_tests::controller::*;
 use hypersdk_tests::{
     READY_MARKER, count_markers, current_counter, serial, wait_boots, wait_counter_above,
@@ -34,11 +34,7 @@ async fn a_drained_node_live_migrates_its_vms_away() {
     ];
     let infos: Vec<AgentInfo> = nodes.iter().map(info).collect();
     // node-2 takes nothing at first: both VMs land on node-1.
-    let ctl = Controller::start_with(
-        nodes_with(&infos, "node-2"),
-        settings(),
-        DEFAULT_FENCE_TIMEOUT,
-    );
+    let ctl = Controller::start_with(nodes_with(&infos, "node-2"), settings(), Agents::default());
     ctl.create::<VMTemplate>(guest_template(images.path()))
         .await
         .unwrap();

@@ -11,8 +11,8 @@ use std::time::Duration;
 use hypersdk_controller::context::Settings;
 use hypersdk_controller::crd::VirtualMachine;
 use hypersdk_controller::crd::vm::VmPhase;
-use hypersdk_controller::nodes::AgentInfo;
 use hypersdk_controller::nodes::spec::agent_name;
+use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::controller::*;
 use hypersdk_tests::link::Link;
@@ -99,7 +99,7 @@ async fn a_cut_off_node_stops_its_ha_vm_before_it_runs_elsewhere() {
         fence_margin: Duration::from_secs(2),
         ..settings()
     };
-    let ctl = Controller::start_with(infos, settings, FENCE_TIMEOUT);
+    let ctl = Controller::start_with(infos, settings, Agents::new(FENCE_TIMEOUT));
     ctl.create_ha_vm(images.path()).await;
     let first = running_on(&ctl, "ha", |_| true).await;
     let cut_off = nodes.iter().position(|n| n.name == first).unwrap();

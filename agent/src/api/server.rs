@@ -9,6 +9,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::info;
 
+use hypersdk_tls::authorize::AuthorizeLayer;
+use hypersdk_tls::server::{ServerTls, ServerTlsError};
+
 use crate::api::service::Service;
 use crate::api::simulate::Simulator;
 use crate::config::Config;
@@ -50,12 +53,18 @@ pub enum StartupError {
     #[error("--listen {addr}: {} exists and is not a socket", path.display())]
     NotASocket { addr: Address, path: PathBuf },
     /// Without TLS, anyone who reaches the port controls the VMs.
-    #[error("--listen {0}: plain gRPC is only served on loopback addresses")]
+    #[error(
+        "--listen {0}: plain gRPC is only served on loopback addresses; use https:// with --tls-cert, --tls-key and --tls-ca"
+    )]
     NotLoopback(Address),
     #[error("gRPC server task: {0}")]
     ServerTask(#[from] tokio::task::JoinError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("--listen {0}: https:// needs --tls-cert, --tls-key and --tls-ca")]
+    NoTlsFiles(Address),
+    #[error(transparent)]
+    Tls(#[from] ServerTlsError),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -93,21 +102,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let data_dir = prepare_data_dir(&config.data_dir)?;
+    let tls = config.tls.files().map(ServerTls::load).transpose()?;
     if let Some(node) = config.simulated_node() {
         info!(
             node = node.node_name,
             "agent starting with simulated VMs (--simulate)"
         );
         let service = AgentServiceServer::new(Simulator::new(node));
-        return serve(&config, &data_dir, service, shutdown).await;
+        return serve(&config, &data_dir, tls, service, shutdown).await;
     }
     let (ctx, facts) = context(&config, &data_dir)?;
     let fence = ctx.fence.clone();
     let vms = Arc::new(Vms::load(ctx).await.map_err(data_dir_error(&data_dir))?);
     tokio::spawn(crate::fence::hold::watch(fence, vms.clone()));
-    let service =
-        AgentServiceServer::new(Service::new(vms, facts)).max_decoding_message_size(16 << 20);
-    serve(&config, &data_dir, service, shutdown).await
+    let service = AgentServiceServer::new(Service::new(vms, facts, tls.clone()))
+        .max_decoding_message_size(16 << 20);
+    serve(&config, &data_dir, tls, service, shutdown).await
 }
 
 /// What every VM of this agent shares, and the node's facts for GetNode.
@@ -187,6 +197,7 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         snapshots,
         cgroups,
         events: tokio::sync::broadcast::channel(1024).0,
+        tls: config.tls.files(),
         migration_address: config.migration_address,
         migration_ports: config.migration_ports.clone(),
         allocatable_memory: config.allocatable_memory.unwrap_or(node::memory().0),
@@ -235,10 +246,12 @@ fn cgroups(parent: &str) -> (Result<Cgroups, CgroupError>, String) {
     (cgroups, facts)
 }
 
-/// Serves `service` (with gRPC health and reflection) on every --listen address until `shutdown`.
+/// Serves `service` (with gRPC health and reflection, each call authorized by the role of the
+/// client's certificate on TLS connections) on every --listen address until `shutdown`.
 async fn serve<S: AgentService>(
     config: &Config,
     data_dir: &Path,
+    tls: Option<Arc<ServerTls>>,
     service: AgentServiceServer<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
@@ -249,13 +262,17 @@ async fn serve<S: AgentService>(
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<S>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(hypersdk_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: some clients (grpcio-reflection, older grpcurl) speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hypersdk_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
     let router = tonic::transport::Server::builder()
+        .layer(AuthorizeLayer)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .add_service(service);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -275,14 +292,22 @@ async fn serve<S: AgentService>(
                 remove_stale_socket(&addr, path)?;
                 let listener = UnixListener::bind(path).map_err(listen_error(&addr))?;
                 use std::os::unix::fs::PermissionsExt;
-                // Local debugging socket: the agent's user (and group) only.
-                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+                // Local debugging socket, unauthenticated: the agent's user only.
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
                 info!(%addr, "listening");
                 servers.spawn(
                     router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped),
                 );
             }
             Address::Tcp(hostport) => {
+                // Refused before binding where the address says it all; names after.
+                if hostport
+                    .rsplit_once(':')
+                    .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+                    .is_some_and(|ip| !ip.is_loopback())
+                {
+                    return Err(StartupError::NotLoopback(addr));
+                }
                 let listener = TcpListener::bind(hostport)
                     .await
                     .map_err(listen_error(&addr))?;
@@ -294,6 +319,17 @@ async fn serve<S: AgentService>(
                 servers.spawn(
                     router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
                 );
+            }
+            Address::Tls(hostport) => {
+                let tls = tls
+                    .clone()
+                    .ok_or_else(|| StartupError::NoTlsFiles(addr.clone()))?;
+                let listener = TcpListener::bind(hostport)
+                    .await
+                    .map_err(listen_error(&addr))?;
+                let local = listener.local_addr().map_err(listen_error(&addr))?;
+                info!(%addr, %local, "listening (mutual TLS)");
+                servers.spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped));
             }
         }
     }

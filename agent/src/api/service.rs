@@ -7,6 +7,7 @@ use std::time::Duration;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_server::AgentService;
 use hypersdk_proto::endpoint::Address;
+use hypersdk_tls::server::ServerTls;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -20,11 +21,13 @@ use crate::vm::registry::Vms;
 pub struct Service {
     vms: Arc<Vms>,
     node: NodeFacts,
+    /// The TLS identity served, whose expiry GetNode reports.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Service {
-    pub fn new(vms: Arc<Vms>, node: NodeFacts) -> Self {
-        Self { vms, node }
+    pub fn new(vms: Arc<Vms>, node: NodeFacts, tls: Option<Arc<ServerTls>>) -> Self {
+        Self { vms, node, tls }
     }
 
     async fn call(&self, name: &str, op: Op) -> Result<Response<pb::Vm>, Status> {
@@ -58,9 +61,15 @@ impl AgentService for Service {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let allocated = self.vms.allocated().await;
         let lease = self.vms.context().fence.view();
-        Ok(Response::new(
-            self.node.to_proto(&meminfo, allocated, lease),
-        ))
+        let mut node = self.node.to_proto(&meminfo, allocated, lease);
+        if let Some(facts) = self.tls.as_ref().map(|t| t.facts()) {
+            node.tls_not_after = facts
+                .not_after
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            node.tls_days_left = facts.days_left();
+        }
+        Ok(Response::new(node))
     }
 
     async fn renew_lease(

@@ -109,6 +109,7 @@ impl NodeFacts {
             vm_count: allocated.2,
             cgroups: self.cgroups.clone(),
             lease: Some(lease),
+            ..Default::default()
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
+use hypersdk_tls::TlsFiles;
 use qapi::qmp;
 use tokio::sync::{broadcast, oneshot, watch};
 use tonic::Code;
@@ -36,6 +37,8 @@ pub struct Outgoing {
     pub name: String,
     pub source_node: String,
     pub target: Address,
+    /// This agent's certificate, which it presents to an `https://` target.
+    pub tls: Option<TlsFiles>,
     pub spec: pb::VmSpec,
     pub layout: pb::MachineLayout,
     pub options: Options,
@@ -81,7 +84,7 @@ enum PrepareError {
     Unreachable {
         target: Address,
         #[source]
-        source: tonic::transport::Error,
+        source: endpoint::ConnectError,
     },
     #[error("target agent did not prepare within {PREPARE_TIMEOUT:?}")]
     NotPrepared,
@@ -125,13 +128,16 @@ impl Outgoing {
     /// Connects to the target agent and has it start the receiving QEMU.
     async fn prepare(&mut self) -> Result<AgentServiceClient<Channel>, PrepareError> {
         self.update(|p| p.phase = pb::MigrationPhase::Preparing as i32);
-        let mut client = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.target))
-            .await
-            .map_err(|_| PrepareError::NoAnswer(self.target.clone()))?
-            .map_err(|source| PrepareError::Unreachable {
-                target: self.target.clone(),
-                source,
-            })?;
+        let mut client = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            endpoint::connect(&self.target, self.tls.as_ref()),
+        )
+        .await
+        .map_err(|_| PrepareError::NoAnswer(self.target.clone()))?
+        .map_err(|source| PrepareError::Unreachable {
+            target: self.target.clone(),
+            source,
+        })?;
         let req = pb::PrepareIncomingRequest {
             spec: Some(self.spec.clone()),
             layout: Some(self.layout.clone()),
@@ -449,6 +455,7 @@ impl Supervisor {
                 name: self.spec.name.clone(),
                 source_node: self.ctx.node_name.clone(),
                 target,
+                tls: self.ctx.tls.clone(),
                 spec: pb::VmSpec::from(&self.spec),
                 layout,
                 options,

@@ -73,6 +73,7 @@ async fn node(script: Script) -> Node {
         snapshots: SnapshotDirs::new(root.join("snapshots")),
         cgroups: Err(CgroupError::Disabled),
         events,
+        tls: None,
         migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
         migration_ports: "49152-49153".parse().unwrap(),
         pause_for_copy: true,

@@ -22,7 +22,7 @@ const LONGEST_RETRY: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 enum Broken {
     #[error("connecting: {0}")]
-    Connect(#[source] tonic::transport::Error),
+    Connect(#[source] endpoint::ConnectError),
     #[error("agent call: {0}")]
     Call(#[from] tonic::Status),
     #[error("the watch stream ended")]
@@ -67,7 +67,10 @@ async fn session(
     agent: &Weak<Agent>,
     address: &Address,
 ) -> Result<(), Broken> {
-    let mut client = endpoint::connect(address).await.map_err(Broken::Connect)?;
+    let tls = agents.upgrade().and_then(|a| a.tls.clone());
+    let mut client = endpoint::connect(address, tls.as_ref())
+        .await
+        .map_err(Broken::Connect)?;
     let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();
     let mut stream = client
         .watch_vms(pb::WatchVmsRequest {

@@ -106,7 +106,7 @@ pub async fn watch_pods(
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let nodes: Api<Node> = Api::all(client);
     loop {
-        match discover(&pods, &nodes, &selector, port).await {
+        match discover(&pods, &nodes, &selector, agents.scheme(), port).await {
             Ok(found) => agents.sync(found),
             Err(e) => warn!(error = %e, "listing agent pods"),
         }
@@ -118,6 +118,7 @@ async fn discover(
     pods: &Api<Pod>,
     nodes: &Api<Node>,
     selector: &str,
+    scheme: &str,
     port: u16,
 ) -> Result<Vec<AgentInfo>, kube::Error> {
     let mut out = Vec::new();
@@ -127,7 +128,7 @@ async fn discover(
         let (Some(node), Some(ip)) = (node, ip) else {
             continue;
         };
-        let Ok(address) = format!("http://{ip}:{port}").parse() else {
+        let Ok(address) = format!("{scheme}://{ip}:{port}").parse() else {
             continue;
         };
         let found = nodes.get_opt(&node).await?;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::Address;
+use hypersdk_tls::TlsFiles;
 use tokio::sync::broadcast;
 use tonic::transport::Channel;
 use tracing::{Instrument, info_span};
@@ -166,6 +167,8 @@ pub struct Agents {
     agents: RwLock<BTreeMap<String, Arc<Agent>>>,
     signals: broadcast::Sender<Signal>,
     fence_timeout: Duration,
+    /// The controller's certificate for `https://` agents, read for every new connection.
+    tls: Option<TlsFiles>,
 }
 
 impl Default for Agents {
@@ -175,13 +178,24 @@ impl Default for Agents {
 }
 
 impl Agents {
-    /// Agents whose leases last `fence_timeout`.
+    /// Agents whose leases last `fence_timeout`, reached without TLS.
     pub fn new(fence_timeout: Duration) -> Agents {
         Agents {
             agents: RwLock::default(),
             signals: broadcast::channel(65536).0,
             fence_timeout,
+            tls: None,
         }
+    }
+
+    /// The same, reaching `https://` agents with the controller's certificate.
+    pub fn with_tls(self, tls: Option<TlsFiles>) -> Agents {
+        Agents { tls, ..self }
+    }
+
+    /// The scheme agents found without an address (cluster pods) are reached with.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Signal> {
