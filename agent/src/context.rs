@@ -38,6 +38,8 @@ pub struct Context {
     pub allocatable_memory: u64,
     /// Whether this node's QEMU has virtio-mem-pci (else memory hotplug uses pc-dimm).
     pub virtio_mem: bool,
+    /// Where OVMF is looked for when a VM asks for UEFI (`--ovmf-dir`).
+    pub ovmf_dir: PathBuf,
 }
 
 /// Milliseconds since the Unix epoch.

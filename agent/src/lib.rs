@@ -10,13 +10,14 @@
 //!   and the registry of VMs.
 //! - [`qemu`]: process spawn, the QMP client, the guest-agent client.
 //! - [`host`]: accelerator choice, KVM probe, node facts, cgroups, path policy, image checks.
-//! - [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
+//! - [`firmware`], [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
 
 pub mod api;
 pub mod clone;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod firmware;
 pub mod host;
 pub mod hotplug;
 pub mod migration;

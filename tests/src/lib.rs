@@ -250,6 +250,7 @@ impl Agent {
             labels: Default::default(),
             restart_policy: pb::RestartPolicy::Never as i32,
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
+            firmware: pb::Firmware::Unspecified as i32,
         }
     }
 

@@ -168,6 +168,7 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         migration_ports: config.migration_ports.clone(),
         allocatable_memory: config.allocatable_memory.unwrap_or(node::memory().0),
         virtio_mem: qemu.virtio_mem,
+        ovmf_dir: config.ovmf_dir.clone(),
     };
     Ok((Arc::new(ctx), facts))
 }

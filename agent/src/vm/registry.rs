@@ -17,6 +17,7 @@ use crate::spec::{FieldError, VmSpec};
 /// Longest unix socket path Linux accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 use crate::qemu::process;
+use crate::firmware::nvram;
 use crate::spec::argv::{self, VmFiles};
 use crate::store::{LoadError, SavedState};
 use crate::vm::actor::{self, Init, Op, VmHandle};
@@ -161,6 +162,7 @@ impl Vms {
             spec.memory_hotplug
                 .resolve(spec.memory, spec.max_memory, self.ctx.virtio_mem)?;
         let resolved = resolve_spec(&spec, &self.ctx.policy)?;
+        nvram::resolve(spec.firmware, &self.ctx.ovmf_dir)?;
         // Keep the paths as the user wrote them, with the format read from each image.
         for (disk, seen) in spec.disks.iter_mut().zip(&resolved.disks) {
             disk.format = seen.format;

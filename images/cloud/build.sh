@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Builds a Debian 12 (bookworm) cloud disk image for HyperSDK's tests, from Debian's packages only:
+#   OUTDIR/disk.qcow2   GPT: 1 MiB BIOS boot partition (GRUB core for SeaBIOS), 16 MiB ESP
+#                       (EFI/BOOT/BOOTX64.EFI for OVMF), ext4 root filling the rest (last, so
+#                       cloud-init's growpart can grow it). Virtual size 2 GiB.
+# Inside: linux-image-cloud-amd64 with a small initramfs, systemd (networkd), cloud-init (NoCloud
+# only), qemu-guest-agent, openssh-server, GRUB's BIOS and EFI images. Kernel cmdline
+# console=ttyS0. No password anywhere: users come from cloud-init.
+# Usage: images/cloud/build.sh [OUTDIR]     (default: <repo>/target/cloud)
+# The root tree is made by mmdebstrap from the mirrors apt uses on this machine, the file system
+# by `mkfs.ext4 -d` (no mount), the disk by sfdisk + dd; a loop device is used only for
+# grub-bios-setup. Downloaded packages are kept in OUTDIR/cache/debs.
+# The build is cached: a second run with the same build.sh and customize.sh is a no-op.
+# Needs root and: mmdebstrap, grub-pc-bin, grub-efi-amd64-bin (grub-mkimage, grub-bios-setup),
+# fdisk (sfdisk), dosfstools + mtools (ESP without mounting), e2fsprogs, qemu-utils.
+set -euo pipefail
+export LC_ALL=C
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+OUT=${1:-$REPO/target/cloud}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+CACHE=$OUT/cache
+STAMP=$OUT/.stamp
+
+SUITE=bookworm
+DISK_MIB=2048
+BIOS_MIB=1
+ESP_MIB=16
+# Fixed identifiers: every VM made from this image has the same ones, as with any cloud image.
+ROOT_UUID=6a1b5e0c-9a53-4a3c-8d1e-2f4b7c9d0e11
+ROOT_LABEL=cloudimg-rootfs
+PACKAGES=(
+  linux-image-cloud-amd64 initramfs-tools zstd systemd-sysv udev dbus
+  cloud-init cloud-guest-utils e2fsprogs iproute2 sudo
+  qemu-guest-agent openssh-server grub-pc-bin grub-efi-amd64-bin grub2-common
+)
+# Timers and services a short-lived test VM does not need; each costs boot time under TCG.
+MASK=(
+  apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer
+  dpkg-db-backup.timer man-db.timer getty@tty1.service systemd-pstore.service
+)
+GRUB_MODULES=(part_gpt part_msdos ext2 fat search search_fs_uuid configfile normal linux echo test serial terminal)
+
+log() { echo "cloud: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+input_hash() {
+  cat "$HERE/build.sh" "$HERE/customize.sh" | sha256sum | cut -d' ' -f1
+}
+is_fresh() { [[ -f $STAMP && "$(cat "$STAMP")" == "$1" && -s $OUT/disk.qcow2 ]]; }
+
+HASH=$(input_hash)
+if is_fresh "$HASH"; then
+  echo "cloud: cached in $OUT ($(cat "$OUT/.summary" 2>/dev/null || echo disk.qcow2))"
+  exit 0
+fi
+exec 9>"$OUT/.lock" # one build at a time per OUTDIR
+flock 9
+if is_fresh "$HASH"; then
+  echo "cloud: cached in $OUT (built concurrently)"
+  exit 0
+fi
+[[ $(id -u) -eq 0 ]] || die "needs root (mmdebstrap chroot, loop device for grub-bios-setup)"
+T0=$(date +%s)
+
+WORK=$CACHE/work
+LOOP=""
+cleanup() {
+  [[ -z $LOOP ]] || losetup -d "$LOOP" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+rm -rf "$WORK"
+mkdir -p "$WORK" "$CACHE/debs"
+
+# ---------------------------------------------------------------------------------------------
+# root tree, kept in the cache while its inputs are unchanged (the disk layout below can then
+# be rebuilt in a minute)
+# ---------------------------------------------------------------------------------------------
+TREE=$CACHE/tree
+# The mirrors apt uses here, for the bookworm suites (not backports).
+mapfile -t SOURCES < <(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
+  awk -v s="$SUITE" '$2 == s || $2 == s "-updates" || $2 == s "-security" { print "deb " $1 " " $2 " main" }' | sort -u)
+((${#SOURCES[@]})) || die "apt has no $SUITE sources (run apt-get update)"
+# Written before any package is configured, so the kernel's first initramfs is already small.
+SETUP_INITRAMFS='mkdir -p "$1/etc/initramfs-tools/conf.d" && printf "MODULES=list\nCOMPRESS=zstd\nBUSYBOX=n\n" >"$1/etc/initramfs-tools/conf.d/hypersdk.conf"'
+TREE_KEY=$( (cat "$HERE/customize.sh"; echo "${PACKAGES[*]} ${MASK[*]} $SUITE $ROOT_UUID $SETUP_INITRAMFS") | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$TREE.key" 2>/dev/null)" != "$TREE_KEY" ]]; then
+  rm -rf "$TREE" "$TREE.tmp" "$TREE.key"
+  log "mmdebstrap $SUITE from ${SOURCES[*]}"
+  mmdebstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
+    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --skip=download/empty --skip=essential/unlink \
+    --setup-hook='mkdir -p "$1/var/cache/apt/archives"' \
+    --setup-hook="sync-in $CACHE/debs /var/cache/apt/archives/" \
+    --setup-hook="$SETUP_INITRAMFS" \
+    --customize-hook="sync-out /var/cache/apt/archives $CACHE/debs" \
+    --customize-hook="$HERE/customize.sh \"\$1\" $ROOT_UUID ${MASK[*]}" \
+    --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*_Packages' \
+    "$SUITE" "$TREE.tmp" "${SOURCES[@]}" >&2
+  mv "$TREE.tmp" "$TREE"
+  echo "$TREE_KEY" >"$TREE.key"
+fi
+KVER=$(cd "$TREE/lib/modules" && ls | head -n1)
+[[ -f $TREE/boot/vmlinuz-$KVER && -f $TREE/boot/initrd.img-$KVER ]] || die "no kernel/initrd in the tree"
+
+# ---------------------------------------------------------------------------------------------
+# boot loaders: GRUB images with their modules built in, an early config that finds the root
+# file system, and one grub.cfg on it for both
+# ---------------------------------------------------------------------------------------------
+CMDLINE="root=UUID=$ROOT_UUID ro console=ttyS0,115200n8 quiet"
+mkdir -p "$TREE/boot/grub"
+cat >"$TREE/boot/grub/grub.cfg" <<EOF
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set default=0
+set timeout=0
+set timeout_style=hidden
+menuentry 'Debian GNU/Linux 12 (HyperSDK cloud image)' {
+  linux /boot/vmlinuz-$KVER $CMDLINE
+  initrd /boot/initrd.img-$KVER
+}
+EOF
+cat >"$WORK/early.cfg" <<EOF
+search --no-floppy --fs-uuid --set=root $ROOT_UUID
+set prefix=(\$root)/boot/grub
+configfile \$prefix/grub.cfg
+EOF
+GRUBLIB=$TREE/usr/lib/grub
+mkdir -p "$WORK/bios"
+cp "$GRUBLIB/i386-pc/boot.img" "$WORK/bios/"
+grub-mkimage -O i386-pc -d "$GRUBLIB/i386-pc" -o "$WORK/bios/core.img" -c "$WORK/early.cfg" \
+  -p /boot/grub biosdisk "${GRUB_MODULES[@]}"
+grub-mkimage -O x86_64-efi -d "$GRUBLIB/x86_64-efi" -o "$WORK/BOOTX64.EFI" -c "$WORK/early.cfg" \
+  -p /boot/grub "${GRUB_MODULES[@]}"
+
+# ---------------------------------------------------------------------------------------------
+# partitions, each made as a file, then laid into the disk
+# ---------------------------------------------------------------------------------------------
+ROOT_MIB=$((DISK_MIB - 1 - BIOS_MIB - ESP_MIB - 1)) # 1 MiB before, 1 MiB for the backup GPT
+mkfs.vfat -C -n EFI "$WORK/esp.img" $((ESP_MIB * 1024)) >/dev/null
+mmd -i "$WORK/esp.img" ::/EFI ::/EFI/BOOT
+mcopy -i "$WORK/esp.img" "$WORK/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+log "mkfs.ext4 -d ($(du -sm "$TREE" | cut -f1) MiB of files)"
+mkfs.ext4 -q -F -L "$ROOT_LABEL" -U "$ROOT_UUID" -d "$TREE" \
+  -E root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0 "$WORK/root.img" "${ROOT_MIB}M"
+
+DISK=$WORK/disk.raw
+truncate -s "${DISK_MIB}M" "$DISK"
+sfdisk -q "$DISK" <<EOF
+label: gpt
+start=1MiB, size=${BIOS_MIB}MiB, type=21686148-6449-6E6F-744E-656564454649, name=bios
+size=${ESP_MIB}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp
+size=${ROOT_MIB}MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root
+EOF
+dd if="$WORK/esp.img" of="$DISK" bs=1M seek=$((1 + BIOS_MIB)) conv=notrunc,sparse status=none
+dd if="$WORK/root.img" of="$DISK" bs=1M seek=$((1 + BIOS_MIB + ESP_MIB)) conv=notrunc,sparse status=none
+# boot.img into the protective MBR, core.img into the BIOS boot partition.
+LOOP=$(losetup -f --show "$DISK")
+/usr/lib/grub/i386-pc/grub-bios-setup -s -d "$WORK/bios" "$LOOP"
+losetup -d "$LOOP"
+LOOP=""
+
+rm -f "$STAMP"
+qemu-img convert -f raw -O qcow2 -c "$DISK" "$OUT/disk.qcow2.tmp"
+mv -f "$OUT/disk.qcow2.tmp" "$OUT/disk.qcow2"
+SUMMARY="Debian $SUITE, kernel $KVER, $(($(stat -c %s "$OUT/disk.qcow2") >> 20)) MiB qcow2, ${DISK_MIB} MiB virtual"
+echo "$SUMMARY" >"$OUT/.summary"
+echo "$HASH" >"$STAMP"
+log "built $OUT/disk.qcow2 in $(($(date +%s) - T0))s: $SUMMARY"
