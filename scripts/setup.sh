@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a Debian machine, only when missing:
-# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, cargo-nextest, and the test guest.
+# QEMU 10 (bookworm-backports), qemu-img, OVMF, the guest and cloud image build tools,
+# cargo-nextest, the test guest and the cloud image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,13 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)
+# The cloud image build (images/cloud/build.sh).
+command -v mmdebstrap >/dev/null || need_pkgs+=(mmdebstrap)
+command -v grub-mkimage >/dev/null || need_pkgs+=(grub-common)
+command -v sfdisk >/dev/null || need_pkgs+=(fdisk)
+command -v mkfs.vfat >/dev/null || need_pkgs+=(dosfstools)
+command -v mcopy >/dev/null || need_pkgs+=(mtools)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
@@ -38,3 +46,4 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 images/guest/build.sh target/guest
+images/cloud/build.sh target/cloud

@@ -8,11 +8,11 @@
 # console=ttyS0. No password anywhere: users come from cloud-init.
 # Usage: images/cloud/build.sh [OUTDIR]     (default: <repo>/target/cloud)
 # The root tree is made by mmdebstrap from the mirrors apt uses on this machine, the file system
-# by `mkfs.ext4 -d` (no mount), the disk by sfdisk + dd; a loop device is used only for
-# grub-bios-setup. Downloaded packages are kept in OUTDIR/cache/debs.
+# by `mkfs.ext4 -d`, the ESP by mkfs.vfat + mtools, the disk by sfdisk + dd, the boot loaders by
+# grub-mkimage: no mount, no loop device. Downloaded packages are kept in OUTDIR/cache/debs.
 # The build is cached: a second run with the same build.sh and customize.sh is a no-op.
-# Needs root and: mmdebstrap, grub-pc-bin, grub-efi-amd64-bin (grub-mkimage, grub-bios-setup),
-# fdisk (sfdisk), dosfstools + mtools (ESP without mounting), e2fsprogs, qemu-utils.
+# Needs root and: mmdebstrap, grub-common (grub-mkimage; the GRUB modules come from the image),
+# fdisk (sfdisk), dosfstools + mtools, e2fsprogs, qemu-utils.
 set -euo pipefail
 export LC_ALL=C
 
@@ -32,7 +32,7 @@ ESP_MIB=16
 ROOT_UUID=6a1b5e0c-9a53-4a3c-8d1e-2f4b7c9d0e11
 ROOT_LABEL=cloudimg-rootfs
 PACKAGES=(
-  linux-image-cloud-amd64 initramfs-tools zstd systemd-sysv udev dbus
+  linux-image-cloud-amd64 initramfs-tools zstd systemd-sysv systemd-resolved udev dbus
   cloud-init cloud-guest-utils e2fsprogs iproute2 sudo
   qemu-guest-agent openssh-server grub-pc-bin grub-efi-amd64-bin grub2-common
 )
@@ -40,10 +40,18 @@ PACKAGES=(
 MASK=(
   apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer
   dpkg-db-backup.timer man-db.timer getty@tty1.service systemd-pstore.service
+  systemd-binfmt.service dev-hugepages.mount sys-kernel-debug.mount sys-kernel-tracing.mount
+  sys-fs-fuse-connections.mount modprobe@drm.service modprobe@fuse.service
 )
 GRUB_MODULES=(part_gpt part_msdos ext2 fat search search_fs_uuid configfile normal linux echo test serial terminal)
 
 log() { echo "cloud: $*" >&2; }
+# put_le FILE OFFSET BYTES VALUE: writes VALUE little-endian into FILE at OFFSET.
+put_le() {
+  local i hex=""
+  for ((i = 0; i < $3; i++)); do hex+=$(printf '\\x%02x' $((($4 >> (8 * i)) & 255))); done
+  printf '%b' "$hex" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
 die() { log "error: $*"; exit 1; }
 
 input_hash() {
@@ -62,16 +70,11 @@ if is_fresh "$HASH"; then
   echo "cloud: cached in $OUT (built concurrently)"
   exit 0
 fi
-[[ $(id -u) -eq 0 ]] || die "needs root (mmdebstrap chroot, loop device for grub-bios-setup)"
+[[ $(id -u) -eq 0 ]] || die "needs root (mmdebstrap runs the packages' scripts in a chroot)"
 T0=$(date +%s)
 
 WORK=$CACHE/work
-LOOP=""
-cleanup() {
-  [[ -z $LOOP ]] || losetup -d "$LOOP" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap 'rm -rf "$WORK"' EXIT
 rm -rf "$WORK"
 mkdir -p "$WORK" "$CACHE/debs"
 
@@ -159,11 +162,17 @@ size=${ROOT_MIB}MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root
 EOF
 dd if="$WORK/esp.img" of="$DISK" bs=1M seek=$((1 + BIOS_MIB)) conv=notrunc,sparse status=none
 dd if="$WORK/root.img" of="$DISK" bs=1M seek=$((1 + BIOS_MIB + ESP_MIB)) conv=notrunc,sparse status=none
-# boot.img into the protective MBR, core.img into the BIOS boot partition.
-LOOP=$(losetup -f --show "$DISK")
-/usr/lib/grub/i386-pc/grub-bios-setup -s -d "$WORK/bios" "$LOOP"
-losetup -d "$LOOP"
-LOOP=""
+# What grub-bios-setup does (it needs the block device of its own directory, which a
+# container may not have): boot.img's code into the protective MBR, told where core.img starts;
+# core.img into the BIOS boot partition, its first sector told where the rest of it is.
+BIOS_LBA=2048
+(($(stat -c %s "$WORK/bios/core.img") <= BIOS_MIB << 20)) || die "core.img does not fit the BIOS boot partition"
+put_le "$WORK/bios/boot.img" $((0x5c)) 8 $BIOS_LBA # kernel (core.img) sector
+put_le "$WORK/bios/boot.img" $((0x64)) 1 $((0xff)) # boot drive: the one the BIOS booted
+put_le "$WORK/bios/boot.img" $((0x66)) 2 $((0x9090)) # hard disk: skip the floppy drive check
+put_le "$WORK/bios/core.img" $((0x200 - 12)) 8 $((BIOS_LBA + 1)) # diskboot's block list
+dd if="$WORK/bios/boot.img" of="$DISK" bs=440 count=1 conv=notrunc status=none
+dd if="$WORK/bios/core.img" of="$DISK" bs=512 seek=$BIOS_LBA conv=notrunc status=none
 
 rm -f "$STAMP"
 qemu-img convert -f raw -O qcow2 -c "$DISK" "$OUT/disk.qcow2.tmp"

@@ -7,8 +7,9 @@ use hypersdk_proto::agent::v1 as pb;
 
 use crate::quantity::format_bytes;
 use crate::spec::{
-    Boot, Disk, DiskFormat, FieldError, Firmware, MAX_VCPUS, MemoryHotplug, Network, NetworkBackend,
-    RestartPolicy, VmSpec, check_cmdline, check_name, check_path_shape, check_unique, parse_memory,
+    Boot, Disk, DiskFormat, FieldError, Firmware, MAX_VCPUS, MemoryHotplug, Network,
+    NetworkBackend, RestartPolicy, VmSpec, check_cmdline, check_name, check_path_shape,
+    check_unique, parse_memory,
 };
 
 impl TryFrom<pb::VmSpec> for VmSpec {

@@ -12,6 +12,9 @@ use crate::spec::FieldError;
 
 pub mod nvram;
 
+/// A UEFI VM's variable store, in its directory (and in each of its snapshots).
+pub const NVRAM_FILE: &str = "uefi-vars.fd";
+
 /// Where Debian's `ovmf` package installs its images.
 pub const DEFAULT_OVMF_DIR: &str = "/usr/share/OVMF";
 
@@ -94,10 +97,25 @@ mod tests {
     #[test]
     fn prefers_the_4m_build_and_needs_both_files() {
         let dir = Path::new("/usr/share/OVMF");
-        let both = pick(dir, only(&["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "OVMF_CODE.fd", "OVMF_VARS.fd"]));
+        let both = pick(
+            dir,
+            only(&[
+                "OVMF_CODE_4M.fd",
+                "OVMF_VARS_4M.fd",
+                "OVMF_CODE.fd",
+                "OVMF_VARS.fd",
+            ]),
+        );
         assert_eq!(both.unwrap().code, dir.join("OVMF_CODE_4M.fd"));
-        let old = pick(dir, only(&["OVMF_CODE_4M.fd", "OVMF_CODE.fd", "OVMF_VARS.fd"])).unwrap();
-        assert_eq!((old.code, old.vars), (dir.join("OVMF_CODE.fd"), dir.join("OVMF_VARS.fd")));
+        let old = pick(
+            dir,
+            only(&["OVMF_CODE_4M.fd", "OVMF_CODE.fd", "OVMF_VARS.fd"]),
+        )
+        .unwrap();
+        assert_eq!(
+            (old.code, old.vars),
+            (dir.join("OVMF_CODE.fd"), dir.join("OVMF_VARS.fd"))
+        );
         assert_eq!(pick(dir, only(&["OVMF_CODE_4M.fd"])), None);
     }
 
@@ -107,8 +125,14 @@ mod tests {
         assert_eq!(loader(Firmware::Bios, None, dir), Ok(Loader::SeaBios));
         let e = loader(Firmware::Uefi, None, dir).unwrap_err();
         assert_eq!(e.field, "spec.firmware");
-        assert!(e.message.contains("/nowhere") && e.message.contains("ovmf package"), "{e}");
+        assert!(
+            e.message.contains("/nowhere") && e.message.contains("ovmf package"),
+            "{e}"
+        );
         let ovmf = pick(dir, |_| true).unwrap();
-        assert_eq!(loader(Firmware::Uefi, Some(ovmf.clone()), dir), Ok(Loader::Uefi(ovmf)));
+        assert_eq!(
+            loader(Firmware::Uefi, Some(ovmf.clone()), dir),
+            Ok(Loader::Uefi(ovmf))
+        );
     }
 }

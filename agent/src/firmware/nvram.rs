@@ -3,7 +3,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::firmware::{Firmware, Loader, Ovmf, loader, pick};
+use crate::firmware::{Firmware, Loader, NVRAM_FILE, Ovmf, loader, pick};
 use crate::spec::FieldError;
 
 /// The OVMF installed in `dir`, if any.
@@ -30,8 +30,66 @@ pub fn ensure(loader: &Loader, nvram: &Path) -> io::Result<()> {
     if nvram.exists() {
         return Ok(());
     }
-    // Copied beside the target, then renamed: a crash never leaves a short file behind.
-    let partial = nvram.with_extension("fd.partial");
-    std::fs::copy(&ovmf.vars, &partial)?;
-    std::fs::rename(&partial, nvram)
+    replace(&ovmf.vars, nvram)
+}
+
+/// Keeps a copy of the VM's NVRAM (if it has one) in the snapshot directory `snapshot`.
+pub fn save(nvram: &Path, snapshot: &Path) -> io::Result<()> {
+    match std::fs::copy(nvram, snapshot.join(NVRAM_FILE)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Puts the NVRAM kept in the snapshot directory `snapshot` (if any) back as the VM's.
+pub fn restore(snapshot: &Path, nvram: &Path) -> io::Result<()> {
+    let kept = snapshot.join(NVRAM_FILE);
+    if !kept.exists() {
+        return Ok(());
+    }
+    replace(&kept, nvram)
+}
+
+/// Copies `from` beside `to`, then renames it: a crash never leaves a short file behind.
+fn replace(from: &Path, to: &Path) -> io::Result<()> {
+    let partial = to.with_extension("partial");
+    std::fs::copy(from, &partial)?;
+    std::fs::rename(&partial, to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvram_is_made_once_and_travels_with_snapshots() {
+        let d = tempfile::tempdir().unwrap();
+        let (vars, nvram, snap) = (
+            d.path().join("VARS.fd"),
+            d.path().join(NVRAM_FILE),
+            d.path().join("snap"),
+        );
+        std::fs::create_dir(&snap).unwrap();
+        std::fs::write(&vars, b"pristine").unwrap();
+        let uefi = Loader::Uefi(Ovmf {
+            code: "/c".into(),
+            vars,
+        });
+        ensure(&Loader::SeaBios, &nvram).unwrap();
+        assert!(!nvram.exists(), "SeaBIOS needs no NVRAM");
+        save(&nvram, &snap).unwrap();
+        assert!(
+            !snap.join(NVRAM_FILE).exists(),
+            "nothing to keep without one"
+        );
+        ensure(&uefi, &nvram).unwrap();
+        assert_eq!(std::fs::read(&nvram).unwrap(), b"pristine");
+        std::fs::write(&nvram, b"boot entries").unwrap();
+        ensure(&uefi, &nvram).unwrap();
+        assert_eq!(std::fs::read(&nvram).unwrap(), b"boot entries", "kept");
+        save(&nvram, &snap).unwrap();
+        std::fs::write(&nvram, b"later").unwrap();
+        restore(&snap, &nvram).unwrap();
+        assert_eq!(std::fs::read(&nvram).unwrap(), b"boot entries");
+    }
 }

@@ -29,7 +29,7 @@ impl VmFiles {
             qmp_socket: dir.join("qmp.sock"),
             qga_socket: dir.join("qga.sock"),
             serial_log: dir.join("serial.log"),
-            uefi_vars: dir.join("uefi-vars.fd"),
+            uefi_vars: dir.join(crate::firmware::NVRAM_FILE),
         }
     }
 }
@@ -349,7 +349,8 @@ mod tests {
         }
         assert_eq!(value_of(&argv, "-machine"), ["q35"]);
         assert!(
-            value_of(&argv, "-device").contains(&"virtio-blk-pci,id=vdisk0,drive=disk0,bootindex=0")
+            value_of(&argv, "-device")
+                .contains(&"virtio-blk-pci,id=vdisk0,drive=disk0,bootindex=0")
         );
         let kernel_boot = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
         assert!(!kernel_boot.iter().any(|a| a.contains("bootindex")));
@@ -376,12 +377,19 @@ mod tests {
             .filter(|b: &serde_json::Value| b["node-name"].as_str().unwrap().starts_with("fw-"))
             .collect();
         assert_eq!(flash[0]["node-name"], "fw-code");
-        assert_eq!(flash[0]["file"]["filename"], "/usr/share/OVMF/OVMF_CODE_4M.fd");
+        assert_eq!(
+            flash[0]["file"]["filename"],
+            "/usr/share/OVMF/OVMF_CODE_4M.fd"
+        );
         assert_eq!(flash[0]["read-only"], true);
         assert_eq!(flash[1]["node-name"], "fw-vars");
         assert_eq!(flash[1]["file"]["filename"], "/data/vms/web-1/uefi-vars.fd");
         assert_eq!(flash[1]["read-only"], false);
-        assert_eq!(flash.len(), 2, "the pristine variable store is never opened");
+        assert_eq!(
+            flash.len(),
+            2,
+            "the pristine variable store is never opened"
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use crate::spec::{FieldError, VmSpec};
 
 /// Longest unix socket path Linux accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
-use crate::qemu::process;
 use crate::firmware::nvram;
+use crate::qemu::process;
 use crate::spec::argv::{self, VmFiles};
 use crate::store::{LoadError, SavedState};
 use crate::vm::actor::{self, Init, Op, VmHandle};

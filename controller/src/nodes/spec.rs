@@ -8,9 +8,7 @@ use std::collections::HashMap;
 
 use crate::crd::operation::MigrateSpec;
 use crate::crd::template::{DefaultSpec, ImageFormat, VMTemplateSpec};
-use crate::crd::vm::{
-    Disk, Firmware, MemoryHotplug, Network, RestartPolicy, VirtualMachineSpec,
-};
+use crate::crd::vm::{Disk, Firmware, MemoryHotplug, Network, RestartPolicy, VirtualMachineSpec};
 
 /// Labels that tie an agent VM back to its VirtualMachine.
 pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
@@ -402,11 +400,25 @@ mod tests {
         assert_eq!(b.spec.boot, None);
         assert_eq!(b.spec.firmware, pb::Firmware::Uefi as i32);
         assert_eq!(b.spec.disks[0].path, "/images/debian.qcow2");
-        let own = build("d", "v", &vm("cpus: 1\nmemory: 1Gi\nfirmware: bios"), Some(&t)).unwrap();
-        assert_eq!(own.spec.firmware, pb::Firmware::Bios as i32, "the VM's own wins");
-        let e = serde_yaml_ng::from_str::<VirtualMachineSpec>("cpus: 1\nmemory: 1Gi\nfirmware: efi")
-            .unwrap_err();
-        assert!(e.to_string().contains("firmware") && e.to_string().contains("uefi"), "{e}");
+        let own = build(
+            "d",
+            "v",
+            &vm("cpus: 1\nmemory: 1Gi\nfirmware: bios"),
+            Some(&t),
+        )
+        .unwrap();
+        assert_eq!(
+            own.spec.firmware,
+            pb::Firmware::Bios as i32,
+            "the VM's own wins"
+        );
+        let e =
+            serde_yaml_ng::from_str::<VirtualMachineSpec>("cpus: 1\nmemory: 1Gi\nfirmware: efi")
+                .unwrap_err();
+        assert!(
+            e.to_string().contains("firmware") && e.to_string().contains("uefi"),
+            "{e}"
+        );
     }
 
     #[test]
