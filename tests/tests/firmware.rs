@@ -107,9 +107,10 @@ async fn uefi_without_ovmf_and_unknown_firmware_are_refused() {
     let refused = |spec: pb::VmSpec| {
         let mut c = c.clone();
         async move {
+            // Not started: the check is the create's own, not the first start's.
             c.create_vm(pb::CreateVmRequest {
                 spec: Some(spec),
-                start: true,
+                start: false,
             })
             .await
             .expect_err("refused")
