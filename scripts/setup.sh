@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a Debian machine, only when missing:
-# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, cargo-nextest, the test guest, and
-# the container runtime of the one-node cluster (scripts/cluster.sh).
+# QEMU 10 (bookworm-backports), qemu-img, OVMF, the guest and cloud image build tools,
+# cargo-nextest, the test guest, the cloud image, and the container runtime of the one-node
+# cluster (scripts/cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,13 @@ command -v conntrack >/dev/null || need_pkgs+=(conntrack)
 command -v jq >/dev/null || need_pkgs+=(jq)
 # The image import benchmark compares the agent with curl.
 command -v curl >/dev/null || need_pkgs+=(curl)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)
+# The cloud image build (images/cloud/build.sh).
+command -v mmdebstrap >/dev/null || need_pkgs+=(mmdebstrap)
+command -v grub-mkimage >/dev/null || need_pkgs+=(grub-common)
+command -v sfdisk >/dev/null || need_pkgs+=(fdisk)
+command -v mkfs.vfat >/dev/null || need_pkgs+=(dosfstools)
+command -v mcopy >/dev/null || need_pkgs+=(mtools)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
@@ -49,3 +57,4 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 images/guest/build.sh target/guest
+images/cloud/build.sh target/cloud

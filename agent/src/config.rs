@@ -63,6 +63,10 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_QEMU_IMG", default_value = "qemu-img")]
     pub qemu_img: PathBuf,
 
+    /// Where OVMF's images are (Debian's `ovmf` package), for VMs with `firmware: uefi`.
+    #[arg(long, env = "HYPERSDK_OVMF_DIR", default_value = crate::firmware::DEFAULT_OVMF_DIR)]
+    pub ovmf_dir: PathBuf,
+
     /// Where snapshots are kept (default: DATA_DIR/snapshots).
     #[arg(long, env = "HYPERSDK_SNAPSHOT_DIR")]
     pub snapshot_dir: Option<PathBuf>,

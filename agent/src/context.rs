@@ -48,6 +48,8 @@ pub struct Context {
     pub virtio_mem: bool,
     /// The controller's lease on this node.
     pub fence: std::sync::Arc<crate::fence::hold::Hold>,
+    /// Where OVMF is looked for when a VM asks for UEFI (`--ovmf-dir`).
+    pub ovmf_dir: PathBuf,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -12,7 +12,7 @@
 //! - [`host`]: accelerator choice, KVM probe, node facts, cgroups, path policy, image checks.
 //! - [`image`]: images from URLs or node paths, verified, in the node's cache.
 //! - [`disks`]: the disks the agent makes (overlays, blank disks); [`cloudinit`]: NoCloud.
-//! - [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
+//! - [`firmware`], [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
 //! - [`fence`]: the controller's lease, and stopping highly available VMs when it runs out.
 
 pub mod api;
@@ -23,6 +23,7 @@ pub mod context;
 pub mod disks;
 pub mod error;
 pub mod fence;
+pub mod firmware;
 pub mod host;
 pub mod hotplug;
 pub mod image;

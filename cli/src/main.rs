@@ -145,6 +145,7 @@ struct CreateArgs {
     max_cpus: u32,
     #[arg(long, default_value = "")]
     max_memory: String,
+    /// Kernel for direct boot; without it the firmware boots the first disk.
     #[arg(long, default_value = "")]
     kernel: String,
     #[arg(long, default_value = "")]
@@ -167,6 +168,9 @@ struct CreateArgs {
     /// ACPI pc-dimm for guests without a virtio-mem driver (dimm).
     #[arg(long, value_enum, default_value = "auto")]
     memory_hotplug: manifest::MemoryHotplug,
+    /// The firmware: SeaBIOS (bios) or OVMF (uefi, with the VM's own NVRAM).
+    #[arg(long, value_enum, default_value = "bios")]
+    firmware: manifest::Firmware,
 }
 
 #[derive(Args)]
@@ -216,6 +220,7 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
         // Only the controller moves VMs between nodes, and fences them for it.
         high_availability: false,
         cloud_init: None,
+        firmware: a.firmware.to_proto() as i32,
     }
 }
 

@@ -74,6 +74,24 @@ impl MemoryHotplug {
     }
 }
 
+/// `spec.firmware`, as in the VirtualMachine CRD.
+#[derive(Debug, Clone, Copy, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    pub fn to_proto(self) -> pb::Firmware {
+        match self {
+            Firmware::Bios => pb::Firmware::Bios,
+            Firmware::Uefi => pb::Firmware::Uefi,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct HighAvailability {
@@ -98,6 +116,8 @@ struct Spec {
     running: bool,
     #[serde(default)]
     boot: Boot,
+    #[serde(default)]
+    firmware: Firmware,
     #[serde(default)]
     disks: Vec<Disk>,
     #[serde(default)]
@@ -203,6 +223,7 @@ pub fn parse(yaml: &str) -> Result<(pb::VmSpec, bool), ManifestError> {
         memory_hotplug: m.spec.memory_hotplug.to_proto() as i32,
         // Only the controller moves VMs between nodes, and fences them for it.
         high_availability: false,
+        firmware: m.spec.firmware.to_proto() as i32,
     };
     Ok((spec, m.spec.running))
 }

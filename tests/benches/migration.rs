@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use hypersdk_agent::firmware::Loader;
 use hypersdk_agent::host::accel::Accel;
 use hypersdk_agent::host::paths::PathPolicy;
 use hypersdk_agent::migration::{self, Options, QemuStatus};
@@ -210,6 +211,7 @@ impl RawVm {
             &self.spec,
             &VmFiles::in_dir(&self.dirs[self.at]),
             self.accel,
+            &Loader::SeaBios,
         )
     }
 

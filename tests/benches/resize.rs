@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hypersdk_agent::firmware::Loader;
 use hypersdk_agent::host::accel::Accel;
 use hypersdk_agent::hotplug;
 use hypersdk_agent::qemu::qga::Qga;
@@ -30,7 +31,7 @@ impl Raw {
         std::fs::create_dir_all(dir).unwrap();
         let files = VmFiles::in_dir(dir);
         let child = tokio::process::Command::new("qemu-system-x86_64")
-            .args(argv::build(spec, &files, accel))
+            .args(argv::build(spec, &files, accel, &Loader::SeaBios))
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();

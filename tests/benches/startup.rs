@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hypersdk_agent::firmware::Loader;
 use hypersdk_agent::host::accel::Accel;
 use hypersdk_agent::qemu::qmp::Qmp;
 use hypersdk_agent::spec::VmSpec;
@@ -43,7 +44,7 @@ async fn wait_marker(serial: &Path, t0: Instant) -> Duration {
 async fn raw_run(spec: &VmSpec, dir: &Path, accel: Accel) -> Sample {
     std::fs::create_dir_all(dir).unwrap();
     let files = VmFiles::in_dir(dir);
-    let args = argv::build(spec, &files, accel);
+    let args = argv::build(spec, &files, accel, &Loader::SeaBios);
     let t0 = Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
         .args(&args)

@@ -74,29 +74,41 @@ pub struct Guest {
     pub disk: PathBuf,
 }
 
-/// Builds the guest if needed (cached by the build script; serialised across test processes).
-pub fn guest() -> Guest {
-    let out = repo_root().join("target/guest");
-    let lock_path = repo_root().join("target/guest.lock");
+/// Runs the image build `script` for `out` (the script caches its result), one test process at a
+/// time.
+fn build_image(script: &str, out: &Path) {
     std::fs::create_dir_all(repo_root().join("target")).unwrap();
-    let lock = std::fs::File::create(&lock_path).unwrap();
+    let lock = std::fs::File::create(out.with_extension("lock")).unwrap();
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map(|guard| {
-            let status = Command::new(repo_root().join("images/guest/build.sh"))
-                .arg(&out)
+            let status = Command::new(repo_root().join(script))
+                .arg(out)
                 .stdout(Stdio::null())
                 .status()
-                .expect("running images/guest/build.sh");
-            assert!(status.success(), "images/guest/build.sh failed");
+                .unwrap_or_else(|e| panic!("running {script}: {e}"));
+            assert!(status.success(), "{script} failed");
             drop(guard);
         })
         .map_err(|(_, e)| e)
-        .expect("locking the guest build");
+        .expect("locking the image build");
+}
+
+/// Builds the guest if needed (cached by the build script; serialised across test processes).
+pub fn guest() -> Guest {
+    let out = repo_root().join("target/guest");
+    build_image("images/guest/build.sh", &out);
     Guest {
         kernel: out.join("vmlinuz"),
         initrd: out.join("initrd.img"),
         disk: out.join("disk.qcow2"),
     }
+}
+
+/// The Debian cloud image (images/cloud), built if needed.
+pub fn cloud_image() -> PathBuf {
+    let out = repo_root().join("target/cloud");
+    build_image("images/cloud/build.sh", &out);
+    out.join("disk.qcow2")
 }
 
 /// A `hypersdk-agent` process with its own data and image directories. On drop, the agent and
@@ -261,6 +273,43 @@ impl Agent {
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
             high_availability: false,
             cloud_init: None,
+            firmware: pb::Firmware::Unspecified as i32,
+        }
+    }
+
+    /// A spec booting the Debian cloud image through `firmware`, on a writable overlay of its
+    /// own (made on first use) over one copy of the image in the agent's image dir.
+    pub fn cloud_spec(&self, name: &str, firmware: pb::Firmware) -> pb::VmSpec {
+        let images = self.dir.path().join("images");
+        let base = images.join("debian-12.qcow2");
+        if !base.exists() {
+            std::fs::copy(cloud_image(), &base).unwrap();
+        }
+        let disk = images.join(format!("{name}.qcow2"));
+        if !disk.exists() {
+            let status = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .args([&base, &disk])
+                .status()
+                .unwrap();
+            assert!(status.success(), "qemu-img create {}", disk.display());
+        }
+        pb::VmSpec {
+            name: name.into(),
+            cpus: 1,
+            memory: "512Mi".into(),
+            firmware: firmware as i32,
+            disks: vec![pb::Disk {
+                name: "root".into(),
+                path: disk.to_string_lossy().into(),
+                ..Default::default()
+            }],
+            networks: vec![pb::Network {
+                name: "default".into(),
+                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+            }],
+            restart_policy: pb::RestartPolicy::Never as i32,
+            ..Default::default()
         }
     }
 

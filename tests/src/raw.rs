@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use hypersdk_agent::firmware::Loader;
 use hypersdk_agent::host::accel::Accel;
 use hypersdk_agent::migration::{self, Options};
 use hypersdk_agent::qemu::qmp::Qmp;
@@ -27,7 +28,7 @@ impl RawQemu {
             let _ = std::fs::remove_file(sock);
         }
         let mut child = tokio::process::Command::new("qemu-system-x86_64")
-            .args(argv::build(spec, &files, accel))
+            .args(argv::build(spec, &files, accel, &Loader::SeaBios))
             .args(extra)
             .current_dir(dir)
             .stdin(std::process::Stdio::null())

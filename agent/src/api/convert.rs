@@ -9,8 +9,9 @@ use crate::cloudinit::CloudInit;
 use crate::image::{ImageRef, Source, parse_image};
 use crate::quantity::format_bytes;
 use crate::spec::{
-    Boot, Disk, DiskFormat, FieldError, MAX_VCPUS, Made, MemoryHotplug, Network, NetworkBackend,
-    RestartPolicy, VmSpec, check_cmdline, check_name, check_path_shape, check_unique, parse_memory,
+    Boot, Disk, DiskFormat, FieldError, Firmware, MAX_VCPUS, Made, MemoryHotplug, Network,
+    NetworkBackend, RestartPolicy, VmSpec, check_cmdline, check_name, check_path_shape,
+    check_unique, parse_memory,
 };
 
 impl TryFrom<pb::VmSpec> for VmSpec {
@@ -22,6 +23,12 @@ impl TryFrom<pb::VmSpec> for VmSpec {
         let (memory, max_memory) = memory(&s)?;
         let boot = boot(s.boot.unwrap_or_default())?;
         let disks = disks(s.disks)?;
+        if boot.is_none() && disks.is_empty() {
+            return Err(FieldError::new(
+                "spec.disks",
+                "nothing to boot: no spec.boot.kernel, and no disk for the firmware to boot",
+            ));
+        }
         let networks = networks(s.networks)?;
         check_labels(&s.labels)?;
         let cloud_init = s
@@ -41,6 +48,7 @@ impl TryFrom<pb::VmSpec> for VmSpec {
             restart_policy: restart_policy(s.restart_policy)?,
             memory_hotplug: memory_hotplug(s.memory_hotplug)?,
             high_availability: s.high_availability,
+            firmware: firmware(s.firmware)?,
             name: s.name,
             cpus,
             max_cpus,
@@ -101,11 +109,15 @@ fn memory(s: &pb::VmSpec) -> Result<(u64, u64), FieldError> {
     Ok((memory, max_memory))
 }
 
-fn boot(boot: pb::Boot) -> Result<Boot, FieldError> {
+/// Direct kernel boot, or `None` (all empty) for firmware boot.
+fn boot(boot: pb::Boot) -> Result<Option<Boot>, FieldError> {
     if boot.kernel.is_empty() {
+        if boot.initrd.is_empty() && boot.cmdline.is_empty() {
+            return Ok(None);
+        }
         return Err(FieldError::new(
             "spec.boot.kernel",
-            "is required (direct kernel boot)",
+            "is required when initrd or cmdline is set (leave all three empty to boot the first disk through the firmware)",
         ));
     }
     let kernel = check_path_shape("spec.boot.kernel", &boot.kernel)?;
@@ -114,11 +126,22 @@ fn boot(boot: pb::Boot) -> Result<Boot, FieldError> {
         p => Some(check_path_shape("spec.boot.initrd", p)?),
     };
     check_cmdline(&boot.cmdline)?;
-    Ok(Boot {
+    Ok(Some(Boot {
         kernel,
         initrd,
         cmdline: boot.cmdline,
-    })
+    }))
+}
+
+fn firmware(firmware: i32) -> Result<Firmware, FieldError> {
+    match pb::Firmware::try_from(firmware) {
+        Ok(pb::Firmware::Unspecified | pb::Firmware::Bios) => Ok(Firmware::Bios),
+        Ok(pb::Firmware::Uefi) => Ok(Firmware::Uefi),
+        Err(_) => Err(FieldError::new(
+            "spec.firmware",
+            format!("unknown firmware {firmware} (BIOS or UEFI)"),
+        )),
+    }
 }
 
 fn disks(disks: Vec<pb::Disk>) -> Result<Vec<Disk>, FieldError> {
@@ -267,15 +290,10 @@ impl From<&VmSpec> for pb::VmSpec {
             max_cpus: s.max_cpus,
             memory: format_bytes(s.memory),
             max_memory: format_bytes(s.max_memory),
-            boot: Some(pb::Boot {
-                kernel: path_string(&s.boot.kernel),
-                initrd: s
-                    .boot
-                    .initrd
-                    .as_deref()
-                    .map(path_string)
-                    .unwrap_or_default(),
-                cmdline: s.boot.cmdline.clone(),
+            boot: s.boot.as_ref().map(|b| pb::Boot {
+                kernel: path_string(&b.kernel),
+                initrd: b.initrd.as_deref().map(path_string).unwrap_or_default(),
+                cmdline: b.cmdline.clone(),
             }),
             disks: s.disks.iter().map(disk).collect(),
             networks: s
@@ -306,6 +324,10 @@ impl From<&VmSpec> for pb::VmSpec {
                 instance_id: c.instance_id.clone(),
                 hostname: c.hostname.clone(),
             }),
+            firmware: match s.firmware {
+                Firmware::Bios => pb::Firmware::Bios,
+                Firmware::Uefi => pb::Firmware::Uefi,
+            } as i32,
         }
     }
 }

@@ -203,6 +203,7 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         allocatable_memory: config.allocatable_memory.unwrap_or(node::memory().0),
         virtio_mem: qemu.virtio_mem,
         fence: Arc::new(Hold::load(data_dir)),
+        ovmf_dir: config.ovmf_dir.clone(),
     };
     Ok((Arc::new(ctx), facts))
 }

@@ -68,7 +68,8 @@ pub fn virtual_size(head: &[u8], file_len: u64) -> u64 {
     }
 }
 
-/// QEMU's `bootindex` of each disk, by position: disks with a boot order, in that order.
+/// QEMU's `bootindex` of each disk, by position: disks with a boot order, in that order; with
+/// none and no kernel to boot directly, the firmware boots the first disk.
 pub fn boot_indexes(spec: &VmSpec) -> Vec<Option<u32>> {
     let mut ordered: Vec<(u32, usize)> = spec
         .disks
@@ -81,6 +82,12 @@ pub fn boot_indexes(spec: &VmSpec) -> Vec<Option<u32>> {
     let mut out = vec![None; spec.disks.len()];
     for (rank, (_, i)) in ordered.into_iter().enumerate() {
         out[i] = Some(rank as u32 + 1);
+    }
+    if spec.boot.is_none()
+        && out.iter().all(Option::is_none)
+        && let Some(first) = out.first_mut()
+    {
+        *first = Some(1);
     }
     out
 }

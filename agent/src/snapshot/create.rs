@@ -3,6 +3,7 @@
 
 use crate::context::now_ms;
 use crate::error::AgentError;
+use crate::firmware::nvram;
 use crate::migration::target::await_migration;
 use crate::migration::{self, source};
 use crate::qemu::qmp::{Qmp, enum_name};
@@ -70,7 +71,8 @@ impl Supervisor {
         });
         match result {
             Ok(meta) => {
-                let write = crate::store::write_json(&dir.join(META_FILE), &meta);
+                let write = nvram::save(&self.files.uefi_vars, &dir)
+                    .and_then(|()| crate::store::write_json(&dir.join(META_FILE), &meta));
                 if let Err(e) = write {
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(AgentError::Internal(format!("writing the snapshot: {e}")));

@@ -2,6 +2,7 @@
 //! overlays over the snapshot's layers, loading its memory file.
 
 use crate::error::AgentError;
+use crate::firmware::nvram;
 use crate::migration::target::await_migration;
 use crate::migration::{self, IncomingError};
 use crate::qemu::qmp::Qmp;
@@ -103,6 +104,9 @@ impl Supervisor {
         was_running: bool,
     ) -> Result<u32, AgentError> {
         self.discard_process().await;
+        nvram::restore(dir, &self.files.uefi_vars).map_err(|e| {
+            AgentError::Internal(format!("restoring the snapshot's UEFI variables: {e}"))
+        })?;
         self.spec = spec;
         self.save_spec()?;
         self.set_layers(layers.active, Some(snapshot.to_string()))

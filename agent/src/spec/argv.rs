@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+use crate::firmware::Loader;
 use crate::host::accel::Accel;
 use crate::hotplug::{VMEM_ID, dimm_slots};
 use crate::spec::{DiskFormat, MemoryHotplug, NetworkBackend, VmSpec};
@@ -20,6 +21,8 @@ pub struct VmFiles {
     pub serial_log: PathBuf,
     /// The cloud-init NoCloud volume, written before each launch of a VM that has one.
     pub cidata: PathBuf,
+    /// The UEFI variable store (NVRAM) of a VM booted with OVMF.
+    pub uefi_vars: PathBuf,
 }
 
 impl VmFiles {
@@ -29,6 +32,7 @@ impl VmFiles {
             qga_socket: dir.join("qga.sock"),
             serial_log: dir.join("serial.log"),
             cidata: dir.join("cidata.img"),
+            uefi_vars: dir.join(crate::firmware::NVRAM_FILE),
         }
     }
 }
@@ -61,10 +65,12 @@ pub fn qmp_arg(files: &VmFiles) -> String {
     format!("unix:{},server=on,wait=off", path(&files.qmp_socket))
 }
 
-/// The full argv (without the QEMU binary) for `spec`. Disk formats must already be known.
-pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
+/// The full argv (without the QEMU binary) for `spec`, booting through `loader`. Disk formats
+/// must already be known.
+pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel, loader: &Loader) -> Vec<String> {
     let mut a = Argv(Vec::with_capacity(64));
-    a.machine(spec, accel);
+    a.machine(spec, accel, loader);
+    a.firmware(files, loader);
     a.memory(spec);
     a.channels(files);
     a.boot(spec);
@@ -84,10 +90,14 @@ impl Argv {
         self.0.extend(items.iter().map(|s| s.to_string()));
     }
 
-    fn machine(&mut self, spec: &VmSpec, accel: Accel) {
+    fn machine(&mut self, spec: &VmSpec, accel: Accel, loader: &Loader) {
         self.push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
         self.push(&["-no-user-config", "-nodefaults", "-display", "none"]);
-        self.push(&["-machine", "q35", "-accel", accel.as_str(), "-cpu", "max"]);
+        let machine = match loader {
+            Loader::SeaBios => "q35",
+            Loader::Uefi(_) => "q35,pflash0=fw-code,pflash1=fw-vars",
+        };
+        self.push(&["-machine", machine, "-accel", accel.as_str(), "-cpu", "max"]);
         // QEMU may not spawn helpers, gain privileges or use obsolete syscalls.
         self.push(&[
             "-sandbox",
@@ -149,13 +159,37 @@ impl Argv {
         ]);
     }
 
+    /// OVMF's code (shared, read-only) and the VM's own variable store, as the two flash chips
+    /// of the q35 machine. SeaBIOS is QEMU's default and needs nothing.
+    fn firmware(&mut self, files: &VmFiles, loader: &Loader) {
+        let Loader::Uefi(ovmf) = loader else {
+            return;
+        };
+        for (node, file, read_only) in [
+            ("fw-code", &ovmf.code, true),
+            ("fw-vars", &files.uefi_vars, false),
+        ] {
+            let blockdev = json!({
+                "driver": "raw",
+                "node-name": node,
+                "read-only": read_only,
+                "file": {"driver": "file", "filename": path(file), "read-only": read_only},
+            });
+            self.push(&["-blockdev", &blockdev.to_string()]);
+        }
+    }
+
+    /// Direct kernel boot; without it the firmware boots the first disk.
     fn boot(&mut self, spec: &VmSpec) {
-        self.push(&["-kernel", &path(&spec.boot.kernel)]);
-        if let Some(initrd) = &spec.boot.initrd {
+        let Some(boot) = &spec.boot else {
+            return;
+        };
+        self.push(&["-kernel", &path(&boot.kernel)]);
+        if let Some(initrd) = &boot.initrd {
             self.push(&["-initrd", &path(initrd)]);
         }
-        if !spec.boot.cmdline.is_empty() {
-            self.push(&["-append", &spec.boot.cmdline]);
+        if !boot.cmdline.is_empty() {
+            self.push(&["-append", &boot.cmdline]);
         }
     }
 
@@ -218,7 +252,13 @@ impl Argv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firmware::{Firmware, Ovmf};
     use crate::spec::{Boot, Disk, Network};
+
+    /// The argv with SeaBIOS, as every VM had before firmware boot.
+    fn build(spec: &VmSpec, files: &VmFiles, accel: Accel) -> Vec<String> {
+        super::build(spec, files, accel, &Loader::SeaBios)
+    }
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -227,11 +267,12 @@ mod tests {
             max_cpus: 4,
             memory: 512 << 20,
             max_memory: 2 << 30,
-            boot: Boot {
+            boot: Some(Boot {
                 kernel: "/img/vmlinuz".into(),
                 initrd: Some("/img/initrd.img".into()),
                 cmdline: "console=ttyS0,115200 quiet".into(),
-            },
+            }),
+            firmware: Firmware::Bios,
             disks: vec![Disk {
                 name: "root".into(),
                 path: "/img/disk \"1\".qcow2".into(),
@@ -314,6 +355,63 @@ mod tests {
         assert!(
             value_of(&argv, "-chardev")
                 .contains(&"socket,id=qga0,path=/d/qga.sock,server=on,wait=off")
+        );
+    }
+
+    #[test]
+    fn firmware_boot_has_no_kernel_and_boots_the_first_disk() {
+        let mut s = spec();
+        s.boot = None;
+        let argv = build(&s, &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        for flag in ["-kernel", "-initrd", "-append", "-bios", "-blockdev"] {
+            assert_eq!(
+                value_of(&argv, flag).len(),
+                usize::from(flag == "-blockdev"),
+                "{flag}"
+            );
+        }
+        assert_eq!(value_of(&argv, "-machine"), ["q35"]);
+        assert!(
+            value_of(&argv, "-device")
+                .contains(&"virtio-blk-pci,id=vdisk0,drive=disk0,bootindex=1")
+        );
+        let kernel_boot = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        assert!(!kernel_boot.iter().any(|a| a.contains("bootindex")));
+    }
+
+    #[test]
+    fn uefi_has_ovmf_code_read_only_and_the_vms_own_variables() {
+        let mut s = spec();
+        s.boot = None;
+        s.firmware = Firmware::Uefi;
+        let ovmf = Ovmf {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            vars: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
+        };
+        let files = VmFiles::in_dir(Path::new("/data/vms/web-1"));
+        let argv = super::build(&s, &files, Accel::Tcg, &Loader::Uefi(ovmf));
+        assert_eq!(
+            value_of(&argv, "-machine"),
+            ["q35,pflash0=fw-code,pflash1=fw-vars"]
+        );
+        let flash: Vec<serde_json::Value> = value_of(&argv, "-blockdev")
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap())
+            .filter(|b: &serde_json::Value| b["node-name"].as_str().unwrap().starts_with("fw-"))
+            .collect();
+        assert_eq!(flash[0]["node-name"], "fw-code");
+        assert_eq!(
+            flash[0]["file"]["filename"],
+            "/usr/share/OVMF/OVMF_CODE_4M.fd"
+        );
+        assert_eq!(flash[0]["read-only"], true);
+        assert_eq!(flash[1]["node-name"], "fw-vars");
+        assert_eq!(flash[1]["file"]["filename"], "/data/vms/web-1/uefi-vars.fd");
+        assert_eq!(flash[1]["read-only"], false);
+        assert_eq!(
+            flash.len(),
+            2,
+            "the pristine variable store is never opened"
         );
     }
 

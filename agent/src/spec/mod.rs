@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use crate::cloudinit::CloudInit;
+pub use crate::firmware::Firmware;
 pub use crate::image::ImageRef;
 use crate::quantity::{format_bytes, parse_bytes};
 
@@ -51,7 +52,11 @@ pub struct VmSpec {
     pub max_cpus: u32,
     pub memory: u64,
     pub max_memory: u64,
-    pub boot: Boot,
+    /// Direct kernel boot; `None`: the firmware boots the first disk.
+    #[serde(default)]
+    pub boot: Option<Boot>,
+    #[serde(default)]
+    pub firmware: Firmware,
     #[serde(default)]
     pub disks: Vec<Disk>,
     #[serde(default)]
@@ -329,11 +334,12 @@ pub(crate) mod tests {
             max_cpus: 1,
             memory: 64 << 20,
             max_memory: 64 << 20,
-            boot: Boot {
+            boot: Some(Boot {
                 kernel: "/k".into(),
                 initrd: None,
                 cmdline: String::new(),
-            },
+            }),
+            firmware: Firmware::Bios,
             disks: vec![],
             networks: vec![],
             labels: Default::default(),
@@ -370,6 +376,7 @@ pub(crate) mod tests {
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
             high_availability: true,
             cloud_init: None,
+            firmware: pb::Firmware::Unspecified as i32,
         }
     }
 
@@ -443,7 +450,18 @@ pub(crate) mod tests {
             field_of(|s| s.boot.as_mut().unwrap().kernel = "/images/a,b".into()),
             "spec.boot.kernel"
         );
-        assert_eq!(field_of(|s| s.boot = None), "spec.boot.kernel");
+        assert_eq!(
+            field_of(|s| s.boot.as_mut().unwrap().kernel = String::new()),
+            "spec.boot.kernel"
+        );
+        assert_eq!(field_of(|s| s.firmware = 7), "spec.firmware");
+        assert_eq!(
+            field_of(|s| {
+                s.boot = None;
+                s.disks.clear();
+            }),
+            "spec.disks"
+        );
         assert_eq!(
             field_of(|s| s.boot.as_mut().unwrap().initrd = "/i/x=y".into()),
             "spec.boot.initrd"
@@ -471,6 +489,29 @@ pub(crate) mod tests {
             field_of(|s| s.disks.push(s.disks[0].clone())),
             "spec.disks[1].name"
         );
+    }
+
+    #[test]
+    fn without_a_kernel_the_firmware_boots_the_disk() {
+        let mut s = valid();
+        s.boot = None;
+        s.firmware = pb::Firmware::Uefi as i32;
+        let spec = VmSpec::try_from(s.clone()).unwrap();
+        assert_eq!((spec.boot.as_ref(), spec.firmware), (None, Firmware::Uefi));
+        assert_eq!(VmSpec::try_from(pb::VmSpec::from(&spec)).unwrap(), spec);
+        s.boot = Some(pb::Boot::default());
+        s.firmware = pb::Firmware::Unspecified as i32;
+        let spec = VmSpec::try_from(s).unwrap();
+        assert_eq!((spec.boot, spec.firmware), (None, Firmware::Bios));
+    }
+
+    #[test]
+    fn specs_saved_before_firmware_boot_still_load() {
+        let saved = r#"{"name":"a","cpus":1,"maxCpus":1,"memory":67108864,"maxMemory":67108864,
+            "boot":{"kernel":"/k","initrd":null,"cmdline":""}}"#;
+        let spec: VmSpec = serde_json::from_str(saved).unwrap();
+        assert_eq!(spec.boot.unwrap().kernel, Path::new("/k"));
+        assert_eq!(spec.firmware, Firmware::Bios);
     }
 
     #[test]

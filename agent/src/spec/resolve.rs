@@ -11,9 +11,11 @@ use crate::spec::{FieldError, VmSpec};
 /// Runs at create time (early errors) and again at every start (files may have changed).
 pub fn resolve_spec(spec: &VmSpec, policy: &PathPolicy) -> Result<VmSpec, FieldError> {
     let mut out = spec.clone();
-    out.boot.kernel = policy.resolve_file("spec.boot.kernel", &spec.boot.kernel)?;
-    if let Some(initrd) = &spec.boot.initrd {
-        out.boot.initrd = Some(policy.resolve_file("spec.boot.initrd", initrd)?);
+    if let Some(boot) = out.boot.as_mut() {
+        boot.kernel = policy.resolve_file("spec.boot.kernel", &boot.kernel)?;
+        if let Some(initrd) = &boot.initrd {
+            boot.initrd = Some(policy.resolve_file("spec.boot.initrd", initrd)?);
+        }
     }
     for (i, disk) in out.disks.iter_mut().enumerate() {
         let field = format!("spec.disks[{i}].path");

@@ -17,6 +17,7 @@ use crate::spec::{FieldError, VmSpec};
 
 /// Longest unix socket path Linux accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+use crate::firmware::nvram;
 use crate::qemu::process;
 use crate::spec::argv::{self, VmFiles};
 use crate::store::{LoadError, SavedState};
@@ -178,6 +179,7 @@ impl Vms {
                 .resolve(spec.memory, spec.max_memory, self.ctx.virtio_mem)?;
         crate::disks::place(&mut spec, &self.ctx.disk_dir, reason == Reason::Created)?;
         self.check_files(&mut spec)?;
+        nvram::resolve(spec.firmware, &self.ctx.ovmf_dir)?;
         let sock = self.ctx.store.vm_dir(&spec.name).join("qmp.sock");
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(FieldError::new(

@@ -3,6 +3,7 @@
 
 use crate::context::now_ms;
 use crate::error::AgentError;
+use crate::firmware::nvram;
 use crate::host::accel::Accel;
 use crate::host::cgroup;
 use crate::qemu::process;
@@ -71,7 +72,14 @@ impl Supervisor {
                 .and_then(|v| std::fs::write(&self.files.cidata, v))
                 .map_err(|e| self.qemu_error(format!("writing the cloud-init volume: {e}")))?;
         }
-        let mut argv = argv::build(resolved, &self.files, self.ctx.accel.accel);
+        let loader = nvram::resolve(resolved.firmware, &self.ctx.ovmf_dir)?;
+        nvram::ensure(&loader, &self.files.uefi_vars).map_err(|e| {
+            self.qemu_error(format!(
+                "cannot create the UEFI variable store {}: {e}",
+                self.files.uefi_vars.display()
+            ))
+        })?;
+        let mut argv = argv::build(resolved, &self.files, self.ctx.accel.accel, &loader);
         argv.extend(extra.iter().map(|a| a.to_string()));
         for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
             let _ = std::fs::remove_file(sock);

@@ -80,6 +80,7 @@ async fn node(script: Script) -> Node {
         allocatable_memory: 1 << 30,
         virtio_mem: true,
         fence: Arc::new(crate::fence::hold::Hold::load(root)),
+        ovmf_dir: root.join("ovmf"),
     });
     let vm_dir = ctx.store.vm_dir("vm1");
     tokio::spawn(serve(vm_dir.join("qmp.sock"), vm_dir, script));
@@ -100,7 +101,7 @@ async fn running(obeys_power_button: bool, policy: RestartPolicy) -> Node {
 
 fn spec(kernel: &Path, policy: RestartPolicy) -> pb::VmSpec {
     let mut s = crate::spec::tests::minimal("vm1");
-    s.boot.kernel = kernel.to_path_buf();
+    s.boot.as_mut().unwrap().kernel = kernel.to_path_buf();
     s.restart_policy = policy;
     pb::VmSpec::from(&s)
 }

@@ -4,7 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::vm::{Boot, CloudInit, Disk, Network};
+use super::vm::{Boot, CloudInit, Disk, Firmware, Network};
 use super::{Condition, QUANTITY_PATTERN};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -65,6 +65,9 @@ pub struct DefaultSpec {
     pub max_memory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<Boot>,
+    /// The firmware the template's image boots with (`bios` or `uefi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
     #[serde(default)]
     pub disks: Vec<Disk>,
     #[serde(default)]

@@ -56,9 +56,13 @@ pub struct VirtualMachineSpec {
     pub memory_hotplug: Option<MemoryHotplug>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<VmImage>,
-    /// Kernel boot; overrides the template's.
+    /// Kernel boot; overrides the template's. Without one, the firmware boots the first disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<Boot>,
+    /// `bios` (SeaBIOS, the default) or `uefi` (OVMF, with the VM's own NVRAM); overrides the
+    /// template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
     #[serde(default)]
     #[schemars(length(max = 16))]
     pub disks: Vec<Disk>,
@@ -95,6 +99,15 @@ pub struct Boot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub cmdline: Option<String>,
+}
+
+/// The firmware a VM boots with.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

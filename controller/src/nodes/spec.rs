@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use crate::crd::operation::MigrateSpec;
 use crate::crd::template::{DefaultSpec, VMTemplateSpec};
-use crate::crd::vm::{Disk, MemoryHotplug, Network, RestartPolicy, VirtualMachineSpec};
+use crate::crd::vm::{Disk, Firmware, MemoryHotplug, Network, RestartPolicy, VirtualMachineSpec};
 
 /// Labels that tie an agent VM back to its VirtualMachine.
 pub const NAMESPACE_LABEL: &str = "hypersdk.io/namespace";
@@ -96,15 +96,19 @@ pub fn build(
         .or(defaults.max_cpus)
         .filter(|m| *m >= vm.cpus)
         .unwrap_or(0);
-    let boot = vm.boot.clone().or(defaults.boot.clone()).ok_or_else(|| {
-        err("spec.boot.kernel", "no kernel to boot: set spec.boot.kernel or use a template whose defaultSpec.boot sets one")
-    })?;
+    let boot = vm.boot.clone().or(defaults.boot.clone());
     let spec_disks = if vm.disks.is_empty() {
         &defaults.disks
     } else {
         &vm.disks
     };
     let (disks, unprovisioned_disks) = disks(spec_disks, template)?;
+    if boot.is_none() && disks.is_empty() {
+        return Err(err(
+            "spec.boot.kernel",
+            "nothing to boot: set spec.boot.kernel, or use a template whose image the firmware boots",
+        ));
+    }
     let nets = if vm.networks.is_empty() {
         &defaults.networks
     } else {
@@ -117,11 +121,12 @@ pub fn build(
             max_cpus,
             memory: vm.memory.clone(),
             max_memory: max_memory.unwrap_or_default(),
-            boot: Some(pb::Boot {
+            boot: boot.map(|boot| pb::Boot {
                 kernel: boot.kernel,
                 initrd: boot.initrd.unwrap_or_default(),
                 cmdline: boot.cmdline.unwrap_or_default(),
             }),
+            firmware: firmware(vm.firmware.or(defaults.firmware)) as i32,
             disks,
             networks: nets.iter().map(network).collect(),
             labels: identity_labels(namespace, name),
@@ -252,6 +257,13 @@ fn restart_policy(vm: &VirtualMachineSpec) -> pb::RestartPolicy {
         Some(RestartPolicy::Always) => pb::RestartPolicy::Always,
         Some(RestartPolicy::Never) => pb::RestartPolicy::Never,
         Some(RestartPolicy::OnFailure) | None => pb::RestartPolicy::OnFailure,
+    }
+}
+
+fn firmware(firmware: Option<Firmware>) -> pb::Firmware {
+    match firmware.unwrap_or_default() {
+        Firmware::Bios => pb::Firmware::Bios,
+        Firmware::Uefi => pb::Firmware::Uefi,
     }
 }
 
@@ -450,6 +462,37 @@ mod tests {
                 .unwrap_err()
                 .field(),
             "image.source"
+        );
+    }
+
+    #[test]
+    fn without_a_kernel_the_template_image_boots_through_the_firmware() {
+        let t: VMTemplateSpec = serde_yaml_ng::from_str(
+            "image: {source: /images/debian.qcow2}\ndefaultSpec: {firmware: uefi}",
+        )
+        .unwrap();
+        let b = build(id("d", "v"), &vm("cpus: 1\nmemory: 1Gi"), Some(&t)).unwrap();
+        assert_eq!(b.spec.boot, None);
+        assert_eq!(b.spec.firmware, pb::Firmware::Uefi as i32);
+        let image = b.spec.disks[0].image.as_ref().unwrap();
+        assert_eq!(image.source, "/images/debian.qcow2");
+        let own = build(
+            id("d", "v"),
+            &vm("cpus: 1\nmemory: 1Gi\nfirmware: bios"),
+            Some(&t),
+        )
+        .unwrap();
+        assert_eq!(
+            own.spec.firmware,
+            pb::Firmware::Bios as i32,
+            "the VM's own wins"
+        );
+        let e =
+            serde_yaml_ng::from_str::<VirtualMachineSpec>("cpus: 1\nmemory: 1Gi\nfirmware: efi")
+                .unwrap_err();
+        assert!(
+            e.to_string().contains("firmware") && e.to_string().contains("uefi"),
+            "{e}"
         );
     }
 

@@ -104,12 +104,12 @@ async fn clone_on_agent(
 /// (its disks are the copies; no template, since a full clone no longer needs one).
 fn clone_spec(source: &VirtualMachineSpec, c: &CloneSpec, cloned: &pb::Vm) -> VirtualMachineSpec {
     let agent = cloned.spec.clone().unwrap_or_default();
-    let boot = agent.boot.unwrap_or_default();
     let non_empty = |s: String| (!s.is_empty()).then_some(s);
     VirtualMachineSpec {
         running: c.start_after_clone,
         image: None,
-        boot: Some(Boot {
+        // Without a kernel the copy boots its disk through the source's firmware.
+        boot: agent.boot.map(|boot| Boot {
             kernel: boot.kernel,
             initrd: non_empty(boot.initrd),
             cmdline: non_empty(boot.cmdline),
@@ -121,7 +121,7 @@ fn clone_spec(source: &VirtualMachineSpec, c: &CloneSpec, cloned: &pb::Vm) -> Vi
                 name: d.name,
                 size: None,
                 storage_class: None,
-                boot_order: None,
+                boot_order: (d.boot_order > 0).then_some(d.boot_order),
                 path: Some(d.path),
                 read_only: d.read_only,
             })

@@ -47,10 +47,11 @@ async fn a_vm_runs_on_its_node_and_reports_what_the_agent_reports() {
     let node = c.node(&node_of(&a));
     assert_eq!(node.phase(&on_agent("a")).await, Some(pb::VmPhase::Running));
     let on_node = node.vm(&on_agent("a")).await.unwrap().spec.unwrap();
-    assert_eq!(
-        on_node.disks[0].path, "/images/disk.qcow2",
-        "the template's image"
-    );
+    let image = on_node.disks[0]
+        .image
+        .as_ref()
+        .expect("the template's image");
+    assert_eq!(image.source, "/images/disk.qcow2");
     let reasons: Vec<String> = c.events("a").await.into_iter().map(|e| e.0).collect();
     for want in [Reason::Scheduled, Reason::Created] {
         assert!(reasons.iter().any(|r| *r == want), "{want} in {reasons:?}");

@@ -390,6 +390,15 @@ impl AgentService for Simulator {
         check_name("targetName", &req.target_name)?;
         let source = self.update(&req.name, "", |_| Ok(()))?;
         let mut spec = source.spec.unwrap_or_default();
+        // As a real clone: the disks the agent made become the clone's own copies.
+        for d in spec
+            .disks
+            .iter_mut()
+            .filter(|d| d.image.is_some() || !d.size.is_empty())
+        {
+            d.path = format!("/simulated/clones/{}/{}.qcow2", req.target_name, d.name);
+            (d.image, d.size) = (None, String::new());
+        }
         spec.name = req.target_name;
         if !req.labels.is_empty() {
             spec.labels = req.labels;
