@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a Debian machine, only when missing:
-# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, cargo-nextest, and the test guest.
+# QEMU 10 (bookworm-backports), qemu-img, the guest build tools, Node.js and npm (the dashboard's
+# build), Chromium and its WebDriver (the dashboard's browser tests), cargo-nextest, the dashboard's
+# script (dashboard/dist/app.js, embedded in the controller) and the test guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,9 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+command -v npm >/dev/null || need_pkgs+=(nodejs npm)
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
@@ -36,5 +41,13 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+
+# The dashboard's script, embedded in the controller binary (its build stops without it).
+if [ ! -d dashboard/node_modules ] || [ dashboard/package-lock.json -nt dashboard/node_modules/.package-lock.json ]; then
+  echo "setup: installing the dashboard's build tools (npm ci in dashboard/)"
+  (cd dashboard && npm ci --no-audit --no-fund --loglevel=error)
+fi
+echo "setup: building the dashboard (dashboard/dist/app.js)"
+(cd dashboard && npm run --silent build)
 
 images/guest/build.sh target/guest

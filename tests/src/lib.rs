@@ -12,6 +12,8 @@ use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
+pub mod browser;
+pub mod controller;
 mod raw;
 pub use raw::RawQemu;
 
@@ -328,15 +330,21 @@ pub fn print_serial_tails(node: &str, data_dir: &Path) {
 
 /// Live QEMU processes whose command line points into `dir`.
 pub fn qemu_pids_under(dir: &Path) -> std::collections::BTreeSet<u32> {
-    let needle = dir.to_string_lossy().into_owned();
+    pids_naming(&dir.to_string_lossy())
+        .into_iter()
+        .filter(|pid| is_qemu(*pid as i32))
+        .collect()
+}
+
+/// Processes whose command line contains `needle`.
+pub fn pids_naming(needle: &str) -> std::collections::BTreeSet<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| is_qemu(*pid as i32))
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
         })
         .collect()
 }

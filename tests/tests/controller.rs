@@ -21,144 +21,17 @@ use hypersdk_controller::scheduling::Policy;
 use hypersdk_controller::standalone::FakeApi;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::controller::{
+    Controller, example, free_port, wait_for, guest_template, http_get, images, settings, start_node,
+};
 use hypersdk_tests::{
-    Agent, GUEST_CMDLINE, READY_MARKER, VmState, bin, count_markers, current_counter, eventually,
+    Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually,
     guest, list, repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
 };
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-
-/// A node of the test: an agent whose --image-dir is shared with the other agents of the test,
-/// so that one VMTemplate (image paths are node paths) fits every node.
-async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
-    let mut args = vec![
-        "--image-dir",
-        images.to_str().unwrap(),
-        "--cgroup-parent",
-        "",
-    ];
-    args.extend_from_slice(extra);
-    Agent::start_with(name, &args).await
-}
-
-/// How the controller finds `agent`, labelled with its node name for nodeSelectors.
-fn info(agent: &Agent) -> AgentInfo {
-    AgentInfo {
-        node: agent.name.clone(),
-        address: agent.address.clone(),
-        labels: BTreeMap::from([("hypersdk.io/node".to_string(), agent.name.clone())]),
-        carbon_intensity: None,
-    }
-}
-
-/// Shared image directory holding the test guest.
-fn images() -> tempfile::TempDir {
-    let g = guest();
-    let dir = tempfile::Builder::new()
-        .prefix("hs-img-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    for f in [&g.kernel, &g.initrd, &g.disk] {
-        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
-    dir
-}
-
-/// The controllers, in-process over the in-memory API.
-struct Controller {
-    client: kube::Client,
-    agents: Arc<Agents>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Controller {
-    fn start(nodes: &[&Agent], settings: Settings) -> Controller {
-        let client = FakeApi::new().client("default");
-        let agents = Arc::new(Agents::default());
-        agents.sync(nodes.iter().map(|n| info(n)).collect());
-        let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
-        let task = tokio::spawn(hypersdk_controller::controllers::run(
-            ctx,
-            std::future::pending(),
-        ));
-        Controller {
-            client,
-            agents,
-            task,
-        }
-    }
-
-    fn vms(&self) -> Api<VirtualMachine> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    fn ops(&self) -> Api<VMOperation> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    /// Sends `doc` as it is (no typed round trip), as kubectl would.
-    async fn create<K: kube::Resource<DynamicType = ()>>(
-        &self,
-        doc: Value,
-    ) -> Result<DynamicObject, kube::Error> {
-        let ar = ApiResource::erase::<K>(&());
-        let obj: DynamicObject = serde_json::from_value(doc).unwrap();
-        Api::<DynamicObject>::namespaced_with(self.client.clone(), "default", &ar)
-            .create(&PostParams::default(), &obj)
-            .await
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn settings() -> Settings {
-    Settings {
-        policy: Policy::default(),
-        node_lost_grace: Duration::from_secs(2),
-        stop_timeout_seconds: 10,
-    }
-}
-
-fn example(file: &str) -> Value {
-    let text = std::fs::read_to_string(repo_root().join("deploy/examples").join(file)).unwrap();
-    parse_documents(&text).unwrap().remove(0)
-}
-
-/// The example template, pointed at the test guest in `images`.
-fn guest_template(images: &Path) -> Value {
-    let mut t = example("vmtemplate-ubuntu.yaml");
-    let p = |f: &str| images.join(f).to_string_lossy().into_owned();
-    t["spec"]["defaultSpec"]["boot"] =
-        json!({"kernel": p("vmlinuz"), "initrd": p("initrd.img"), "cmdline": GUEST_CMDLINE});
-    t["spec"]["image"]["source"] = json!(p("disk.qcow2"));
-    t
-}
-
-/// Polls `name` until `pred` holds; panics with the last state after `limit`.
-async fn wait_for<K>(
-    api: &Api<K>,
-    name: &str,
-    limit: Duration,
-    what: &str,
-    mut pred: impl FnMut(&K) -> bool,
-) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    eventually(limit, &format!("{name}: {what}"), async || {
-        match api.get_opt(name).await.unwrap() {
-            Some(o) if pred(&o) => Ok(o),
-            last => Err(format!("{last:#?}")),
-        }
-    })
-    .await
-}
 
 /// Waits until `name` is gone from the API.
 async fn wait_gone<K>(api: &Api<K>, name: &str)
@@ -757,20 +630,3 @@ async fn standalone_binary_applies_a_manifest_directory() {
 /// How long the standalone controller may take to write a status file (bounds the wait only).
 const STATUS_FILE: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A GET over plain HTTP/1.0; returns the whole response.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
