@@ -225,7 +225,10 @@ fn dashboard_access(args: &RunArgs) -> anyhow::Result<Access> {
                 .with_context(|| format!("--dashboard-token-file {}", path.display()))?;
             let token = text.trim().to_string();
             if token.is_empty() {
-                bail!("--dashboard-token-file {}: the file is empty", path.display());
+                bail!(
+                    "--dashboard-token-file {}: the file is empty",
+                    path.display()
+                );
             }
             Some(token)
         }

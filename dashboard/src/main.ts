@@ -69,8 +69,11 @@ const live = document.getElementById("live")!;
 show(location.pathname);
 void follow({
   state(s) {
+    const first = state === null;
     state = s;
     update(s);
+    // Time to first render, for measurements (performance.getEntriesByName).
+    if (first) performance.mark("dashboard:first-render");
   },
   status(connected) {
     live.textContent = connected ? "Live" : "Reconnecting…";

@@ -63,7 +63,7 @@ function ips(vm: Vm): string {
 function activity(vm: Vm, ops: Operation[]): Cell {
   const mine = ops.filter((o) => o.spec.vmRef.name === vm.metadata.name && o.metadata.namespace === vm.metadata.namespace);
   const migration = vm.live?.migration;
-  if (migration && migration.phase !== "Completed" && migration.phase !== "Unspecified") {
+  if (migration && !["Completed", "Failed", "Cancelled", "Unspecified"].includes(migration.phase)) {
     const text = `migrating to ${migration.targetNode}: ${bytes(migration.transferredBytes)} of ${bytes(migration.totalBytes)}`;
     return progressCell(migration.percent, text);
   }

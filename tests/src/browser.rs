@@ -70,18 +70,23 @@ impl Browser {
 
     /// Waits until the element `css` shows `want`, for at most `bound`.
     pub async fn wait_text(&self, css: &str, want: &str, bound: Duration) {
-        eventually(bound, &format!("{css} showing {want:?}"), async || {
-            match self.text(css).await {
+        eventually(
+            bound,
+            &format!("{css} showing {want:?}"),
+            async || match self.text(css).await {
                 Some(t) if t == want => Ok(()),
                 other => Err(format!("{other:?}")),
-            }
-        })
+            },
+        )
         .await
     }
 
     /// The element `css`, once it is there.
     pub async fn find(&self, css: &str) -> Element {
-        eventually(PAGE, css, async || self.client.find(Locator::Css(css)).await).await
+        eventually(PAGE, css, async || {
+            self.client.find(Locator::Css(css)).await
+        })
+        .await
     }
 
     /// Clicks the element `css` once it is there.
@@ -107,4 +112,3 @@ impl Drop for Browser {
         }
     }
 }
-

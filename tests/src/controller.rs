@@ -11,10 +11,10 @@ use hypersdk_controller::crd::{VMOperation, VirtualMachine};
 use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_controller::scheduling::Policy;
 use hypersdk_controller::standalone::FakeApi;
+use hypersdk_controller::standalone::parse_documents;
 use kube::Api;
 use kube::api::{DynamicObject, PostParams};
 use kube::core::ApiResource;
-use hypersdk_controller::standalone::parse_documents;
 use serde_json::{Value, json};
 
 use crate::{Agent, GUEST_CMDLINE, eventually, guest, repo_root};

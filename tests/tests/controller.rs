@@ -5,30 +5,24 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use hypersdk_controller::context::{Context, Settings};
 use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine, condition};
-use hypersdk_controller::nodes::{AgentInfo, Agents};
-use hypersdk_controller::scheduling::Policy;
-use hypersdk_controller::standalone::FakeApi;
-use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::controller::{
-    Controller, example, free_port, wait_for, guest_template, http_get, images, settings, start_node,
+    Controller, example, free_port, guest_template, http_get, images, settings, start_node,
+    wait_for,
 };
 use hypersdk_tests::{
-    Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually,
-    guest, list, repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
+    Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually, list, repo_root,
+    resumed_counter, serial, wait_boots, wait_counter_above,
 };
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::ApiResource;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
@@ -629,4 +623,3 @@ async fn standalone_binary_applies_a_manifest_directory() {
 
 /// How long the standalone controller may take to write a status file (bounds the wait only).
 const STATUS_FILE: Duration = Duration::from_secs(60);
-

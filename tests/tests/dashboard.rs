@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use hypersdk_controller::context::Context;
 use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMTemplate, VirtualMachine};
 use hypersdk_controller::dashboard::Access;
 use hypersdk_controller::dashboard::serve::Dashboard;
 use hypersdk_controller::http::{Readiness, serve};
+use hypersdk_controller::nodes::Agents;
+use hypersdk_controller::standalone::FakeApi;
 use hypersdk_tests::browser::{Browser, PAGE};
 use hypersdk_tests::controller::{
     Controller, example, free_port, guest_template, http_get, http_request, images, settings,
@@ -28,17 +31,13 @@ const BOOT: Duration = Duration::from_secs(180);
 const VM_ROW: &str = r#"tr[data-key="default/my-vm"]"#;
 const PHASE: &str = r#"tr[data-key="default/my-vm"] td[data-field="phase"]"#;
 
-/// Serves a dashboard of `ctl` with `access` on a free loopback port; returns the port.
-async fn dashboard(ctl: &Controller, access: Access) -> u16 {
+/// Serves a dashboard of `ctx` with `access` on a free loopback port; returns the port.
+async fn dashboard(ctx: &Arc<Context>, access: Access) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let ready = Arc::new(Readiness::default());
     ready.set(true);
-    tokio::spawn(serve(
-        listener,
-        Dashboard::new(ctl.ctx.clone(), access),
-        ready,
-    ));
+    tokio::spawn(serve(listener, Dashboard::new(ctx.clone(), access), ready));
     port
 }
 
@@ -144,7 +143,7 @@ async fn dashboard_follows_the_seed_vm_and_stops_it_with_a_confirmed_click() {
         actions: true,
         ..Access::default()
     };
-    let port = dashboard(&ctl, actions).await;
+    let port = dashboard(&ctl.ctx, actions).await;
     let b = Browser::start().await;
     b.client
         .goto(&format!("http://127.0.0.1:{port}/k8s/vms"))
@@ -153,7 +152,9 @@ async fn dashboard_follows_the_seed_vm_and_stops_it_with_a_confirmed_click() {
     b.wait_text("#live", "Live", PAGE).await;
     b.wait_text(PHASE, "Running", BOOT).await;
     assert_eq!(
-        b.text(&format!(r#"{VM_ROW} td[data-field="node"]"#)).await.as_deref(),
+        b.text(&format!(r#"{VM_ROW} td[data-field="node"]"#))
+            .await
+            .as_deref(),
         Some("node-1")
     );
 
@@ -162,7 +163,11 @@ async fn dashboard_follows_the_seed_vm_and_stops_it_with_a_confirmed_click() {
     let since = now_ms();
     set_running(&ctl, false).await;
     b.wait_text(PHASE, "Stopped", BOOT).await;
-    let seen = latencies(&b.js("return window.phaseLog").await, &api.lock().unwrap(), since);
+    let seen = latencies(
+        &b.js("return window.phaseLog").await,
+        &api.lock().unwrap(),
+        since,
+    );
     println!("update latency, API watch -> DOM (ms): {seen:?}");
     assert!(seen.iter().any(|(p, _)| p == "Stopped"), "{seen:?}");
     for (p, ms) in &seen {
@@ -171,7 +176,16 @@ async fn dashboard_follows_the_seed_vm_and_stops_it_with_a_confirmed_click() {
 
     set_running(&ctl, true).await;
     b.wait_text(PHASE, "Running", BOOT).await;
-    screenshots(&b, port, &[("overview", "/"), ("vms", "/k8s/vms"), ("charts", "/k8s/charts")]).await;
+    screenshots(
+        &b,
+        port,
+        &[
+            ("overview", "/"),
+            ("vms", "/k8s/vms"),
+            ("charts", "/k8s/charts"),
+        ],
+    )
+    .await;
     b.client
         .goto(&format!("http://127.0.0.1:{port}/k8s/vms"))
         .await
@@ -209,10 +223,9 @@ async fn dashboard_follows_the_seed_vm_and_stops_it_with_a_confirmed_click() {
     b.client.clone().close().await.unwrap();
 }
 
-
 /// Read-only (the default): the buttons are disabled, and the API refuses an action anyway.
 async fn read_only_has_no_working_action(ctl: &Controller, b: &Browser) {
-    let port = dashboard(ctl, Access::default()).await;
+    let port = dashboard(&ctl.ctx, Access::default()).await;
     b.client
         .goto(&format!("http://127.0.0.1:{port}/k8s/vms"))
         .await
@@ -228,7 +241,15 @@ async fn read_only_has_no_working_action(ctl: &Controller, b: &Browser) {
     let resp = http_request(port, "POST", "/api/actions", &[], start);
     assert!(resp.starts_with("HTTP/1.0 403"), "{resp}");
     assert!(resp.contains("--dashboard-actions"), "{resp}");
-    assert_eq!(ctl.ops().list(&Default::default()).await.unwrap().items.len(), 1);
+    assert_eq!(
+        ctl.ops()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
 }
 
 /// Exposed: without the token, or without one configured, every API request is refused; the
@@ -238,7 +259,7 @@ async fn exposed_refuses_without_the_token(ctl: &Controller, b: &Browser) {
         exposed: true,
         ..Access::default()
     };
-    let port = dashboard(ctl, no_token).await;
+    let port = dashboard(&ctl.ctx, no_token).await;
     let resp = http_get(port, "/api/state");
     assert!(resp.starts_with("HTTP/1.0 401"), "{resp}");
     assert!(resp.contains("--dashboard-token-file"), "{resp}");
@@ -248,7 +269,7 @@ async fn exposed_refuses_without_the_token(ctl: &Controller, b: &Browser) {
         exposed: true,
         actions: false,
     };
-    let port = dashboard(ctl, with_token).await;
+    let port = dashboard(&ctl.ctx, with_token).await;
     for headers in [&[][..], &[("Authorization", "Bearer wrong")][..]] {
         let resp = http_request(port, "GET", "/api/state", headers, "");
         assert!(resp.starts_with("HTTP/1.0 401"), "{resp}");
@@ -286,14 +307,22 @@ impl Drop for Process {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_of_the_standalone_binary_reconnects_after_a_restart() {
     let images = tempfile::tempdir().unwrap();
-    let sim = ["--simulate", "--simulate-cpus", "8", "--simulate-memory", "16Gi"];
+    let sim = [
+        "--simulate",
+        "--simulate-cpus",
+        "8",
+        "--simulate-memory",
+        "16Gi",
+    ];
     let node = start_node("sim-1", images.path(), &sim).await;
     let dir = tempfile::tempdir().unwrap();
     for (from, to) in [
         ("vmtemplate-ubuntu.yaml", "template.yaml"),
         ("vm-my-vm.yaml", "vm.yaml"),
     ] {
-        let from = hypersdk_tests::repo_root().join("deploy/examples").join(from);
+        let from = hypersdk_tests::repo_root()
+            .join("deploy/examples")
+            .join(from);
         std::fs::copy(from, dir.path().join(to)).unwrap();
     }
     let token = dir.path().join("token");
@@ -321,10 +350,9 @@ async fn the_page_of_the_standalone_binary_reconnects_after_a_restart() {
     let ctl = start();
     let b = Browser::start().await;
     let url = format!("http://127.0.0.1:{port}/k8s/vms");
-    hypersdk_tests::eventually(PAGE, "the controller's page", async || {
-        b.client.goto(&url).await
-    })
-    .await;
+    let up = async || std::net::TcpStream::connect(("127.0.0.1", port));
+    hypersdk_tests::eventually(PAGE, "the controller's port", up).await;
+    b.client.goto(&url).await.unwrap();
     let field = b.find("#login[open] #token").await;
     field.send_keys("t0ken").await.unwrap();
     b.click(r#"#login button[value="ok"]"#).await;
@@ -338,5 +366,78 @@ async fn the_page_of_the_standalone_binary_reconnects_after_a_restart() {
     b.wait_text("#live", "Live", PAGE).await;
     b.wait_text(PHASE, "Running", PAGE).await;
     assert_eq!(b.js("return window.sameDocument").await, json!(true));
+    b.client.clone().close().await.unwrap();
+}
+
+/// `n` VirtualMachines with a Running status on `nodes` nodes, written straight to the API (no
+/// agents or controllers: the page only reads them).
+async fn simulated_vms(vms: &Api<VirtualMachine>, n: usize, nodes: usize) {
+    for i in 0..n {
+        let name = format!("vm-{i:04}");
+        let doc = json!({
+            "apiVersion": "hypersdk.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"cpus": 1, "memory": "512Mi", "running": false, "boot": {"kernel": "/k"}},
+        });
+        let vm: VirtualMachine = serde_json::from_value(doc).unwrap();
+        vms.create(&Default::default(), &vm).await.unwrap();
+        let status = json!({"status": {"phase": "Running", "nodeName": format!("node-{}", i % nodes),
+                                        "cpus": 1, "memory": "512Mi"}});
+        vms.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .unwrap();
+    }
+}
+
+/// Loads /k8s/vms until `rows` rows show; returns (ms to the first render, bytes of the page:
+/// HTML, script, style and the state document).
+async fn first_render(b: &Browser, port: u16, rows: usize) -> (f64, usize) {
+    b.client
+        .goto(&format!("http://127.0.0.1:{port}/k8s/vms"))
+        .await
+        .unwrap();
+    let count = "return document.querySelectorAll('tbody tr').length";
+    hypersdk_tests::eventually(PAGE, &format!("{rows} rows"), async || {
+        b.js(count).await == json!(rows)
+    })
+    .await;
+    let ms = b
+        .js("return performance.getEntriesByName('dashboard:first-render')[0].startTime")
+        .await;
+    let assets = b
+        .js("return performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource')).filter(e => !e.name.includes('/api/')).reduce((a, e) => a + e.transferSize, 0)")
+        .await;
+    let state = http_get(port, "/api/state");
+    let state = state
+        .split_once("\r\n\r\n")
+        .map_or(0, |(_, body)| body.len());
+    (
+        ms.as_f64().unwrap(),
+        assets.as_u64().unwrap() as usize + state,
+    )
+}
+
+/// Page weight and time to first render with 1,000 VMs, against an empty cluster in the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_vms_page_weight_and_first_render() {
+    let client = FakeApi::new().client("default");
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(Agents::default()),
+        settings(),
+    ));
+    let port = dashboard(&ctx, Access::default()).await;
+    let b = Browser::start().await;
+    let (empty_ms, empty_bytes) = first_render(&b, port, 0).await;
+    simulated_vms(&Api::namespaced(client, "default"), 1000, 4).await;
+    let (ms, bytes) = first_render(&b, port, 1000).await;
+    println!(
+        "first render: {ms:.0} ms with 1,000 VMs ({empty_ms:.0} ms with none); \
+         page weight {} KiB ({} KiB with none)",
+        bytes / 1024,
+        empty_bytes / 1024
+    );
+    let row = r#"tr[data-key="default/vm-0999"] td[data-field="node"]"#;
+    b.wait_text(row, "node-3", PAGE).await;
     b.client.clone().close().await.unwrap();
 }

@@ -7,19 +7,23 @@ use tracing::{info, instrument};
 
 use super::{Action, ActionError};
 use crate::crd::{VMOperation, VMSnapshot};
+use crate::standalone::api_message;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
     #[error(transparent)]
     Action(#[from] ActionError),
     /// Refused by the API (validation, a name taken, RBAC): its message names the field.
-    #[error("{}", match .0 { kube::Error::Api(s) => s.message.clone(), e => e.to_string() })]
+    #[error("{}", api_message(.0))]
     Api(#[source] kube::Error),
 }
 
 /// Creates the object of `action`; returns its kind and name.
 #[instrument(skip_all, fields(vm = action.vm()))]
-pub async fn create(client: &kube::Client, action: &Action) -> Result<(String, String), CreateError> {
+pub async fn create(
+    client: &kube::Client,
+    action: &Action,
+) -> Result<(String, String), CreateError> {
     let suffix = format!("{:x}", unique());
     let doc = action.object(&suffix)?;
     let ar = match action {

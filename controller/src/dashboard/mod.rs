@@ -42,7 +42,9 @@ pub enum Refusal {
     NoTokenConfigured,
     #[error("missing or wrong bearer token (Authorization: Bearer <token>)")]
     BadToken,
-    #[error("the dashboard is read-only: start the controller with --dashboard-actions to allow actions")]
+    #[error(
+        "the dashboard is read-only: start the controller with --dashboard-actions to allow actions"
+    )]
     ReadOnly,
 }
 
@@ -136,7 +138,9 @@ pub fn state(mut inputs: Inputs) -> Value {
             v
         })
         .collect();
-    inputs.events.sort_by_key(|e| std::cmp::Reverse(event_time(e)));
+    inputs
+        .events
+        .sort_by_key(|e| std::cmp::Reverse(event_time(e)));
     let events: Vec<Value> = inputs
         .events
         .iter()
@@ -201,8 +205,17 @@ fn event_time(e: &Event) -> String {
         .as_ref()
         .map(|s| s.last_observed_time.0.to_string())
         .or_else(|| e.event_time.as_ref().map(|t| t.0.to_string()))
-        .or_else(|| e.deprecated_last_timestamp.as_ref().map(|t| t.0.to_string()))
-        .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()))
+        .or_else(|| {
+            e.deprecated_last_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+        })
+        .or_else(|| {
+            e.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+        })
         .unwrap_or_default()
 }
 

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::create::{CreateError, create};
 use super::watch::Stores;
-use super::{Access, Action, ActionError, Refusal, assets, state};
+use super::{Access, Action, Refusal, assets, state};
 use crate::context::Context;
 
 pub struct Dashboard {
@@ -102,15 +102,14 @@ async fn events(
     d.check(&headers, false)?;
     d.stores.ready().await;
     let changes = d.stores.subscribe();
-    let stream = futures::stream::unfold((d, changes, true), |(d, mut changes, first)| async move {
-        if first {
-            changes.borrow_and_update();
-        } else if changes.changed().await.is_err() {
-            return None;
-        }
-        let event = Event::default().event("state").data(d.state_text());
-        Some((Ok(event), (d, changes, false)))
-    });
+    let stream =
+        futures::stream::unfold((d, changes, true), |(d, mut changes, first)| async move {
+            if !first && changes.changed().await.is_err() {
+                return None;
+            }
+            let event = Event::default().event("state").data(d.state_text());
+            Some((Ok(event), (d, changes, false)))
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -123,16 +122,20 @@ async fn act(State(d): State<Arc<Dashboard>>, headers: HeaderMap, body: String) 
         Err(e) => return (StatusCode::BAD_REQUEST, format!("action: {e}")).into_response(),
     };
     match create(&d.ctx.client, &action).await {
-        Ok((kind, name)) => {
-            (StatusCode::CREATED, Json(json!({"kind": kind, "name": name}))).into_response()
-        }
-        Err(e @ CreateError::Action(ActionError::Name { .. } | ActionError::Operation(_))) => {
-            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
-        }
-        Err(e @ CreateError::Api(kube::Error::Api(ref s))) => {
-            let code = StatusCode::from_u16(s.code).unwrap_or(StatusCode::BAD_GATEWAY);
+        Ok((kind, name)) => (
+            StatusCode::CREATED,
+            Json(json!({"kind": kind, "name": name})),
+        )
+            .into_response(),
+        Err(e) => {
+            let code = match &e {
+                CreateError::Action(_) => StatusCode::BAD_REQUEST,
+                CreateError::Api(kube::Error::Api(s)) => {
+                    StatusCode::from_u16(s.code).unwrap_or(StatusCode::BAD_GATEWAY)
+                }
+                CreateError::Api(_) => StatusCode::BAD_GATEWAY,
+            };
             (code, e.to_string()).into_response()
         }
-        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     }
 }

@@ -29,10 +29,7 @@ fn exposed_requires_the_token() {
     assert_eq!(a.check(Some("Bearer wrong"), false), Err(Refusal::BadToken));
     assert_eq!(a.check(Some("s3cret"), false), Err(Refusal::BadToken));
     assert_eq!(a.check(Some("Bearer s3cret"), false), Ok(()));
-    assert_eq!(
-        a.check(Some("Bearer s3cret"), true),
-        Err(Refusal::ReadOnly)
-    );
+    assert_eq!(a.check(Some("Bearer s3cret"), true), Err(Refusal::ReadOnly));
     // A token set on loopback is required too.
     let l = access(Some("t"), false, true);
     assert_eq!(l.check(None, false), Err(Refusal::BadToken));

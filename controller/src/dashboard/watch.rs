@@ -55,14 +55,14 @@ impl Stores {
         self.changed.subscribe()
     }
 
-    /// Whether every watch has listed its kind once.
+    /// Resolves once the watches of the hypersdk kinds have listed them (events, which the
+    /// controller may not be allowed to list, come when they come).
     pub async fn ready(&self) {
         let _ = tokio::join!(
             self.vms.wait_until_ready(),
             self.operations.wait_until_ready(),
             self.snapshots.wait_until_ready(),
             self.templates.wait_until_ready(),
-            self.events.wait_until_ready(),
         );
     }
 
@@ -95,7 +95,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector(
+    let stream = reflector::reflector(
         writer,
         watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
     )
