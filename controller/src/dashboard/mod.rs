@@ -95,11 +95,10 @@ pub struct Migration {
 impl Migration {
     pub fn new(phase: String, target_node: String, transferred: u64, remaining: u64) -> Self {
         let total = transferred + remaining;
-        let percent = if total == 0 {
-            0
-        } else {
-            (transferred.saturating_mul(100) / total) as u32
-        };
+        let percent = transferred
+            .saturating_mul(100)
+            .checked_div(total)
+            .unwrap_or(0) as u32;
         Migration {
             phase,
             target_node,

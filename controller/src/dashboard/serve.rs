@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use futures::Stream;
 use serde_json::json;
 
 use super::create::{CreateError, create};
@@ -36,11 +35,11 @@ impl Dashboard {
         })
     }
 
-    fn check(&self, headers: &HeaderMap, write: bool) -> Result<(), Response> {
+    fn check(&self, headers: &HeaderMap, write: bool) -> Result<(), Refusal> {
         let auth = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        self.access.check(auth, write).map_err(refused)
+        self.access.check(auth, write)
     }
 
     fn state_text(&self) -> String {
@@ -87,7 +86,7 @@ async fn asset(uri: Uri) -> Response {
 
 async fn state_once(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
     if let Err(r) = d.check(&headers, false) {
-        return r;
+        return refused(r);
     }
     d.stores.ready().await;
     ([(header::CONTENT_TYPE, "application/json")], d.state_text()).into_response()
@@ -95,11 +94,10 @@ async fn state_once(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Resp
 
 /// The state now, then again after each change; a change during a send is sent next (the
 /// counter coalesces bursts, e.g. the first listing of a thousand VMs).
-async fn events(
-    State(d): State<Arc<Dashboard>>,
-    headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    d.check(&headers, false)?;
+async fn events(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
+    if let Err(r) = d.check(&headers, false) {
+        return refused(r);
+    }
     d.stores.ready().await;
     let changes = d.stores.subscribe();
     let stream =
@@ -108,14 +106,16 @@ async fn events(
                 return None;
             }
             let event = Event::default().event("state").data(d.state_text());
-            Some((Ok(event), (d, changes, false)))
+            Some((Ok::<_, Infallible>(event), (d, changes, false)))
         });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn act(State(d): State<Arc<Dashboard>>, headers: HeaderMap, body: String) -> Response {
     if let Err(r) = d.check(&headers, true) {
-        return r;
+        return refused(r);
     }
     let action: Action = match serde_json::from_str(&body) {
         Ok(a) => a,
