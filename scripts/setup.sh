@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a Debian machine, only when missing:
-# QEMU 10 (bookworm-backports), qemu-img, OVMF, the guest and cloud image build tools,
-# cargo-nextest, the test guest, the cloud image, and the container runtime of the one-node
-# cluster (scripts/cluster.sh).
+# QEMU 10 (bookworm-backports), qemu-img, OVMF, the guest and cloud image build tools, Node.js and
+# npm (the dashboard's build), Chromium and its WebDriver (the dashboard's browser tests),
+# cargo-nextest, the dashboard's script (dashboard/dist/app.js, embedded in the controller), the
+# test guest, the cloud image, and the container runtime of the one-node cluster (scripts/cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ command -v grub-mkimage >/dev/null || need_pkgs+=(grub-common)
 command -v sfdisk >/dev/null || need_pkgs+=(fdisk)
 command -v mkfs.vfat >/dev/null || need_pkgs+=(dosfstools)
 command -v mcopy >/dev/null || need_pkgs+=(mtools)
+command -v npm >/dev/null || need_pkgs+=(nodejs npm)
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
@@ -55,6 +59,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+
+# The dashboard's script, embedded in the controller binary (its build stops without it).
+if [ ! -d dashboard/node_modules ] || [ dashboard/package-lock.json -nt dashboard/node_modules/.package-lock.json ]; then
+  echo "setup: installing the dashboard's build tools (npm ci in dashboard/)"
+  (cd dashboard && npm ci --no-audit --no-fund --loglevel=error)
+fi
+echo "setup: building the dashboard (dashboard/dist/app.js)"
+(cd dashboard && npm run --silent build)
 
 images/guest/build.sh target/guest
 images/cloud/build.sh target/cloud

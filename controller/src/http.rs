@@ -1,18 +1,19 @@
-//! `/metrics` (Prometheus), `/healthz` (the process serves) and `/readyz` (leading and running
-//! controllers), over plain HTTP/1.
+//! The controller's HTTP port: `/metrics` (Prometheus), `/healthz` (the process serves),
+//! `/readyz` (leading and running controllers), and the [`dashboard`](crate::dashboard).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::context::Context;
+use crate::dashboard::serve::{Dashboard, router};
 
 /// Set once this replica leads and its controllers run.
 #[derive(Default)]
@@ -24,54 +25,46 @@ impl Readiness {
     }
 }
 
+type Shared = (Arc<Context>, Arc<Readiness>);
+
 /// Serves on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, ready: Arc<Readiness>) {
+pub async fn serve(listener: TcpListener, dashboard: Arc<Dashboard>, ready: Arc<Readiness>) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving /metrics /healthz /readyz");
+        info!(%addr, "serving /metrics /healthz /readyz and the dashboard");
     }
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (ctx, ready) = (ctx.clone(), ready.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &ctx, &ready);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                warn!(error = %e, "metrics connection");
-            }
-        });
+    let shared: Shared = (dashboard.ctx.clone(), ready);
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+        .merge(router(dashboard));
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!(error = %e, "HTTP server");
     }
 }
 
-fn respond<B>(req: &Request<B>, ctx: &Context, ready: &Readiness) -> Response<Full<Bytes>> {
-    let (code, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "ok".to_string()),
-        "/readyz" if ready.0.load(Ordering::Relaxed) => (StatusCode::OK, "ok".to_string()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not leading".to_string()),
-        "/metrics" => {
-            let agents = ctx.agents.all();
-            let reachable = agents.iter().filter(|a| a.client().is_some()).count();
-            let gauges = [
-                ("hypersdk_agents", "Agents known.", agents.len() as f64),
-                (
-                    "hypersdk_agents_reachable",
-                    "Agents answering.",
-                    reachable as f64,
-                ),
-            ];
-            (StatusCode::OK, ctx.metrics.render(&gauges))
-        }
-        _ => (StatusCode::NOT_FOUND, "not found".to_string()),
-    };
-    Response::builder()
-        .status(code)
-        .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts")
+async fn readyz(State((_, ready)): State<Shared>) -> impl IntoResponse {
+    if ready.0.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+    }
+}
+
+async fn metrics(State((ctx, _)): State<Shared>) -> impl IntoResponse {
+    let agents = ctx.agents.all();
+    let reachable = agents.iter().filter(|a| a.client().is_some()).count();
+    let gauges = [
+        ("hypersdk_agents", "Agents known.", agents.len() as f64),
+        (
+            "hypersdk_agents_reachable",
+            "Agents answering.",
+            reachable as f64,
+        ),
+    ];
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.metrics.render(&gauges),
+    )
 }

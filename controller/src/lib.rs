@@ -9,10 +9,12 @@
 //! - [`nodes`]: the agents (registry, gRPC connections, discovery) and the agent's VM spec.
 //! - [`standalone`]: the in-process API and the manifest directory, for running without a cluster.
 //! - [`leader`] (Lease election), [`http`] (`/metrics`, `/healthz`, `/readyz`), [`metrics`].
+//! - [`dashboard`]: the web dashboard on the same port (live state, actions, access).
 
 pub mod context;
 pub mod controllers;
 pub mod crd;
+pub mod dashboard;
 pub mod error;
 pub mod http;
 pub mod leader;

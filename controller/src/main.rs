@@ -9,13 +9,15 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use hypersdk_controller::context::{Context, Settings};
+use hypersdk_controller::dashboard::Access;
+use hypersdk_controller::dashboard::serve::Dashboard;
 use hypersdk_controller::http::{self, Readiness};
 use hypersdk_controller::leader::Elector;
 use hypersdk_controller::nodes::{Agents, discover};
 use hypersdk_controller::scheduling::{Policy, Strategy};
 use hypersdk_controller::standalone::{FakeApi, Standalone};
 use hypersdk_controller::{controllers, crd};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -84,9 +86,16 @@ struct RunArgs {
     /// Seconds a guest gets to power off on stop before it is ended.
     #[arg(long, env = "HYPERSDK_STOP_TIMEOUT", default_value = "30")]
     stop_timeout: u32,
-    /// Where /metrics, /healthz and /readyz are served.
+    /// Where /metrics, /healthz, /readyz and the dashboard are served. On a non-loopback
+    /// address the dashboard's API needs --dashboard-token-file.
     #[arg(long, env = "HYPERSDK_METRICS_ADDR", default_value = "127.0.0.1:8080")]
     metrics_addr: SocketAddr,
+    /// A file holding the bearer token the dashboard's API requires (`Authorization: Bearer`).
+    #[arg(long, env = "HYPERSDK_DASHBOARD_TOKEN_FILE")]
+    dashboard_token_file: Option<PathBuf>,
+    /// Let the dashboard create VMOperations and VMSnapshots (it is read-only otherwise).
+    #[arg(long, env = "HYPERSDK_DASHBOARD_ACTIONS")]
+    dashboard_actions: bool,
     /// In a cluster: namespace and label selector of the agent pods, and their gRPC port.
     #[arg(
         long,
@@ -159,7 +168,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
-    tokio::spawn(http::serve(listener, ctx.clone(), ready.clone()));
+    let dashboard = Dashboard::new(ctx.clone(), dashboard_access(&args)?);
+    tokio::spawn(http::serve(listener, dashboard, ready.clone()));
 
     let identity = identity();
     let elector = Elector::new(
@@ -218,6 +228,37 @@ async fn follow_manifests(mut standalone: Standalone) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Who may use the dashboard: the token from its file; exposed unless on loopback.
+fn dashboard_access(args: &RunArgs) -> anyhow::Result<Access> {
+    let token = match &args.dashboard_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--dashboard-token-file {}", path.display()))?;
+            let token = text.trim().to_string();
+            if token.is_empty() {
+                bail!(
+                    "--dashboard-token-file {}: the file is empty",
+                    path.display()
+                );
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    let exposed = !args.metrics_addr.ip().is_loopback();
+    if exposed && token.is_none() {
+        warn!(
+            addr = %args.metrics_addr,
+            "the dashboard refuses every request: a non-loopback address needs --dashboard-token-file"
+        );
+    }
+    Ok(Access {
+        token,
+        exposed,
+        actions: args.dashboard_actions,
+    })
 }
 
 fn settings(args: &RunArgs) -> Settings {

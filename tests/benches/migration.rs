@@ -168,11 +168,6 @@ fn watch_stop(qmp: &Qmp) -> tokio::task::JoinHandle<Instant> {
     })
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// The test guest under raw QEMU, moving between two directories standing for two nodes.
 struct RawVm {
     spec: VmSpec,

@@ -64,10 +64,36 @@ pub fn images() -> tempfile::TempDir {
     dir
 }
 
+/// A GET over plain HTTP/1.0; returns the whole response.
+pub fn http_get(port: u16, path: &str) -> String {
+    http_request(port, "GET", path, &[], "")
+}
+
+/// A request over plain HTTP/1.0 with `headers` and `body`; returns the whole response.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: localhost\r\n").unwrap();
+    for (k, v) in headers {
+        write!(s, "{k}: {v}\r\n").unwrap();
+    }
+    write!(s, "Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// The controllers, in-process over the in-memory API.
 pub struct Controller {
     pub client: kube::Client,
     pub agents: Arc<Agents>,
+    pub ctx: Arc<Context>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,12 +111,13 @@ impl Controller {
         agents.sync(nodes);
         let ctx = Arc::new(Context::new(client.clone(), agents.clone(), settings));
         let task = tokio::spawn(hypersdk_controller::controllers::run(
-            ctx,
+            ctx.clone(),
             std::future::pending(),
         ));
         Controller {
             client,
             agents,
+            ctx,
             task,
         }
     }

@@ -12,6 +12,7 @@ use hypersdk_proto::agent::v1::agent_service_client::AgentServiceClient;
 use hypersdk_proto::endpoint::{self, Address};
 use tonic::transport::Channel;
 
+pub mod browser;
 pub mod controller;
 mod http;
 pub mod link;
@@ -382,6 +383,12 @@ pub fn print_serial_tails(node: &str, data_dir: &Path) {
     }
 }
 
+/// A loopback TCP port nobody listens on now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// Live QEMU processes whose command line points into `dir`.
 pub fn qemu_pids_under(dir: &Path) -> std::collections::BTreeSet<u32> {
     qemu_pids_with(&dir.to_string_lossy())
@@ -389,11 +396,18 @@ pub fn qemu_pids_under(dir: &Path) -> std::collections::BTreeSet<u32> {
 
 /// Live QEMU processes whose command line contains `needle`.
 pub fn qemu_pids_with(needle: &str) -> std::collections::BTreeSet<u32> {
+    pids_naming(needle)
+        .into_iter()
+        .filter(|pid| is_qemu(*pid as i32))
+        .collect()
+}
+
+/// Processes whose command line contains `needle`.
+pub fn pids_naming(needle: &str) -> std::collections::BTreeSet<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| is_qemu(*pid as i32))
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))

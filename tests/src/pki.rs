@@ -52,11 +52,6 @@ impl Default for Pki {
 }
 
 /// A free loopback port (the kernel's pick, released for the agent to bind).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Agent flags: serve mutual TLS on 127.0.0.1:`port` with `files`.
 pub fn tls_flags(port: u16, files: &TlsFiles) -> Vec<String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();

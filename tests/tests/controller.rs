@@ -19,8 +19,8 @@ use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::controller::*;
 use hypersdk_tests::pki::{Pki, tls_flags};
 use hypersdk_tests::{
-    Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually, list, repo_root,
-    resumed_counter, serial, wait_boots, wait_counter_above,
+    Agent, READY_MARKER, VmState, bin, count_markers, current_counter, eventually, free_port, list,
+    repo_root, resumed_counter, serial, wait_boots, wait_counter_above,
 };
 use hypersdk_tls::role::Role;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
@@ -383,7 +383,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
 async fn controller_runs_a_vm_on_an_agent_over_mutual_tls() {
     let images = images();
     let pki = Pki::new();
-    let port = hypersdk_tests::pki::free_port();
+    let port = free_port();
     let flags = tls_flags(port, &pki.issue("node-tls", Role::Agent("node-tls".into())));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let node = start_node("node-tls", images.path(), &flags).await;
@@ -597,21 +597,3 @@ async fn standalone_binary_applies_a_manifest_directory() {
 
 /// How long the standalone controller may take to write a status file (bounds the wait only).
 const STATUS_FILE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A GET over plain HTTP/1.0; returns the whole response.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}

@@ -47,7 +47,8 @@ pub enum ManifestError {
     Api(#[source] kube::Error),
 }
 
-fn api_message(e: &kube::Error) -> String {
+/// What the API said about a refused request (its message names the field), else the error.
+pub fn api_message(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => s.message.clone(),
         other => other.to_string(),
