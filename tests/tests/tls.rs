@@ -256,6 +256,21 @@ async fn agents_refuse_unsafe_listen_addresses() {
         );
     }
     let o = Command::new(bin("hypersdk-agent"))
+        .args([
+            "--data-dir",
+            data,
+            "--migration-address",
+            "192.0.2.1",
+            "--simulate",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains("without TLS only on loopback"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(bin("hypersdk-agent"))
         .args(["--data-dir", data, "--tls-cert", "/x.crt", "--simulate"])
         .output()
         .unwrap();
@@ -290,6 +305,11 @@ async fn live_migration_between_tls_agents_keeps_the_guest_counting() {
         final_phase(&progress).0,
         pb::MigrationPhase::Completed,
         "{progress:?}"
+    );
+    // Both QEMUs verify the other's certificate: a stream that completed was TLS end to end.
+    assert!(
+        progress.last().is_some_and(|p| p.encrypted),
+        "QEMU's stream was not put over TLS: {progress:?}"
     );
     let moved = get(&mut b, "mover").await;
     assert_eq!(phase(&moved), pb::VmPhase::Running);

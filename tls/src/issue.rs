@@ -95,6 +95,8 @@ pub fn role_params(
         params
             .extended_key_usages
             .push(ExtendedKeyUsagePurpose::ServerAuth);
+        // QEMU (GnuTLS) refuses a server certificate for the migration stream without it.
+        params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
     }
     params.use_authority_key_identifier_extension = true;
     validity.apply(&mut params)?;

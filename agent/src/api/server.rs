@@ -57,6 +57,11 @@ pub enum StartupError {
         "--listen {0}: plain gRPC is only served on loopback addresses; use https:// with --tls-cert, --tls-key and --tls-ca"
     )]
     NotLoopback(Address),
+    /// The stream carries the guest's memory: readable and forgeable by anyone on the path.
+    #[error(
+        "--migration-address {0}: QEMU's migration stream runs without TLS only on loopback addresses; give --tls-cert, --tls-key and --tls-ca"
+    )]
+    PlainMigration(std::net::IpAddr),
     #[error("gRPC server task: {0}")]
     ServerTask(#[from] tokio::task::JoinError),
     #[error("gRPC server: {0}")]
@@ -103,6 +108,9 @@ pub async fn run(
 ) -> Result<(), StartupError> {
     let data_dir = prepare_data_dir(&config.data_dir)?;
     let tls = config.tls.files().map(ServerTls::load).transpose()?;
+    if tls.is_none() && !config.migration_address.is_loopback() {
+        return Err(StartupError::PlainMigration(config.migration_address));
+    }
     if let Some(node) = config.simulated_node() {
         info!(
             node = node.node_name,

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{EventStream, watch_stream};
 use crate::host::node::NodeFacts;
+use crate::migration::encrypt;
 use crate::migration::{Options, is_final};
 use crate::spec::check_name;
 use crate::vm::actor::{DEFAULT_STOP_TIMEOUT, Op, SnapshotRequest};
@@ -242,10 +243,16 @@ impl AgentService for Service {
         req: Request<pb::PrepareIncomingRequest>,
     ) -> Result<Response<pb::PrepareIncomingResponse>, Status> {
         let (uri, vm) = self.vms.prepare_incoming(req.into_inner()).await?;
+        // With --tls-* the target QEMU takes the stream only over TLS (open_incoming_port).
+        let tls_hostname = match &self.vms.context().tls {
+            Some(_) => encrypt::uri_host(&uri).unwrap_or_default().to_string(),
+            None => String::new(),
+        };
         Ok(Response::new(pb::PrepareIncomingResponse {
             uri,
             vm: Some(vm),
             node_name: self.node.node_name.clone(),
+            tls_hostname,
         }))
     }
 

@@ -16,6 +16,7 @@ use crate::hotplug::PlanError;
 use crate::qemu::qmp::{QmpError, enum_name};
 use crate::spec::FieldError;
 
+pub mod encrypt;
 mod layout;
 pub mod source;
 pub use layout::{check_layout, cpu_to_add, layout, layout_memory};
@@ -134,6 +135,8 @@ pub enum IncomingError {
     },
     #[error(transparent)]
     Load(#[from] AwaitError),
+    #[error(transparent)]
+    Encrypt(#[from] encrypt::EncryptError),
 }
 
 /// A migration QEMU carries out by itself (into a file, or incoming) that did not complete.

@@ -3,6 +3,7 @@
 //! the target agent and the completion timeout, and hands the VM over. Any failure before the
 //! target runs the VM leaves the VM running here.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
@@ -17,7 +18,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::context::now_ms;
 use crate::error::AgentError;
-use crate::migration::{self, Deadline, Options, QemuStatus};
+use crate::migration::{self, Deadline, Options, QemuStatus, encrypt};
 use crate::qemu::qmp::{Qmp, QmpError};
 use crate::vm::actor::{Migration, Supervisor, Task};
 use crate::vm::phase::{Action, Phase};
@@ -37,8 +38,11 @@ pub struct Outgoing {
     pub name: String,
     pub source_node: String,
     pub target: Address,
-    /// This agent's certificate, which it presents to an `https://` target.
+    /// This agent's certificate, which it presents to an `https://` target, and to the
+    /// target QEMU when the stream runs over TLS.
     pub tls: Option<TlsFiles>,
+    /// Where the source QEMU reads its credentials for the stream.
+    pub tls_dir: PathBuf,
     pub spec: pb::VmSpec,
     pub layout: pb::MachineLayout,
     pub options: Options,
@@ -94,6 +98,12 @@ enum PrepareError {
     Pause(#[source] QmpError),
     #[error("QEMU refused to migrate: {0}")]
     Migrate(#[source] QmpError),
+    #[error(
+        "target agent takes the migration stream only over TLS, and this agent has no --tls-cert"
+    )]
+    NoCertificate,
+    #[error(transparent)]
+    Encrypt(#[from] encrypt::EncryptError),
 }
 
 impl Outgoing {
@@ -164,18 +174,35 @@ impl Outgoing {
         // Capabilities and parameters are the source's to set per migration.
         let qmp = &self.qmp;
         let setup = async {
-            qmp.execute(migration::capabilities(&self.options, true))
-                .await?;
-            qmp.execute(migration::parameters(&self.options, true))
-                .await?;
-            qmp.execute(migration::migrate(&resp.uri)).await
+            self.encrypt(&resp.tls_hostname).await?;
+            let migrate = async {
+                qmp.execute(migration::capabilities(&self.options, true))
+                    .await?;
+                qmp.execute(migration::parameters(&self.options, true))
+                    .await?;
+                qmp.execute(migration::migrate(&resp.uri)).await
+            };
+            migrate.await.map_err(PrepareError::Migrate)
         };
         if let Err(e) = setup.await {
             self.abort_target(&mut client).await;
-            return Err(PrepareError::Migrate(e));
+            return Err(e);
         }
         self.update(|p| p.phase = pb::MigrationPhase::Active as i32);
         Ok(client)
+    }
+
+    /// Puts the stream over TLS when the target asks for it (it named the host its certificate
+    /// carries).
+    async fn encrypt(&self, hostname: &str) -> Result<(), PrepareError> {
+        if hostname.is_empty() {
+            return Ok(());
+        }
+        let files = self.tls.as_ref().ok_or(PrepareError::NoCertificate)?;
+        let end = encrypt::End::Source;
+        encrypt::enable(&self.qmp, files, &self.tls_dir, end, Some(hostname)).await?;
+        self.update(|p| p.encrypted = true);
+        Ok(())
     }
 
     /// Follows QEMU's migration to its end. Ok: QEMU completed; the instant the guest was
@@ -456,6 +483,7 @@ impl Supervisor {
                 source_node: self.ctx.node_name.clone(),
                 target,
                 tls: self.ctx.tls.clone(),
+                tls_dir: self.files.migration_tls.clone(),
                 spec: pb::VmSpec::from(&self.spec),
                 layout,
                 options,

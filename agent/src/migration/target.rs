@@ -3,7 +3,7 @@
 
 use crate::error::AgentError;
 use crate::hotplug;
-use crate::migration::{self, AwaitError, IncomingError, Options, QemuStatus};
+use crate::migration::{self, AwaitError, IncomingError, Options, QemuStatus, encrypt};
 use crate::qemu::process;
 use crate::qemu::qmp::Qmp;
 pub use crate::snapshot::create::SnapshotRequest;
@@ -132,6 +132,10 @@ impl Supervisor {
                 address,
             })?;
         let uri = format!("tcp:{host}:{port}");
+        if let Some(files) = &self.ctx.tls {
+            let dir = &self.files.migration_tls;
+            encrypt::enable(qmp, files, dir, encrypt::End::Target, None).await?;
+        }
         qmp.execute(migration::migrate_incoming(&uri)).await?;
         Ok(uri)
     }

@@ -23,6 +23,8 @@ pub struct VmFiles {
     pub cidata: PathBuf,
     /// The UEFI variable store (NVRAM) of a VM booted with OVMF.
     pub uefi_vars: PathBuf,
+    /// Where QEMU reads its credentials for a migration over TLS.
+    pub migration_tls: PathBuf,
 }
 
 impl VmFiles {
@@ -33,6 +35,7 @@ impl VmFiles {
             serial_log: dir.join("serial.log"),
             cidata: dir.join("cidata.img"),
             uefi_vars: dir.join(crate::firmware::NVRAM_FILE),
+            migration_tls: dir.join("migration-tls"),
         }
     }
 }
