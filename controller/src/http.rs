@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::dashboard::serve::{Dashboard, router};
+use crate::metrics::agent_gauges;
 
 /// Set once this replica leads and its controllers run.
 #[derive(Default)]
@@ -53,16 +54,7 @@ async fn readyz(State((_, ready)): State<Shared>) -> impl IntoResponse {
 }
 
 async fn metrics(State((ctx, _)): State<Shared>) -> impl IntoResponse {
-    let agents = ctx.agents.all();
-    let reachable = agents.iter().filter(|a| a.client().is_some()).count();
-    let gauges = [
-        ("hypersdk_agents", "Agents known.", agents.len() as f64),
-        (
-            "hypersdk_agents_reachable",
-            "Agents answering.",
-            reachable as f64,
-        ),
-    ];
+    let gauges = agent_gauges(&ctx.agents.all());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ctx.metrics.render(&gauges),

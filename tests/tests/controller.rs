@@ -13,6 +13,7 @@ use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::snapshot::SnapshotPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use hypersdk_controller::metrics::agent_gauges;
 use hypersdk_controller::nodes::Agents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::Address;
@@ -408,6 +409,12 @@ async fn controller_runs_a_vm_on_an_agent_over_mutual_tls() {
     assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-tls"));
     let on_agent = agent_vm(&node, "tls-vm").await.unwrap();
     wait_boots(&on_agent, 1, BOOT).await;
+    // The certificate (30 days) is in the controller's metrics, read from the agent's GetNode.
+    let metrics = ctl.ctx.metrics.render(&agent_gauges(&ctl.agents.all()));
+    let days = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hypersdk_agent_tls_days_left{node=\"node-tls\"} "));
+    assert!(matches!(days, Some("29" | "30")), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
