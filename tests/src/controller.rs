@@ -25,6 +25,16 @@ use crate::{Agent, GUEST_CMDLINE, eventually, guest, repo_root};
 /// so that one VMTemplate (image paths are node paths) fits every node, and whose VMs' disks
 /// are made there too (the shared storage live migration needs).
 pub async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
+    start_node_in(name, None, images, extra).await
+}
+
+/// The same in network namespace `netns` (a [`crate::hosts::Host`]).
+pub async fn start_node_in(
+    name: &str,
+    netns: Option<&str>,
+    images: &Path,
+    extra: &[&str],
+) -> Agent {
     let disks = images.join("disks");
     std::fs::create_dir_all(&disks).unwrap();
     let disks = disks.to_str().unwrap().to_string();
@@ -37,7 +47,7 @@ pub async fn start_node(name: &str, images: &Path, extra: &[&str]) -> Agent {
         "",
     ];
     args.extend_from_slice(extra);
-    Agent::start_with(name, &args).await
+    Agent::start_in(name, netns, &args).await
 }
 
 /// How the controller finds `agent`, labelled with its node name for nodeSelectors.

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 
 pub mod browser;
 pub mod controller;
+pub mod hosts;
 mod http;
 pub mod link;
 pub mod pki;
@@ -121,6 +122,8 @@ pub struct Agent {
     pub guest: Guest,
     /// Flags beyond the harness's own, kept for respawns.
     extra_args: Vec<String>,
+    /// The network namespace it runs in (a [`hosts::Host`]); None: this machine's.
+    netns: Option<String>,
     process: Option<Child>,
 }
 
@@ -147,6 +150,12 @@ impl Agent {
     }
 
     pub async fn start_with(name: &str, extra: &[&str]) -> Agent {
+        Agent::start_in(name, None, extra).await
+    }
+
+    /// An agent inside network namespace `netns` (see [`hosts`]); its unix socket, on the
+    /// shared file system, stays reachable from the test.
+    pub async fn start_in(name: &str, netns: Option<&str>, extra: &[&str]) -> Agent {
         let guest = guest();
         let dir = tempfile::Builder::new()
             .prefix("hs-")
@@ -173,6 +182,7 @@ impl Agent {
             dir,
             guest: local,
             extra_args: extra.iter().map(|a| a.to_string()).collect(),
+            netns: netns.map(str::to_string),
             process: None,
         };
         agent.spawn().await;
@@ -201,7 +211,15 @@ impl Agent {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(bin("hypersdk-agent"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("hypersdk-agent"));
+                c
+            }
+            None => Command::new(bin("hypersdk-agent")),
+        };
+        let child = cmd
             .args(["--node-name", &self.name, "--accel", &accel])
             .arg("--data-dir")
             .arg(self.data_dir())

@@ -31,7 +31,17 @@ impl Pki {
     /// Files of a new certificate for `role` (valid `validity`), trusting this CA; `name`
     /// distinguishes several certificates of one role.
     pub fn issue_valid(&self, name: &str, role: Role, validity: Validity) -> TlsFiles {
-        let pem = issue::issue(&self.ca, &role, &["127.0.0.1".into()], validity).unwrap();
+        self.issue_with(name, role, &["127.0.0.1".into()], validity)
+    }
+
+    /// For an agent on a host at `ip`: its address as the certificate's name.
+    pub fn issue_for_host(&self, name: &str, ip: &str) -> TlsFiles {
+        let role = Role::Agent(name.into());
+        self.issue_with(name, role, &[ip.into()], Validity::days_from_now(30))
+    }
+
+    fn issue_with(&self, name: &str, role: Role, sans: &[String], validity: Validity) -> TlsFiles {
+        let pem = issue::issue(&self.ca, &role, sans, validity).unwrap();
         let (cert, key) = write_pem(&self.dir.path().join(name), name, &pem).unwrap();
         TlsFiles {
             cert,
@@ -51,13 +61,17 @@ impl Default for Pki {
     }
 }
 
-/// A free loopback port (the kernel's pick, released for the agent to bind).
 /// Agent flags: serve mutual TLS on 127.0.0.1:`port` with `files`.
 pub fn tls_flags(port: u16, files: &TlsFiles) -> Vec<String> {
+    tls_flags_on("127.0.0.1", port, files)
+}
+
+/// Agent flags: serve mutual TLS on `ip`:`port` with `files`.
+pub fn tls_flags_on(ip: &str, port: u16, files: &TlsFiles) -> Vec<String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
     vec![
         "--listen".into(),
-        format!("https://127.0.0.1:{port}"),
+        format!("https://{ip}:{port}"),
         "--tls-cert".into(),
         path(&files.cert),
         "--tls-key".into(),

@@ -262,12 +262,13 @@ async fn live(
     }
     match last.phase() {
         pb::MigrationPhase::Completed => Ok(format!(
-            "migrated from {} to {} in {} ms, guest paused {} ms, {} sent",
+            "migrated from {} to {} in {} ms, guest paused {} ms, {} sent{}",
             last.source_node,
             last.target_node,
             last.elapsed_ms,
             last.downtime_ms,
-            mib(last.transferred_bytes)
+            mib(last.transferred_bytes),
+            if last.encrypted { " over TLS" } else { "" }
         )),
         phase => Err(MigrateError::Ended {
             phase: phase_name(phase),
