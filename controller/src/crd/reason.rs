@@ -26,6 +26,10 @@ pub enum Reason {
     UserNetworking,
     GuestAgentConnected,
     GuestAgentNotConnected,
+    /// RestartRequired: fields of the spec that apply at the next start.
+    SpecChanged,
+    /// RestartRequired false: the node runs the spec as it is.
+    SpecApplied,
     /// Ready while the VM runs, or not Ready named after the phase it is in.
     Phase(VmPhase),
     // VMSnapshot conditions.
@@ -47,6 +51,10 @@ pub enum Reason {
     Moved,
     Migrated,
     Cloned,
+    /// cpus or memory edited in the spec, applied live.
+    Resized,
+    /// Made again on its node with the edited spec, at a start.
+    Recreated,
     /// Leaving a drained node.
     Evicting,
     FailedScheduling,
@@ -90,6 +98,10 @@ impl Reason {
             R::Moved => "Moved",
             R::Migrated => "Migrated",
             R::Cloned => "Cloned",
+            R::Resized => "Resized",
+            R::Recreated => "Recreated",
+            R::SpecChanged => "SpecChanged",
+            R::SpecApplied => "SpecApplied",
             R::FailedScheduling => "FailedScheduling",
             R::CleanupSkipped => "CleanupSkipped",
         }

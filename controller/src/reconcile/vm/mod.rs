@@ -15,6 +15,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
+mod edit;
+
 use crate::context::Context;
 use crate::crd::vm::{VirtualMachine, VirtualMachineStatus, VmPhase};
 use crate::crd::{Reason, Status, VMTemplate, VMTemplateSpec, set_condition};
@@ -24,6 +26,7 @@ use crate::nodes::spec::{self, Built};
 use crate::nodes::{Agent, Client};
 use crate::scheduling::Request;
 use crate::scheduling::placement::{Placed, VmKey};
+use edit::apply::{recreate, report_edit, resize};
 
 pub const FINALIZER: &str = "hypersdk.io/vm-cleanup";
 
@@ -34,6 +37,7 @@ pub const NODE_REACHABLE: &str = "NodeReachable";
 pub const AGENT_CONNECTED: &str = "AgentConnected";
 pub const DISK_READY: &str = "DiskReady";
 pub const NETWORK_READY: &str = "NetworkReady";
+pub const RESTART_REQUIRED: &str = "RestartRequired";
 
 /// A VM with nothing to wait for is looked at again this often anyway.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -127,7 +131,7 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
             Err(action) => return Ok(action),
         },
     };
-    let current = converge(pass, &node, client, current, ctx).await?;
+    let current = converge(pass, &node, client, current, &built, ctx).await?;
     agent.observe(current.clone());
     report(pass, &current);
     if !pass
@@ -460,6 +464,7 @@ async fn converge(
     node: &str,
     mut client: Client,
     current: pb::Vm,
+    built: &Built,
     ctx: &Context,
 ) -> Result<pb::Vm> {
     let phase = agent_phase(&current);
@@ -468,8 +473,20 @@ async fn converge(
         .as_ref()
         .map(|s| s.name.clone())
         .unwrap_or_default();
+    let edit = current
+        .spec
+        .as_ref()
+        .map(|s| edit::plan(&built.spec, s))
+        .unwrap_or_default();
+    report_edit(pass, &edit);
     let running = pass.vm.spec.running;
     use pb::VmPhase as P;
+    if running && phase == P::Stopped && !edit.restart.is_empty() {
+        return recreate(pass, node, client, built, &edit, ctx).await;
+    }
+    if running && phase == P::Running && edit.live() {
+        return resize(pass, node, client, current, edit, ctx).await;
+    }
     if running && matches!(phase, P::Pending | P::Stopped) {
         info!(node, "starting VM");
         let vm = call(node, client.start_vm(pb::StartVmRequest { name }).await)?;
