@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypersdk_controller::context::{Context, Settings};
+use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMTemplate, VirtualMachine, condition};
 use hypersdk_controller::nodes::{AgentInfo, Agents};
@@ -14,11 +15,14 @@ use hypersdk_controller::scheduling::Policy;
 use hypersdk_controller::standalone::FakeApi;
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_proto::agent::v1 as pb;
+use hypersdk_proto::endpoint::Address;
 use kube::Api;
 use kube::api::{DynamicObject, PostParams};
 use kube::core::ApiResource;
 use serde_json::{Value, json};
 
+use crate::hosts::Hosts;
+use crate::pki::{Pki, tls_flags_on};
 use crate::{Agent, GUEST_CMDLINE, eventually, guest, repo_root};
 
 /// A node of the test: an agent whose --image-dir is shared with the other agents of the test,
@@ -48,6 +52,31 @@ pub async fn start_node_in(
     ];
     args.extend_from_slice(extra);
     Agent::start_in(name, netns, &args).await
+}
+
+/// A node on each of `hosts`: its agent serves gRPC only over mutual TLS on the host's address
+/// (port 7443, a certificate from `pki` naming it) and migrates from that address. Returns the
+/// agents and how the controller reaches them.
+pub async fn start_host_nodes(
+    hosts: &Hosts,
+    pki: &Pki,
+    images: &Path,
+) -> (Vec<Agent>, Vec<AgentInfo>) {
+    let mut nodes = vec![];
+    let mut infos = vec![];
+    for h in &hosts.hosts {
+        let ip = h.ip.to_string();
+        let mut flags = tls_flags_on(&ip, 7443, &pki.issue_for_host(&h.name, &ip));
+        flags.extend(["--migration-address".into(), ip.clone()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let node = start_node_in(&h.name, Some(&h.name), images, &flags).await;
+        infos.push(AgentInfo {
+            address: Address::Tls(format!("{ip}:7443")),
+            ..info(&node)
+        });
+        nodes.push(node);
+    }
+    (nodes, infos)
 }
 
 /// How the controller finds `agent`, labelled with its node name for nodeSelectors.
@@ -141,6 +170,20 @@ impl Controller {
         self.create::<VirtualMachine>(small_vm("ha", true, None))
             .await
             .unwrap();
+    }
+
+    /// Waits for VMOperation `name` to end, and checks that it succeeded.
+    pub async fn op_succeeded(&self, name: &str) -> VMOperation {
+        let op = wait_for(&self.ops(), name, BOOT, "done", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(OperationPhase::is_final)
+        })
+        .await;
+        let status = op.status.as_ref().unwrap();
+        assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
+        op
     }
 
     pub fn vms(&self) -> Api<VirtualMachine> {

@@ -308,15 +308,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
     ctl.create::<VMOperation>(example("vmoperation-clone-my-vm.yaml"))
         .await
         .unwrap();
-    let op = wait_for(&ctl.ops(), "clone-my-vm", BOOT, "done", |o| {
-        o.status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_some_and(OperationPhase::is_final)
-    })
-    .await;
-    let status = op.status.unwrap();
-    assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
+    ctl.op_succeeded("clone-my-vm").await;
     let clone = wait_for(&ctl.vms(), "my-vm-clone", BOOT, "Running", |v| {
         phase(v) == Some(VmPhase::Running)
     })

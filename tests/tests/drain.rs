@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMTemplate, VirtualMachine};
 use hypersdk_controller::nodes::AgentInfo;
@@ -61,21 +60,7 @@ async fn a_drained_node_live_migrates_its_vms_away() {
                 && v.status.as_ref().unwrap().node_name.as_deref() == Some("node-2")
         })
         .await;
-        let op = wait_for(
-            &ctl.ops(),
-            &format!("evict-{name}-node-1"),
-            BOOT,
-            "done",
-            |o| {
-                o.status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(OperationPhase::is_final)
-            },
-        )
-        .await;
-        let status = op.status.unwrap();
-        assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
+        let op = ctl.op_succeeded(&format!("evict-{name}-node-1")).await;
         assert!(op.spec.migrate_spec.unwrap().live);
         let moved = agent_vm(&nodes[1], name).await.unwrap();
         wait_counter_above(&moved, counter, Duration::from_secs(60)).await;

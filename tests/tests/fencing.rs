@@ -16,11 +16,10 @@ use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::nodes::spec::agent_name;
 use hypersdk_controller::nodes::{AgentInfo, Agents};
 use hypersdk_proto::agent::v1 as pb;
-use hypersdk_proto::endpoint::Address;
 use hypersdk_tests::controller::*;
 use hypersdk_tests::hosts::{Host, Hosts};
 use hypersdk_tests::link::Link;
-use hypersdk_tests::pki::{Pki, tls_flags_on};
+use hypersdk_tests::pki::Pki;
 use hypersdk_tests::{
     Agent, current_counter, eventually, qemu_pids_with, wait_boots, wait_counter_above,
 };
@@ -141,20 +140,7 @@ async fn a_cut_off_host_stops_its_ha_vm_before_it_runs_elsewhere() {
     let hosts = Hosts::new(&["fence-a", "fence-b"]);
     let images = images();
     let pki = Pki::new();
-    let mut nodes = vec![];
-    let mut infos = vec![];
-    for h in &hosts.hosts {
-        let ip = h.ip.to_string();
-        let mut flags = tls_flags_on(&ip, 7443, &pki.issue_for_host(&h.name, &ip));
-        flags.extend(["--migration-address".into(), ip.clone()]);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let node = start_node_in(&h.name, Some(&h.name), images.path(), &flags).await;
-        infos.push(AgentInfo {
-            address: Address::Tls(format!("{ip}:7443")),
-            ..info(&node)
-        });
-        nodes.push(node);
-    }
+    let (nodes, infos) = start_host_nodes(&hosts, &pki, images.path()).await;
     let cuts: Vec<Cut> = hosts.hosts.iter().map(Cut::Host).collect();
     let ctl_cert = pki.issue("ctl", Role::Controller("ctl".into()));
     let agents = Agents::new(FENCE_TIMEOUT).with_tls(Some(ctl_cert));

@@ -7,15 +7,14 @@
 
 use std::process::Command;
 
-use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::vm::VmPhase;
 use hypersdk_controller::crd::{VMOperation, VMTemplate, VirtualMachine};
-use hypersdk_controller::nodes::{AgentInfo, Agents};
+use hypersdk_controller::nodes::Agents;
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_proto::endpoint::{self, Address};
 use hypersdk_tests::controller::*;
 use hypersdk_tests::hosts::Hosts;
-use hypersdk_tests::pki::{Pki, tls_flags_on};
+use hypersdk_tests::pki::Pki;
 use hypersdk_tests::{
     READY_MARKER, bin, count_markers, current_counter, serial, wait_boots, wait_counter_above,
 };
@@ -29,21 +28,7 @@ async fn a_vm_is_placed_on_a_host_and_moves_to_another_over_mutual_tls() {
     let hosts = Hosts::new(&["host-a", "host-b"]);
     let images = images();
     let pki = Pki::new();
-    let mut nodes = vec![];
-    let mut infos = vec![];
-    for h in &hosts.hosts {
-        let ip = h.ip.to_string();
-        let files = pki.issue_for_host(&h.name, &ip);
-        let mut flags = tls_flags_on(&ip, PORT, &files);
-        flags.extend(["--migration-address".into(), ip.clone()]);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let node = start_node_in(&h.name, Some(&h.name), images.path(), &flags).await;
-        infos.push(AgentInfo {
-            address: Address::Tls(format!("{ip}:{PORT}")),
-            ..info(&node)
-        });
-        nodes.push(node);
-    }
+    let (nodes, infos) = start_host_nodes(&hosts, &pki, images.path()).await;
     let (a, b) = (&hosts.hosts[0], &hosts.hosts[1]);
 
     // Plain gRPC from another host (this namespace) finds no plaintext server on the port.
@@ -107,16 +92,8 @@ async fn a_vm_is_placed_on_a_host_and_moves_to_another_over_mutual_tls() {
         "spec": {"vmRef": {"name": "roamer"}, "operation": "migrate",
                  "migrateSpec": {"targetNode": b.name, "live": true}}});
     ctl.create::<VMOperation>(op).await.unwrap();
-    let op = wait_for(&ctl.ops(), "move-roamer", BOOT, "done", |o| {
-        o.status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_some_and(OperationPhase::is_final)
-    })
-    .await;
-    let status = op.status.unwrap();
-    assert_eq!(status.phase, Some(OperationPhase::Succeeded), "{status:?}");
-    let message = status.message.unwrap_or_default();
+    let op = ctl.op_succeeded("move-roamer").await;
+    let message = op.status.unwrap().message.unwrap_or_default();
     assert!(message.ends_with(" over TLS"), "{message}");
     let moved = agent_vm(&nodes[1], "roamer").await.unwrap();
     wait_counter_above(&moved, counter, BOOT).await;
