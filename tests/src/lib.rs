@@ -17,6 +17,7 @@ pub mod controller;
 mod http;
 pub mod link;
 pub mod pki;
+pub mod s3;
 mod raw;
 pub use http::ImageServer;
 pub use raw::RawQemu;
@@ -692,6 +693,10 @@ pub async fn wait_boots(vm: &pb::Vm, n: usize, limit: Duration) {
 }
 
 /// The disk counter each boot found (`HYPERSDK-DISK <n>` lines), in order.
+pub fn disk_counters_in(serial: &str) -> Vec<u64> {
+    disk_counters(serial)
+}
+
 fn disk_counters(serial: &str) -> Vec<u64> {
     serial
         .lines()
