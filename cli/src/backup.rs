@@ -43,9 +43,19 @@ pub struct RepoArgs {
     endpoint: String,
     #[arg(long, default_value = "")]
     region: String,
-    #[arg(long, env = "AWS_ACCESS_KEY_ID", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AWS_ACCESS_KEY_ID",
+        default_value = "",
+        hide_env_values = true
+    )]
     access_key_id: String,
-    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     secret_access_key: String,
     /// File holding the encryption key (32 bytes, or 64 hex digits).
     #[arg(long)]
@@ -91,7 +101,11 @@ impl RepoArgs {
     }
 }
 
-pub async fn run(client: &mut AgentServiceClient<Channel>, out: Format, command: BackupCommand) -> anyhow::Result<()> {
+pub async fn run(
+    client: &mut AgentServiceClient<Channel>,
+    out: Format,
+    command: BackupCommand,
+) -> anyhow::Result<()> {
     match command {
         BackupCommand::Create(a) => {
             let req = pb::BackupVmRequest {
@@ -115,18 +129,25 @@ pub async fn run(client: &mut AgentServiceClient<Channel>, out: Format, command:
                     if terminal {
                         eprintln!();
                     }
-                    if output::structured(out, &serde_json::json!({
-                        "location": p.location, "manifestKey": p.manifest_key, "backupId": p.backup_id,
-                        "incremental": p.incremental, "fullReason": p.full_reason,
-                        "chunksTotal": p.chunks_total, "chunksRead": p.chunks_read, "chunksNew": p.chunks_new,
-                        "bytesRead": p.bytes_read, "bytesUploaded": p.bytes_uploaded, "backupBytes": p.backup_bytes,
-                    }))? {
+                    if output::structured(
+                        out,
+                        &serde_json::json!({
+                            "location": p.location, "manifestKey": p.manifest_key, "backupId": p.backup_id,
+                            "incremental": p.incremental, "fullReason": p.full_reason,
+                            "chunksTotal": p.chunks_total, "chunksRead": p.chunks_read, "chunksNew": p.chunks_new,
+                            "bytesRead": p.bytes_read, "bytesUploaded": p.bytes_uploaded, "backupBytes": p.backup_bytes,
+                        }),
+                    )? {
                         return Ok(());
                     }
                     println!(
                         "{} ({}; read {} of {} chunks, stored {} new, {} MiB uploaded)",
                         p.location,
-                        if p.incremental { "incremental".to_string() } else { format!("full: {}", p.full_reason) },
+                        if p.incremental {
+                            "incremental".to_string()
+                        } else {
+                            format!("full: {}", p.full_reason)
+                        },
                         p.chunks_read,
                         p.chunks_total,
                         p.chunks_new,
@@ -135,12 +156,20 @@ pub async fn run(client: &mut AgentServiceClient<Channel>, out: Format, command:
                     return Ok(());
                 }
                 if terminal && p.bytes_total > 0 {
-                    eprint!("\r{:>3}% read, {} new chunks", p.bytes_read * 100 / p.bytes_total, p.chunks_new);
+                    eprint!(
+                        "\r{:>3}% read, {} new chunks",
+                        p.bytes_read * 100 / p.bytes_total,
+                        p.chunks_new
+                    );
                 }
             }
             anyhow::bail!("the agent ended the backup without a result")
         }
-        BackupCommand::Restore { manifest, name, repo } => {
+        BackupCommand::Restore {
+            manifest,
+            name,
+            repo,
+        } => {
             let r = client
                 .restore_backup(pb::RestoreBackupRequest {
                     source: Some(repo.location("")),
@@ -150,7 +179,13 @@ pub async fn run(client: &mut AgentServiceClient<Channel>, out: Format, command:
                 })
                 .await?
                 .into_inner();
-            if output::structured(out, &r.disks.iter().map(|d| (&d.name, &d.path)).collect::<Vec<_>>())? {
+            if output::structured(
+                out,
+                &r.disks
+                    .iter()
+                    .map(|d| (&d.name, &d.path))
+                    .collect::<Vec<_>>(),
+            )? {
                 return Ok(());
             }
             for d in &r.disks {
@@ -167,8 +202,16 @@ pub async fn run(client: &mut AgentServiceClient<Channel>, out: Format, command:
                 })
                 .await?
                 .into_inner();
-            if !output::structured(out, &serde_json::json!({"chunks": v.chunks, "bytes": v.bytes, "bad": v.bad_chunks}))? {
-                println!("{} chunks, {} MiB checked; {} bad", v.chunks, v.bytes >> 20, v.bad_chunks.len());
+            if !output::structured(
+                out,
+                &serde_json::json!({"chunks": v.chunks, "bytes": v.bytes, "bad": v.bad_chunks}),
+            )? {
+                println!(
+                    "{} chunks, {} MiB checked; {} bad",
+                    v.chunks,
+                    v.bytes >> 20,
+                    v.bad_chunks.len()
+                );
                 for b in &v.bad_chunks {
                     println!("bad: {b}");
                 }

@@ -270,7 +270,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::node(cli.output, &NodeView::from(node.into_inner()))
         }
         Command::Vm { command } => vm(&mut connect().await?, cli.output, *command).await,
-        Command::Backup { command } => backup::run(&mut connect().await?, cli.output, command).await,
+        Command::Backup { command } => {
+            backup::run(&mut connect().await?, cli.output, command).await
+        }
     }
 }
 

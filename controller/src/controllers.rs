@@ -29,7 +29,9 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tracing::warn;
 
 use crate::context::Context;
-use crate::crd::{BackupJob, BackupSchedule, RestoreJob, VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use crate::crd::{
+    BackupJob, BackupSchedule, RestoreJob, VMOperation, VMSnapshot, VMTemplate, VirtualMachine,
+};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::nodes::Signal;

@@ -259,13 +259,16 @@ fn bad_backup_manifests_are_refused_naming_the_field() {
         &job(json!({"source": {"namespace": "default"}, "destination": dest})),
     );
     assert!(
-        p.iter().any(|m| m.contains("source needs vmName or vmSelector")),
+        p.iter()
+            .any(|m| m.contains("source needs vmName or vmSelector")),
         "{p:?}"
     );
     assert_eq!(
         problems(
             "BackupJob",
-            &job(json!({"source": {"vmName": "v"}, "destination": {"type": "gcs", "bucket": "backups"}}))
+            &job(
+                json!({"source": {"vmName": "v"}, "destination": {"type": "gcs", "bucket": "backups"}})
+            )
         ),
         ["spec.destination.type: \"gcs\" is not one of \"s3\""]
     );
@@ -277,7 +280,9 @@ fn bad_backup_manifests_are_refused_naming_the_field() {
     assert_eq!(
         problems(
             "BackupJob",
-            &job(json!({"source": {"vmName": "v"}, "destination": dest, "retention": {"keepLast": 0}}))
+            &job(
+                json!({"source": {"vmName": "v"}, "destination": dest, "retention": {"keepLast": 0}})
+            )
         ),
         ["spec.retention.keepLast: must be at least 1"]
     );

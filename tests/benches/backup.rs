@@ -24,7 +24,11 @@ const BUCKET: &str = "bench";
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A 1 GiB qcow2 disk whose first 512 MiB are pseudo-random (neither compressible nor
@@ -139,8 +143,14 @@ async fn main() {
             full.chunks_new,
             full.bytes_uploaded as f64 / MIB
         );
-        println!("  qemu-img convert {convert_s:7.2} s  {:7.1} MiB/s", data / convert_s);
-        println!("  curl PUT to S3   {curl_s:7.2} s  {:7.1} MiB/s", data / curl_s);
+        println!(
+            "  qemu-img convert {convert_s:7.2} s  {:7.1} MiB/s",
+            data / convert_s
+        );
+        println!(
+            "  curl PUT to S3   {curl_s:7.2} s  {:7.1} MiB/s",
+            data / curl_s
+        );
         println!(
             "  incremental      {inc_s:7.2} s  ({} chunks read, {} stored, {:.1} MiB uploaded, incremental {})",
             inc.chunks_read,
@@ -148,7 +158,10 @@ async fn main() {
             inc.bytes_uploaded as f64 / MIB,
             inc.incremental
         );
-        println!("  restore          {restore_s:7.2} s  {:7.1} MiB/s", data / restore_s);
+        println!(
+            "  restore          {restore_s:7.2} s  {:7.1} MiB/s",
+            data / restore_s
+        );
         println!(
             "  ratio backup/qemu-img convert time {:.2}, backup/curl upload time {:.2}",
             full_s / convert_s,

@@ -17,8 +17,8 @@ pub mod controller;
 mod http;
 pub mod link;
 pub mod pki;
-pub mod s3;
 mod raw;
+pub mod s3;
 pub use http::ImageServer;
 pub use raw::RawQemu;
 

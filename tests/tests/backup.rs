@@ -26,7 +26,10 @@ fn request(s3: &S3Server, vm: &str, prefix: &str) -> pb::BackupVmRequest {
 }
 
 /// Runs a backup to its end; returns every progress message (the last has `done`).
-async fn backup(c: &mut Client, req: pb::BackupVmRequest) -> Result<Vec<pb::BackupProgress>, tonic::Status> {
+async fn backup(
+    c: &mut Client,
+    req: pb::BackupVmRequest,
+) -> Result<Vec<pb::BackupProgress>, tonic::Status> {
     let mut stream = c.backup_vm(req).await?.into_inner();
     let mut seen = Vec::new();
     while let Some(p) = stream.next().await {
@@ -34,7 +37,9 @@ async fn backup(c: &mut Client, req: pb::BackupVmRequest) -> Result<Vec<pb::Back
     }
     match seen.last() {
         Some(p) if p.done => Ok(seen),
-        _ => Err(tonic::Status::unknown(format!("the stream ended without a result: {seen:?}"))),
+        _ => Err(tonic::Status::unknown(format!(
+            "the stream ended without a result: {seen:?}"
+        ))),
     }
 }
 
@@ -71,7 +76,10 @@ fn same_content(a: &Path, b: &Path) -> bool {
         .arg(b)
         .output()
         .unwrap();
-    println!("qemu-img compare: {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!(
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     out.status.success()
 }
 
@@ -102,13 +110,22 @@ async fn running_vm_backs_up_incrementally_and_restores_into_a_new_vm() {
     let done1 = first.last().unwrap().clone();
     let after1 = last_counter(&serial(&vm)).unwrap();
     println!("backup 1 (counter {before}..{after1}): {done1:?}");
-    assert!(!done1.incremental && done1.full_reason.contains("no earlier backup"), "{done1:?}");
+    assert!(
+        !done1.incremental && done1.full_reason.contains("no earlier backup"),
+        "{done1:?}"
+    );
     assert!(done1.quiesced, "the guest agent was connected: {done1:?}");
     assert_eq!(done1.chunks_total, 16, "a 64 MiB disk in 4 MiB chunks");
     assert_eq!(done1.chunks_read, 16);
     assert!(done1.chunks_new >= 1, "{done1:?}");
-    assert!(done1.bytes_uploaded < done1.bytes_read, "compressed: {done1:?}");
-    assert_eq!(done1.location, format!("s3://{BUCKET}/daily/backups/src/first.json"));
+    assert!(
+        done1.bytes_uploaded < done1.bytes_read,
+        "compressed: {done1:?}"
+    );
+    assert_eq!(
+        done1.location,
+        format!("s3://{BUCKET}/daily/backups/src/first.json")
+    );
     assert_eq!(chunk_objects(&s3, "daily"), done1.chunks_new as usize);
     assert!(first.len() >= 2, "progress before the result: {first:?}");
 
@@ -123,7 +140,10 @@ async fn running_vm_backs_up_incrementally_and_restores_into_a_new_vm() {
     println!("backup 2: {done2:?}");
     assert!(done2.incremental, "{done2:?}");
     assert!(done2.chunks_read >= 1 && done2.chunks_read < 8, "{done2:?}");
-    assert!(done2.chunks_new >= 1 && done2.chunks_new <= done2.chunks_read, "{done2:?}");
+    assert!(
+        done2.chunks_new >= 1 && done2.chunks_new <= done2.chunks_read,
+        "{done2:?}"
+    );
     assert_eq!(
         chunk_objects(&s3, "daily") - objects_before,
         done2.chunks_new as usize,
@@ -139,13 +159,17 @@ async fn running_vm_backs_up_incrementally_and_restores_into_a_new_vm() {
 
     // The first backup into a new VM: it boots, and its disk holds the counter the guest had
     // written by then (at least the one it booted with, at most the one it had reached).
-    let r = restore(&mut c, &s3, "daily/backups/src/first.json", "copy", &[]).await.unwrap();
+    let r = restore(&mut c, &s3, "daily/backups/src/first.json", "copy", &[])
+        .await
+        .unwrap();
     assert_eq!(r.vm, "src");
     assert_eq!(r.disks.len(), 1);
     let booted_with = disk_counter_at_boot(&vm, 0, BOOT).await;
     let copy = create(&mut c, spec_on(&agent, "copy", &r.disks[0].path), true).await;
     let restored = disk_counter_at_boot(&copy, 0, BOOT).await;
-    println!("restored disk counter {restored} (source booted with {booted_with}, at {after1} after backup 1)");
+    println!(
+        "restored disk counter {restored} (source booted with {booted_with}, at {after1} after backup 1)"
+    );
     assert!((booted_with..=after1).contains(&restored), "{restored}");
     wait_counter_above(&copy, restored + 1, BOOT).await;
 
@@ -156,7 +180,9 @@ async fn running_vm_backs_up_incrementally_and_restores_into_a_new_vm() {
     let done3 = backup(&mut c, req).await.unwrap().pop().unwrap();
     println!("backup 3 (stopped): {done3:?}");
     assert!(done3.incremental, "{done3:?}");
-    let r = restore(&mut c, &s3, &done3.manifest_key, "copy2", &[]).await.unwrap();
+    let r = restore(&mut c, &s3, &done3.manifest_key, "copy2", &[])
+        .await
+        .unwrap();
     let source_disk = agent.dir.path().join("images/src.qcow2");
     assert!(same_content(Path::new(&r.disks[0].path), &source_disk));
 
@@ -205,7 +231,11 @@ async fn s3_down_mid_backup_fails_the_backup_and_the_vm_runs_on() {
     wait_counter_above(&vm, 2, BOOT).await;
     let pid = get(&mut c, "busy").await.status.unwrap().pid;
 
-    let mut stream = c.backup_vm(request(&s3, "busy", "p")).await.unwrap().into_inner();
+    let mut stream = c
+        .backup_vm(request(&s3, "busy", "p"))
+        .await
+        .unwrap()
+        .into_inner();
     let mut killed = false;
     let mut outcome = None;
     while let Some(p) = stream.next().await {
@@ -231,12 +261,19 @@ async fn s3_down_mid_backup_fails_the_backup_and_the_vm_runs_on() {
     // The VM was not touched and counts on; with S3 back, nothing partial is listed and a new
     // backup succeeds.
     let now = get(&mut c, "busy").await;
-    assert_eq!((phase(&now), now.status.unwrap().pid), (pb::VmPhase::Running, pid));
+    assert_eq!(
+        (phase(&now), now.status.unwrap().pid),
+        (pb::VmPhase::Running, pid)
+    );
     let last = last_counter(&serial(&vm)).unwrap();
     wait_counter_above(&vm, last + 2, Duration::from_secs(30)).await;
     s3.restart();
     assert!(manifests(&s3, "p", "busy").is_empty());
-    let done = backup(&mut c, request(&s3, "busy", "p")).await.unwrap().pop().unwrap();
+    let done = backup(&mut c, request(&s3, "busy", "p"))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
     assert_eq!(manifests(&s3, "p", "busy").len(), 1, "{done:?}");
     assert!(done.chunks_total == 16 + 24, "{done:?}");
 }
@@ -255,21 +292,42 @@ async fn encrypted_backups_need_their_key_and_corruption_is_found() {
     assert!(done.chunks_new >= 1, "{done:?}");
 
     // Wrong key, no key: refused before any disk is written, saying why.
-    let e = restore(&mut c, &s3, &done.manifest_key, "wrong", &[8u8; 32]).await.unwrap_err();
+    let e = restore(&mut c, &s3, &done.manifest_key, "wrong", &[8u8; 32])
+        .await
+        .unwrap_err();
     println!("wrong key: {e}");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("not the one it was made with"), "{e}");
-    let e = restore(&mut c, &s3, &done.manifest_key, "nokey", &[]).await.unwrap_err();
-    assert!(e.message().contains("encrypted and no key was given"), "{e}");
-    assert!(!agent.data_dir().join("images/restored/wrong-root.qcow2").exists());
+    let e = restore(&mut c, &s3, &done.manifest_key, "nokey", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("encrypted and no key was given"),
+        "{e}"
+    );
+    assert!(
+        !agent
+            .data_dir()
+            .join("images/restored/wrong-root.qcow2")
+            .exists()
+    );
     // The chunks say nothing readable: the disk's README is not in any object.
     for o in s3.objects(BUCKET, "enc/chunks") {
         let blob = std::fs::read(&o).unwrap();
-        assert!(!blob.windows(9).any(|w| w == b"HyperSDK "), "{}", o.display());
+        assert!(
+            !blob.windows(9).any(|w| w == b"HyperSDK "),
+            "{}",
+            o.display()
+        );
     }
 
-    let r = restore(&mut c, &s3, &done.manifest_key, "right", &key).await.unwrap();
-    assert!(same_content(Path::new(&r.disks[0].path), &agent.dir.path().join("images/sealed.qcow2")));
+    let r = restore(&mut c, &s3, &done.manifest_key, "right", &key)
+        .await
+        .unwrap();
+    assert!(same_content(
+        Path::new(&r.disks[0].path),
+        &agent.dir.path().join("images/sealed.qcow2")
+    ));
 
     // A flipped byte in a stored chunk: verify names it and a restore refuses the backup.
     let victim = s3.objects(BUCKET, "enc/chunks").remove(0);
@@ -289,16 +347,27 @@ async fn encrypted_backups_need_their_key_and_corruption_is_found() {
     println!("verify: {v:?}");
     let id = victim.file_name().unwrap().to_string_lossy().into_owned();
     assert_eq!(v.bad_chunks.len(), 1, "{v:?}");
-    assert!(v.bad_chunks[0].starts_with(&id) && v.bad_chunks[0].contains("altered"), "{v:?}");
-    let e = restore(&mut c, &s3, &done.manifest_key, "again", &key).await.unwrap_err();
+    assert!(
+        v.bad_chunks[0].starts_with(&id) && v.bad_chunks[0].contains("altered"),
+        "{v:?}"
+    );
+    let e = restore(&mut c, &s3, &done.manifest_key, "again", &key)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::DataLoss, "{e}");
-    assert!(!agent.data_dir().join("images/restored/again-root.qcow2").exists());
+    assert!(
+        !agent
+            .data_dir()
+            .join("images/restored/again-root.qcow2")
+            .exists()
+    );
 
     // Wrong credentials are the server's refusal, said as such.
     let mut req = request(&s3, "sealed", "enc");
     req.destination.as_mut().unwrap().secret_access_key = "not-the-secret".into();
     let e = backup(&mut c, req).await.unwrap_err();
     println!("wrong credentials: {e}");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("object storage"), "{e}");
 }
 
@@ -311,11 +380,15 @@ fn write_chunk(disk: &Path, chunk: u64, pattern: u8) {
         .arg(disk)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn retention_keeps_the_newest_and_collects_unreferenced_chunks() {
+async fn retention_keeps_the_newest_and_collects_unreferenced_chunks_but_not_during_a_backup() {
     let s3 = S3Server::start();
     s3.create_bucket(BUCKET);
     let agent = Agent::start("backup-d").await;
@@ -344,13 +417,37 @@ async fn retention_keeps_the_newest_and_collects_unreferenced_chunks() {
         }
         ids.push(done.manifest_key);
     }
+    // A backup in progress (its lock) keeps every chunk: retention still removes manifests,
+    // garbage collection deletes nothing until it is over.
+    let lock = s3.bucket_dir(BUCKET).join("r/locks/other-backup");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    std::fs::write(&lock, b"{}").unwrap();
+    let before = chunk_objects(&s3, "r");
+    write_chunk(&disk, 10, 0x13);
+    let mut req = request(&s3, "kept", "r");
+    req.backup_id = "b3".into();
+    req.retention = Some(keep_last(2));
+    let done = backup(&mut c, req).await.unwrap().pop().unwrap();
+    println!("with a backup in progress: {done:?}");
+    assert_eq!((done.pruned, done.chunks_deleted), (1, 0), "{done:?}");
+    assert_eq!(chunk_objects(&s3, "r"), before + 1);
+    ids.push(done.manifest_key);
+    std::fs::remove_file(&lock).unwrap();
+    write_chunk(&disk, 10, 0x14);
+    let mut req = request(&s3, "kept", "r");
+    req.backup_id = "b4".into();
+    req.retention = Some(keep_last(2));
+    let done = backup(&mut c, req).await.unwrap().pop().unwrap();
+    assert_eq!((done.pruned, done.chunks_deleted), (1, 2), "{done:?}");
+    ids.push(done.manifest_key);
+
     let names: Vec<String> = manifests(&s3, "r", "kept")
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["b1.json", "b2.json"]);
+    assert_eq!(names, ["b3.json", "b4.json"]);
     // Every kept backup is whole.
-    for key in &ids[1..] {
+    for key in &ids[3..] {
         let v = c
             .verify_backup(pb::VerifyBackupRequest {
                 source: Some(s3.location(BUCKET, "")),

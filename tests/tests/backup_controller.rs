@@ -44,7 +44,9 @@ fn base64(b: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -61,7 +63,10 @@ fn phase_of(j: &BackupJob) -> Option<BackupPhase> {
 }
 
 async fn finished(api: &Api<BackupJob>, name: &str) -> BackupJob {
-    wait_for(api, name, JOB, "finished", |j| phase_of(j).is_some_and(BackupPhase::finished)).await
+    wait_for(api, name, JOB, "finished", |j| {
+        phase_of(j).is_some_and(BackupPhase::finished)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,35 +78,60 @@ async fn backup_job_then_restore_job_into_a_vm_on_another_node() {
     s3.create_bucket(BUCKET);
     let ctl = Controller::start(&[&a, &b], settings());
     secret(&ctl).await;
-    ctl.create::<VMTemplate>(guest_template(images.path())).await.unwrap();
-    ctl.create::<VirtualMachine>(small_vm("src", false, Some("a"))).await.unwrap();
-    wait_for(&ctl.vms(), "src", BOOT, "Running", |vm| phase(vm) == Some(VmPhase::Running)).await;
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    ctl.create::<VirtualMachine>(small_vm("src", false, Some("a")))
+        .await
+        .unwrap();
+    wait_for(&ctl.vms(), "src", BOOT, "Running", |vm| {
+        phase(vm) == Some(VmPhase::Running)
+    })
+    .await;
     let src = agent_vm(&a, "src").await.unwrap();
     let log = src.status.as_ref().unwrap().serial_log.clone();
     eventually(BOOT, "the source counting", async || {
-        std::fs::read_to_string(&log).unwrap_or_default().matches("HYPERSDK-COUNTER").count() >= 3
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("HYPERSDK-COUNTER")
+            .count()
+            >= 3
     })
     .await;
 
     let jobs: Api<BackupJob> = Api::namespaced(ctl.client.clone(), "default");
-    ctl.create::<BackupJob>(job("first", &s3, "src")).await.unwrap();
+    ctl.create::<BackupJob>(job("first", &s3, "src"))
+        .await
+        .unwrap();
     let first = finished(&jobs, "first").await;
     let st = first.status.clone().unwrap();
     println!("first: {st:?}");
     assert_eq!(st.phase, Some(BackupPhase::Completed), "{st:?}");
     let location = st.backup_location.clone().unwrap();
-    assert!(location.starts_with(&format!("s3://{BUCKET}/daily/backups/")) && location.ends_with("/first.json"));
+    assert!(
+        location.starts_with(&format!("s3://{BUCKET}/daily/backups/"))
+            && location.ends_with("/first.json")
+    );
     assert_eq!(st.progress.as_ref().unwrap().percent, 100);
     assert!(st.backup_size.is_some() && st.start_time.is_some() && st.completion_time.is_some());
     assert_eq!(st.incremental, Some(false));
 
     let before = s3.objects(BUCKET, "daily/chunks").len();
-    ctl.create::<BackupJob>(job("second", &s3, "src")).await.unwrap();
+    ctl.create::<BackupJob>(job("second", &s3, "src"))
+        .await
+        .unwrap();
     let st = finished(&jobs, "second").await.status.unwrap();
     println!("second: {st:?}");
-    assert_eq!((st.phase, st.incremental), (Some(BackupPhase::Completed), Some(true)), "{st:?}");
+    assert_eq!(
+        (st.phase, st.incremental),
+        (Some(BackupPhase::Completed), Some(true)),
+        "{st:?}"
+    );
     let p = st.progress.unwrap();
-    assert_eq!(s3.objects(BUCKET, "daily/chunks").len() - before, p.chunks_new as usize);
+    assert_eq!(
+        s3.objects(BUCKET, "daily/chunks").len() - before,
+        p.chunks_new as usize
+    );
 
     // The first backup as a new VM on node b, started.
     let restore = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "RestoreJob", "metadata": {"name": "r1"},
@@ -112,26 +142,42 @@ async fn backup_job_then_restore_job_into_a_vm_on_another_node() {
     ctl.create::<RestoreJob>(restore).await.unwrap();
     let restores: Api<RestoreJob> = Api::namespaced(ctl.client.clone(), "default");
     let r = wait_for(&restores, "r1", JOB, "finished", |r| {
-        r.status.as_ref().and_then(|s| s.phase).is_some_and(BackupPhase::finished)
+        r.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(BackupPhase::finished)
     })
     .await;
     let rs = r.status.unwrap();
     assert_eq!(rs.phase, Some(BackupPhase::Completed), "{rs:?}");
     assert_eq!(rs.restored_vm.as_deref(), Some("default/copy"));
     let copy = wait_for(&ctl.vms(), "copy", BOOT, "Running on b", |vm| {
-        phase(vm) == Some(VmPhase::Running) && vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some("b")
+        phase(vm) == Some(VmPhase::Running)
+            && vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some("b")
     })
     .await;
-    assert!(copy.spec.disks[0].path.as_deref().unwrap().contains("/restored/"));
+    assert!(
+        copy.spec.disks[0]
+            .path
+            .as_deref()
+            .unwrap()
+            .contains("/restored/")
+    );
     let copy_vm = agent_vm(&b, "copy").await.unwrap();
     let copy_log = copy_vm.status.as_ref().unwrap().serial_log.clone();
     let restored = eventually(BOOT, "the copy's disk counter", async || {
         let text = std::fs::read_to_string(&copy_log).unwrap_or_default();
-        disk_counters_in(&text).first().copied().filter(|_| count_markers(&text, "HYPERSDK-GUEST-READY") >= 1)
+        disk_counters_in(&text)
+            .first()
+            .copied()
+            .filter(|_| count_markers(&text, "HYPERSDK-GUEST-READY") >= 1)
     })
     .await;
     println!("restored VM booted with disk counter {restored}");
-    assert!(restored >= 1, "the source had counted on its disk before the backup");
+    assert!(
+        restored >= 1,
+        "the source had counted on its disk before the backup"
+    );
 
     // What the seeds name but is not available: accepted by the schema, refused in status.
     let mut kv = job("kubevirt", &s3, "src");
@@ -140,7 +186,10 @@ async fn backup_job_then_restore_job_into_a_vm_on_another_node() {
     let mut kms = job("kms", &s3, "src");
     kms["spec"]["options"]["encryption"] = json!({"enabled": true, "kmsKeyId": "arn:aws:kms:..."});
     ctl.create::<BackupJob>(kms).await.unwrap();
-    for (name, field) in [("kubevirt", "source.provider: kubevirt"), ("kms", "options.encryption.kmsKeyId")] {
+    for (name, field) in [
+        ("kubevirt", "source.provider: kubevirt"),
+        ("kms", "options.encryption.kmsKeyId"),
+    ] {
         let st = finished(&jobs, name).await.status.unwrap();
         assert_eq!(st.phase, Some(BackupPhase::Failed));
         assert!(st.message.as_deref().unwrap().starts_with(field), "{st:?}");
@@ -155,9 +204,16 @@ async fn schedule_forbids_overlap_keeps_history_and_suspends() {
     s3.create_bucket(BUCKET);
     let ctl = Controller::start(&[&a], settings());
     secret(&ctl).await;
-    ctl.create::<VMTemplate>(guest_template(images.path())).await.unwrap();
-    ctl.create::<VirtualMachine>(small_vm("src", false, None)).await.unwrap();
-    wait_for(&ctl.vms(), "src", BOOT, "Running", |vm| phase(vm) == Some(VmPhase::Running)).await;
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    ctl.create::<VirtualMachine>(small_vm("src", false, None))
+        .await
+        .unwrap();
+    wait_for(&ctl.vms(), "src", BOOT, "Running", |vm| {
+        phase(vm) == Some(VmPhase::Running)
+    })
+    .await;
 
     // Every second (six-field cron): a backup takes longer, so Forbid skips runs.
     let sched = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "BackupSchedule", "metadata": {"name": "often"},
@@ -170,41 +226,95 @@ async fn schedule_forbids_overlap_keeps_history_and_suspends() {
     let mut skipped = false;
     let mut most_active = 0;
     let mut most_kept = 0;
-    eventually(Duration::from_secs(600), "scheduled backups that succeed, and a skipped run", async || {
-        let s = schedules.get("often").await.unwrap().status.unwrap_or_default();
-        skipped |= s.message.as_deref().is_some_and(|m| m.contains("Forbid"));
-        most_active = most_active.max(s.active.len());
-        let all = jobs.list(&ListParams::default()).await.unwrap().items;
-        let done = all.iter().filter(|j| phase_of(j) == Some(BackupPhase::Completed)).count();
-        most_kept = most_kept.max(done);
-        let names: Vec<String> = all.iter().map(|j| j.metadata.name.clone().unwrap()).collect();
-        (s.last_successful_time.is_some() && names.len() >= 2 && skipped).then_some(()).ok_or(format!("{s:?} {names:?}"))
-    })
+    eventually(
+        Duration::from_secs(600),
+        "scheduled backups that succeed, and a skipped run",
+        async || {
+            let s = schedules
+                .get("often")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            skipped |= s.message.as_deref().is_some_and(|m| m.contains("Forbid"));
+            most_active = most_active.max(s.active.len());
+            let all = jobs.list(&ListParams::default()).await.unwrap().items;
+            let done = all
+                .iter()
+                .filter(|j| phase_of(j) == Some(BackupPhase::Completed))
+                .count();
+            most_kept = most_kept.max(done);
+            let names: Vec<String> = all
+                .iter()
+                .map(|j| j.metadata.name.clone().unwrap())
+                .collect();
+            (s.last_successful_time.is_some() && names.len() >= 2 && skipped)
+                .then_some(())
+                .ok_or(format!("{s:?} {names:?}"))
+        },
+    )
     .await;
-    assert!(most_active <= 1, "Forbid: at most one job at a time, saw {most_active}");
-    assert!(most_kept <= 2 + 1, "history limit 2 (one more may finish before the next pass)");
+    assert!(
+        most_active <= 1,
+        "Forbid: at most one job at a time, saw {most_active}"
+    );
+    assert!(
+        most_kept <= 2 + 1,
+        "history limit 2 (one more may finish before the next pass)"
+    );
 
     // Suspended: no job is created after the running one ends.
     schedules
-        .patch("often", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}})))
+        .patch(
+            "often",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
         .await
         .unwrap();
-    let s = wait_for(&schedules, "often", JOB, "suspended, nothing running", |s| {
-        s.status.as_ref().is_some_and(|st| st.message.as_deref() == Some("suspended") && st.active.is_empty())
-    })
+    let s = wait_for(
+        &schedules,
+        "often",
+        JOB,
+        "suspended, nothing running",
+        |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.message.as_deref() == Some("suspended") && st.active.is_empty()
+            })
+        },
+    )
     .await;
     let last = s.status.unwrap().last_schedule_time;
     let count = jobs.list(&ListParams::default()).await.unwrap().items.len();
     // What is tested is that time passes without a run: three schedule times go by.
     tokio::time::sleep(Duration::from_secs(3)).await;
     schedules
-        .patch("often", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})))
+        .patch(
+            "often",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
         .await
         .unwrap();
     let s = wait_for(&schedules, "often", JOB, "still suspended", |s| {
-        s.status.as_ref().is_some_and(|st| st.message.as_deref() == Some("suspended"))
+        s.status
+            .as_ref()
+            .is_some_and(|st| st.message.as_deref() == Some("suspended"))
     })
     .await;
     assert_eq!(s.status.unwrap().last_schedule_time, last);
-    assert_eq!(jobs.list(&ListParams::default()).await.unwrap().items.len(), count);
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(all.len(), count);
+    let kept: Vec<_> = all
+        .iter()
+        .map(|j| (j.metadata.name.clone().unwrap(), phase_of(j)))
+        .collect();
+    println!(
+        "jobs kept after suspension: {kept:?} (at most one active seen, a run skipped under Forbid)"
+    );
+    let completed = kept
+        .iter()
+        .filter(|(_, p)| *p == Some(BackupPhase::Completed))
+        .count();
+    assert!(completed <= 2, "successfulJobsHistoryLimit 2: {kept:?}");
 }

@@ -423,6 +423,12 @@ fn backup_status(e: &crate::backup::BackupError) -> Status {
     let msg = e.to_string();
     match e {
         E::BadRequest { .. } | E::Key(_) => Status::invalid_argument(msg),
+        E::Store {
+            source:
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ..
+        } => Status::permission_denied(msg),
         E::Store { .. } => Status::unavailable(msg),
         E::Chunk { .. } | E::Manifest { .. } => Status::data_loss(msg),
         E::Expose(_) => Status::failed_precondition(msg),

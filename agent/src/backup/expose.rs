@@ -117,7 +117,9 @@ impl Supervisor {
         let live = match self.status.phase {
             Phase::Running | Phase::Paused => Some(self.live_qmp()?),
             Phase::Pending | Phase::Stopped | Phase::Failed => None,
-            other => return Err(self.conflict(format!("cannot be backed up while {}", other.name()))),
+            other => {
+                return Err(self.conflict(format!("cannot be backed up while {}", other.name())));
+            }
         };
         let tmp = self.dir.join("backup");
         let result = match &live {
@@ -131,16 +133,22 @@ impl Supervisor {
                 x
             })
             .map_err(|e| match e {
-            ExposeError::Qmp { source: QmpError::Command { ref desc, .. }, .. }
-                if desc.contains("already running") || desc.contains("in use") =>
-            {
-                self.conflict(format!("has a backup running already ({e})"))
-            }
-            e => self.qemu_error(format!("exposing the disks for a backup: {e}")),
-        })
+                ExposeError::Qmp {
+                    source: QmpError::Command { ref desc, .. },
+                    ..
+                } if desc.contains("already running") || desc.contains("in use") => {
+                    self.conflict(format!("has a backup running already ({e})"))
+                }
+                e => self.qemu_error(format!("exposing the disks for a backup: {e}")),
+            })
     }
 
-    async fn expose_live(&mut self, qmp: &Qmp, req: &ExposeRequest, tmp: &Path) -> Result<Exposed, ExposeError> {
+    async fn expose_live(
+        &mut self,
+        qmp: &Qmp,
+        req: &ExposeRequest,
+        tmp: &Path,
+    ) -> Result<Exposed, ExposeError> {
         let blocks = qmp
             .execute(qapi::qmp::query_block {})
             .await
@@ -164,7 +172,8 @@ impl Supervisor {
             if disk.read_only {
                 continue;
             }
-            let node = top_node(&blocks, i).ok_or_else(|| ExposeError::DiskNotFound(disk.name.clone()))?;
+            let node =
+                top_node(&blocks, i).ok_or_else(|| ExposeError::DiskNotFound(disk.name.clone()))?;
             let info = nodes
                 .as_array()
                 .into_iter()
@@ -174,8 +183,16 @@ impl Supervisor {
                 .unwrap_or(Value::Null);
             let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
             let qcow2 = info["drv"] == "qcow2";
-            let all: Vec<&Value> = info["dirty-bitmaps"].as_array().into_iter().flatten().collect();
-            let named = |b: &&Value| b["name"].as_str().is_some_and(|n| n.starts_with(BITMAP_PREFIX));
+            let all: Vec<&Value> = info["dirty-bitmaps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .collect();
+            let named = |b: &&Value| {
+                b["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(BITMAP_PREFIX))
+            };
             let bitmaps: Vec<String> = all
                 .iter()
                 .copied()
@@ -194,7 +211,10 @@ impl Supervisor {
             // Bitmaps of backups the repository no longer starts from only cost write time.
             for stale in bitmaps.iter().filter(|b| Some(*b) != bitmap.as_ref()) {
                 let _ = qmp
-                    .execute_value("block-dirty-bitmap-remove", json!({"node": node, "name": stale}))
+                    .execute_value(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": stale}),
+                    )
                     .await;
             }
             let overlay = tmp.join(format!("fleece-{i}.qcow2"));
@@ -253,14 +273,25 @@ impl Supervisor {
             release_live(qmp, &exposed, false).await;
             return Err(e);
         }
-        info!(disks = exposed.disks.len(), quiesced = exposed.quiesced, "disks exposed for backup");
+        info!(
+            disks = exposed.disks.len(),
+            quiesced = exposed.quiesced,
+            "disks exposed for backup"
+        );
         Ok(exposed)
     }
 
     /// Runs the transaction that starts copy-before-write on every disk, with the guest's
     /// filesystems frozen around it if asked and possible. Returns whether they were frozen.
-    async fn start_fleecing(&mut self, qmp: &Qmp, quiesce: bool, actions: Vec<Value>) -> Result<bool, ExposeError> {
-        let frozen = quiesce && self.status.agent_connected && self.freeze(true).await.map_err(ExposeError::Freeze)?;
+    async fn start_fleecing(
+        &mut self,
+        qmp: &Qmp,
+        quiesce: bool,
+        actions: Vec<Value>,
+    ) -> Result<bool, ExposeError> {
+        let frozen = quiesce
+            && self.status.agent_connected
+            && self.freeze(true).await.map_err(ExposeError::Freeze)?;
         let r = qmp
             .execute_value("transaction", json!({"actions": actions}))
             .await
@@ -271,7 +302,11 @@ impl Supervisor {
         r.map(|_| frozen)
     }
 
-    async fn expose_stopped(&mut self, req: &ExposeRequest, tmp: &Path) -> Result<Exposed, ExposeError> {
+    async fn expose_stopped(
+        &mut self,
+        req: &ExposeRequest,
+        tmp: &Path,
+    ) -> Result<Exposed, ExposeError> {
         let resolved = self.resolved_spec().map_err(|e| ExposeError::Io {
             what: "the VM's disks".into(),
             source: std::io::Error::other(e.to_string()),
@@ -287,14 +322,22 @@ impl Supervisor {
             servers: Vec::new(),
             tmp: tmp.to_path_buf(),
         };
-        for (i, disk) in resolved.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
+        for (i, disk) in resolved
+            .disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.read_only)
+        {
             // A VM never started has not had its disks' formats read yet.
             let (probed, bitmaps, usable) = file_info(&self.ctx.qemu_img, &disk.path).await?;
             let format = disk.format.unwrap_or(probed);
             let qcow2 = format == DiskFormat::Qcow2;
             let (bitmap, full_reason) = choose_base(qcow2, &usable, old.as_deref());
             for stale in bitmaps.iter().filter(|b| Some(*b) != bitmap.as_ref()) {
-                if let Err(e) = crate::qemu::img::bitmap(&self.ctx.qemu_img, &disk.path, "--remove", stale).await {
+                if let Err(e) =
+                    crate::qemu::img::bitmap(&self.ctx.qemu_img, &disk.path, "--remove", stale)
+                        .await
+                {
                     warn!(disk = disk.name, "removing stale bitmap {stale}: {e}");
                 }
             }
@@ -364,12 +407,19 @@ impl Supervisor {
 }
 
 /// Which bitmap an incremental read may start from, or why the disk is read in full.
-pub fn choose_base(qcow2: bool, bitmaps: &[String], parent: Option<&str>) -> (Option<String>, String) {
+pub fn choose_base(
+    qcow2: bool,
+    bitmaps: &[String],
+    parent: Option<&str>,
+) -> (Option<String>, String) {
     if !qcow2 {
         return (None, "not a qcow2 disk: no persistent dirty bitmap".into());
     }
     let Some(parent) = parent else {
-        return (None, "no earlier backup of this VM in the repository".into());
+        return (
+            None,
+            "no earlier backup of this VM in the repository".into(),
+        );
     };
     if bitmaps.iter().any(|b| b == parent) {
         (Some(parent.to_string()), String::new())
@@ -413,7 +463,10 @@ async fn release_live(qmp: &Qmp, exposed: &Exposed, success: bool) {
     };
     for i in 0..exposed.disks.len() {
         let _ = qmp
-            .execute_value("block-export-del", json!({"id": format!("hsdk-export-{i}"), "mode": "hard"}))
+            .execute_value(
+                "block-export-del",
+                json!({"id": format!("hsdk-export-{i}"), "mode": "hard"}),
+            )
             .await;
     }
     let _ = qmp.execute_value("nbd-server-stop", json!({})).await;
@@ -422,7 +475,10 @@ async fn release_live(qmp: &Qmp, exposed: &Exposed, success: bool) {
         if let Some((fleece, overlay)) = &d.fleece {
             // Exports go away asynchronously; the overlay can be removed once they have.
             let mut tries = 0;
-            while let Err(e) = qmp.execute_value("blockdev-del", json!({"node-name": fleece})).await {
+            while let Err(e) = qmp
+                .execute_value("blockdev-del", json!({"node-name": fleece}))
+                .await
+            {
                 tries += 1;
                 if tries > 50 || !e.to_string().contains("in use") {
                     if !e.to_string().contains("Failed to find") {
@@ -438,24 +494,38 @@ async fn release_live(qmp: &Qmp, exposed: &Exposed, success: bool) {
         match (success, &d.bitmap, &d.new_bitmap) {
             (true, Some(old), _) => step(
                 "removing the previous bitmap",
-                qmp.execute_value("block-dirty-bitmap-remove", json!({"node": node, "name": old})).await,
+                qmp.execute_value(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": node, "name": old}),
+                )
+                .await,
             ),
             (false, Some(old), Some(new)) => {
                 step(
                     "merging changes into the previous bitmap",
-                    qmp.execute_value("block-dirty-bitmap-merge", json!({"node": node, "target": old, "bitmaps": [new]}))
-                        .await,
+                    qmp.execute_value(
+                        "block-dirty-bitmap-merge",
+                        json!({"node": node, "target": old, "bitmaps": [new]}),
+                    )
+                    .await,
                 );
                 step(
                     "enabling the previous bitmap",
-                    qmp.execute_value("block-dirty-bitmap-enable", json!({"node": node, "name": old})).await,
+                    qmp.execute_value(
+                        "block-dirty-bitmap-enable",
+                        json!({"node": node, "name": old}),
+                    )
+                    .await,
                 );
             }
             _ => {}
         }
         if !success && let Some(new) = &d.new_bitmap {
             let _ = qmp
-                .execute_value("block-dirty-bitmap-remove", json!({"node": node, "name": new}))
+                .execute_value(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": node, "name": new}),
+                )
                 .await;
         }
     }
@@ -498,7 +568,10 @@ async fn release_file(qemu_img: &Path, d: &ExposedDisk, success: bool) -> Result
 
 /// A disk file's format, the backup bitmaps in it, and those of them that are consistent (a
 /// bitmap still marked in use was not saved when its QEMU ended).
-async fn file_info(qemu_img: &Path, path: &Path) -> Result<(DiskFormat, Vec<String>, Vec<String>), ExposeError> {
+async fn file_info(
+    qemu_img: &Path,
+    path: &Path,
+) -> Result<(DiskFormat, Vec<String>, Vec<String>), ExposeError> {
     let out = Command::new(qemu_img)
         .args(["info", "--output=json", "-U"])
         .arg(path)
@@ -515,7 +588,11 @@ async fn file_info(qemu_img: &Path, path: &Path) -> Result<(DiskFormat, Vec<Stri
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with(BITMAP_PREFIX)))
+        .filter(|b| {
+            b["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(BITMAP_PREFIX))
+        })
         .collect();
     let name = |b: &&Value| b["name"].as_str().unwrap_or_default().to_string();
     let in_use = |b: &&&Value| {

@@ -62,9 +62,7 @@ pub enum BackupError {
     Chunk { id: String, why: seal::SealError },
     #[error("manifest {key}: {why}")]
     Manifest { key: String, why: String },
-    #[error(
-        "the backup is encrypted and {0}: give the key it was made with (keySecretRef)"
-    )]
+    #[error("the backup is encrypted and {0}: give the key it was made with (keySecretRef)")]
     Key(&'static str),
     #[error("{what}: {source}")]
     Io {
@@ -334,15 +332,29 @@ mod tests {
         // A range across a boundary touches both sides.
         assert_eq!(chunks_touched(size, &[(CHUNK_SIZE - 1, 2)]), [0, 1]);
         assert_eq!(
-            chunks_touched(size, &[(CHUNK_SIZE, CHUNK_SIZE), (5 * CHUNK_SIZE + 3, 65536)]),
+            chunks_touched(
+                size,
+                &[(CHUNK_SIZE, CHUNK_SIZE), (5 * CHUNK_SIZE + 3, 65536)]
+            ),
             [1, 5]
         );
         // Out of order and repeated ranges, and one past the end.
         assert_eq!(
-            chunks_touched(size, &[(3 * CHUNK_SIZE, 1), (0, 1), (3 * CHUNK_SIZE + 9, 1), (size, 5)]),
+            chunks_touched(
+                size,
+                &[
+                    (3 * CHUNK_SIZE, 1),
+                    (0, 1),
+                    (3 * CHUNK_SIZE + 9, 1),
+                    (size, 5)
+                ]
+            ),
             [0, 3]
         );
-        assert_eq!(chunks_touched(size, &[(9 * CHUNK_SIZE, 4 * CHUNK_SIZE)]), [9]);
+        assert_eq!(
+            chunks_touched(size, &[(9 * CHUNK_SIZE, 4 * CHUNK_SIZE)]),
+            [9]
+        );
     }
 
     #[test]

@@ -81,7 +81,11 @@ pub struct Client {
 impl Client {
     /// Connects to export `name` at `socket`; with `bitmap`, also asks for the meta context
     /// `qemu:dirty-bitmap:<bitmap>`.
-    pub async fn connect(socket: &Path, name: &str, bitmap: Option<&str>) -> Result<Client, NbdError> {
+    pub async fn connect(
+        socket: &Path,
+        name: &str,
+        bitmap: Option<&str>,
+    ) -> Result<Client, NbdError> {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|source| NbdError::Connect {
@@ -111,7 +115,8 @@ impl Client {
         let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES));
         self.writer.write_u32(client_flags).await?;
         self.option(OPT_STRUCTURED_REPLY, &[]).await?;
-        self.replies_until_ack("structured replies", |_, _| Ok(())).await?;
+        self.replies_until_ack("structured replies", |_, _| Ok(()))
+            .await?;
         if let Some(bitmap) = bitmap {
             let query = format!("qemu:dirty-bitmap:{bitmap}");
             let mut data = Vec::new();
@@ -233,7 +238,9 @@ impl Client {
                     buf[start..start + hole as usize].fill(0);
                 }
                 REPLY_TYPE_NONE => {}
-                k if k & REPLY_TYPE_ERROR_BIT != 0 => return Err(self.error_reply(len, "a read").await?),
+                k if k & REPLY_TYPE_ERROR_BIT != 0 => {
+                    return Err(self.error_reply(len, "a read").await?);
+                }
                 other => return Err(protocol(format!("unexpected read reply type {other}"))),
             }
             if flags & REPLY_FLAG_DONE != 0 {
@@ -245,7 +252,11 @@ impl Client {
     /// The dirty ranges `(offset, length)` of the bitmap asked for at connect, in
     /// `[offset, offset + length)`; the server may answer for less: call again from the end.
     /// Returns the ranges and how far the answer went.
-    pub async fn dirty_ranges(&mut self, offset: u64, length: u32) -> Result<(Vec<(u64, u64)>, u64), NbdError> {
+    pub async fn dirty_ranges(
+        &mut self,
+        offset: u64,
+        length: u32,
+    ) -> Result<(Vec<(u64, u64)>, u64), NbdError> {
         let context = self
             .bitmap_context
             .ok_or_else(|| protocol("no dirty bitmap context was negotiated"))?;
@@ -280,7 +291,11 @@ impl Client {
                 k if k & REPLY_TYPE_ERROR_BIT != 0 => {
                     return Err(self.error_reply(len, "block status").await?);
                 }
-                other => return Err(protocol(format!("unexpected block status reply type {other}"))),
+                other => {
+                    return Err(protocol(format!(
+                        "unexpected block status reply type {other}"
+                    )));
+                }
             }
             if flags & REPLY_FLAG_DONE != 0 {
                 return Ok((ranges, end));
@@ -311,7 +326,11 @@ impl Client {
         Ok(())
     }
 
-    async fn structured_header(&mut self, magic: u32, handle: u64) -> Result<(u16, u16, u32), NbdError> {
+    async fn structured_header(
+        &mut self,
+        magic: u32,
+        handle: u64,
+    ) -> Result<(u16, u16, u32), NbdError> {
         if magic != STRUCTURED_REPLY_MAGIC {
             return Err(protocol(format!("bad reply magic {magic:#x}")));
         }

@@ -21,7 +21,10 @@ pub struct DiskRead {
 
 /// Connects to `disk`'s export and decides what to read: with the previous backup's bitmap and
 /// a parent manifest of the same disk and size, the chunks its dirty clusters touch; else all.
-pub async fn plan(disk: &ExposedDisk, parent: Option<&DiskManifest>) -> Result<DiskRead, BackupError> {
+pub async fn plan(
+    disk: &ExposedDisk,
+    parent: Option<&DiskManifest>,
+) -> Result<DiskRead, BackupError> {
     let read_err = |source| BackupError::Read {
         disk: disk.name.clone(),
         source,
@@ -61,7 +64,11 @@ pub async fn plan(disk: &ExposedDisk, parent: Option<&DiskManifest>) -> Result<D
 impl DiskRead {
     /// Reads the planned chunks in order into `out`. Stops early (without error) when the
     /// receiver is gone: the upload side failed and says why.
-    pub async fn run(mut self, name: String, out: mpsc::Sender<(u64, Vec<u8>)>) -> Result<(), BackupError> {
+    pub async fn run(
+        mut self,
+        name: String,
+        out: mpsc::Sender<(u64, Vec<u8>)>,
+    ) -> Result<(), BackupError> {
         for i in std::mem::take(&mut self.indexes) {
             let mut buf = vec![0u8; chunk_len(self.size, i) as usize];
             self.client

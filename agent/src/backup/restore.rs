@@ -16,7 +16,10 @@ use tracing::info;
 use super::seal::{self, Keys};
 use super::store::Repo;
 use super::upload::blocking;
-use super::{BackupError, CHUNK_SIZE, Manifest, ZERO_CHUNK, chunk_key, chunk_len, disk_digest, prefix_of_manifest};
+use super::{
+    BackupError, CHUNK_SIZE, Manifest, ZERO_CHUNK, chunk_key, chunk_len, disk_digest,
+    prefix_of_manifest,
+};
 use crate::context::Context;
 use crate::spec::DiskFormat;
 
@@ -38,8 +41,12 @@ async fn open(
     key: &[u8],
 ) -> Result<(Repo, Manifest, Option<Arc<Keys>>), BackupError> {
     let source = source.ok_or_else(|| bad("source", "is required"))?;
-    let prefix = prefix_of_manifest(manifest_key)
-        .ok_or_else(|| bad("manifest_key", format!("{manifest_key:?} is not a backup manifest (…/backups/<vm>/<id>.json)")))?;
+    let prefix = prefix_of_manifest(manifest_key).ok_or_else(|| {
+        bad(
+            "manifest_key",
+            format!("{manifest_key:?} is not a backup manifest (…/backups/<vm>/<id>.json)"),
+        )
+    })?;
     let repo = Repo::open(&source, prefix)?;
     let manifest = repo.manifest(manifest_key).await?;
     let keys = match (&manifest.key_check, key.is_empty()) {
@@ -48,7 +55,9 @@ async fn open(
         (Some(check), false) => {
             let keys = Keys::new(key).map_err(|why| bad("encryption_key", why))?;
             if &keys.check != check {
-                return Err(BackupError::Key("the key given is not the one it was made with"));
+                return Err(BackupError::Key(
+                    "the key given is not the one it was made with",
+                ));
             }
             Some(Arc::new(keys))
         }
@@ -57,23 +66,41 @@ async fn open(
 }
 
 /// Reads and opens chunk `id` (of at most `max` bytes).
-async fn fetch(repo: &Repo, keys: Option<Arc<Keys>>, id: String, max: usize) -> Result<Vec<u8>, BackupError> {
+async fn fetch(
+    repo: &Repo,
+    keys: Option<Arc<Keys>>,
+    id: String,
+    max: usize,
+) -> Result<Vec<u8>, BackupError> {
     let blob = repo.get(&chunk_key(&repo.prefix, &id)).await?;
-    blocking(move || seal::open(&blob, &id, keys.as_deref(), max).map_err(|why| BackupError::Chunk { id, why })).await?
+    blocking(move || {
+        seal::open(&blob, &id, keys.as_deref(), max).map_err(|why| BackupError::Chunk { id, why })
+    })
+    .await?
 }
 
-pub async fn restore(ctx: &Context, r: pb::RestoreBackupRequest) -> Result<pb::RestoreBackupResponse, BackupError> {
+pub async fn restore(
+    ctx: &Context,
+    r: pb::RestoreBackupRequest,
+) -> Result<pb::RestoreBackupResponse, BackupError> {
     crate::spec::check_name("name", &r.name).map_err(|e| bad("name", e.to_string()))?;
     let (repo, manifest, keys) = open(r.source, &r.manifest_key, &r.encryption_key).await?;
     let dir = ctx.images_dir.join("restored");
-    std::fs::create_dir_all(&dir).map_err(BackupError::io(format!("creating {}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(BackupError::io(format!("creating {}", dir.display())))?;
     let mut disks = Vec::new();
     let mut written = 0;
     for d in &manifest.disks {
         let target = restored_path(&ctx.images_dir, &r.name, &d.name);
         if target.exists() {
             remove_all(&disks);
-            return Err(bad("name", format!("{} exists: restored disks of a VM of this name are there", target.display())));
+            return Err(bad(
+                "name",
+                format!(
+                    "{} exists: restored disks of a VM of this name are there",
+                    target.display()
+                ),
+            ));
         }
         let raw = dir.join(format!(".{}-{}.raw.partial", r.name, d.name));
         let result = restore_disk(ctx, &repo, keys.clone(), d, &raw, &target).await;
@@ -93,10 +120,19 @@ pub async fn restore(ctx: &Context, r: pb::RestoreBackupRequest) -> Result<pb::R
             digest: d.digest.clone(),
         });
     }
-    info!(vm = r.name, backup = manifest.id, bytes = written, "backup restored");
+    info!(
+        vm = r.name,
+        backup = manifest.id,
+        bytes = written,
+        "backup restored"
+    );
     Ok(pb::RestoreBackupResponse {
         disks,
-        spec_json: if manifest.spec.is_null() { String::new() } else { manifest.spec.to_string() },
+        spec_json: if manifest.spec.is_null() {
+            String::new()
+        } else {
+            manifest.spec.to_string()
+        },
         agent_spec_json: manifest.agent_spec.to_string(),
         vm: manifest.vm.clone(),
         bytes_written: written,
@@ -123,7 +159,8 @@ async fn restore_disk(
             why: "the disk's chunk list does not match its digest".into(),
         });
     }
-    let file = std::fs::File::create(raw).map_err(BackupError::io(format!("creating {}", raw.display())))?;
+    let file = std::fs::File::create(raw)
+        .map_err(BackupError::io(format!("creating {}", raw.display())))?;
     file.set_len(d.size_bytes)
         .map_err(BackupError::io(format!("sizing {}", raw.display())))?;
     let file = Arc::new(file);
@@ -151,15 +188,22 @@ async fn restore_disk(
                         why: format!("chunk {i} holds {} bytes, not {len}", data.len()),
                     });
                 }
-                blocking(move || file.write_all_at(&data, i * CHUNK_SIZE).map(|()| data.len() as u64))
-                    .await?
-                    .map_err(BackupError::io("writing the restored disk"))
+                blocking(move || {
+                    file.write_all_at(&data, i * CHUNK_SIZE)
+                        .map(|()| data.len() as u64)
+                })
+                .await?
+                .map_err(BackupError::io("writing the restored disk"))
             }
         })
         .buffer_unordered(PARALLEL)
-        .try_fold(0u64, |sum, n| async move { Ok::<u64, BackupError>(sum + n) })
+        .try_fold(
+            0u64,
+            |sum, n| async move { Ok::<u64, BackupError>(sum + n) },
+        )
         .await?;
-    file.sync_all().map_err(BackupError::io("syncing the restored disk"))?;
+    file.sync_all()
+        .map_err(BackupError::io("syncing the restored disk"))?;
     crate::qemu::img::convert(&ctx.qemu_img, raw, DiskFormat::Raw, target, None).await?;
     Ok(written)
 }
@@ -170,7 +214,12 @@ pub async fn verify(r: pb::VerifyBackupRequest) -> Result<pb::VerifyBackupRespon
     let results: Vec<(String, Result<Vec<u8>, BackupError>)> = futures::stream::iter(ids)
         .map(|id| {
             let (repo, keys) = (repo.clone(), keys.clone());
-            async move { (id.clone(), fetch(&repo, keys, id, CHUNK_SIZE as usize).await) }
+            async move {
+                (
+                    id.clone(),
+                    fetch(&repo, keys, id, CHUNK_SIZE as usize).await,
+                )
+            }
         })
         .buffer_unordered(PARALLEL)
         .collect()
@@ -188,7 +237,10 @@ pub async fn verify(r: pb::VerifyBackupRequest) -> Result<pb::VerifyBackupRespon
     out.bad_chunks.sort();
     for d in &manifest.disks {
         if disk_digest(d.size_bytes, &d.chunks) != d.digest {
-            out.bad_chunks.push(format!("disk {}: chunk list does not match its digest", d.name));
+            out.bad_chunks.push(format!(
+                "disk {}: chunk list does not match its digest",
+                d.name
+            ));
         }
     }
     Ok(out)
@@ -196,5 +248,7 @@ pub async fn verify(r: pb::VerifyBackupRequest) -> Result<pb::VerifyBackupRespon
 
 /// Where restored disks of VM `name` go.
 pub fn restored_path(images_dir: &Path, name: &str, disk: &str) -> PathBuf {
-    images_dir.join("restored").join(format!("{name}-{disk}.qcow2"))
+    images_dir
+        .join("restored")
+        .join(format!("{name}-{disk}.qcow2"))
 }

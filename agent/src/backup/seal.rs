@@ -100,7 +100,12 @@ fn parse_key(key: &[u8]) -> Result<[u8; 32], String> {
 }
 
 /// Seals chunk `data` (whose id is `id`) for storage.
-pub fn seal(data: &[u8], id: &str, compress: bool, keys: Option<&Keys>) -> Result<Vec<u8>, SealError> {
+pub fn seal(
+    data: &[u8],
+    id: &str,
+    compress: bool,
+    keys: Option<&Keys>,
+) -> Result<Vec<u8>, SealError> {
     let body = if compress {
         zstd::bulk::compress(data, ZSTD_LEVEL).map_err(SealError::Compress)?
     } else {
@@ -187,14 +192,21 @@ mod tests {
     use super::*;
 
     fn data() -> Vec<u8> {
-        (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
     fn round_trips_plain_compressed_and_encrypted() {
         let d = data();
         let k = Keys::new(&[3u8; 32]).unwrap();
-        for (compress, keys) in [(false, None), (true, None), (true, Some(&k)), (false, Some(&k))] {
+        for (compress, keys) in [
+            (false, None),
+            (true, None),
+            (true, Some(&k)),
+            (false, Some(&k)),
+        ] {
             let id = chunk_id(&d, keys.map(|k| &k.id_key));
             let blob = seal(&d, &id, compress, keys).unwrap();
             if compress {
@@ -222,16 +234,31 @@ mod tests {
         assert_ne!(k.check, other.check);
         let id = chunk_id(&d, Some(&k.id_key));
         let blob = seal(&d, &id, true, Some(&k)).unwrap();
-        assert!(matches!(open(&blob, &id, Some(&other), d.len()), Err(SealError::Decrypt)));
-        assert!(matches!(open(&blob, &id, None, d.len()), Err(SealError::NoKey)));
+        assert!(matches!(
+            open(&blob, &id, Some(&other), d.len()),
+            Err(SealError::Decrypt)
+        ));
+        assert!(matches!(
+            open(&blob, &id, None, d.len()),
+            Err(SealError::NoKey)
+        ));
         let other_id = chunk_id(b"other", Some(&k.id_key));
-        assert!(matches!(open(&blob, &other_id, Some(&k), d.len()), Err(SealError::Decrypt)));
+        assert!(matches!(
+            open(&blob, &other_id, Some(&k), d.len()),
+            Err(SealError::Decrypt)
+        ));
         // Unencrypted: a flipped bit is found by the content check.
         let id = chunk_id(&d, None);
         let mut blob = seal(&d, &id, false, None).unwrap();
         blob[100] ^= 1;
-        assert!(matches!(open(&blob, &id, None, d.len()), Err(SealError::Digest)));
-        assert!(matches!(open(b"junk", &id, None, 10), Err(SealError::Header)));
+        assert!(matches!(
+            open(&blob, &id, None, d.len()),
+            Err(SealError::Digest)
+        ));
+        assert!(matches!(
+            open(b"junk", &id, None, 10),
+            Err(SealError::Header)
+        ));
     }
 
     #[test]
@@ -247,7 +274,11 @@ mod tests {
             .unwrap()
             .check
         );
-        assert!(Keys::new(b"short").unwrap_err().contains("32 bytes or 64 hex"));
+        assert!(
+            Keys::new(b"short")
+                .unwrap_err()
+                .contains("32 bytes or 64 hex")
+        );
         assert_eq!(format!("{:?}", Keys::new(&[1u8; 32]).unwrap()), "Keys(..)");
     }
 }

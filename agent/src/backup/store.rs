@@ -66,14 +66,22 @@ impl Repo {
                 retry_timeout: Duration::from_secs(20),
             });
         if !location.endpoint.is_empty() {
-            if !location.endpoint.starts_with("http://") && !location.endpoint.starts_with("https://") {
-                return Err(bad("destination.endpoint", "must be an http:// or https:// URL"));
+            if !location.endpoint.starts_with("http://")
+                && !location.endpoint.starts_with("https://")
+            {
+                return Err(bad(
+                    "destination.endpoint",
+                    "must be an http:// or https:// URL",
+                ));
             }
             builder = builder
                 .with_endpoint(&location.endpoint)
                 .with_virtual_hosted_style_request(false);
         }
-        match (location.access_key_id.is_empty(), location.secret_access_key.is_empty()) {
+        match (
+            location.access_key_id.is_empty(),
+            location.secret_access_key.is_empty(),
+        ) {
             (false, false) => {
                 builder = builder
                     .with_access_key_id(&location.access_key_id)
@@ -87,7 +95,9 @@ impl Repo {
                 ));
             }
         }
-        let store = builder.build().map_err(BackupError::store("configuring S3"))?;
+        let store = builder
+            .build()
+            .map_err(BackupError::store("configuring S3"))?;
         Ok(Repo {
             store: Arc::new(store),
             bucket: location.bucket.clone(),
@@ -111,7 +121,11 @@ impl Repo {
             ..PutOptions::default()
         };
         self.store
-            .put_opts(&ObjectPath::from(key), PutPayload::from(Bytes::from(data)), opts)
+            .put_opts(
+                &ObjectPath::from(key),
+                PutPayload::from(Bytes::from(data)),
+                opts,
+            )
             .await
             .map_err(BackupError::store(format!("writing {key}")))?;
         Ok(())

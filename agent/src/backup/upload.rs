@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
-use super::expose::{Exposed, ExposeRequest};
+use super::expose::{ExposeRequest, Exposed};
 use super::prune;
 use super::retention::Policy;
 use super::seal::{self, Keys};
@@ -49,12 +49,16 @@ struct Job {
 
 fn check(r: pb::BackupVmRequest) -> Result<Job, BackupError> {
     crate::spec::check_name("name", &r.name).map_err(|e| bad("name", e.to_string()))?;
-    let dest = r.destination.ok_or_else(|| bad("destination", "is required"))?;
+    let dest = r
+        .destination
+        .ok_or_else(|| bad("destination", "is required"))?;
     let repo = Repo::open(&dest, &dest.prefix)?;
     let keys = if r.encryption_key.is_empty() {
         None
     } else {
-        Some(Arc::new(Keys::new(&r.encryption_key).map_err(|why| bad("encryption_key", why))?))
+        Some(Arc::new(
+            Keys::new(&r.encryption_key).map_err(|why| bad("encryption_key", why))?,
+        ))
     };
     let id = if r.backup_id.is_empty() {
         new_backup_id(now_ms())
@@ -95,14 +99,22 @@ pub async fn backup(
     let repo = &job.repo;
     let key = manifest_key(&repo.prefix, &job.vm, &job.id);
     if repo.exists(&key).await? {
-        return Err(bad("backup_id", format!("{:?} exists in the repository already", job.id)));
+        return Err(bad(
+            "backup_id",
+            format!("{:?} exists in the repository already", job.id),
+        ));
     }
     // The lock keeps garbage collection from deleting chunks this backup will refer to
     // before its manifest does; a collection already running is checked for at the end.
     let lock = lock_key(&repo.prefix, &job.id);
     let started = now_ms();
-    repo.put(&lock, json!({"vm": job.vm, "startedMs": started}).to_string().into_bytes())
-        .await?;
+    repo.put(
+        &lock,
+        json!({"vm": job.vm, "startedMs": started})
+            .to_string()
+            .into_bytes(),
+    )
+    .await?;
     let collecting = prune::collections_since(repo, started - prune::STALE_MS).await;
     let result = backup_locked(vms, &job, &key, progress, collecting).await;
     if let Err(e) = repo.delete(&lock).await {
@@ -155,7 +167,10 @@ async fn backup_locked(
                 id: job.id.clone(),
                 vm: job.vm.clone(),
                 created_ms,
-                parent: parent.as_ref().map(|m| m.id.clone()).filter(|_| disks.iter().any(|d| d.incremental)),
+                parent: parent
+                    .as_ref()
+                    .map(|m| m.id.clone())
+                    .filter(|_| disks.iter().any(|d| d.incremental)),
                 chunk_size: CHUNK_SIZE,
                 compressed: job.compress,
                 key_check: check.clone(),
@@ -164,7 +179,9 @@ async fn backup_locked(
                 spec: job.spec.clone(),
                 disks,
             };
-            write_manifest(repo, key, &manifest, collecting).await.map(|()| (manifest, p))
+            write_manifest(repo, key, &manifest, collecting)
+                .await
+                .map(|()| (manifest, p))
         }
         Err(e) => Err(e),
     };
@@ -219,7 +236,9 @@ async fn write_manifest(
             if !repo.exists(&chunk_key(&repo.prefix, id)).await? {
                 return Err(BackupError::Manifest {
                     key: key.to_string(),
-                    why: format!("chunk {id} was removed by a garbage collection that ran during the backup; run the backup again"),
+                    why: format!(
+                        "chunk {id} was removed by a garbage collection that ran during the backup; run the backup again"
+                    ),
                 });
             }
         }
@@ -332,14 +351,19 @@ async fn store_chunk(
     let sealed_id = id.clone();
     let blob = blocking(move || seal::seal(&data, &sealed_id, compress, keys.as_deref()))
         .await?
-        .map_err(|why| BackupError::Chunk { id: id.clone(), why })?;
+        .map_err(|why| BackupError::Chunk {
+            id: id.clone(),
+            why,
+        })?;
     let uploaded = blob.len() as u64;
     job.repo.put(&key, blob).await?;
     Ok((i, id, len, uploaded))
 }
 
 /// Runs CPU-heavy work (hashing, compression, encryption) off the async threads.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, BackupError> {
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BackupError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| BackupError::Expose(format!("a worker ended: {e}")))

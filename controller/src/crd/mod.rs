@@ -13,11 +13,11 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use backup::{
     BackupJob, BackupJobSpec, BackupJobStatus, BackupSchedule, BackupScheduleSpec,
     BackupScheduleStatus, RestoreJob, RestoreJobSpec, RestoreJobStatus,
 };
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use operation::{VMOperation, VMOperationSpec, VMOperationStatus};
 pub use reason::Reason;
 pub use snapshot::{VMSnapshot, VMSnapshotSpec, VMSnapshotStatus};

@@ -39,7 +39,7 @@ pub fn keep(backups: &[Entry], policy: Policy) -> BTreeSet<String> {
     for b in newest_first.iter().take(policy.keep_last as usize) {
         kept.insert(b.id.clone());
     }
-    let periods: [(u32, fn(OffsetDateTime) -> (i32, u32)); 3] = [
+    let periods: [(u32, Period); 3] = [
         (policy.keep_daily, |t| (t.year(), t.ordinal() as u32)),
         (policy.keep_weekly, |t| {
             let (y, w, _) = t.to_iso_week_date();
@@ -64,6 +64,9 @@ pub fn keep(backups: &[Entry], policy: Policy) -> BTreeSet<String> {
     }
     kept
 }
+
+/// The period (day, ISO week or month) a time falls in, as (year, number in the year).
+type Period = fn(OffsetDateTime) -> (i32, u32);
 
 fn at(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)

@@ -44,7 +44,10 @@ pub async fn reconcile(job: Arc<BackupJob>, ctx: Arc<Context>) -> Result<Action>
     if old.phase == Some(BackupPhase::Running) {
         // Its progress was followed by a controller that is gone; the agent may have finished
         // it, but nothing here can tell what it wrote.
-        fail(&mut status, "the controller restarted while the backup ran; create a new BackupJob to back up again");
+        fail(
+            &mut status,
+            "the controller restarted while the backup ran; create a new BackupJob to back up again",
+        );
         super::super::write_status(&api, &name, Some(&old), &status).await?;
         return Ok(Action::await_change());
     }
@@ -98,7 +101,11 @@ async fn prepare(job: &BackupJob, ns: &str, ctx: &Context) -> Result<Prepared> {
     if let Some(why) = super::unsupported(spec) {
         return Ok(Prepared::Fail(why));
     }
-    let vm_ns = spec.source.namespace.clone().unwrap_or_else(|| ns.to_string());
+    let vm_ns = spec
+        .source
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ns.to_string());
     let vms_api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm_ns);
     let vms = match (&spec.source.vm_name, &spec.source.vm_selector) {
         (Some(name), _) => match vms_api.get_opt(name).await? {
@@ -118,7 +125,10 @@ async fn prepare(job: &BackupJob, ns: &str, ctx: &Context) -> Result<Prepared> {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            let found = vms_api.list(&ListParams::default().labels(&labels)).await?.items;
+            let found = vms_api
+                .list(&ListParams::default().labels(&labels))
+                .await?
+                .items;
             if found.is_empty() {
                 return Ok(Prepared::Fail(format!(
                     "source.vmSelector: no VirtualMachine in namespace {vm_ns} has labels {labels}"
@@ -147,12 +157,22 @@ async fn prepare(job: &BackupJob, ns: &str, ctx: &Context) -> Result<Prepared> {
         Err(why) => return Ok(Prepared::Fail(why)),
     };
     let options = spec.options.clone().unwrap_or_default();
-    let encryption_key = match options.encryption.filter(|e| e.enabled).and_then(|e| e.key_secret_ref) {
+    let encryption_key = match options
+        .encryption
+        .filter(|e| e.enabled)
+        .and_then(|e| e.key_secret_ref)
+    {
         Some(r) => match secrets.get_opt(&r.name).await? {
-            Some(s) => match super::secret_key(&s.data.unwrap_or_default(), &r.name, r.key.as_deref()) {
-                Ok(k) => k,
-                Err(why) => return Ok(Prepared::Fail(format!("options.encryption.keySecretRef: {why}"))),
-            },
+            Some(s) => {
+                match super::secret_key(&s.data.unwrap_or_default(), &r.name, r.key.as_deref()) {
+                    Ok(k) => k,
+                    Err(why) => {
+                        return Ok(Prepared::Fail(format!(
+                            "options.encryption.keySecretRef: {why}"
+                        )));
+                    }
+                }
+            }
             None => {
                 return Ok(Prepared::Fail(format!(
                     "options.encryption.keySecretRef: Secret {:?} not found",
@@ -166,13 +186,17 @@ async fn prepare(job: &BackupJob, ns: &str, ctx: &Context) -> Result<Prepared> {
     for vm in vms {
         let vm_name = vm.name_any();
         let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
-            return Ok(Prepared::Wait(format!("VM {vm_name} is not placed on a node yet")));
+            return Ok(Prepared::Wait(format!(
+                "VM {vm_name} is not placed on a node yet"
+            )));
         };
         let Some(agent) = ctx.agents.get(&node) else {
             return Ok(Prepared::Wait(format!("agent on node {node} is not known")));
         };
         let Some(client) = agent.client() else {
-            return Ok(Prepared::Wait(format!("agent on node {node} does not answer")));
+            return Ok(Prepared::Wait(format!(
+                "agent on node {node} does not answer"
+            )));
         };
         if let Some(why) = carbon_wait(job, agent.info.carbon_intensity) {
             return Ok(Prepared::Wait(why));
@@ -271,7 +295,11 @@ async fn follow(
     run: Run,
     before: &BackupProgress,
 ) -> std::result::Result<pb::BackupProgress, String> {
-    let Run { node, mut client, request } = run;
+    let Run {
+        node,
+        mut client,
+        request,
+    } = run;
     let vm = request.name.clone();
     let mut stream = client
         .backup_vm(request)
@@ -284,11 +312,9 @@ async fn follow(
         if p.done {
             return Ok(p);
         }
-        let percent = if p.bytes_total == 0 {
-            0
-        } else {
-            (p.bytes_read * 100 / p.bytes_total).min(99) as u32
-        };
+        let percent = (p.bytes_read * 100)
+            .checked_div(p.bytes_total)
+            .map_or(0, |v| v.min(99) as u32);
         if last_percent != Some(percent) {
             last_percent = Some(percent);
             status.progress = Some(BackupProgress {
@@ -301,7 +327,9 @@ async fn follow(
             write(api, name, status).await;
         }
     }
-    Err(format!("the agent on node {node} ended the backup of {vm} without a result"))
+    Err(format!(
+        "the agent on node {node} ended the backup of {vm} without a result"
+    ))
 }
 
 async fn write(api: &Api<BackupJob>, name: &str, status: &BackupJobStatus) {

@@ -52,7 +52,9 @@ pub fn unsupported(spec: &BackupJobSpec) -> Option<String> {
             );
         }
         if e.key_secret_ref.is_none() {
-            return Some("options.encryption.keySecretRef: encryption needs the key's Secret".into());
+            return Some(
+                "options.encryption.keySecretRef: encryption needs the key's Secret".into(),
+            );
         }
     }
     None
@@ -77,7 +79,8 @@ pub fn location(
     let secret = get(&["secretAccessKey", "AWS_SECRET_ACCESS_KEY"]);
     if credentials.is_some() && (access.is_none() || secret.is_none()) {
         return Err(
-            "destination.credentialsSecretRef: the Secret needs accessKeyId and secretAccessKey".into(),
+            "destination.credentialsSecretRef: the Secret needs accessKeyId and secretAccessKey"
+                .into(),
         );
     }
     Ok(pb::S3Location {
@@ -92,7 +95,11 @@ pub fn location(
 }
 
 /// The encryption key from a Secret's data entry `key` (the default entry name is `key`).
-pub fn secret_key(data: &BTreeMap<String, ByteString>, name: &str, key: Option<&str>) -> Result<Vec<u8>, String> {
+pub fn secret_key(
+    data: &BTreeMap<String, ByteString>,
+    name: &str,
+    key: Option<&str>,
+) -> Result<Vec<u8>, String> {
     let entry = key.unwrap_or("key");
     data.get(entry)
         .map(|v| v.0.clone())
@@ -210,7 +217,11 @@ pub fn job_name(schedule: &str, at: DateTime<Utc>) -> String {
 
 /// Finished jobs beyond the history limits, to delete: of `finished` (name, succeeded,
 /// completion time), all but the newest `keep_ok` successes and `keep_failed` failures.
-pub fn beyond_history(finished: &[(String, bool, i64)], keep_ok: usize, keep_failed: usize) -> Vec<String> {
+pub fn beyond_history(
+    finished: &[(String, bool, i64)],
+    keep_ok: usize,
+    keep_failed: usize,
+) -> Vec<String> {
     let mut sorted: Vec<_> = finished.iter().collect();
     sorted.sort_by(|a, b| b.2.cmp(&a.2).then(b.0.cmp(&a.0)));
     let mut kept: HashMap<bool, usize> = HashMap::new();

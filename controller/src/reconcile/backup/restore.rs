@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use hypersdk_proto::agent::v1 as pb;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::ResourceExt;
 use tracing::info;
 
 use crate::context::Context;
@@ -69,7 +69,12 @@ enum Outcome {
     Fail(String),
 }
 
-async fn restore(job: &RestoreJob, ns: &str, ctx: &Context, status: &mut RestoreJobStatus) -> Result<Outcome> {
+async fn restore(
+    job: &RestoreJob,
+    ns: &str,
+    ctx: &Context,
+    status: &mut RestoreJobStatus,
+) -> Result<Outcome> {
     let spec = &job.spec;
     let dest = &spec.destination;
     if dest.provider != Provider::Hypersdk {
@@ -98,17 +103,30 @@ async fn restore(job: &RestoreJob, ns: &str, ctx: &Context, status: &mut Restore
         if existing.metadata.deletion_timestamp.is_none() {
             vms.delete(&dest.vm_name, &DeleteParams::default()).await?;
         }
-        return Ok(Outcome::Wait(format!("deleting the existing VirtualMachine {}", dest.vm_name)));
+        return Ok(Outcome::Wait(format!(
+            "deleting the existing VirtualMachine {}",
+            dest.vm_name
+        )));
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let secret = |name: String| {
         let secrets = secrets.clone();
-        async move { secrets.get_opt(&name).await.map(|s| s.map(|s| s.data.unwrap_or_default())) }
+        async move {
+            secrets
+                .get_opt(&name)
+                .await
+                .map(|s| s.map(|s| s.data.unwrap_or_default()))
+        }
     };
     let credentials = match &spec.source.credentials_secret_ref {
         Some(r) => match secret(r.name.clone()).await? {
             Some(d) => Some(d),
-            None => return Ok(Outcome::Fail(format!("source.credentialsSecretRef: Secret {:?} not found", r.name))),
+            None => {
+                return Ok(Outcome::Fail(format!(
+                    "source.credentialsSecretRef: Secret {:?} not found",
+                    r.name
+                )));
+            }
         },
         None => None,
     };
@@ -131,7 +149,12 @@ async fn restore(job: &RestoreJob, ns: &str, ctx: &Context, status: &mut Restore
                 Ok(k) => k,
                 Err(why) => return Ok(Outcome::Fail(format!("source.keySecretRef: {why}"))),
             },
-            None => return Ok(Outcome::Fail(format!("source.keySecretRef: Secret {:?} not found", r.name))),
+            None => {
+                return Ok(Outcome::Fail(format!(
+                    "source.keySecretRef: Secret {:?} not found",
+                    r.name
+                )));
+            }
         },
         None => Vec::new(),
     };
@@ -153,7 +176,12 @@ async fn restore(job: &RestoreJob, ns: &str, ctx: &Context, status: &mut Restore
         .await;
     let r = match restored {
         Ok(r) => r.into_inner(),
-        Err(s) => return Ok(Outcome::Fail(format!("restoring on node {node}: {}", s.message()))),
+        Err(s) => {
+            return Ok(Outcome::Fail(format!(
+                "restoring on node {node}: {}",
+                s.message()
+            )));
+        }
     };
     let mut vm_spec: VirtualMachineSpec = match serde_json::from_str(&r.spec_json) {
         Ok(s) => s,
@@ -193,7 +221,9 @@ async fn restore(job: &RestoreJob, ns: &str, ctx: &Context, status: &mut Restore
     );
     vm_spec.disks = disks;
     vm_spec.running = spec.options.as_ref().is_some_and(|o| o.start_after_restore);
-    vm_spec.node_selector.insert(NODE_LABEL.into(), node.clone());
+    vm_spec
+        .node_selector
+        .insert(NODE_LABEL.into(), node.clone());
     if let Some(class) = &dest.storage_class {
         for d in &mut vm_spec.disks {
             d.storage_class = Some(class.clone());
@@ -207,7 +237,12 @@ async fn restore(job: &RestoreJob, ns: &str, ctx: &Context, status: &mut Restore
         ..ObjectMeta::default()
     };
     vms.create(&PostParams::default(), &vm).await?;
-    info!(vm = dest.vm_name, node, backup = key, "restored into a new VirtualMachine");
+    info!(
+        vm = dest.vm_name,
+        node,
+        backup = key,
+        "restored into a new VirtualMachine"
+    );
     Ok(Outcome::Done(format!("{vm_ns}/{}", dest.vm_name)))
 }
 
@@ -225,8 +260,13 @@ fn pick_node(ctx: &Context, wanted: Option<&str>) -> Option<(String, crate::node
         let (Some(client), Some(node)) = (a.client(), a.node()) else {
             continue;
         };
-        let free = node.memory_total_bytes.saturating_sub(node.allocated_memory_bytes);
-        if best.as_ref().is_none_or(|(f, n, _)| free > *f || (free == *f && a.info.node < *n)) {
+        let free = node
+            .memory_total_bytes
+            .saturating_sub(node.allocated_memory_bytes);
+        if best
+            .as_ref()
+            .is_none_or(|(f, n, _)| free > *f || (free == *f && a.info.node < *n))
+        {
             best = Some((free, a.info.node.clone(), client));
         }
     }

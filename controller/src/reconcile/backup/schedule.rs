@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -36,8 +36,17 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
         .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={name}")))
         .await?
         .items;
-    let finished = |j: &BackupJob| j.status.as_ref().and_then(|s| s.phase).is_some_and(BackupPhase::finished);
-    let mut active: Vec<String> = mine.iter().filter(|j| !finished(j)).map(ResourceExt::name_any).collect();
+    let finished = |j: &BackupJob| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(BackupPhase::finished)
+    };
+    let mut active: Vec<String> = mine
+        .iter()
+        .filter(|j| !finished(j))
+        .map(ResourceExt::name_any)
+        .collect();
     active.sort();
     let completed = |j: &BackupJob| j.status.as_ref().and_then(|s| s.completion_time.clone());
     status.last_successful_time = mine
@@ -82,7 +91,9 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
                         wait = until(next, now).min(MAX_WAIT);
                     }
                     Ok(Decision::Skip { at, running }) => {
-                        status.message = Some(format!("skipped the run at {at}: {running} still runs (concurrencyPolicy Forbid)"));
+                        status.message = Some(format!(
+                            "skipped the run at {at}: {running} still runs (concurrencyPolicy Forbid)"
+                        ));
                         status.last_schedule_time = Some(Time(from_chrono(at)));
                         wait = Duration::from_secs(1);
                     }
@@ -115,7 +126,12 @@ pub async fn reconcile(s: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Creates the job for the run at `at` (already there after a pass whose status was lost: kept).
-async fn create(jobs: &Api<BackupJob>, s: &BackupSchedule, ns: &str, at: DateTime<Utc>) -> Result<String> {
+async fn create(
+    jobs: &Api<BackupJob>,
+    s: &BackupSchedule,
+    ns: &str,
+    at: DateTime<Utc>,
+) -> Result<String> {
     let name = job_name(&s.name_any(), at);
     let mut job = BackupJob::new(&name, s.spec.job_template.spec.clone());
     job.metadata = ObjectMeta {
