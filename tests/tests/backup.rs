@@ -351,6 +351,30 @@ async fn encrypted_backups_need_their_key_and_corruption_is_found() {
         v.bad_chunks[0].starts_with(&id) && v.bad_chunks[0].contains("altered"),
         "{v:?}"
     );
+    // hyperctl says the same and exits 1.
+    let key_file = agent.dir.path().join("backup.key");
+    std::fs::write(&key_file, key).unwrap();
+    let out = Command::new(bin("hyperctl"))
+        .env("HYPERSDK_AGENT", agent.address.to_string())
+        .env("AWS_ACCESS_KEY_ID", hypersdk_tests::s3::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", hypersdk_tests::s3::SECRET_KEY)
+        .args([
+            "backup",
+            "verify",
+            &done.manifest_key,
+            "--bucket",
+            BUCKET,
+            "--endpoint",
+        ])
+        .arg(s3.endpoint())
+        .arg("--key-file")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("hyperctl backup verify: {stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(&format!("bad: {id}")), "{stdout}");
     let e = restore(&mut c, &s3, &done.manifest_key, "again", &key)
         .await
         .unwrap_err();
