@@ -39,6 +39,15 @@ pub const BITMAP_PREFIX: &str = "hsdk-backup-";
 /// How long a cancelled fleecing job or a starting qemu-nbd may take.
 const SETTLE: Duration = Duration::from_secs(20);
 
+/// The VMs whose disks this agent process has exposed for a backup: one backup per VM at a
+/// time (a second would take the first's node names, socket and bitmaps).
+static ACTIVE: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn active() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<String>> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExposeError {
     #[error("{what}: {source}")]
@@ -121,11 +130,17 @@ impl Supervisor {
                 return Err(self.conflict(format!("cannot be backed up while {}", other.name())));
             }
         };
+        if !active().insert(self.spec.name.clone()) {
+            return Err(self.conflict("has a backup running already".into()));
+        }
         let tmp = self.dir.join("backup");
         let result = match &live {
             Some(qmp) => self.expose_live(qmp, &req, &tmp).await,
             None => self.expose_stopped(&req, &tmp).await,
         };
+        if result.is_err() {
+            active().remove(&self.spec.name);
+        }
         let agent_spec = serde_json::to_value(&self.spec).unwrap_or(Value::Null);
         result
             .map(|mut x| {
@@ -161,6 +176,21 @@ impl Supervisor {
             what: "the VM's disks".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        // Fleecing nodes no backup of this process made: an agent ended mid-backup. Their
+        // bitmaps cannot be trusted (the base stopped recording then): read in full.
+        let leftovers: Vec<String> = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["node-name"].as_str())
+            .filter(|n| n.starts_with("hsdk-fleece-"))
+            .map(String::from)
+            .collect();
+        let interrupted = !leftovers.is_empty();
+        if interrupted {
+            warn!(nodes = ?leftovers, "clearing what an interrupted backup left in QEMU");
+            clear_leftovers(qmp, &leftovers).await;
+        }
         std::fs::create_dir_all(tmp).map_err(io(tmp.display()))?;
         let socket = tmp.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
@@ -199,12 +229,13 @@ impl Supervisor {
                 .filter(named)
                 .map(|b| b["name"].as_str().unwrap_or_default().to_string())
                 .collect();
-            // An inconsistent bitmap (QEMU ended without saving it) cannot say what changed.
+            // An inconsistent bitmap (QEMU ended without saving it) or one that does not
+            // record (a backup ended half-way) cannot say what changed.
             let usable: Vec<String> = all
                 .iter()
                 .copied()
                 .filter(named)
-                .filter(|b| b["inconsistent"] != true)
+                .filter(|b| b["inconsistent"] != true && b["recording"] == true && !interrupted)
                 .map(|b| b["name"].as_str().unwrap_or_default().to_string())
                 .collect();
             let (bitmap, full_reason) = choose_base(qcow2, &usable, old.as_deref());
@@ -403,6 +434,7 @@ impl Supervisor {
             }
         }
         let _ = std::fs::remove_dir_all(&exposed.tmp);
+        active().remove(&self.spec.name);
     }
 }
 
@@ -531,6 +563,30 @@ async fn release_live(qmp: &Qmp, exposed: &Exposed, success: bool) {
     }
 }
 
+/// Removes the exports, jobs and fleecing nodes of a backup that ended without releasing them.
+async fn clear_leftovers(qmp: &Qmp, fleece_nodes: &[String]) {
+    for node in fleece_nodes {
+        let i = node.trim_start_matches("hsdk-fleece-");
+        let _ = qmp
+            .execute_value(
+                "block-export-del",
+                json!({"id": format!("hsdk-export-{i}"), "mode": "hard"}),
+            )
+            .await;
+    }
+    let _ = qmp.execute_value("nbd-server-stop", json!({})).await;
+    for node in fleece_nodes {
+        let i = node.trim_start_matches("hsdk-fleece-");
+        cancel_job(qmp, &format!("hsdk-backup-{i}")).await;
+        if let Err(e) = qmp
+            .execute_value("blockdev-del", json!({"node-name": node}))
+            .await
+        {
+            warn!("removing the leftover overlay {node}: {e}");
+        }
+    }
+}
+
 /// Cancels fleecing job `id` and waits until QEMU has dropped it (the overlay is busy until then).
 async fn cancel_job(qmp: &Qmp, id: &str) {
     let mut events = qmp.events();
@@ -595,13 +651,19 @@ async fn file_info(
         })
         .collect();
     let name = |b: &&Value| b["name"].as_str().unwrap_or_default().to_string();
-    let in_use = |b: &&&Value| {
+    let flag = |b: &&&Value, f: &str| {
         b["flags"]
             .as_array()
-            .is_some_and(|f| f.iter().any(|x| x == "in-use"))
+            .is_some_and(|fs| fs.iter().any(|x| x == f))
     };
     let all = ours.iter().map(name).collect();
-    let usable = ours.iter().filter(|b| !in_use(b)).map(name).collect();
+    // Usable: saved consistently ("in-use" is cleared when QEMU saves it) and recording
+    // ("auto": enabled when opened; a disabled one stopped when a backup ended half-way).
+    let usable = ours
+        .iter()
+        .filter(|b| !flag(b, "in-use") && flag(b, "auto"))
+        .map(name)
+        .collect();
     Ok((format, all, usable))
 }
 
