@@ -17,12 +17,14 @@
 //! This file holds the pure parts: manifest, chunk arithmetic, key names.
 
 pub mod expose;
+mod fleece;
 pub mod nbd;
 pub mod prune;
 pub mod read;
 pub mod restore;
 pub mod retention;
 pub mod seal;
+mod serve;
 pub mod store;
 pub mod upload;
 
