@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs benchmarks from tests/benches on a release build: the ones named (startup, resize,
-# migration, migration_tls, snapshot, scheduler, controller_scale, image_import), or all of them.
+# migration, migration_tls, snapshot, scheduler, controller_scale, image_import, backup), or all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for b in "$@"; do
   case "$b" in
-    startup | resize | migration | migration_tls | snapshot | scheduler | controller_scale | image_import) ;;
-    *) echo "usage: $0 [startup|resize|migration|migration_tls|snapshot|scheduler|controller_scale|image_import]..." >&2; exit 2 ;;
+    startup | resize | migration | migration_tls | snapshot | scheduler | controller_scale | image_import | backup) ;;
+    *) echo "usage: $0 [startup|resize|migration|migration_tls|snapshot|scheduler|controller_scale|image_import|backup]..." >&2; exit 2 ;;
   esac
 done
 scripts/setup.sh

@@ -3,7 +3,8 @@
 # QEMU 10 (bookworm-backports), qemu-img, OVMF, the guest and cloud image build tools, Node.js and
 # npm (the dashboard's build), Chromium and its WebDriver (the dashboard's browser tests),
 # cargo-nextest, the dashboard's script (dashboard/dist/app.js, embedded in the controller), the
-# test guest, the cloud image, and the container runtime of the one-node cluster (scripts/cluster.sh).
+# test guest, the cloud image, the container runtime of the one-node cluster (scripts/cluster.sh),
+# and the S3-compatible server of the backup tests (versitygw, built from its Go module).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,3 +71,16 @@ echo "setup: building the dashboard (dashboard/dist/app.js)"
 
 images/guest/build.sh target/guest
 images/cloud/build.sh target/cloud
+
+# The S3-compatible server of the backup tests and benchmark: Versity Gateway, built from its Go
+# module (pinned) into target/s3/bin, with Go's module and build caches kept under target/s3.
+VERSITYGW_VERSION=v1.8.0
+if [ ! -x target/s3/bin/versitygw ] || [ "$(cat target/s3/version 2>/dev/null)" != "$VERSITYGW_VERSION" ]; then
+  command -v go >/dev/null || { echo "setup: Go is needed to build versitygw (apt-get install golang)" >&2; exit 1; }
+  echo "setup: building versitygw $VERSITYGW_VERSION (S3 server of the backup tests) into target/s3/bin; the first build downloads its modules and takes minutes"
+  mkdir -p target/s3
+  GOFLAGS=-mod=mod GOBIN="$PWD/target/s3/bin" GOPATH="$PWD/target/s3/go" GOCACHE="$PWD/target/s3/cache" \
+    go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+  echo "$VERSITYGW_VERSION" >target/s3/version
+  echo "setup: versitygw ready ($(target/s3/bin/versitygw --version 2>/dev/null | head -n1))"
+fi

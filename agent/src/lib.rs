@@ -16,6 +16,7 @@
 //! - [`fence`]: the controller's lease, and stopping highly available VMs when it runs out.
 
 pub mod api;
+pub mod backup;
 pub mod clone;
 pub mod cloudinit;
 pub mod config;

@@ -1,5 +1,6 @@
 //! hyperctl: the HyperSDK debug client. Talks gRPC to one node agent.
 
+mod backup;
 mod certs;
 mod manifest;
 mod migrate;
@@ -57,6 +58,11 @@ enum Command {
     Vm {
         #[command(subcommand)]
         command: Box<VmCommand>,
+    },
+    /// Backups of VMs to S3-compatible object storage, through the VM's node agent.
+    Backup {
+        #[command(subcommand)]
+        command: backup::BackupCommand,
     },
     /// A cluster CA and role certificates (no agent involved).
     Certs {
@@ -264,6 +270,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::node(cli.output, &NodeView::from(node.into_inner()))
         }
         Command::Vm { command } => vm(&mut connect().await?, cli.output, *command).await,
+        Command::Backup { command } => {
+            backup::run(&mut connect().await?, cli.output, command).await
+        }
     }
 }
 

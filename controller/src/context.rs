@@ -48,6 +48,8 @@ pub struct Context {
     pub waiting: Waiting,
     /// Back-off of the objects whose reconciliation fails.
     pub retries: Retries,
+    /// The backups whose progress this process follows.
+    pub backups: crate::reconcile::backup::Running,
     recorder: Recorder,
 }
 
@@ -66,6 +68,7 @@ impl Context {
             metrics: Metrics::default(),
             waiting: Waiting::default(),
             retries: Retries::default(),
+            backups: Default::default(),
         }
     }
 

@@ -7,6 +7,8 @@
 //!   operations waiting for one).
 //! - VMSnapshot: VirtualMachines (the snapshots that follow one).
 //! - VMTemplate: VirtualMachines (the template each names, whose usage count follows).
+//! - BackupJob, RestoreJob: their own kind (a running backup's progress is followed by a task).
+//! - BackupSchedule: the BackupJobs it owns, and its next run time.
 //!
 //! Who waits for what is in [`crate::waiting`]; a failed reconciliation is retried with
 //! per-object back-off ([`crate::retries`]).
@@ -27,11 +29,13 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tracing::warn;
 
 use crate::context::Context;
-use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use crate::crd::{
+    BackupJob, BackupSchedule, RestoreJob, VMOperation, VMSnapshot, VMTemplate, VirtualMachine,
+};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::nodes::Signal;
-use crate::reconcile::{operation, snapshot, template, vm};
+use crate::reconcile::{backup, operation, snapshot, template, vm};
 use crate::waiting::{Key, Waiters, Waiting, key};
 
 /// Runs every controller until `shutdown` resolves.
@@ -47,11 +51,30 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let ops = drive(operations(&ctx), stopped(), operation::reconcile, &ctx);
     let snaps = drive(snapshots(&ctx), stopped(), snapshot::reconcile, &ctx);
     let tpls = drive(templates(&ctx), stopped(), template::reconcile, &ctx);
+    let backups = drive(
+        Controller::new(all::<BackupJob>(&ctx), watcher::Config::default()),
+        stopped(),
+        backup::job::reconcile,
+        &ctx,
+    );
+    let restores = drive(
+        Controller::new(all::<RestoreJob>(&ctx), watcher::Config::default()),
+        stopped(),
+        backup::restore::reconcile,
+        &ctx,
+    );
+    let schedules = drive(
+        Controller::new(all::<BackupSchedule>(&ctx), watcher::Config::default())
+            .owns(all::<BackupJob>(&ctx), watcher::Config::default()),
+        stopped(),
+        backup::schedule::reconcile,
+        &ctx,
+    );
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    tokio::join!(vms, ops, snaps, tpls);
+    tokio::join!(vms, ops, snaps, tpls, backups, restores, schedules);
 }
 
 fn all<K>(ctx: &Context) -> Api<K>

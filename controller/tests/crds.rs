@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use hypersdk_controller::crd::{
-    self, VMOperationSpec, VMSnapshotSpec, VMTemplateSpec, VirtualMachineSpec,
+    self, BackupJobSpec, BackupScheduleSpec, RestoreJobSpec, VMOperationSpec, VMSnapshotSpec,
+    VMTemplateSpec, VirtualMachineSpec,
 };
 use hypersdk_controller::standalone::parse_documents;
 use hypersdk_controller::standalone::schema::{self, openapi_schema};
@@ -52,7 +53,18 @@ fn crds_are_structural_with_names_columns_and_status() {
         .iter()
         .map(|c| c.spec.names.short_names.clone().unwrap()[0].clone())
         .collect();
-    assert_eq!(short, ["vm", "vmop", "vmsnap", "vmtpl"]);
+    assert_eq!(
+        short,
+        [
+            "vm",
+            "vmop",
+            "vmsnap",
+            "vmtpl",
+            "vmbackup",
+            "vmbackupsched",
+            "vmrestore"
+        ]
+    );
     for c in crd::all() {
         let kind = &c.spec.names.kind;
         assert_eq!(
@@ -98,6 +110,9 @@ fn typed_spec(kind: &str, spec: &Value) -> Result<(), serde_json::Error> {
         "VMOperation" => serde_json::from_value::<VMOperationSpec>(spec).map(drop),
         "VMSnapshot" => serde_json::from_value::<VMSnapshotSpec>(spec).map(drop),
         "VMTemplate" => serde_json::from_value::<VMTemplateSpec>(spec).map(drop),
+        "BackupJob" => serde_json::from_value::<BackupJobSpec>(spec).map(drop),
+        "BackupSchedule" => serde_json::from_value::<BackupScheduleSpec>(spec).map(drop),
+        "RestoreJob" => serde_json::from_value::<RestoreJobSpec>(spec).map(drop),
         other => panic!("example of unknown kind {other}"),
     }
 }
@@ -126,7 +141,7 @@ fn every_example_fits_the_types_and_the_schema() {
         }
     }
     assert!(count >= 6, "examples missing: {count}");
-    assert_eq!(kinds.len(), 4);
+    assert_eq!(kinds.len(), 7);
 }
 
 fn vm(spec: Value) -> Value {
@@ -233,4 +248,55 @@ fn bad_manifests_are_refused_naming_the_field() {
         ),
     );
     assert!(p[0].starts_with("spec.migrateSpec.bandwidth: "), "{p:?}");
+}
+
+#[test]
+fn bad_backup_manifests_are_refused_naming_the_field() {
+    let job = |spec: Value| json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "BackupJob", "metadata": {"name": "b"}, "spec": spec});
+    let dest = json!({"type": "s3", "bucket": "backups"});
+    let p = problems(
+        "BackupJob",
+        &job(json!({"source": {"namespace": "default"}, "destination": dest})),
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("source needs vmName or vmSelector")),
+        "{p:?}"
+    );
+    assert_eq!(
+        problems(
+            "BackupJob",
+            &job(
+                json!({"source": {"vmName": "v"}, "destination": {"type": "gcs", "bucket": "backups"}})
+            )
+        ),
+        ["spec.destination.type: \"gcs\" is not one of \"s3\""]
+    );
+    let p = problems(
+        "BackupJob",
+        &job(json!({"source": {"vmName": "v"}, "destination": {"bucket": "Bad_Bucket"}})),
+    );
+    assert!(p[0].starts_with("spec.destination.bucket: "), "{p:?}");
+    assert_eq!(
+        problems(
+            "BackupJob",
+            &job(
+                json!({"source": {"vmName": "v"}, "destination": dest, "retention": {"keepLast": 0}})
+            )
+        ),
+        ["spec.retention.keepLast: must be at least 1"]
+    );
+    let sched = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "BackupSchedule", "metadata": {"name": "s"},
+        "spec": {"schedule": "* * * * *", "concurrencyPolicy": "Sometimes",
+                 "jobTemplate": {"spec": {"source": {"vmName": "v"}, "destination": dest}}}});
+    assert_eq!(
+        problems("BackupSchedule", &sched),
+        ["spec.concurrencyPolicy: \"Sometimes\" is not one of \"Allow\", \"Forbid\", \"Replace\""]
+    );
+    let restore = json!({"apiVersion": "hypersdk.io/v1alpha1", "kind": "RestoreJob", "metadata": {"name": "r"},
+        "spec": {"source": {"bucket": "backups", "path": "p"}, "destination": {}}});
+    assert_eq!(
+        problems("RestoreJob", &restore),
+        ["spec.destination.vmName: Required value"]
+    );
 }

@@ -19,6 +19,7 @@ mod http;
 pub mod link;
 pub mod pki;
 mod raw;
+pub mod s3;
 pub use http::ImageServer;
 pub use raw::RawQemu;
 
@@ -710,6 +711,10 @@ pub async fn wait_boots(vm: &pb::Vm, n: usize, limit: Duration) {
 }
 
 /// The disk counter each boot found (`HYPERSDK-DISK <n>` lines), in order.
+pub fn disk_counters_in(serial: &str) -> Vec<u64> {
+    disk_counters(serial)
+}
+
 fn disk_counters(serial: &str) -> Vec<u64> {
     serial
         .lines()

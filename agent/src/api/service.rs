@@ -55,6 +55,7 @@ fn stop_timeout(seconds: u32) -> Duration {
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
+pub type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for Service {
@@ -275,6 +276,72 @@ impl AgentService for Service {
         Ok(Response::new(self.vms.clone_vm(req.into_inner()).await?))
     }
 
+    type BackupVmStream = BackupStream;
+
+    async fn backup_vm(
+        &self,
+        req: Request<pb::BackupVmRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let r = req.into_inner();
+        check_name("name", &r.name)?;
+        let span = tracing::info_span!("backup", vm = r.name);
+        let (tx, rx) = tokio::sync::watch::channel(pb::BackupProgress::default());
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+        let vms = self.vms.clone();
+        let run = async move {
+            // Progress goes out as it changes; the result (or the error) last.
+            let forward = tokio::spawn({
+                let mut rx = rx;
+                let out = out_tx.clone();
+                async move {
+                    while rx.changed().await.is_ok() {
+                        let p = rx.borrow_and_update().clone();
+                        if p.done || out.send(Ok(p)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let result = crate::backup::upload::backup(&vms, r, &tx).await;
+            drop(tx);
+            let _ = forward.await;
+            let _ = match result {
+                Ok(done) => out_tx.send(Ok(done)).await,
+                Err(e) => {
+                    tracing::warn!("backup failed: {e}");
+                    out_tx.send(Err(backup_status(&e))).await
+                }
+            };
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
+    }
+
+    async fn restore_backup(
+        &self,
+        req: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("restore", vm = r.name);
+        let ctx = self.vms.context().clone();
+        tracing::Instrument::instrument(crate::backup::restore::restore(&ctx, r), span)
+            .await
+            .map(Response::new)
+            .map_err(|e| backup_status(&e))
+    }
+
+    async fn verify_backup(
+        &self,
+        req: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        crate::backup::restore::verify(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| backup_status(&e))
+    }
+
     async fn create_snapshot(
         &self,
         req: Request<pb::CreateSnapshotRequest>,
@@ -355,4 +422,23 @@ pub fn unpack_create(req: Request<pb::CreateVmRequest>) -> Result<(pb::VmSpec, b
         .spec
         .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
     Ok((spec, req.start))
+}
+
+/// The gRPC status of a failed backup, restore or verification.
+fn backup_status(e: &crate::backup::BackupError) -> Status {
+    use crate::backup::BackupError as E;
+    let msg = e.to_string();
+    match e {
+        E::BadRequest { .. } | E::Key(_) => Status::invalid_argument(msg),
+        E::Store {
+            source:
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ..
+        } => Status::permission_denied(msg),
+        E::Store { .. } => Status::unavailable(msg),
+        E::Chunk { .. } | E::Manifest { .. } => Status::data_loss(msg),
+        E::Expose(_) => Status::failed_precondition(msg),
+        E::Read { .. } | E::Io { .. } | E::QemuImg(_) => Status::aborted(msg),
+    }
 }

@@ -86,6 +86,17 @@ pub async fn commit(program: &Path, base: &Path, top: &Path) -> Result<(), QemuI
     run(program, &args).await
 }
 
+/// Adds or removes (`op`: `--add` / `--remove`) persistent dirty bitmap `name` of qcow2 `file`.
+pub async fn bitmap(program: &Path, file: &Path, op: &str, name: &str) -> Result<(), QemuImgError> {
+    let args = [
+        OsStr::new("bitmap"),
+        OsStr::new(op),
+        file.as_os_str(),
+        OsStr::new(name),
+    ];
+    run(program, &args).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,17 @@ pub enum Op {
         snapshot: String,
         freed: oneshot::Sender<u64>,
     },
+    /// Exposes the disks at one instant for a backup (see `crate::backup::expose`).
+    ExposeBackup {
+        request: crate::backup::expose::ExposeRequest,
+        done: oneshot::Sender<crate::backup::expose::Exposed>,
+    },
+    /// Ends a backup's exposure; `success` moves the incremental base on.
+    ReleaseBackup {
+        exposed: Box<crate::backup::expose::Exposed>,
+        success: bool,
+        done: oneshot::Sender<()>,
+    },
     /// Copies the disks for a clone named `target`; `spec` gets the clone's spec.
     CloneDisks {
         target: String,
@@ -444,6 +455,18 @@ impl Supervisor {
             Op::DeleteSnapshot { snapshot, freed } => {
                 let r = self.delete_snapshot(&snapshot).await;
                 self.answer(r, freed)
+            }
+            Op::ExposeBackup { request, done } => {
+                let r = self.expose_disks(request).await;
+                self.answer(r, done)
+            }
+            Op::ReleaseBackup {
+                exposed,
+                success,
+                done,
+            } => {
+                self.release_disks(*exposed, success).await;
+                self.answer(Ok(()), done)
             }
             Op::CloneDisks {
                 target,

@@ -1,6 +1,7 @@
 //! The `hypersdk.io/v1alpha1` API: custom resource types (the source of truth for the CRDs in
 //! `deploy/crds/`), shared field types and the Kubernetes `Condition` helpers.
 
+pub mod backup;
 pub mod operation;
 pub mod reason;
 pub mod snapshot;
@@ -12,6 +13,10 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use backup::{
+    BackupJob, BackupJobSpec, BackupJobStatus, BackupSchedule, BackupScheduleSpec,
+    BackupScheduleStatus, RestoreJob, RestoreJobSpec, RestoreJobStatus,
+};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use operation::{VMOperation, VMOperationSpec, VMOperationStatus};
 pub use reason::Reason;
@@ -35,6 +40,9 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         VMOperation::crd(),
         VMSnapshot::crd(),
         VMTemplate::crd(),
+        BackupJob::crd(),
+        BackupSchedule::crd(),
+        RestoreJob::crd(),
     ]
 }
 

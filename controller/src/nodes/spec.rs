@@ -183,7 +183,13 @@ fn disks(
 ) -> Result<(Vec<pb::Disk>, Vec<String>), SpecError> {
     let root = spec_disks.iter().find(|d| d.path.is_none());
     let root_name = root.map_or("root".to_string(), |d| d.name.clone());
+    // A disk given by path under the root's name (a restored VM's) is the root: the template
+    // still gives boot and defaults, not the disk.
+    let root_given = spec_disks
+        .iter()
+        .any(|d| d.name == root_name && d.path.is_some());
     let mut disks: Vec<pb::Disk> = template
+        .filter(|_| !root_given)
         .map(|t| root_disk(t, &root_name, root))
         .transpose()?
         .into_iter()
@@ -197,7 +203,7 @@ fn disks(
             ..Default::default()
         };
         match (&d.path, &d.size) {
-            _ if template.is_some() && d.name == root_name => {}
+            _ if template.is_some() && d.name == root_name && !root_given => {}
             (Some(path), _) => disks.push(pb::Disk {
                 path: path.clone(),
                 ..disk

@@ -5,6 +5,7 @@
 //!
 //! This file holds what they share: status writes that clear what is unset, ownerReferences.
 
+pub mod backup;
 pub mod clone;
 pub mod evict;
 pub mod migrate;

@@ -14,6 +14,10 @@ use hypersdk_proto::quantity;
 
 use crate::crd::VirtualMachineSpec;
 
+/// A node selector key every node matches with its own name (a restore places a VM where its
+/// disks were written).
+pub const NODE_LABEL: &str = "hypersdk.io/node";
+
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
@@ -172,7 +176,7 @@ fn fit(node: &NodeInfo, req: &Request, policy: &Policy, why: &mut Unschedulable)
     if !req
         .node_selector
         .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v))
+        .all(|(k, v)| node.labels.get(k) == Some(v) || (k == NODE_LABEL && *v == node.name))
     {
         why.selector += 1;
         return None;

@@ -20,7 +20,9 @@ use kube::core::ApiResource;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::crd::{VMOperation, VMSnapshot, VMTemplate, VirtualMachine};
+use crate::crd::{
+    BackupJob, BackupSchedule, RestoreJob, VMOperation, VMSnapshot, VMTemplate, VirtualMachine,
+};
 
 pub use api::FakeApi;
 pub use sync::Standalone;
@@ -113,6 +115,9 @@ fn resources() -> Vec<ApiResource> {
         ApiResource::erase::<VMOperation>(&()),
         ApiResource::erase::<VMSnapshot>(&()),
         ApiResource::erase::<VMTemplate>(&()),
+        ApiResource::erase::<BackupJob>(&()),
+        ApiResource::erase::<BackupSchedule>(&()),
+        ApiResource::erase::<RestoreJob>(&()),
     ]
 }
 

@@ -340,4 +340,27 @@ impl AgentService for FakeAgent {
             freed_bytes: 3 << 20,
         }))
     }
+
+    type BackupVmStream = Stream_<pb::BackupProgress>;
+
+    async fn backup_vm(
+        &self,
+        _: Request<pb::BackupVmRequest>,
+    ) -> Result<Response<Self::BackupVmStream>, Status> {
+        Err(Status::unimplemented("backups are tested with real agents"))
+    }
+
+    async fn restore_backup(
+        &self,
+        _: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        Err(Status::unimplemented("backups are tested with real agents"))
+    }
+
+    async fn verify_backup(
+        &self,
+        _: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        Err(Status::unimplemented("backups are tested with real agents"))
+    }
 }

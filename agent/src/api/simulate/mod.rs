@@ -437,6 +437,33 @@ impl AgentService for Simulator {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         Err(no_snapshots())
     }
+
+    type BackupVmStream = crate::api::service::BackupStream;
+
+    async fn backup_vm(
+        &self,
+        _: Request<pb::BackupVmRequest>,
+    ) -> Result<Response<Self::BackupVmStream>, Status> {
+        Err(no_backups())
+    }
+
+    async fn restore_backup(
+        &self,
+        _: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        Err(no_backups())
+    }
+
+    async fn verify_backup(
+        &self,
+        _: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        Err(no_backups())
+    }
+}
+
+fn no_backups() -> Status {
+    Status::unimplemented("a simulated agent (--simulate) has no disks to back up")
 }
 
 fn no_snapshots() -> Status {
