@@ -1,5 +1,5 @@
 //! The controller's HTTP port: `/metrics` (Prometheus), `/healthz` (the process serves),
-//! `/readyz` (leading and running controllers), and the [`dashboard`](crate::dashboard).
+//! `/readyz` (serving; the leader reconciles), and the [`dashboard`](crate::dashboard).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,13 +15,21 @@ use tracing::{info, warn};
 use crate::context::Context;
 use crate::dashboard::serve::{Dashboard, router};
 
-/// Set once this replica leads and its controllers run.
+/// Whether this replica serves (`/readyz`), and whether it leads (the `hypersdk_leader` gauge):
+/// of several replicas all serve, one reconciles.
 #[derive(Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness {
+    ready: AtomicBool,
+    leading: AtomicBool,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
     }
 }
 
@@ -45,14 +53,15 @@ pub async fn serve(listener: TcpListener, dashboard: Arc<Dashboard>, ready: Arc<
 }
 
 async fn readyz(State((_, ready)): State<Shared>) -> impl IntoResponse {
-    if ready.0.load(Ordering::Relaxed) {
+    if ready.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
 }
 
-async fn metrics(State((ctx, _)): State<Shared>) -> impl IntoResponse {
+async fn metrics(State((ctx, ready)): State<Shared>) -> impl IntoResponse {
+    let leading = ready.leading.load(Ordering::Relaxed);
     let agents = ctx.agents.all();
     let reachable = agents.iter().filter(|a| a.client().is_some()).count();
     let gauges = [
@@ -61,6 +70,11 @@ async fn metrics(State((ctx, _)): State<Shared>) -> impl IntoResponse {
             "hypersdk_agents_reachable",
             "Agents answering.",
             reachable as f64,
+        ),
+        (
+            "hypersdk_leader",
+            "1 on the replica that holds the leader Lease and reconciles.",
+            f64::from(u8::from(leading)),
         ),
     ];
     (
