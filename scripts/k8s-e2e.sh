@@ -148,7 +148,7 @@ grep -q ":pids:/$VM_CGROUP\$" "/proc/$qemu/cgroup" ||
   fail "QEMU $qemu is not in the host cgroup $VM_CGROUP: $(grep pids "/proc/$qemu/cgroup")"
 [ "$(readlink "/proc/$qemu/exe")" = "$(readlink -f "$(command -v qemu-system-x86_64)")" ] ||
   fail "QEMU $qemu runs $(readlink "/proc/$qemu/exe"), not the node's binary"
-[ "$(readlink /proc/$qemu/ns/mnt)" = "$(readlink /proc/1/ns/mnt)" ] ||
+[ "$(readlink "/proc/$qemu/ns/mnt")" = "$(readlink /proc/$$/ns/mnt)" ] ||
   fail "QEMU $qemu is not in the node's mount namespace"
 pass "QEMU pid $qemu: node's binary, node's mount namespace, cgroup $VM_CGROUP"
 

@@ -138,7 +138,7 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
     .map_err(StartupError::ImageDir)?;
     let launcher = match config.host_launch {
         false => Launcher::Local,
-        true => Launcher::Host(HostLaunch::prepare(&config.vm_cgroup)?),
+        true => Launcher::Host(HostLaunch::prepare(config.host_pid, &config.vm_cgroup)?),
     };
     let qemu = QemuFacts::find(&launcher, &config.qemu)?;
     let kvm = kvm::probe(Path::new("/sys/module"));

@@ -4,20 +4,19 @@
 //! In a Kubernetes pod (`--host-launch`), that is not enough: the container runtime kills
 //! every process of the container's cgroup when the container ends, and the program would run
 //! from the image's filesystem, which goes with the pod. So, between fork and exec, the child
-//! moves itself into a host cgroup (`--vm-cgroup`, in every hierarchy pid 1 has mounted) and
-//! enters the mount namespace of pid 1 (the pod shares the host's PID namespace): QEMU then
-//! runs the node's binary, sees the node's files at the paths the agent mounts at the same
-//! places, and belongs to no container. A new agent pod finds it by pid and adopts it.
+//! moves itself into a host cgroup (`--vm-cgroup`, in every hierarchy the host has mounted) and
+//! enters the host's mount namespace, that of a host process (`--host-pid`; by default the
+//! agent's parent, which in a pod is the container runtime's shim, on the host; the pod shares
+//! the host's PID namespace): QEMU then runs the node's binary, sees the node's files at the
+//! paths the agent mounts at the same places, and belongs to no container. A new agent pod
+//! finds it by pid and adopts it.
 
 use std::ffi::CString;
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-
-/// Where the host's processes, files and mounts are seen from the agent's pod.
-const HOST_PROC: &str = "/proc/1";
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -27,7 +26,7 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("--host-launch: pid 1 has no cgroup hierarchy mounted")]
+    #[error("--host-launch: the host process has no cgroup hierarchy mounted")]
     NoCgroups,
     #[error("--vm-cgroup {0:?}: must be a relative path without '..'")]
     BadCgroup(String),
@@ -44,18 +43,21 @@ pub enum Launcher {
     /// As children of the agent, from its filesystem.
     #[default]
     Local,
-    /// On the host: in pid 1's mount namespace and in these host cgroups.
+    /// On the host: in its mount namespace and in these host cgroups.
     Host(HostLaunch),
 }
 
 #[derive(Debug, Clone)]
 pub struct HostLaunch {
-    /// The host's root, as the agent sees it (`/proc/1/root`).
+    /// The host's root, as the agent sees it (`/proc/PID/root`).
     root: PathBuf,
-    /// pid 1's mount namespace.
-    mnt_ns: PathBuf,
-    /// `cgroup.procs` of the VM cgroup in each hierarchy, as the agent sees them.
+    /// The host's mount namespace (`/proc/PID/ns/mnt`), opened once: the process it was
+    /// found through may end.
+    mnt_ns: Arc<OwnedFd>,
+    /// `cgroup.procs` of the VM cgroup in each hierarchy, as the agent sees them, and opened
+    /// for writing.
     cgroup_procs: Vec<PathBuf>,
+    procs_files: Vec<Arc<OwnedFd>>,
 }
 
 /// The cgroup hierarchies in a mountinfo text: mount point, and whether it is cgroup v1.
@@ -88,13 +90,18 @@ pub fn check_cgroup(cgroup: &str) -> Result<&Path, LaunchError> {
 }
 
 impl HostLaunch {
-    /// Prepares `vm_cgroup` in every cgroup hierarchy of the host.
-    pub fn prepare(vm_cgroup: &str) -> Result<HostLaunch, LaunchError> {
-        Self::prepare_at(Path::new(HOST_PROC), vm_cgroup)
+    /// Prepares `vm_cgroup` in every cgroup hierarchy of the host, seen through the host
+    /// process `host_pid` (0: the agent's parent).
+    pub fn prepare(host_pid: u32, vm_cgroup: &str) -> Result<HostLaunch, LaunchError> {
+        let pid = match host_pid {
+            0 => nix::unistd::getppid().as_raw() as u32,
+            pid => pid,
+        };
+        Self::prepare_at(Path::new(&format!("/proc/{pid}")), vm_cgroup)
     }
 
-    /// The same for the host whose pid 1 is seen at `proc1` (tests use a directory laid out
-    /// like one).
+    /// The same for the host process seen at `proc1` (tests use a directory laid out like
+    /// one).
     pub fn prepare_at(proc1: &Path, vm_cgroup: &str) -> Result<HostLaunch, LaunchError> {
         let relative = check_cgroup(vm_cgroup)?;
         let root = proc1.join("root");
@@ -119,10 +126,23 @@ impl HostLaunch {
             }
             cgroup_procs.push(dir.join("cgroup.procs"));
         }
+        let open = |path: &Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(path)
+                .map(|f| Arc::new(OwnedFd::from(f)))
+                .map_err(host_error(path))
+        };
+        let procs_files = cgroup_procs
+            .iter()
+            .map(|p| open(p, true))
+            .collect::<Result<_, _>>()?;
         Ok(HostLaunch {
-            mnt_ns: proc1.join("ns/mnt"),
+            mnt_ns: open(&proc1.join("ns/mnt"), false)?,
             root,
             cgroup_procs,
+            procs_files,
         })
     }
 
@@ -190,18 +210,8 @@ impl Launcher {
         };
         // Everything the child needs is opened or allocated before the fork: between fork
         // and exec it makes system calls only.
-        let mnt_ns: OwnedFd = File::open(&host.mnt_ns)?.into();
-        let procs: Vec<OwnedFd> = host
-            .cgroup_procs
-            .iter()
-            .map(|p| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .map(OwnedFd::from)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
-            })
-            .collect::<Result<_, _>>()?;
+        let mnt_ns = host.mnt_ns.clone();
+        let procs = host.procs_files.clone();
         let dir = dir
             .map(|d| CString::new(d.as_os_str().as_bytes()))
             .transpose()
@@ -265,7 +275,7 @@ mod tests {
         }
     }
 
-    /// Against a directory laid out like pid 1's /proc entry and cgroupfs.
+    /// Against a directory laid out like a host process's /proc entry and cgroupfs.
     #[test]
     fn prepares_the_cgroup_in_each_hierarchy() {
         let proc1 = tempfile::tempdir().unwrap();
@@ -281,8 +291,13 @@ mod tests {
         }
         std::fs::write(cg.join("cpuset/cpuset.cpus"), "0-1\n").unwrap();
         std::fs::write(cg.join("cpuset/cpuset.mems"), "0\n").unwrap();
-        // What the kernel shows in a new cpuset: empty files.
-        std::fs::create_dir_all(cg.join("cpuset/cluster/vms")).unwrap();
+        // What the kernel shows in a new cgroup: its files, empty.
+        for h in ["cpu", "cpuset", "unified"] {
+            std::fs::create_dir_all(cg.join(h).join("cluster/vms")).unwrap();
+            std::fs::write(cg.join(h).join("cluster/vms/cgroup.procs"), "").unwrap();
+        }
+        std::fs::create_dir_all(proc1.path().join("ns")).unwrap();
+        std::fs::write(proc1.path().join("ns/mnt"), "").unwrap();
         for dir in ["cpuset/cluster", "cpuset/cluster/vms"] {
             std::fs::write(cg.join(dir).join("cpuset.cpus"), "").unwrap();
             std::fs::write(cg.join(dir).join("cpuset.mems"), "").unwrap();
@@ -303,14 +318,14 @@ mod tests {
         );
     }
 
-    /// The real thing where the test runs as root: a child started on the "host" (this
-    /// machine's pid 1) lands in the VM cgroup of every hierarchy, outside the test's own.
+    /// The real thing where the test runs as root: a child started on the "host" (seen
+    /// through the test's parent) lands in the VM cgroup of every hierarchy.
     #[test]
     fn a_host_launched_child_is_in_the_vm_cgroup() {
         let name = format!("hypersdk-launch-test-{}", std::process::id());
-        let host = match HostLaunch::prepare(&name) {
+        let host = match HostLaunch::prepare(0, &name) {
             Ok(host) => host,
-            // Not root, or no access to pid 1: the unit tests above cover the preparation.
+            // Not root, or no access to the host process: the unit tests above cover the preparation.
             Err(LaunchError::Host { source, .. })
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {

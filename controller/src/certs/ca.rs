@@ -173,11 +173,13 @@ mod tests {
 
     #[test]
     fn an_incomplete_secret_names_the_missing_key() {
-        let mut secret = Secret::default();
-        secret.data = Some(BTreeMap::from([(
-            CERT_KEY.to_string(),
-            ByteString(b"x".to_vec()),
-        )]));
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                CERT_KEY.to_string(),
+                ByteString(b"x".to_vec()),
+            )])),
+            ..Default::default()
+        };
         let e = read("hypersdk-ca", &secret).unwrap_err();
         assert_eq!(
             e.to_string(),
