@@ -54,9 +54,7 @@ pub struct HostLaunch {
     /// The host's mount namespace (`/proc/PID/ns/mnt`), opened once: the process it was
     /// found through may end.
     mnt_ns: Arc<OwnedFd>,
-    /// `cgroup.procs` of the VM cgroup in each hierarchy, as the agent sees them, and opened
-    /// for writing.
-    cgroup_procs: Vec<PathBuf>,
+    /// `cgroup.procs` of the VM cgroup in each hierarchy, opened for writing.
     procs_files: Vec<Arc<OwnedFd>>,
 }
 
@@ -141,7 +139,6 @@ impl HostLaunch {
         Ok(HostLaunch {
             mnt_ns: open(&proc1.join("ns/mnt"), false)?,
             root,
-            cgroup_procs,
             procs_files,
         })
     }
@@ -303,12 +300,7 @@ mod tests {
             std::fs::write(cg.join(dir).join("cpuset.mems"), "").unwrap();
         }
         let host = HostLaunch::prepare_at(proc1.path(), "cluster/vms").unwrap();
-        assert_eq!(
-            host.cgroup_procs,
-            ["cpu", "cpuset", "unified"]
-                .map(|h| cg.join(h).join("cluster/vms/cgroup.procs"))
-                .to_vec()
-        );
+        assert_eq!(host.procs_files.len(), 3);
         let read = |p: &str| std::fs::read_to_string(cg.join(p)).unwrap();
         assert_eq!(read("cpuset/cluster/vms/cpuset.cpus"), "0-1");
         assert_eq!(read("cpuset/cluster/vms/cpuset.mems"), "0");
@@ -352,8 +344,10 @@ mod tests {
             assert!(line.ends_with(&format!(":/{name}")), "{cgroups}");
         }
         assert_eq!(cwd, dir.path());
-        for procs in &host.cgroup_procs {
-            let _ = std::fs::remove_dir(procs.parent().unwrap());
+        drop(host);
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for (mount, _) in cgroup_mounts(&mountinfo) {
+            let _ = std::fs::remove_dir(mount.join(&name));
         }
     }
 }
