@@ -2,7 +2,8 @@
 # End-to-end test of HyperSDK on a real Kubernetes (the one-node cluster of scripts/cluster.sh),
 # installed the way users install it:
 #   cluster up; images built and imported; the chart's rendered manifests checked against it;
-#   `helm install hypersdk deploy/helm/hypersdk -n hypersdk-system --create-namespace`;
+#   `helm install hypersdk deploy/helm/hypersdk -n hypersdk-system --create-namespace`; one of
+#   the 2 controller replicas leads, and when its pod is deleted the other takes over;
 #   bad manifests refused by the API server with the schema's message; the example VMTemplate
 #   (its image pointed at the test guest) and the seed VM deploy/examples/vm-my-vm.yaml applied
 #   with kubectl, unchanged; the VM reaches Running with its guest agent connected and
@@ -111,7 +112,20 @@ leaders() {
   [ "$n" = 1 ]
 }
 eventually 60 "exactly one controller replica leads" leaders
-pass "one of $(kubectl -n "$NS" get deploy hypersdk-controller -o jsonpath='{.status.readyReplicas}') controller replicas leads (Lease held by $(kubectl -n "$NS" get lease hypersdk-controller -o jsonpath='{.spec.holderIdentity}'))"
+holder() { kubectl -n "$NS" get lease hypersdk-controller -o jsonpath='{.spec.holderIdentity}'; }
+first=$(holder)
+pass "one of $(kubectl -n "$NS" get deploy hypersdk-controller -o jsonpath='{.status.readyReplicas}') controller replicas leads (Lease held by $first)"
+phase "one leader"
+
+# The leader goes: the other replica takes the Lease once it expires (15 s).
+kubectl -n "$NS" delete pod "$first" --wait=false >/dev/null
+taken_over() { local h; h=$(holder) && [ -n "$h" ] && [ "$h" != "$first" ]; }
+eventually 60 "another replica takes the Lease from $first" taken_over
+pass "leader $first deleted: $(holder) leads"
+eventually 60 "exactly one controller replica leads" leaders
+kubectl -n "$NS" rollout status deployment/hypersdk-controller --timeout=120s >/dev/null ||
+  fail "the controller Deployment did not recover its 2 replicas"
+phase "leader deleted, another leads"
 
 # --- bad input through the real API server ----------------------------------------------------
 # refused FILE MESSAGE: kubectl apply of FILE fails, saying MESSAGE.
