@@ -8,7 +8,8 @@
 #   (its image pointed at the test guest) and the seed VM deploy/examples/vm-my-vm.yaml applied
 #   with kubectl, unchanged; the VM reaches Running with its guest agent connected and
 #   `kubectl get vm` shows it; `kubectl delete pod` of the agent leaves the same QEMU running and
-#   the new agent pod reports the VM Running; `kubectl delete vm` ends QEMU; `helm uninstall`
+#   the new agent pod reports the VM Running; `helm upgrade` to a new image tag replaces the
+#   agent pod and the same QEMU keeps running; `kubectl delete vm` ends QEMU; `helm uninstall`
 #   leaves no HyperSDK process or object.
 # Prints the time of each phase. Leaves the cluster up (scripts/cluster.sh down stops it).
 # Needs root, scripts/setup.sh and target/guest (scripts/setup.sh builds it).
@@ -179,6 +180,22 @@ alive "$qemu" || fail "QEMU $qemu is gone"
 vm_phase_is Running || fail "my-vm is $(vm_field '{.status.phase}') after the agent pod changed"
 pass "agent pod $old deleted: QEMU $qemu kept running, agent pod $new adopted it"
 phase "agent pod replaced, VM adopted"
+
+# --- helm upgrade to a new image tag: agent pods replaced, the VM untouched ---------------------
+UPGRADE_TAG=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' deploy/helm/hypersdk/Chart.yaml)-upgrade
+HYPERSDK_IMAGE_TAG=$UPGRADE_TAG scripts/images.sh --import >/dev/null
+helm upgrade hypersdk deploy/helm/hypersdk -n "$NS" --reuse-values --set image.tag="$UPGRADE_TAG" \
+  --wait --timeout 5m >/dev/null || fail "helm upgrade to $UPGRADE_TAG"
+kubectl -n "$NS" rollout status daemonset/hypersdk-agent --timeout=120s >/dev/null ||
+  fail "the agent DaemonSet did not roll to $UPGRADE_TAG"
+upgraded=$(agent_pod)
+[ "$(kubectl -n "$NS" get pod "$upgraded" -o jsonpath='{.spec.containers[0].image}')" = \
+  "localhost/hypersdk/hypersdk-agent:$UPGRADE_TAG" ] || fail "agent pod $upgraded runs the old image"
+eventually 60 "agent pod $upgraded reports my-vm Running" agent_reports "$upgraded" Running
+[ "$(qemu_pids)" = "$qemu" ] || fail "QEMU pids changed over the upgrade: $(qemu_pids) (was $qemu)"
+vm_phase_is Running || fail "my-vm is $(vm_field '{.status.phase}') after the upgrade"
+pass "helm upgrade to $UPGRADE_TAG: agent pod $upgraded adopted QEMU $qemu"
+phase "helm upgrade, VM untouched"
 
 # --- delete the VM, uninstall -----------------------------------------------------------------
 kubectl delete vm my-vm -n default --wait=true --timeout=120s >/dev/null || fail "kubectl delete vm"
