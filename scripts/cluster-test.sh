@@ -14,15 +14,8 @@ fail() { echo "cluster-test: FAIL: $*" >&2; exit 1; }
 pass() { echo "cluster-test: ok: $*"; }
 in_netns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
 
-# eventually SECONDS WHAT COMMAND...: COMMAND succeeds within SECONDS.
-eventually() {
-  local bound=$1 what=$2 start=$SECONDS
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    [ $((SECONDS - start)) -lt "$bound" ] || fail "$what (not within ${bound}s)"
-    sleep 1
-  done
-}
+# shellcheck source=scripts/eventually.sh
+. scripts/eventually.sh
 
 timed_up() {
   local start=$SECONDS

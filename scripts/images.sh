@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds HyperSDK's container images as OCI archives under target/images/, with no registry and
 # no image builder: scripts/images.sh [--import]
-#   hypersdk-agent:TAG       the agent, QEMU and qemu-img from Debian's packages on this machine
-#                            (scripts/setup.sh installs them), with the libraries and firmware
-#                            they load
+#   hypersdk-agent:TAG       the agent, hyperctl (its probes), QEMU and qemu-img from Debian's
+#                            packages on this machine (scripts/setup.sh installs them), with the
+#                            libraries and firmware they load (in a cluster the agent runs the
+#                            node's QEMU, so that VMs outlive the pod: see --host-launch)
 #   hypersdk-controller:TAG  the controller and the libraries it links
 # TAG is the workspace version (Cargo.toml), or $HYPERSDK_IMAGE_TAG. --import loads both into
 # the cluster of scripts/cluster.sh. Prints each archive's path.
@@ -43,8 +44,8 @@ agent() {
   qemu=$(command -v qemu-system-x86_64)
   qemu_img=$(command -v qemu-img)
   base "$rootfs"
-  with_libs "$rootfs" target/release/hypersdk-agent "$qemu" "$qemu_img"
-  mv "$rootfs/target/release/hypersdk-agent" "$rootfs/usr/bin/hypersdk-agent"
+  with_libs "$rootfs" target/release/hypersdk-agent target/release/hyperctl "$qemu" "$qemu_img"
+  mv "$rootfs/target/release/hypersdk-agent" "$rootfs/target/release/hyperctl" "$rootfs/usr/bin/"
   rm -rf "$rootfs/target"
   # QEMU's firmware and option ROMs (Debian links them from seabios and ipxe: copied as files).
   mkdir -p "$rootfs/usr/share"
@@ -76,7 +77,7 @@ image() {
 }
 
 say "building the release binaries"
-nice cargo build --release --locked -p hypersdk-agent -p hypersdk-controller
+nice cargo build --release --locked -p hypersdk-agent -p hypersdk-controller -p hyperctl
 image hypersdk-agent /usr/bin/hypersdk-agent
 image hypersdk-controller /usr/bin/hypersdk-controller
 

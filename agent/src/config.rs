@@ -55,6 +55,23 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_CGROUP_PARENT", default_value = "hypersdk")]
     pub cgroup_parent: String,
 
+    /// Start QEMU on the host: in the host's mount namespace (the node's QEMU binary and files)
+    /// and in the host cgroup --vm-cgroup, so that VMs outlive the agent's pod. For an agent
+    /// in a Kubernetes pod with hostPID; paths the agent passes to QEMU must be the same on
+    /// the node (mount hostPath volumes at their node paths).
+    #[arg(long, env = "HYPERSDK_HOST_LAUNCH")]
+    pub host_launch: bool,
+
+    /// With --host-launch: a process on the host, whose mount namespace QEMU enters; 0 is the
+    /// agent's parent (in a pod: the container runtime's shim, which runs on the host).
+    #[arg(long, env = "HYPERSDK_HOST_PID", default_value = "0")]
+    pub host_pid: u32,
+
+    /// With --host-launch: the cgroup, under the root of each hierarchy, that holds the VMs'
+    /// QEMU processes.
+    #[arg(long, env = "HYPERSDK_VM_CGROUP", default_value = "hypersdk-vms")]
+    pub vm_cgroup: String,
+
     /// QEMU binary.
     #[arg(long, env = "HYPERSDK_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,

@@ -19,6 +19,8 @@ use crate::store::Store;
 pub struct Context {
     pub node_name: String,
     pub qemu: PathBuf,
+    /// How QEMU is started (as a child, or on the host from a pod).
+    pub launcher: crate::host::launch::Launcher,
     pub qemu_version: String,
     pub qemu_img: PathBuf,
     pub accel: Selection,

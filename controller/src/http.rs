@@ -1,5 +1,5 @@
 //! The controller's HTTP port: `/metrics` (Prometheus), `/healthz` (the process serves),
-//! `/readyz` (leading and running controllers), and the [`dashboard`](crate::dashboard).
+//! `/readyz` (serving; the leader reconciles), and the [`dashboard`](crate::dashboard).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,15 +14,23 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::dashboard::serve::{Dashboard, router};
-use crate::metrics::agent_gauges;
+use crate::metrics::{Gauge, agent_gauges};
 
-/// Set once this replica leads and its controllers run.
+/// Whether this replica serves (`/readyz`), and whether it leads (the `hypersdk_leader` gauge):
+/// of several replicas all serve, one reconciles.
 #[derive(Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness {
+    ready: AtomicBool,
+    leading: AtomicBool,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
     }
 }
 
@@ -46,15 +54,21 @@ pub async fn serve(listener: TcpListener, dashboard: Arc<Dashboard>, ready: Arc<
 }
 
 async fn readyz(State((_, ready)): State<Shared>) -> impl IntoResponse {
-    if ready.0.load(Ordering::Relaxed) {
+    if ready.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
 }
 
-async fn metrics(State((ctx, _)): State<Shared>) -> impl IntoResponse {
-    let gauges = agent_gauges(&ctx.agents.all());
+async fn metrics(State((ctx, ready)): State<Shared>) -> impl IntoResponse {
+    let leading = ready.leading.load(Ordering::Relaxed);
+    let mut gauges = Vec::from(agent_gauges(&ctx.agents.all()));
+    gauges.push(Gauge::single(
+        "hypersdk_leader",
+        "1 on the replica that holds the leader Lease and reconciles.",
+        f64::from(u8::from(leading)),
+    ));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ctx.metrics.render(&gauges),

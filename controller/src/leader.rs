@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use kube::api::PostParams;
@@ -45,6 +45,7 @@ pub struct Elector {
     name: String,
     identity: String,
     duration: Duration,
+    owner: Option<OwnerReference>,
 }
 
 impl Elector {
@@ -60,7 +61,14 @@ impl Elector {
             name: name.into(),
             identity: identity.into(),
             duration,
+            owner: None,
         }
+    }
+
+    /// The owner the Lease gets when this replica creates it.
+    pub fn with_owner(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// Waits until this replica holds the lease.
@@ -100,6 +108,7 @@ impl Elector {
         let mut lease = existing.clone().unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
+                owner_references: self.owner.clone().map(|o| vec![o]),
                 ..Default::default()
             },
             spec: Some(LeaseSpec::default()),

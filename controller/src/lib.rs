@@ -8,9 +8,11 @@
 //! - [`scheduling`]: choosing a node (pure) and the accounting of placed VMs.
 //! - [`nodes`]: the agents (registry, gRPC connections, discovery) and the agent's VM spec.
 //! - [`standalone`]: the in-process API and the manifest directory, for running without a cluster.
+//! - [`certs`]: the cluster CA in a cluster, and agent certificates through CSRs.
 //! - [`leader`] (Lease election), [`http`] (`/metrics`, `/healthz`, `/readyz`), [`metrics`].
 //! - [`dashboard`]: the web dashboard on the same port (live state, actions, access).
 
+pub mod certs;
 pub mod context;
 pub mod controllers;
 pub mod crd;

@@ -16,7 +16,7 @@ use hypersdk_controller::leader::Elector;
 use hypersdk_controller::nodes::{Agents, discover};
 use hypersdk_controller::scheduling::{Policy, Strategy};
 use hypersdk_controller::standalone::{FakeApi, Standalone};
-use hypersdk_controller::{controllers, crd};
+use hypersdk_controller::{certs, controllers, crd};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -39,6 +39,19 @@ enum Command {
     Crds {
         #[arg(long, default_value = "deploy/crds")]
         out: PathBuf,
+    },
+    /// In an agent pod (its init container): obtains the agent's certificate through a
+    /// CertificateSigningRequest that the controller signs for the pod's node.
+    AgentCertificate {
+        /// The pod's name, which names the request.
+        #[arg(long, env = "POD_NAME")]
+        pod: String,
+        /// Where tls.crt, tls.key and ca.crt are written.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seconds to wait for the signature.
+        #[arg(long, default_value = "300")]
+        timeout: u64,
     },
 }
 
@@ -115,9 +128,28 @@ struct RunArgs {
     /// reached over https).
     #[command(flatten)]
     tls: hypersdk_tls::TlsArgs,
-    /// Namespace of the leader-election Lease.
+    /// Namespace of the leader-election Lease (and of --cluster-ca).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
+    /// In a cluster: the Secret holding the cluster CA (made when missing). The controller then
+    /// issues its own certificate into --tls-dir, reaches agents over https with it, and signs
+    /// the agent pods' certificate requests.
+    #[arg(long, env = "HYPERSDK_CLUSTER_CA", conflicts_with_all = ["standalone", "tls_cert"])]
+    cluster_ca: Option<String>,
+    /// With --cluster-ca: where the controller's certificate is written.
+    #[arg(long, env = "HYPERSDK_TLS_DIR", default_value = "/run/hypersdk/tls")]
+    tls_dir: PathBuf,
+    /// With --cluster-ca: days the certificates it issues are valid.
+    #[arg(long, default_value = "365", value_parser = clap::value_parser!(u32).range(1..))]
+    certificate_days: u32,
+    /// With --cluster-ca: the ServiceAccount of the agent pods, the only one whose
+    /// certificate requests are signed.
+    #[arg(long, default_value = "hypersdk-agent")]
+    agent_service_account: String,
+    /// The Deployment that owns what the controller creates (the CA Secret, the Lease), so
+    /// that deleting it removes them.
+    #[arg(long, env = "HYPERSDK_OWNER_DEPLOYMENT")]
+    owner_deployment: Option<String>,
 }
 
 fn ratio(s: &str) -> anyhow::Result<f64> {
@@ -138,6 +170,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Crds { out }) => write_crds(&out),
+        Some(Command::AgentCertificate { pod, out, timeout }) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let name = format!("hypersdk-agent-{pod}");
+            certs::request::obtain(client, &name, &out, Duration::from_secs(timeout)).await?;
+            Ok(())
+        }
         None => serve(cli.run).await,
     }
 }
@@ -160,9 +200,33 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the Kubernetes API")?
     };
-    let agents =
-        Arc::new(Agents::new(Duration::from_secs(args.fence_timeout)).with_tls(args.tls.files()));
-    find_agents(&args, &client, &agents)?;
+    let owner = match &args.owner_deployment {
+        Some(name) if !args.standalone => {
+            Some(certs::ca::owner(client.clone(), &args.lease_namespace, name).await?)
+        }
+        _ => None,
+    };
+    let identity = identity();
+    let (tls, signer) = match &args.cluster_ca {
+        Some(secret) => {
+            let ca =
+                certs::ca::ensure(client.clone(), &args.lease_namespace, secret, owner.clone())
+                    .await?;
+            let files = certs::ca::write_own(&args.tls_dir, &ca, &identity, args.certificate_days)?;
+            let signer = certs::signer::Signer {
+                client: client.clone(),
+                ca,
+                agent_user: format!(
+                    "system:serviceaccount:{}:{}",
+                    args.agent_namespace, args.agent_service_account
+                ),
+                days: args.certificate_days,
+            };
+            (Some(files), Some(signer))
+        }
+        None => (args.tls.files(), None),
+    };
+    let agents = Arc::new(Agents::new(Duration::from_secs(args.fence_timeout)).with_tls(tls));
     let ctx = Arc::new(Context::new(client.clone(), agents, settings(&args)));
     let ready = Arc::new(Readiness::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -170,17 +234,24 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
     let dashboard = Dashboard::new(ctx.clone(), dashboard_access(&args)?);
     tokio::spawn(http::serve(listener, dashboard, ready.clone()));
+    // Ready to serve (the dashboard, metrics); only the leader reconciles.
+    ready.set(true);
 
-    let identity = identity();
     let elector = Elector::new(
-        client,
+        client.clone(),
         &args.lease_namespace,
         "hypersdk-controller",
         &identity,
         Duration::from_secs(15),
-    );
+    )
+    .with_owner(owner);
     elector.acquire().await.context("leader election")?;
-    ready.set(true);
+    ready.set_leading(true);
+    // Only the leader reaches agents (it renews their leases) and signs certificates.
+    find_agents(&args, &client, &ctx.agents)?;
+    if let Some(signer) = signer {
+        tokio::spawn(signer.run());
+    }
     info!(identity, "controllers starting");
     tokio::select! {
         _ = controllers::run(ctx, shutdown_signal()) => Ok(()),

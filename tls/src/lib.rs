@@ -8,6 +8,7 @@ pub mod client;
 pub mod facts;
 pub mod files;
 pub mod issue;
+pub mod request;
 pub mod role;
 pub mod server;
 

@@ -20,6 +20,7 @@ use crate::fence::hold::Hold;
 use crate::host::accel;
 use crate::host::cgroup::{CgroupError, Cgroups};
 use crate::host::kvm;
+use crate::host::launch::{HostLaunch, LaunchError, Launcher};
 use crate::host::node::{self, NodeFacts};
 use crate::host::paths::PathPolicy;
 use crate::image::cache::ImageCache;
@@ -44,6 +45,8 @@ pub enum StartupError {
     Qemu(PathBuf, std::io::Error),
     #[error(transparent)]
     Accel(#[from] accel::AccelError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
     #[error("--listen {addr}: {source}")]
     Listen {
         addr: Address,
@@ -72,18 +75,6 @@ pub enum StartupError {
     Tls(#[from] ServerTlsError),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-}
-
-/// Finds a program on PATH the way a shell would.
-fn find_program(p: &Path) -> Option<PathBuf> {
-    if p.components().count() > 1 {
-        return p.is_file().then(|| p.to_path_buf());
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join(p))
-        .find(|c| c.is_file())
 }
 
 fn data_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> StartupError {
@@ -153,7 +144,11 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
             .chain(config.image_dirs.iter().cloned()),
     )
     .map_err(StartupError::ImageDir)?;
-    let qemu = QemuFacts::find(&config.qemu)?;
+    let launcher = match config.host_launch {
+        false => Launcher::Local,
+        true => Launcher::Host(HostLaunch::prepare(config.host_pid, &config.vm_cgroup)?),
+    };
+    let qemu = QemuFacts::find(&launcher, &config.qemu)?;
     let kvm = kvm::probe(Path::new("/sys/module"));
     let selection = accel::select(config.accel, &kvm)?;
     let hostname = nix::unistd::gethostname()
@@ -169,7 +164,14 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         reason = selection.reason,
         "agent starting"
     );
-    let (cgroups, cgroups_facts) = cgroups(&config.cgroup_parent);
+    let (cgroups, cgroups_facts) = match config.host_launch {
+        false => cgroups(&config.cgroup_parent),
+        true => {
+            let why = CgroupError::HostLaunch(config.vm_cgroup.clone());
+            let facts = format!("none: {why}");
+            (Err(why), facts)
+        }
+    };
     let facts = NodeFacts {
         node_name: node_name.clone(),
         hostname,
@@ -188,7 +190,9 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
     )?;
     let snapshots = SnapshotDirs::new(snapshot_dir);
     snapshots.remove_unfinished();
-    let qemu_img = find_program(&config.qemu_img).unwrap_or_else(|| config.qemu_img.clone());
+    let qemu_img = Launcher::Local
+        .find_program(&config.qemu_img)
+        .unwrap_or_else(|| config.qemu_img.clone());
     let images = ImageCache::open(&image_cache, &qemu_img).map_err(data_dir_error(&image_cache))?;
     let ctx = Context {
         node_name,
@@ -197,6 +201,7 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         qemu_img,
         pause_for_copy: config.migration_copy.pauses(selection.accel),
         qemu: qemu.path,
+        launcher,
         qemu_version: qemu.version,
         accel: selection,
         policy,
@@ -224,15 +229,16 @@ struct QemuFacts {
 }
 
 impl QemuFacts {
-    fn find(program: &Path) -> Result<QemuFacts, StartupError> {
-        let path = find_program(program).ok_or_else(|| {
+    fn find(launcher: &Launcher, program: &Path) -> Result<QemuFacts, StartupError> {
+        let path = launcher.find_program(program).ok_or_else(|| {
             StartupError::Qemu(
                 program.to_path_buf(),
                 std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
             )
         })?;
-        let version = node::qemu_version(&path).map_err(|e| StartupError::Qemu(path.clone(), e))?;
-        let virtio_mem = node::has_device(&path, "virtio-mem-pci");
+        let version =
+            node::qemu_version(launcher, &path).map_err(|e| StartupError::Qemu(path.clone(), e))?;
+        let virtio_mem = node::has_device(launcher, &path, "virtio-mem-pci");
         Ok(QemuFacts {
             path,
             version,

@@ -40,6 +40,8 @@ pub fn limits(spec: &VmSpec) -> Limits {
 pub enum CgroupError {
     #[error("disabled with --cgroup-parent \"\"")]
     Disabled,
+    #[error("none per VM: QEMU runs in the host cgroup {0} (--host-launch)")]
+    HostLaunch(String),
     #[error("/proc/self/mountinfo: {0}")]
     Mountinfo(#[source] std::io::Error),
     #[error("no cgroup2 hierarchy is mounted")]

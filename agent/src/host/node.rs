@@ -6,6 +6,7 @@ use hypersdk_proto::agent::v1 as pb;
 
 use crate::host::accel::Selection;
 use crate::host::kvm::KvmFacts;
+use crate::host::launch::Launcher;
 
 /// Facts that do not change while the agent runs, read once at start.
 #[derive(Debug, Clone)]
@@ -43,8 +44,8 @@ pub fn parse_meminfo(text: &str) -> (u64, u64) {
 }
 
 /// First line of `qemu --version`, e.g. "QEMU emulator version 10.0.2 (Debian ...)".
-pub fn qemu_version(qemu: &Path) -> std::io::Result<String> {
-    let out = std::process::Command::new(qemu).arg("--version").output()?;
+pub fn qemu_version(launcher: &Launcher, qemu: &Path) -> std::io::Result<String> {
+    let out = launcher.command(qemu, None)?.arg("--version").output()?;
     if !out.status.success() {
         return Err(std::io::Error::other(format!(
             "{} --version failed: {}",
@@ -60,10 +61,12 @@ pub fn qemu_version(qemu: &Path) -> std::io::Result<String> {
 }
 
 /// Whether `qemu` has the device `driver`, from `-device help` (which exits 0 either way).
-pub fn has_device(qemu: &Path, driver: &str) -> bool {
+pub fn has_device(launcher: &Launcher, qemu: &Path, driver: &str) -> bool {
     let listed = format!("name \"{driver}\",");
-    std::process::Command::new(qemu)
-        .args(["-nodefaults", "-device", "help"])
+    let Ok(mut cmd) = launcher.command(qemu, None) else {
+        return false;
+    };
+    cmd.args(["-nodefaults", "-device", "help"])
         .output()
         .is_ok_and(|o| {
             String::from_utf8_lossy(&o.stdout)

@@ -7,6 +7,8 @@ use std::process::Stdio;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
+use crate::host::launch::Launcher;
+
 /// QEMU's stderr, kept in the VM directory so failures can be explained.
 pub const STDERR_FILE: &str = "qemu.log";
 
@@ -92,14 +94,19 @@ impl Qemu {
 /// schedules as one unit where VMs have no cpu cgroup: QEMU threads then share the CPU thread
 /// by thread, so a VM's share grows with its vCPUs, and priorities between QEMUs count (a
 /// session per QEMU gave every VM an equal share whatever its size).
-pub fn spawn(qemu: &Path, argv: &[String], vm_dir: &Path) -> std::io::Result<Qemu> {
+/// `launcher` says where: as the agent's child, or on the host (see [`Launcher`]).
+pub fn spawn(
+    launcher: &Launcher,
+    qemu: &Path,
+    argv: &[String],
+    vm_dir: &Path,
+) -> std::io::Result<Qemu> {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(vm_dir.join(STDERR_FILE))?;
-    let mut cmd = Command::new(qemu);
+    let mut cmd = Command::from(launcher.command(qemu, Some(vm_dir))?);
     cmd.args(argv)
-        .current_dir(vm_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -301,7 +308,7 @@ mod tests {
     async fn a_process_priority_is_raised_and_reset() {
         let argv = ["30".to_string()];
         let dir = tempfile::tempdir().unwrap();
-        let mut child = spawn(Path::new("sleep"), &argv, dir.path()).unwrap();
+        let mut child = spawn(&Launcher::Local, Path::new("sleep"), &argv, dir.path()).unwrap();
         let pid = child.pid();
         let own = own_priority();
         assert_eq!(thread_priorities(pid).unwrap(), vec![own]);

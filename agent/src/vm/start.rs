@@ -86,7 +86,7 @@ impl Supervisor {
         }
         let stderr_from = process::stderr_len(&self.dir);
         let launched = Instant::now();
-        let qemu = process::spawn(&self.ctx.qemu, &argv, &self.dir)
+        let qemu = process::spawn(&self.ctx.launcher, &self.ctx.qemu, &argv, &self.dir)
             .map_err(|e| self.qemu_error(format!("cannot run {}: {e}", self.ctx.qemu.display())))?;
         info!(
             pid = qemu.pid(),

@@ -58,6 +58,7 @@ async fn node(script: Script) -> Node {
         qemu,
         qemu_version: "10.0.0".into(),
         qemu_img: "qemu-img".into(),
+        launcher: Default::default(),
         accel: Selection {
             accel: Accel::Tcg,
             reason: "test".into(),

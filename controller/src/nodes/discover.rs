@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use hypersdk_proto::endpoint::{Address, AddressError};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
-use kube::api::ListParams;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tracing::warn;
 
 use crate::nodes::{AgentInfo, Agents};
@@ -95,7 +96,8 @@ pub fn from_flags(
     Ok(out)
 }
 
-/// Keeps `agents` in step with the agent pods matching `selector` in `namespace`.
+/// Keeps `agents` in step with the agent pods matching `selector` in `namespace` and with
+/// their Node objects: watches both, and works the agents out again on every change.
 pub async fn watch_pods(
     client: kube::Client,
     agents: Arc<Agents>,
@@ -105,51 +107,67 @@ pub async fn watch_pods(
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let nodes: Api<Node> = Api::all(client);
-    loop {
-        match discover(&pods, &nodes, &selector, agents.scheme(), port).await {
-            Ok(found) => agents.sync(found),
-            Err(e) => warn!(error = %e, "listing agent pods"),
+    let (pod_store, pod_writer) = reflector::store();
+    let (node_store, node_writer) = reflector::store();
+    let pod_events = reflector(
+        pod_writer,
+        watcher(pods, watcher::Config::default().labels(&selector)),
+    )
+    .default_backoff()
+    .map_ok(|_| ());
+    let node_events = reflector(node_writer, watcher(nodes, watcher::Config::default()))
+        .default_backoff()
+        .map_ok(|_| ());
+    let mut events = std::pin::pin!(futures::stream::select(pod_events, node_events));
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(()) => {
+                let found = agents_from(&pod_store.state(), &node_store, agents.scheme(), port);
+                agents.sync(found);
+            }
+            Err(e) => warn!(error = %e, "watching agent pods and nodes"),
         }
-        tokio::time::sleep(Duration::from_secs(10)).await;
     }
 }
 
-async fn discover(
-    pods: &Api<Pod>,
-    nodes: &Api<Node>,
-    selector: &str,
+/// The agents of running `pods` (those with a node and an IP), with what their Node objects
+/// say (labels, drain, carbon intensity).
+pub fn agents_from(
+    pods: &[Arc<Pod>],
+    nodes: &Store<Node>,
     scheme: &str,
     port: u16,
-) -> Result<Vec<AgentInfo>, kube::Error> {
-    let mut out = Vec::new();
-    for pod in pods.list(&ListParams::default().labels(selector)).await? {
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
-        let (Some(node), Some(ip)) = (node, ip) else {
-            continue;
-        };
-        let Ok(address) = format!("{scheme}://{ip}:{port}").parse() else {
-            continue;
-        };
-        let found = nodes.get_opt(&node).await?;
-        let unschedulable = found
-            .as_ref()
-            .and_then(|n| n.spec.as_ref()?.unschedulable)
-            .unwrap_or(false);
-        let meta = found.map(|n| n.metadata).unwrap_or_default();
-        out.push(AgentInfo {
-            unschedulable,
-            carbon_intensity: meta
-                .annotations
+) -> Vec<AgentInfo> {
+    let mut out: Vec<AgentInfo> = pods
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| {
+            let node = pod.spec.as_ref()?.node_name.clone()?;
+            let ip = pod.status.as_ref()?.pod_ip.clone()?;
+            let address = format!("{scheme}://{ip}:{port}").parse().ok()?;
+            let found = nodes.get(&ObjectRef::new(&node));
+            let unschedulable = found
                 .as_ref()
-                .and_then(|a| a.get(CARBON_ANNOTATION))
-                .and_then(|v| v.parse().ok()),
-            labels: meta.labels.unwrap_or_default(),
-            node,
-            address,
-        });
-    }
-    Ok(out)
+                .and_then(|n| n.spec.as_ref()?.unschedulable)
+                .unwrap_or(false);
+            let meta = found.map(|n| n.metadata.clone()).unwrap_or_default();
+            Some(AgentInfo {
+                unschedulable,
+                carbon_intensity: meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(CARBON_ANNOTATION))
+                    .and_then(|v| v.parse().ok()),
+                labels: meta.labels.unwrap_or_default(),
+                node,
+                address,
+            })
+        })
+        .collect();
+    // One agent per node: a pod being replaced and its successor may both be listed.
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out.dedup_by(|a, b| a.node == b.node);
+    out
 }
 
 #[cfg(test)]
@@ -196,5 +214,49 @@ mod tests {
             drain(&mut a, &s(&["n3"])),
             Err(FlagError::Unschedulable("n3".into()))
         );
+    }
+
+    #[test]
+    fn agents_come_from_running_pods_and_their_nodes() {
+        use k8s_openapi::api::core::v1::{NodeSpec, PodSpec, PodStatus};
+        let pod = |name: &str, node: &str, ip: Option<&str>| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.spec = Some(PodSpec {
+                node_name: Some(node.into()),
+                ..Default::default()
+            });
+            p.status = Some(PodStatus {
+                pod_ip: ip.map(str::to_string),
+                ..Default::default()
+            });
+            Arc::new(p)
+        };
+        let (store, mut writer) = reflector::store::<Node>();
+        let mut node = Node::default();
+        node.metadata.name = Some("n1".into());
+        node.metadata.labels = Some(BTreeMap::from([("zone".into(), "a".into())]));
+        node.metadata.annotations =
+            Some(BTreeMap::from([(CARBON_ANNOTATION.into(), "120".into())]));
+        node.spec = Some(NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        writer.apply_watcher_event(&watcher::Event::Apply(node));
+        let pods = [
+            pod("a", "n1", Some("10.0.0.1")),
+            pod("b", "n2", None),
+            pod("c", "n3", Some("10.0.0.3")),
+        ];
+        let found = agents_from(&pods, &store, "https", 7443);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].node, "n1");
+        assert_eq!(found[0].address.to_string(), "https://10.0.0.1:7443");
+        assert!(found[0].unschedulable);
+        assert_eq!(found[0].carbon_intensity, Some(120));
+        assert_eq!(found[0].labels["zone"], "a");
+        // A pod whose Node object is not seen yet: no labels, schedulable.
+        assert_eq!(found[1].node, "n3");
+        assert!(!found[1].unschedulable && found[1].labels.is_empty());
     }
 }
