@@ -16,6 +16,7 @@ pub mod browser;
 pub mod controller;
 mod http;
 pub mod link;
+pub mod netlab;
 pub mod pki;
 mod raw;
 pub use http::ImageServer;

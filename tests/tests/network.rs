@@ -1,0 +1,240 @@
+//! The node network (real QEMU, the test guest): two VMs on one agent's bridge get their
+//! addresses from the agent's DHCP server, the host reaches each, they reach each other, NAT
+//! takes them out (to a namespace standing for the outside), `status.interfaces` comes from the
+//! guest agent, and `hyperctl vm port-forward` reaches a guest port from a loopback port.
+//!
+//! Everything runs on a bridge and subnet of the test's own (see `netlab`), removed after.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypersdk_proto::agent::v1 as pb;
+use hypersdk_tests::netlab::NodeNetwork;
+use hypersdk_tests::{Agent, Client, bin, create, eventually, get, serial, wait_boots};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_stream::StreamExt;
+
+const BOOT: Duration = Duration::from_secs(120);
+/// DHCP, then the guest agent's next look (every 5 s once connected).
+const ADDRESS: Duration = Duration::from_secs(90);
+const COMMAND: Duration = Duration::from_secs(60);
+
+fn on_bridge(mut spec: pb::VmSpec) -> pb::VmSpec {
+    spec.networks = vec![pb::Network {
+        name: "default".into(),
+        backend: Some(pb::network::Backend::Bridge(pb::BridgeNetwork {})),
+    }];
+    spec
+}
+
+/// The guest's IPv4 address on `net` as its guest agent reports it in the VM's status.
+async fn guest_address(client: &mut Client, name: &str, net: &NodeNetwork) -> Ipv4Addr {
+    let subnet_prefix = net.subnet.rsplit_once('.').unwrap().0.to_string() + ".";
+    eventually(ADDRESS, &format!("{name}'s address from DHCP"), async || {
+        let vm = get(client, name).await;
+        let nics = vm.status.unwrap_or_default().interfaces;
+        nics.iter()
+            .filter(|n| n.network == "default")
+            .flat_map(|n| &n.ip_addresses)
+            .find(|ip| ip.starts_with(&subnet_prefix))
+            .and_then(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| format!("interfaces: {nics:?}"))
+    })
+    .await
+}
+
+/// Types `command` into the VM's serial console shell and returns the output up to `expect`.
+async fn run_in_guest(client: &mut Client, name: &str, command: &str, expect: &str) -> String {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let line = format!("\n{command}\n").into_bytes();
+    tx.send(pb::ConsoleInput {
+        name: name.into(),
+        data: line,
+    })
+    .await
+    .unwrap();
+    let mut out = client
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = String::new();
+    let read = async {
+        while let Some(msg) = out.next().await {
+            seen.push_str(&String::from_utf8_lossy(&msg.unwrap().data));
+            if seen.contains(expect) {
+                return true;
+            }
+        }
+        false
+    };
+    let found = tokio::time::timeout(COMMAND, read).await.unwrap_or(false);
+    assert!(found, "{name}: `{command}` did not print {expect:?}; console:\n{seen}");
+    drop(tx);
+    seen
+}
+
+#[tokio::test]
+async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outside() {
+    let net = NodeNetwork::with_outside();
+    let flags = net.agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start_with("net-1", &flags).await;
+    let mut client = agent.client().await;
+
+    let node = client.get_node(pb::GetNodeRequest {}).await.unwrap().into_inner();
+    let facts = node.network.expect("the node reports its network");
+    assert_eq!((facts.bridge.as_str(), facts.subnet.as_str()), (net.bridge.as_str(), net.subnet.as_str()));
+    assert_eq!(facts.gateway, net.gateway.to_string());
+
+    let t0 = Instant::now();
+    let a = create(&mut client, on_bridge(agent.small_spec("a")), true).await;
+    let b = create(&mut client, on_bridge(agent.small_spec("b")), true).await;
+    wait_boots(&a, 1, BOOT).await;
+    wait_boots(&b, 1, BOOT).await;
+    let ip_a = guest_address(&mut client, "a", &net).await;
+    let ip_b = guest_address(&mut client, "b", &net).await;
+    println!("DHCP: a={ip_a} b={ip_b} ({:?} after create)", t0.elapsed());
+    assert_ne!(ip_a, ip_b);
+    for (vm, ip) in [(&a, ip_a), (&b, ip_b)] {
+        let log = serial(vm);
+        assert!(log.contains(&format!("HYPERSDK-IP eth0 {ip}")), "serial:\n{log}");
+    }
+    // The interface carries the NIC's MAC, and the spec's network name.
+    let vm_a = get(&mut client, "a").await;
+    let nic = &vm_a.status.unwrap().interfaces[0];
+    assert_eq!((nic.network.as_str(), nic.interface_name.as_str()), ("default", "eth0"));
+    assert!(nic.mac.starts_with("52:54:00:"), "{nic:?}");
+
+    // The host reaches both guests.
+    for ip in [ip_a, ip_b] {
+        eventually(COMMAND, &format!("a ping from the host to {ip}"), async || {
+            NodeNetwork::ping(ip)
+        })
+        .await;
+    }
+    // a reaches b: ping, and b's web server, which names b (the DHCP server named it).
+    let out = run_in_guest(
+        &mut client,
+        "a",
+        &format!("ping -c 1 -W 5 {ip_b} >/dev/null && wget -q -O - http://{ip_b}/ && echo VM-TO-VM-$((20+1))"),
+        "VM-TO-VM-21",
+    )
+    .await;
+    assert!(out.contains(&format!("HYPERSDK-HTTP b {ip_b}")), "console:\n{out}");
+    // NAT: the outside has no route back to the guests' subnet; only masquerading gets the
+    // answer back.
+    let outside = net.outside.as_ref().unwrap().address;
+    run_in_guest(
+        &mut client,
+        "b",
+        &format!("ping -c 1 -W 5 {outside} >/dev/null && echo NAT-OK-$((1+2))"),
+        "NAT-OK-3",
+    )
+    .await;
+
+    // port-forward: a loopback port of the host to a's port 80.
+    let mut pf = tokio::process::Command::new(bin("hyperctl"))
+        .arg("--agent")
+        .arg(agent.address.to_string())
+        .args(["vm", "port-forward", "a", "0:80"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(pf.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(COMMAND, lines.next_line()).await.unwrap().unwrap().unwrap();
+    let local: std::net::SocketAddr = first
+        .strip_prefix("Forwarding from ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("port-forward said {first:?}"));
+    assert!(local.ip().is_loopback(), "{local}");
+    for _ in 0..2 {
+        let mut conn = tokio::net::TcpStream::connect(local).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(COMMAND, conn.read_to_string(&mut reply)).await.unwrap().unwrap();
+        assert!(reply.contains(&format!("HYPERSDK-HTTP a {ip_a}")), "reply: {reply}");
+    }
+    pf.kill().await.unwrap();
+
+    // Deleting a VM removes its tap and gives its address back.
+    let tap_dir = std::path::Path::new("/sys/class/net");
+    let taps = || -> Vec<String> {
+        std::fs::read_dir(tap_dir.join(&net.bridge).join("brif"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(taps().len(), 2, "one tap per VM on the bridge");
+    client
+        .delete_vm(pb::DeleteVmRequest { name: "a".into(), keep_disks: false })
+        .await
+        .unwrap();
+    assert_eq!(taps().len(), 1, "a's tap is gone: {:?}", taps());
+    let leases = std::fs::read_to_string(agent.data_dir().join("network/leases.json")).unwrap();
+    assert!(!leases.contains(&format!("\"{ip_a}\"")), "a's lease is given back: {leases}");
+    assert!(leases.contains(&format!("\"{ip_b}\"")), "{leases}");
+}
+
+#[tokio::test]
+async fn bridge_nics_and_port_forward_are_refused_with_the_reason() {
+    // An agent without a node network refuses bridge NICs, naming the field.
+    let agent = Agent::start("net-none").await;
+    let mut client = agent.client().await;
+    let err = client
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(on_bridge(agent.small_spec("x"))),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("spec.networks[0]: "), "{}", err.message());
+    assert!(err.message().contains("--bridge"), "{}", err.message());
+
+    // port-forward to a VM that is not running.
+    create(&mut client, agent.small_spec("u"), false).await;
+    let hello = pb::PortForwardInput {
+        name: "u".into(),
+        port: 22,
+        data: Vec::new(),
+    };
+    let err = client
+        .port_forward(tokio_stream::iter([hello.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("not running"), "{}", err.message());
+    let zero = pb::PortForwardInput { port: 0, ..hello };
+    let err = client.port_forward(tokio_stream::iter([zero])).await.unwrap_err();
+    assert!(err.message().starts_with("port: "), "{}", err.message());
+    let hyperctl = |args: &[&str]| {
+        Command::new(bin("hyperctl"))
+            .arg("--agent")
+            .arg(agent.address.to_string())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = hyperctl(&["vm", "port-forward", "u", "22"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LOCAL:GUEST"));
+
+    // The bad-agent flags are refused at start with the flag named.
+    let out = Command::new(bin("hypersdk-agent"))
+        .args(["--bridge", "no such bridge", "--data-dir"])
+        .arg(agent.dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bridge: "), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin("hypersdk-agent"))
+        .args(["--bridge", "hstx", "--bridge-subnet", "10.1.2.3/24", "--data-dir"])
+        .arg(agent.dir.path().join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--bridge-subnet: ") && stderr.contains("10.1.2.0/24"), "{stderr}");
+}
