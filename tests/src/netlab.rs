@@ -125,12 +125,6 @@ impl NodeNetwork {
         }
         flags
     }
-
-    /// Whether the address `ip` answers a ping from the host.
-    pub fn ping(ip: Ipv4Addr) -> bool {
-        let ip = ip.to_string();
-        sh("ping", &["-c", "1", "-W", "1", &ip]).is_ok()
-    }
 }
 
 impl Default for NodeNetwork {

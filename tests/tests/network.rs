@@ -75,6 +75,21 @@ async fn run_in_guest(client: &mut Client, name: &str, command: &str, expect: &s
     seen
 }
 
+/// `GET /` over HTTP/1.0 to `to`: the whole answer.
+async fn http_get(to: std::net::SocketAddr) -> String {
+    let get = async {
+        let mut conn = tokio::net::TcpStream::connect(to).await?;
+        conn.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).await?;
+        std::io::Result::Ok(reply)
+    };
+    match tokio::time::timeout(COMMAND, get).await {
+        Ok(Ok(reply)) => reply,
+        other => panic!("GET http://{to}/: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outside() {
     let net = NodeNetwork::with_outside();
@@ -107,12 +122,10 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
     assert_eq!((nic.network.as_str(), nic.interface_name.as_str()), ("default", "eth0"));
     assert!(nic.mac.starts_with("52:54:00:"), "{nic:?}");
 
-    // The host reaches both guests.
-    for ip in [ip_a, ip_b] {
-        eventually(COMMAND, &format!("a ping from the host to {ip}"), async || {
-            NodeNetwork::ping(ip)
-        })
-        .await;
+    // The host reaches both guests: their web servers answer, each with its own name.
+    for (name, ip) in [("a", ip_a), ("b", ip_b)] {
+        let reply = http_get((ip, 80).into()).await;
+        assert!(reply.contains(&format!("HYPERSDK-HTTP {name} {ip}")), "{reply}");
     }
     // a reaches b: ping, and b's web server, which names b (the DHCP server named it).
     let out = run_in_guest(
@@ -152,10 +165,7 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
         .unwrap_or_else(|| panic!("port-forward said {first:?}"));
     assert!(local.ip().is_loopback(), "{local}");
     for _ in 0..2 {
-        let mut conn = tokio::net::TcpStream::connect(local).await.unwrap();
-        conn.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut reply = String::new();
-        tokio::time::timeout(COMMAND, conn.read_to_string(&mut reply)).await.unwrap().unwrap();
+        let reply = http_get(local).await;
         assert!(reply.contains(&format!("HYPERSDK-HTTP a {ip_a}")), "reply: {reply}");
     }
     pf.kill().await.unwrap();

@@ -43,7 +43,9 @@ where
         // The client is done sending: half-close, so the peer sees end of input.
         let _ = writer.shutdown().await;
     };
-    let out = tx.clone();
+    // The only sender: the stream ends as soon as the peer closes, even while the client is
+    // still sending (an HTTP/1.0 client waits for that end before it closes its side).
+    let out = tx;
     let from_conn = async move {
         if let Some(h) = hello
             && out.send(Ok(h)).await.is_err()
@@ -67,10 +69,9 @@ where
         }
     };
     tokio::spawn(async move {
-        // The output side ending (the peer closed) ends the attachment; the input side ending
-        // (the client half-closed) leaves the output flowing until the peer closes.
+        // The input side ending (the client half-closed) leaves the output flowing until the
+        // peer closes; the attachment is over when both are.
         tokio::join!(to_conn, from_conn);
-        drop(tx);
         on_end();
     });
     Box::pin(ReceiverStream::new(rx))
