@@ -143,8 +143,8 @@ impl Drop for NodeNetwork {
                     continue;
                 };
                 let mut args = vec!["-w", "-t", table, "-D"];
-                args.extend(rest.split_whitespace());
-                // `-S` quotes nothing here: the comment has no spaces.
+                // `-S` quotes the comment (which has no spaces): the quotes are not part of it.
+                args.extend(rest.split_whitespace().map(|w| w.trim_matches('"')));
                 let _ = sh("iptables", &args);
             }
         }
