@@ -112,7 +112,11 @@ pub struct Config {
     pub bridge_nat: bool,
 
     /// Interfaces NATed traffic leaves by (repeatable); default: those of the default routes.
-    #[arg(long = "bridge-uplink", env = "HYPERSDK_BRIDGE_UPLINK", value_delimiter = ',')]
+    #[arg(
+        long = "bridge-uplink",
+        env = "HYPERSDK_BRIDGE_UPLINK",
+        value_delimiter = ','
+    )]
     pub bridge_uplinks: Vec<String>,
 
     /// Simulate VMs (no QEMU; bookkeeping only), for scale tests of the controller.

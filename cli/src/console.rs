@@ -82,10 +82,7 @@ pub async fn run(client: &mut Client, name: String) -> anyhow::Result<()> {
         data: Vec::new(),
     })
     .await?;
-    let mut output = client
-        .console(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut output = client.console(ReceiverStream::new(rx)).await?.into_inner();
     let raw = Raw::enter();
     eprint!("hyperctl: attached to the console of {name}; Ctrl-] detaches\r\n");
     let mut keys = keyboard();

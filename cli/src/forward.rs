@@ -109,8 +109,20 @@ mod tests {
 
     #[test]
     fn ports_parse_and_errors_name_the_argument() {
-        assert_eq!("2222:22".parse(), Ok(Ports { local: 2222, guest: 22 }));
-        assert_eq!("0:80".parse(), Ok(Ports { local: 0, guest: 80 }));
+        assert_eq!(
+            "2222:22".parse(),
+            Ok(Ports {
+                local: 2222,
+                guest: 22
+            })
+        );
+        assert_eq!(
+            "0:80".parse(),
+            Ok(Ports {
+                local: 0,
+                guest: 80
+            })
+        );
         for bad in ["22", "a:22", "22:0", "70000:22", "22:"] {
             let e = bad.parse::<Ports>().unwrap_err();
             assert!(e.to_string().starts_with("LOCAL:GUEST: "), "{e}");

@@ -89,7 +89,9 @@ impl NodeNetwork {
         sh("ip", &["netns", "add", &netns]).unwrap();
         sh(
             "ip",
-            &["link", "add", &uplink, "type", "veth", "peer", "name", &inner],
+            &[
+                "link", "add", &uplink, "type", "veth", "peer", "name", &inner,
+            ],
         )
         .unwrap();
         sh("ip", &["link", "set", &inner, "netns", &netns]).unwrap();

@@ -44,7 +44,10 @@ impl Terminal {
                 if n == 0 {
                     break;
                 }
-                shown.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                shown
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         Terminal {
@@ -119,9 +122,11 @@ async fn console_runs_a_typed_command_and_detaches_on_ctrl_bracket() {
     let log = serial(&vm);
     assert!(log.contains("console-42-ok"), "serial:\n{log}");
     let size = log.len();
-    eventually(SCREEN, "the serial log to grow after the detach", async || {
-        serial(&vm).len() > size
-    })
+    eventually(
+        SCREEN,
+        "the serial log to grow after the detach",
+        async || serial(&vm).len() > size,
+    )
     .await;
 
     // The console is free again for the next client (once the agent has seen the first go).

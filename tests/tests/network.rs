@@ -31,16 +31,20 @@ fn on_bridge(mut spec: pb::VmSpec) -> pb::VmSpec {
 /// The guest's IPv4 address on `net` as its guest agent reports it in the VM's status.
 async fn guest_address(client: &mut Client, name: &str, net: &NodeNetwork) -> Ipv4Addr {
     let subnet_prefix = net.subnet.rsplit_once('.').unwrap().0.to_string() + ".";
-    eventually(ADDRESS, &format!("{name}'s address from DHCP"), async || {
-        let vm = get(client, name).await;
-        let nics = vm.status.unwrap_or_default().interfaces;
-        nics.iter()
-            .filter(|n| n.network == "default")
-            .flat_map(|n| &n.ip_addresses)
-            .find(|ip| ip.starts_with(&subnet_prefix))
-            .and_then(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| format!("interfaces: {nics:?}"))
-    })
+    eventually(
+        ADDRESS,
+        &format!("{name}'s address from DHCP"),
+        async || {
+            let vm = get(client, name).await;
+            let nics = vm.status.unwrap_or_default().interfaces;
+            nics.iter()
+                .filter(|n| n.network == "default")
+                .flat_map(|n| &n.ip_addresses)
+                .find(|ip| ip.starts_with(&subnet_prefix))
+                .and_then(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
+                .ok_or_else(|| format!("interfaces: {nics:?}"))
+        },
+    )
     .await
 }
 
@@ -70,7 +74,10 @@ async fn run_in_guest(client: &mut Client, name: &str, command: &str, expect: &s
         false
     };
     let found = tokio::time::timeout(COMMAND, read).await.unwrap_or(false);
-    assert!(found, "{name}: `{command}` did not print {expect:?}; console:\n{seen}");
+    assert!(
+        found,
+        "{name}: `{command}` did not print {expect:?}; console:\n{seen}"
+    );
     drop(tx);
     seen
 }
@@ -98,9 +105,16 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
     let agent = Agent::start_with("net-1", &flags).await;
     let mut client = agent.client().await;
 
-    let node = client.get_node(pb::GetNodeRequest {}).await.unwrap().into_inner();
+    let node = client
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let facts = node.network.expect("the node reports its network");
-    assert_eq!((facts.bridge.as_str(), facts.subnet.as_str()), (net.bridge.as_str(), net.subnet.as_str()));
+    assert_eq!(
+        (facts.bridge.as_str(), facts.subnet.as_str()),
+        (net.bridge.as_str(), net.subnet.as_str())
+    );
     assert_eq!(facts.gateway, net.gateway.to_string());
 
     let t0 = Instant::now();
@@ -114,18 +128,27 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
     assert_ne!(ip_a, ip_b);
     for (vm, ip) in [(&a, ip_a), (&b, ip_b)] {
         let log = serial(vm);
-        assert!(log.contains(&format!("HYPERSDK-IP eth0 {ip}")), "serial:\n{log}");
+        assert!(
+            log.contains(&format!("HYPERSDK-IP eth0 {ip}")),
+            "serial:\n{log}"
+        );
     }
     // The interface carries the NIC's MAC, and the spec's network name.
     let vm_a = get(&mut client, "a").await;
     let nic = &vm_a.status.unwrap().interfaces[0];
-    assert_eq!((nic.network.as_str(), nic.interface_name.as_str()), ("default", "eth0"));
+    assert_eq!(
+        (nic.network.as_str(), nic.interface_name.as_str()),
+        ("default", "eth0")
+    );
     assert!(nic.mac.starts_with("52:54:00:"), "{nic:?}");
 
     // The host reaches both guests: their web servers answer, each with its own name.
     for (name, ip) in [("a", ip_a), ("b", ip_b)] {
         let reply = http_get((ip, 80).into()).await;
-        assert!(reply.contains(&format!("HYPERSDK-HTTP {name} {ip}")), "{reply}");
+        assert!(
+            reply.contains(&format!("HYPERSDK-HTTP {name} {ip}")),
+            "{reply}"
+        );
     }
     // a reaches b: ping, and b's web server, which names b (the DHCP server named it).
     let out = run_in_guest(
@@ -135,7 +158,10 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
         "VM-TO-VM-21",
     )
     .await;
-    assert!(out.contains(&format!("HYPERSDK-HTTP b {ip_b}")), "console:\n{out}");
+    assert!(
+        out.contains(&format!("HYPERSDK-HTTP b {ip_b}")),
+        "console:\n{out}"
+    );
     // NAT: the outside has no route back to the guests' subnet; only masquerading gets the
     // answer back.
     let outside = net.outside.as_ref().unwrap().address;
@@ -157,7 +183,11 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(pf.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(COMMAND, lines.next_line()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(COMMAND, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let local: std::net::SocketAddr = first
         .strip_prefix("Forwarding from ")
         .and_then(|r| r.split_whitespace().next())
@@ -166,7 +196,10 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
     assert!(local.ip().is_loopback(), "{local}");
     for _ in 0..2 {
         let reply = http_get(local).await;
-        assert!(reply.contains(&format!("HYPERSDK-HTTP a {ip_a}")), "reply: {reply}");
+        assert!(
+            reply.contains(&format!("HYPERSDK-HTTP a {ip_a}")),
+            "reply: {reply}"
+        );
     }
     pf.kill().await.unwrap();
 
@@ -174,17 +207,27 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
     let tap_dir = std::path::Path::new("/sys/class/net");
     let taps = || -> Vec<String> {
         std::fs::read_dir(tap_dir.join(&net.bridge).join("brif"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     assert_eq!(taps().len(), 2, "one tap per VM on the bridge");
     client
-        .delete_vm(pb::DeleteVmRequest { name: "a".into(), keep_disks: false })
+        .delete_vm(pb::DeleteVmRequest {
+            name: "a".into(),
+            keep_disks: false,
+        })
         .await
         .unwrap();
     assert_eq!(taps().len(), 1, "a's tap is gone: {:?}", taps());
     let leases = std::fs::read_to_string(agent.data_dir().join("network/leases.json")).unwrap();
-    assert!(!leases.contains(&format!("\"{ip_a}\"")), "a's lease is given back: {leases}");
+    assert!(
+        !leases.contains(&format!("\"{ip_a}\"")),
+        "a's lease is given back: {leases}"
+    );
     assert!(leases.contains(&format!("\"{ip_b}\"")), "{leases}");
 }
 
@@ -201,7 +244,11 @@ async fn bridge_nics_and_port_forward_are_refused_with_the_reason() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().starts_with("spec.networks[0]: "), "{}", err.message());
+    assert!(
+        err.message().starts_with("spec.networks[0]: "),
+        "{}",
+        err.message()
+    );
     assert!(err.message().contains("--bridge"), "{}", err.message());
 
     // port-forward to a VM that is not running.
@@ -218,7 +265,10 @@ async fn bridge_nics_and_port_forward_are_refused_with_the_reason() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("not running"), "{}", err.message());
     let zero = pb::PortForwardInput { port: 0, ..hello };
-    let err = client.port_forward(tokio_stream::iter([zero])).await.unwrap_err();
+    let err = client
+        .port_forward(tokio_stream::iter([zero]))
+        .await
+        .unwrap_err();
     assert!(err.message().starts_with("port: "), "{}", err.message());
     let hyperctl = |args: &[&str]| {
         Command::new(bin("hyperctl"))
@@ -239,12 +289,25 @@ async fn bridge_nics_and_port_forward_are_refused_with_the_reason() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--bridge: "), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--bridge: "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(bin("hypersdk-agent"))
-        .args(["--bridge", "hstx", "--bridge-subnet", "10.1.2.3/24", "--data-dir"])
+        .args([
+            "--bridge",
+            "hstx",
+            "--bridge-subnet",
+            "10.1.2.3/24",
+            "--data-dir",
+        ])
         .arg(agent.dir.path().join("other"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--bridge-subnet: ") && stderr.contains("10.1.2.0/24"), "{stderr}");
+    assert!(
+        stderr.contains("--bridge-subnet: ") && stderr.contains("10.1.2.0/24"),
+        "{stderr}"
+    );
 }

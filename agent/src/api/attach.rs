@@ -23,10 +23,16 @@ async fn running(vms: &Vms, name: &str) -> Result<pb::Vm, Status> {
     check_name("name", name)?;
     let vm = vms.get(name).await?;
     let phase = vm.status.as_ref().map_or(0, |s| s.phase);
-    let live = [pb::VmPhase::Running, pb::VmPhase::Paused, pb::VmPhase::Migrating];
+    let live = [
+        pb::VmPhase::Running,
+        pb::VmPhase::Paused,
+        pb::VmPhase::Migrating,
+    ];
     if !live.iter().any(|p| *p as i32 == phase) {
         let phase = pb::VmPhase::try_from(phase).map_or("unknown".into(), |p| {
-            p.as_str_name().trim_start_matches("VM_PHASE_").to_lowercase()
+            p.as_str_name()
+                .trim_start_matches("VM_PHASE_")
+                .to_lowercase()
         });
         return Err(AgentError::Conflict {
             name: name.to_string(),
@@ -47,11 +53,14 @@ pub async fn console(
     running(vms, &name).await?;
     let span = info_span!("vm", name = %name);
     let ctx = vms.context();
-    let held = ctx.consoles.take(&name).ok_or_else(|| AgentError::Conflict {
-        name: name.clone(),
-        why: "its console already has a client (one at a time; that one detaches with Ctrl-])"
-            .into(),
-    })?;
+    let held = ctx
+        .consoles
+        .take(&name)
+        .ok_or_else(|| AgentError::Conflict {
+            name: name.clone(),
+            why: "its console already has a client (one at a time; that one detaches with Ctrl-])"
+                .into(),
+        })?;
     let socket = VmFiles::in_dir(&ctx.store.vm_dir(&name)).console_socket;
     let conn = crate::console::attach::connect(&name, &socket)
         .instrument(span.clone())

@@ -73,7 +73,9 @@ pub fn answer(
         .msg_type()
         .ok_or_else(|| Ignored::Malformed("no message type".into()))?;
     let mac = mac_of(req);
-    let lease = leases.get(&mac).ok_or_else(|| Ignored::Unknown(mac.clone()))?;
+    let lease = leases
+        .get(&mac)
+        .ok_or_else(|| Ignored::Unknown(mac.clone()))?;
     let me = server.subnet.gateway();
     let reply_type = match kind {
         MessageType::Discover => MessageType::Offer,
@@ -198,7 +200,9 @@ mod tests {
         );
         assert_eq!(
             opt(OptionCode::DomainNameServer),
-            Some(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(192, 0, 2, 53)]))
+            Some(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+                192, 0, 2, 53
+            )]))
         );
         assert_eq!(
             opt(OptionCode::AddressLeaseTime),

@@ -150,7 +150,12 @@ pub enum NetworkError {
 pub fn tap_name(vm_dir: &std::path::Path, nic: usize) -> String {
     // FNV-1a, 64 bits: stable across releases, unlike std's hasher.
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in vm_dir.as_os_str().as_encoded_bytes().iter().chain(&[nic as u8]) {
+    for b in vm_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .chain(&[nic as u8])
+    {
         h = (h ^ u64::from(*b)).wrapping_mul(0x100000001b3);
     }
     format!("hs{:012x}", h & 0xffff_ffff_ffff)
@@ -366,7 +371,10 @@ mod tests {
         let mut l = Leases::default();
         let a = l.reserve(&s, "a", "52:54:00:00:00:01").unwrap();
         let b = l.reserve(&s, "b", "52:54:00:00:00:02").unwrap();
-        assert_eq!((a, b), ("10.9.0.2".parse().unwrap(), "10.9.0.3".parse().unwrap()));
+        assert_eq!(
+            (a, b),
+            ("10.9.0.2".parse().unwrap(), "10.9.0.3".parse().unwrap())
+        );
         assert_eq!(l.reserve(&s, "a", "52:54:00:00:00:01").unwrap(), a);
         for (i, mac) in ["03", "04", "05"].iter().enumerate() {
             l.reserve(&s, &format!("c{i}"), &format!("52:54:00:00:00:{mac}"))
@@ -397,8 +405,14 @@ mod tests {
         let a = tap_name(std::path::Path::new("/var/lib/hypersdk/vms/web"), 0);
         assert!(a.len() <= MAX_IFNAME, "{a}");
         assert!(a.starts_with("hs"));
-        assert_eq!(a, tap_name(std::path::Path::new("/var/lib/hypersdk/vms/web"), 0));
-        assert_ne!(a, tap_name(std::path::Path::new("/var/lib/hypersdk/vms/web"), 1));
+        assert_eq!(
+            a,
+            tap_name(std::path::Path::new("/var/lib/hypersdk/vms/web"), 0)
+        );
+        assert_ne!(
+            a,
+            tap_name(std::path::Path::new("/var/lib/hypersdk/vms/web"), 1)
+        );
         assert_ne!(a, tap_name(std::path::Path::new("/srv/other/vms/web"), 0));
     }
 
@@ -427,7 +441,11 @@ mod tests {
             masq.join(" "),
             "-s 10.254.0.0/24 ! -d 10.254.0.0/24 -m comment --comment hypersdk:hsdk0 -j MASQUERADE"
         );
-        assert!(rules.iter().all(|(_, _, r)| r.contains(&"hypersdk:hsdk0".to_string())));
+        assert!(
+            rules
+                .iter()
+                .all(|(_, _, r)| r.contains(&"hypersdk:hsdk0".to_string()))
+        );
     }
 
     #[test]

@@ -410,8 +410,13 @@ mod tests {
         );
         assert_ne!(tap, files.tap(0));
         assert!(
-            value_of(&argv, "-device")
-                .contains(&format!("virtio-net-pci,id=nic1,netdev=net1,mac={}", mac_address("web-1", 1)).as_str())
+            value_of(&argv, "-device").contains(
+                &format!(
+                    "virtio-net-pci,id=nic1,netdev=net1,mac={}",
+                    mac_address("web-1", 1)
+                )
+                .as_str()
+            )
         );
     }
 

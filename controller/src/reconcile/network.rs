@@ -32,13 +32,25 @@ pub fn interfaces(status: &pb::VmStatus) -> Vec<Interface> {
 /// NetworkReady: true while the VM runs and each NIC works: a user-networking NIC always
 /// (QEMU answers its DHCP), a node-network NIC once the guest reports an IPv4 address on it.
 pub fn readiness(vm: &pb::Vm, live: bool) -> (bool, Reason, String) {
-    let nets = vm.spec.as_ref().map(|s| s.networks.as_slice()).unwrap_or(&[]);
+    let nets = vm
+        .spec
+        .as_ref()
+        .map(|s| s.networks.as_slice())
+        .unwrap_or(&[]);
     let status = vm.status.clone().unwrap_or_default();
     if nets.is_empty() {
-        return (true, Reason::Attached, "the VM has no network interfaces".into());
+        return (
+            true,
+            Reason::Attached,
+            "the VM has no network interfaces".into(),
+        );
     }
     if !live {
-        return (false, Reason::NotRunning, "no NIC is attached while the VM does not run".into());
+        return (
+            false,
+            Reason::NotRunning,
+            "no NIC is attached while the VM does not run".into(),
+        );
     }
     let mut waiting = Vec::new();
     let mut ready = Vec::new();
@@ -54,12 +66,18 @@ pub fn readiness(vm: &pb::Vm, live: bool) -> (bool, Reason, String) {
             .flat_map(|i| i.ip_addresses.iter().map(move |a| (i, a)))
             .find(|(_, a)| !a.contains(':'));
         match v4 {
-            Some((i, a)) => ready.push(format!("{}: {a} ({}) on the node network", n.name, i.interface_name)),
+            Some((i, a)) => ready.push(format!(
+                "{}: {a} ({}) on the node network",
+                n.name, i.interface_name
+            )),
             None if !status.agent_connected => waiting.push(format!(
                 "{}: no address known yet (no guest agent answers to report one)",
                 n.name
             )),
-            None => waiting.push(format!("{}: the guest has no IPv4 address on it yet", n.name)),
+            None => waiting.push(format!(
+                "{}: the guest has no IPv4 address on it yet",
+                n.name
+            )),
         }
     }
     if !waiting.is_empty() {
@@ -123,8 +141,19 @@ mod tests {
 
     #[test]
     fn user_networking_is_ready_while_the_vm_runs() {
-        let user = vm(pb::network::Backend::User(pb::UserNetwork {}), vec![], false);
-        assert_eq!(readiness(&user, true), (true, Reason::UserNetworking, "default: NAT through QEMU user networking".into()));
+        let user = vm(
+            pb::network::Backend::User(pb::UserNetwork {}),
+            vec![],
+            false,
+        );
+        assert_eq!(
+            readiness(&user, true),
+            (
+                true,
+                Reason::UserNetworking,
+                "default: NAT through QEMU user networking".into()
+            )
+        );
     }
 
     #[test]

@@ -26,8 +26,11 @@ async fn a_vm_runs_on_its_node_and_reports_what_the_agent_reports() {
     let c = Cluster::start(&["node-1", "node-2"]).await;
     c.create::<VMTemplate>(template()).await;
     let nets = json!([{"name": "default", "type": "pod-network"}]);
-    c.create::<VirtualMachine>(vm("a", json!({"cpus": 2, "memory": "512Mi", "networks": nets})))
-        .await;
+    c.create::<VirtualMachine>(vm(
+        "a",
+        json!({"cpus": 2, "memory": "512Mi", "networks": nets}),
+    ))
+    .await;
     let a = c.running("a").await;
     let status = a.status.clone().unwrap();
     assert_eq!(
@@ -50,7 +53,10 @@ async fn a_vm_runs_on_its_node_and_reports_what_the_agent_reports() {
     let on_node = node.vm(&on_agent("a")).await.unwrap().spec.unwrap();
     // These agents have no node network: pod-network runs as QEMU user networking there.
     assert!(
-        matches!(on_node.networks[0].backend, Some(pb::network::Backend::User(_))),
+        matches!(
+            on_node.networks[0].backend,
+            Some(pb::network::Backend::User(_))
+        ),
         "{:?}",
         on_node.networks
     );
