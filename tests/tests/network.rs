@@ -311,3 +311,56 @@ async fn bridge_nics_and_port_forward_are_refused_with_the_reason() {
         "{stderr}"
     );
 }
+
+/// Through the controller: the seed VirtualMachine (unchanged, `type: pod-network`) on a node
+/// with a node network gets a bridge NIC, and its status shows the address the guest got, with
+/// NetworkReady true once the guest reports it (and not before it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_vms_pod_network_is_the_node_network_with_its_address_in_the_status() {
+    use hypersdk_controller::crd::vm::VmPhase;
+    use hypersdk_controller::crd::{Reason, VMTemplate, VirtualMachine};
+    use hypersdk_tests::controller::{
+        BOOT, Controller, agent_vm, cond, example, guest_template, images, phase, settings,
+        start_node, wait_for,
+    };
+
+    let net = NodeNetwork::new();
+    let mut flags = net.agent_flags();
+    flags.extend(["--allocatable-memory".to_string(), "32Gi".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let images = images();
+    let node = start_node("node-net", images.path(), &flags).await;
+    let ctl = Controller::start(&[&node], settings());
+    ctl.create::<VMTemplate>(guest_template(images.path()))
+        .await
+        .unwrap();
+    ctl.create::<VirtualMachine>(example("vm-my-vm.yaml"))
+        .await
+        .unwrap();
+    let vm = wait_for(&ctl.vms(), "my-vm", BOOT + ADDRESS, "NetworkReady", |v| {
+        cond(v, "NetworkReady").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_eq!(phase(&vm), Some(VmPhase::Running));
+    let ready = cond(&vm, "NetworkReady").unwrap().clone();
+    assert_eq!(ready.reason, Reason::AddressAssigned.as_str(), "{ready:?}");
+    let on_agent = agent_vm(&node, "my-vm").await.unwrap();
+    let nets = on_agent.spec.unwrap().networks;
+    assert!(
+        matches!(nets[0].backend, Some(pb::network::Backend::Bridge(_))),
+        "{nets:?}"
+    );
+    let status = vm.status.clone().unwrap();
+    let nic = status
+        .interfaces
+        .iter()
+        .find(|i| i.name.as_deref() == Some(nets[0].name.as_str()))
+        .unwrap_or_else(|| panic!("{:?}", status.interfaces));
+    let ip = nic.ip_address.clone().unwrap();
+    let prefix = net.subnet.rsplit_once('.').unwrap().0;
+    assert!(ip.starts_with(prefix), "{ip} in {}", net.subnet);
+    assert!(ready.message.contains(&ip), "{ready:?}");
+    // The host reaches the guest at the address the status shows.
+    let reply = http_get((ip.parse::<Ipv4Addr>().unwrap(), 80).into()).await;
+    assert!(reply.contains("HYPERSDK-HTTP"), "{reply}");
+}
