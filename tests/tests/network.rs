@@ -317,11 +317,10 @@ async fn bridge_nics_and_port_forward_are_refused_with_the_reason() {
 /// NetworkReady true once the guest reports it (and not before it runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_vms_pod_network_is_the_node_network_with_its_address_in_the_status() {
+    use hypersdk_controller::crd::Reason;
     use hypersdk_controller::crd::vm::VmPhase;
-    use hypersdk_controller::crd::{Reason, VMTemplate, VirtualMachine};
     use hypersdk_tests::controller::{
-        BOOT, Controller, agent_vm, cond, example, guest_template, images, phase, settings,
-        start_node, wait_for,
+        BOOT, Controller, agent_vm, cond, images, phase, settings, start_node, wait_for,
     };
 
     let net = NodeNetwork::new();
@@ -331,12 +330,7 @@ async fn the_seed_vms_pod_network_is_the_node_network_with_its_address_in_the_st
     let images = images();
     let node = start_node("node-net", images.path(), &flags).await;
     let ctl = Controller::start(&[&node], settings());
-    ctl.create::<VMTemplate>(guest_template(images.path()))
-        .await
-        .unwrap();
-    ctl.create::<VirtualMachine>(example("vm-my-vm.yaml"))
-        .await
-        .unwrap();
+    ctl.create_seed_vm(images.path()).await;
     let vm = wait_for(&ctl.vms(), "my-vm", BOOT + ADDRESS, "NetworkReady", |v| {
         cond(v, "NetworkReady").is_some_and(|c| c.status == "True")
     })
