@@ -141,6 +141,22 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
         ("default", "eth0")
     );
     assert!(nic.mac.starts_with("52:54:00:"), "{nic:?}");
+    // hyperctl shows them too.
+    let shown = Command::new(bin("hyperctl"))
+        .arg("--agent")
+        .arg(agent.address.to_string())
+        .args(["-o", "json", "vm", "get", "a"])
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let nics = &shown["status"]["interfaces"];
+    assert_eq!(nics[0]["name"], "eth0", "{shown}");
+    assert!(
+        nics[0]["ipAddresses"]
+            .to_string()
+            .contains(&ip_a.to_string()),
+        "{shown}"
+    );
 
     // The host reaches both guests: their web servers answer, each with its own name.
     for (name, ip) in [("a", ip_a), ("b", ip_b)] {
