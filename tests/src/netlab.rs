@@ -113,6 +113,36 @@ impl NodeNetwork {
         net
     }
 
+    /// An agent on this network (plus `extra` flags).
+    pub async fn agent(&self, name: &str, extra: &[&str]) -> crate::Agent {
+        let flags = self.agent_flags();
+        let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        flags.extend_from_slice(extra);
+        crate::Agent::start_with(name, &flags).await
+    }
+
+    /// The IPv4 address on this network of VM `name`'s NIC on network `default`, as its guest
+    /// agent reports it in the VM's status; waits up to `limit` for it.
+    pub async fn guest_address(
+        &self,
+        client: &mut crate::Client,
+        name: &str,
+        limit: std::time::Duration,
+    ) -> Ipv4Addr {
+        let prefix = self.subnet.rsplit_once('.').unwrap().0.to_string() + ".";
+        crate::eventually(limit, &format!("{name}'s address from DHCP"), async || {
+            let vm = crate::get(client, name).await;
+            let nics = vm.status.unwrap_or_default().interfaces;
+            nics.iter()
+                .filter(|n| n.network == "default")
+                .flat_map(|n| &n.ip_addresses)
+                .find(|ip| ip.starts_with(&prefix))
+                .and_then(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
+                .ok_or_else(|| format!("interfaces: {nics:?}"))
+        })
+        .await
+    }
+
     /// The agent flags for this network.
     pub fn agent_flags(&self) -> Vec<String> {
         let mut flags = vec![

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::netlab::NodeNetwork;
-use hypersdk_tests::{Agent, create, eventually, get};
+use hypersdk_tests::{create, eventually};
 
 /// A cloud-image boot under TCG on a loaded 2-core machine (images/cloud/README.md: ~3 min).
 const BOOT: Duration = Duration::from_secs(600);
@@ -15,9 +15,7 @@ const BOOT: Duration = Duration::from_secs(600);
 #[tokio::test(flavor = "multi_thread")]
 async fn cloud_image_gets_its_address_by_dhcp_and_answers_ssh() {
     let net = NodeNetwork::new();
-    let flags = net.agent_flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = Agent::start_with("node-cloud-net", &flags).await;
+    let agent = net.agent("node-cloud-net", &[]).await;
     let mut client = agent.client().await;
 
     let key = agent.dir.path().join("id_ed25519");
@@ -44,18 +42,7 @@ async fn cloud_image_gets_its_address_by_dhcp_and_answers_ssh() {
     let t0 = Instant::now();
     create(&mut client, spec, true).await;
 
-    let prefix = net.subnet.rsplit_once('.').unwrap().0.to_string() + ".";
-    let ip = eventually(BOOT, "the guest's address from DHCP", async || {
-        let vm = get(&mut client, "cloudy").await;
-        let nics = vm.status.unwrap_or_default().interfaces;
-        nics.iter()
-            .filter(|n| n.network == "default")
-            .flat_map(|n| &n.ip_addresses)
-            .find(|a| a.starts_with(&prefix))
-            .map(|a| a.split('/').next().unwrap().to_string())
-            .ok_or_else(|| format!("{nics:?}"))
-    })
-    .await;
+    let ip = net.guest_address(&mut client, "cloudy", BOOT).await;
     println!(
         "cloud image: {ip} from DHCP {:?} after create",
         t0.elapsed()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hypersdk_proto::agent::v1 as pb;
 use hypersdk_tests::netlab::NodeNetwork;
-use hypersdk_tests::{Agent, Client, bin, create, eventually, get, serial, wait_boots};
+use hypersdk_tests::{Agent, Client, bin, create, get, serial, wait_boots};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::StreamExt;
 
@@ -26,26 +26,6 @@ fn on_bridge(mut spec: pb::VmSpec) -> pb::VmSpec {
         backend: Some(pb::network::Backend::Bridge(pb::BridgeNetwork {})),
     }];
     spec
-}
-
-/// The guest's IPv4 address on `net` as its guest agent reports it in the VM's status.
-async fn guest_address(client: &mut Client, name: &str, net: &NodeNetwork) -> Ipv4Addr {
-    let subnet_prefix = net.subnet.rsplit_once('.').unwrap().0.to_string() + ".";
-    eventually(
-        ADDRESS,
-        &format!("{name}'s address from DHCP"),
-        async || {
-            let vm = get(client, name).await;
-            let nics = vm.status.unwrap_or_default().interfaces;
-            nics.iter()
-                .filter(|n| n.network == "default")
-                .flat_map(|n| &n.ip_addresses)
-                .find(|ip| ip.starts_with(&subnet_prefix))
-                .and_then(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
-                .ok_or_else(|| format!("interfaces: {nics:?}"))
-        },
-    )
-    .await
 }
 
 /// Types `command` into the VM's serial console shell and returns the output up to `expect`.
@@ -100,9 +80,7 @@ async fn http_get(to: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outside() {
     let net = NodeNetwork::with_outside();
-    let flags = net.agent_flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = Agent::start_with("net-1", &flags).await;
+    let agent = net.agent("net-1", &[]).await;
     let mut client = agent.client().await;
 
     let node = client
@@ -122,8 +100,8 @@ async fn guests_on_the_node_bridge_get_addresses_reach_each_other_and_the_outsid
     let b = create(&mut client, on_bridge(agent.small_spec("b")), true).await;
     wait_boots(&a, 1, BOOT).await;
     wait_boots(&b, 1, BOOT).await;
-    let ip_a = guest_address(&mut client, "a", &net).await;
-    let ip_b = guest_address(&mut client, "b", &net).await;
+    let ip_a = net.guest_address(&mut client, "a", ADDRESS).await;
+    let ip_b = net.guest_address(&mut client, "b", ADDRESS).await;
     println!("DHCP: a={ip_a} b={ip_b} ({:?} after create)", t0.elapsed());
     assert_ne!(ip_a, ip_b);
     for (vm, ip) in [(&a, ip_a), (&b, ip_b)] {
@@ -340,10 +318,10 @@ async fn the_seed_vms_pod_network_is_the_node_network_with_its_address_in_the_st
     };
 
     let net = NodeNetwork::new();
-    let mut flags = net.agent_flags();
-    flags.extend(["--allocatable-memory".to_string(), "32Gi".to_string()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let images = images();
+    let flags = net.agent_flags();
+    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flags.extend(["--allocatable-memory", "32Gi"]); // the seed VM has 8Gi
     let node = start_node("node-net", images.path(), &flags).await;
     let ctl = Controller::start(&[&node], settings());
     ctl.create_seed_vm(images.path()).await;
