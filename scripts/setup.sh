@@ -26,6 +26,8 @@ command -v containerd >/dev/null || need_pkgs+=(containerd)
 command -v runc >/dev/null || need_pkgs+=(runc)
 [ -x /usr/lib/cni/bridge ] || need_pkgs+=(containernetworking-plugins)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
+# The agent's node network (--bridge): bridges and taps with iproute2, NAT with iptables.
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v conntrack >/dev/null || need_pkgs+=(conntrack)
 command -v jq >/dev/null || need_pkgs+=(jq)
 # The image import benchmark compares the agent with curl.

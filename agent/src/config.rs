@@ -112,6 +112,30 @@ pub struct Config {
     #[arg(long, env = "HYPERSDK_ALLOCATABLE_MEMORY", value_parser = crate::quantity::parse_bytes)]
     pub allocatable_memory: Option<u64>,
 
+    /// The node network's Linux bridge, which `bridge` (pod-network) NICs are attached to; made
+    /// if missing. Without it the agent has no node network and refuses such NICs. One agent
+    /// per bridge: its DHCP server answers there.
+    #[arg(long, env = "HYPERSDK_BRIDGE")]
+    pub bridge: Option<String>,
+
+    /// The guests' IPv4 subnet on --bridge (CIDR, /16 to /29); the bridge gets its first
+    /// address, guests the others by DHCP.
+    #[arg(long, env = "HYPERSDK_BRIDGE_SUBNET", default_value = "10.254.0.0/24")]
+    pub bridge_subnet: String,
+
+    /// Masquerade guests' traffic to other networks behind the node's address (iptables rules
+    /// tagged `hypersdk:BRIDGE`; forwarding is turned on for the bridge and the uplinks only).
+    #[arg(long, env = "HYPERSDK_BRIDGE_NAT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bridge_nat: bool,
+
+    /// Interfaces NATed traffic leaves by (repeatable); default: those of the default routes.
+    #[arg(
+        long = "bridge-uplink",
+        env = "HYPERSDK_BRIDGE_UPLINK",
+        value_delimiter = ','
+    )]
+    pub bridge_uplinks: Vec<String>,
+
     /// Simulate VMs (no QEMU; bookkeeping only), for scale tests of the controller.
     #[arg(long, env = "HYPERSDK_SIMULATE")]
     pub simulate: bool,
@@ -140,6 +164,31 @@ pub struct Config {
 }
 
 impl Config {
+    /// The node network from --bridge*, checked; None without --bridge.
+    pub fn network(&self) -> Result<Option<crate::network::Config>, crate::network::NetworkError> {
+        use crate::network::{NetworkError, check_ifname};
+        let Some(bridge) = &self.bridge else {
+            return Ok(None);
+        };
+        check_ifname("--bridge", bridge)?;
+        for up in &self.bridge_uplinks {
+            check_ifname("--bridge-uplink", up)?;
+        }
+        let subnet = self
+            .bridge_subnet
+            .parse()
+            .map_err(|e: crate::network::SubnetError| NetworkError::Flag {
+                flag: "--bridge-subnet".into(),
+                why: e.to_string(),
+            })?;
+        Ok(Some(crate::network::Config {
+            bridge: bridge.clone(),
+            subnet,
+            nat: self.bridge_nat,
+            uplinks: self.bridge_uplinks.clone(),
+        }))
+    }
+
     /// The simulated node, with --simulate.
     pub fn simulated_node(&self) -> Option<crate::api::simulate::SimNode> {
         self.simulate.then(|| crate::api::simulate::SimNode {

@@ -52,6 +52,10 @@ pub struct Context {
     pub fence: std::sync::Arc<crate::fence::hold::Hold>,
     /// Where OVMF is looked for when a VM asks for UEFI (`--ovmf-dir`).
     pub ovmf_dir: PathBuf,
+    /// The node network `bridge` NICs attach to (`--bridge`), if this agent has one.
+    pub network: Option<Arc<crate::network::serve::NodeNet>>,
+    /// Which VMs' serial consoles have a client.
+    pub consoles: crate::console::Attachments,
 }
 
 /// Milliseconds since the Unix epoch.

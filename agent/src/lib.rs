@@ -14,12 +14,14 @@
 //! - [`disks`]: the disks the agent makes (overlays, blank disks); [`cloudinit`]: NoCloud.
 //! - [`firmware`], [`hotplug`], [`migration`], [`snapshot`], [`clone`]: one feature each.
 //! - [`fence`]: the controller's lease, and stopping highly available VMs when it runs out.
+//! - [`network`]: the node bridge, NAT, taps and DHCP; [`console`]: the serial console.
 
 pub mod api;
 pub mod backup;
 pub mod clone;
 pub mod cloudinit;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod disks;
 pub mod error;
@@ -29,6 +31,7 @@ pub mod host;
 pub mod hotplug;
 pub mod image;
 pub mod migration;
+pub mod network;
 pub mod qemu;
 pub use hypersdk_proto::quantity;
 pub mod snapshot;

@@ -2,6 +2,8 @@
 
 mod backup;
 mod certs;
+mod console;
+mod forward;
 mod manifest;
 mod migrate;
 mod output;
@@ -133,6 +135,18 @@ enum VmCommand {
     Watch {
         name: Option<String>,
     },
+    /// Attach this terminal to the VM's serial console (Ctrl-] detaches). One client at a
+    /// time; the serial log keeps being written.
+    Console {
+        name: String,
+    },
+    /// Forward a loopback port of this machine to a port of the guest on the node network
+    /// (LOCAL 0: any free port, printed).
+    PortForward {
+        name: String,
+        /// LOCAL:GUEST, e.g. 2222:22.
+        ports: forward::Ports,
+    },
 }
 
 #[derive(Args)]
@@ -161,9 +175,13 @@ struct CreateArgs {
     /// Disk image path; repeatable. Named disk0, disk1, ... in order.
     #[arg(long = "disk")]
     disks: Vec<String>,
-    /// Without a user-mode NIC.
-    #[arg(long)]
+    /// Without a NIC.
+    #[arg(long, conflicts_with = "networks")]
     no_network: bool,
+    /// A NIC: `user` (QEMU's NAT) or `bridge` (the node network: needs an agent with
+    /// --bridge); repeatable. Default: one `user` NIC.
+    #[arg(long = "network", value_enum)]
+    networks: Vec<NetworkKind>,
     /// Start the VM once created.
     #[arg(long)]
     start: bool,
@@ -177,6 +195,12 @@ struct CreateArgs {
     /// The firmware: SeaBIOS (bios) or OVMF (uefi, with the VM's own NVRAM).
     #[arg(long, value_enum, default_value = "bios")]
     firmware: manifest::Firmware,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NetworkKind {
+    User,
+    Bridge,
 }
 
 #[derive(Args)]
@@ -212,14 +236,7 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
                 ..Default::default()
             })
             .collect(),
-        networks: if a.no_network {
-            vec![]
-        } else {
-            vec![pb::Network {
-                name: "default".into(),
-                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
-            }]
-        },
+        networks: networks(a.no_network, &a.networks),
         labels: Default::default(),
         restart_policy: a.restart_policy.to_proto() as i32,
         memory_hotplug: a.memory_hotplug.to_proto() as i32,
@@ -228,6 +245,30 @@ fn spec_from_flags(a: CreateArgs) -> pb::VmSpec {
         cloud_init: None,
         firmware: a.firmware.to_proto() as i32,
     }
+}
+
+/// The NICs of `vm create`: `default`, `net1`, `net2`, ...
+fn networks(none: bool, kinds: &[NetworkKind]) -> Vec<pb::Network> {
+    let kinds = match (none, kinds) {
+        (true, _) => &[][..],
+        (false, []) => &[NetworkKind::User][..],
+        (false, k) => k,
+    };
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| pb::Network {
+            name: if i == 0 {
+                "default".into()
+            } else {
+                format!("net{i}")
+            },
+            backend: Some(match k {
+                NetworkKind::User => pb::network::Backend::User(pb::UserNetwork {}),
+                NetworkKind::Bridge => pb::network::Backend::Bridge(pb::BridgeNetwork {}),
+            }),
+        })
+        .collect()
 }
 
 fn read_manifest(path: &PathBuf) -> anyhow::Result<(pb::VmSpec, bool)> {
@@ -294,6 +335,10 @@ async fn vm(client: &mut Client, out: Format, command: VmCommand) -> anyhow::Res
         }
         VmCommand::Snapshot { command } => return snapshot::run(client, out, command).await,
         VmCommand::Watch { name } => return watch(client, out, name).await,
+        VmCommand::Console { name } => return console::run(client, name).await,
+        VmCommand::PortForward { name, ports } => {
+            return forward::run(client, name, ports).await;
+        }
         VmCommand::Get { name } => client.get_vm(pb::GetVmRequest { name }).await?,
         VmCommand::Create(args) => client.create_vm(create_request(args)?).await?,
         VmCommand::Start { name } => client.start_vm(pb::StartVmRequest { name }).await?,

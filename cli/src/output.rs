@@ -129,6 +129,14 @@ pub fn vm(format: Format, vm: &VmView) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", "),
         ),
+        (
+            "Guest interfaces",
+            s.interfaces
+                .iter()
+                .map(|i| format!("{} {} {}", i.name, i.mac, i.ip_addresses.join(" ")))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("Serial log", s.serial_log.clone()),
         (
             "Startup (QMP/running/agent ms)",

@@ -62,6 +62,18 @@ pub struct StatusView {
     /// The migration under way, or the last one that ended on this node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationView>,
+    /// The guest's network interfaces, as its guest agent reports them.
+    pub interfaces: Vec<InterfaceView>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceView {
+    /// The spec's network whose NIC it is ("" for the guest's own).
+    pub network: String,
+    pub name: String,
+    pub mac: String,
+    pub ip_addresses: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,6 +150,16 @@ impl From<&pb::Vm> for VmView {
                 guest_memory_bytes: st.guest_memory_bytes,
                 restart_count: st.restart_count,
                 qemu_status: st.qemu_status,
+                interfaces: st
+                    .interfaces
+                    .into_iter()
+                    .map(|i| InterfaceView {
+                        network: i.network,
+                        name: i.interface_name,
+                        mac: i.mac,
+                        ip_addresses: i.ip_addresses,
+                    })
+                    .collect(),
                 accelerator: st.accelerator,
                 started_at_ms: st.started_at_ms,
                 serial_log: st.serial_log,

@@ -3,12 +3,13 @@
 #   OUTDIR/vmlinuz     Debian's cloud kernel (linux-image-cloud-amd64, resolved to the real package)
 #   OUTDIR/initrd.img  newc cpio: busybox-static, qemu-ga and its shared libraries, a few kernel
 #                      modules, /init (images/guest/init), /sbin/shutdown (images/guest/shutdown) and
-#                      /sbin/hypersdk-uevent (images/guest/uevent)
+#                      /sbin/hypersdk-uevent (images/guest/uevent), /sbin/hypersdk-dhcp
+#                      (images/guest/dhcp)
 #   OUTDIR/disk.qcow2  a 64 MiB ext4 data disk (made without root: mkfs.ext4 -d + qemu-img convert)
 # Usage: images/guest/build.sh [OUTDIR]     (default: <repo>/target/guest)
 # Packages are fetched with `apt-get download` into OUTDIR/cache/debs and unpacked with `dpkg -x`;
 # nothing is installed on the host and no host binary ends up in the guest.
-# The build is cached: a second run with the same build.sh/init/shutdown/uevent is a no-op.
+# The build is cached: a second run with the same build.sh/init/shutdown/uevent/dhcp is a no-op.
 # Needs: apt-get, apt-cache, dpkg, cpio, gzip, zstd (only for .ko.zst modules), mkfs.ext4, qemu-img.
 set -euo pipefail
 export LC_ALL=C
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 CACHE=$OUT/cache
 STAMP=$OUT/.stamp
-INPUTS=(build.sh init shutdown uevent)
+INPUTS=(build.sh init shutdown uevent dhcp)
 ARCH_TRIPLET=x86_64-linux-gnu
 
 # Initramfs compression: "none" boots fastest under TCG (the kernel only copies the files; see
@@ -267,6 +268,7 @@ cp "$KDIR/modules.builtin" "$ST/lib/modules/$KVER/modules.builtin"
 install -m 0755 "$HERE/init" "$ST/init"
 install -m 0755 "$HERE/shutdown" "$ST/sbin/shutdown"
 install -m 0755 "$HERE/uevent" "$ST/sbin/hypersdk-uevent"
+install -m 0755 "$HERE/dhcp" "$ST/sbin/hypersdk-dhcp"
 mkdir -p "$ST/etc/acpi/PWRF"
 printf '#!/bin/sh\necho HYPERSDK-POWER-BUTTON >/dev/console\nexec /sbin/shutdown -P +0 "power button"\n' \
   >"$ST/etc/acpi/PWRF/00000080"

@@ -161,6 +161,17 @@ impl Controller {
         }
     }
 
+    /// The example template (pointed at the test guest in `images`) and the seed VM
+    /// `my-vm` of it, its manifest unchanged (4 vCPUs, 8Gi, template ubuntu-22-04-template).
+    pub async fn create_seed_vm(&self, images: &Path) {
+        self.create::<VMTemplate>(guest_template(images))
+            .await
+            .unwrap();
+        self.create::<VirtualMachine>(example("vm-my-vm.yaml"))
+            .await
+            .unwrap();
+    }
+
     /// The example template (pointed at the test guest in `images`) and a small highly
     /// available VM "ha" of it.
     pub async fn create_ha_vm(&self, images: &Path) {

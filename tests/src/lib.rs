@@ -17,6 +17,7 @@ pub mod controller;
 pub mod hosts;
 mod http;
 pub mod link;
+pub mod netlab;
 pub mod pki;
 mod raw;
 pub mod s3;

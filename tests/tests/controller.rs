@@ -76,13 +76,7 @@ async fn seed_vm_runs_restarts_stops_and_is_deleted_bad_manifests_change_nothing
         start_node("node-2", images.path(), &room).await,
     ];
     let ctl = Controller::start(&[&nodes[0], &nodes[1]], settings());
-    ctl.create::<VMTemplate>(guest_template(images.path()))
-        .await
-        .unwrap();
-    // The seed manifest, unchanged (4 vCPUs, 8Gi, template ubuntu-22-04-template).
-    ctl.create::<VirtualMachine>(example("vm-my-vm.yaml"))
-        .await
-        .unwrap();
+    ctl.create_seed_vm(images.path()).await;
     let vm = wait_for(&ctl.vms(), "my-vm", BOOT, "Running", |v| {
         phase(v) == Some(VmPhase::Running)
     })

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use hypersdk_controller::context::Context;
+use hypersdk_controller::crd::VirtualMachine;
 use hypersdk_controller::crd::operation::OperationPhase;
 use hypersdk_controller::crd::vm::VmPhase;
-use hypersdk_controller::crd::{VMTemplate, VirtualMachine};
 use hypersdk_controller::dashboard::Access;
 use hypersdk_controller::dashboard::serve::Dashboard;
 use hypersdk_controller::http::{Readiness, serve};
@@ -19,8 +19,7 @@ use hypersdk_controller::nodes::Agents;
 use hypersdk_controller::standalone::FakeApi;
 use hypersdk_tests::browser::{Browser, PAGE};
 use hypersdk_tests::controller::{
-    Controller, example, guest_template, http_get, http_request, images, settings, start_node,
-    wait_for,
+    Controller, http_get, http_request, images, settings, start_node, wait_for,
 };
 use hypersdk_tests::free_port;
 use kube::Api;
@@ -133,12 +132,7 @@ async fn dashboard_follows_the_seed_vm_and_stops_it_with_a_confirmed_click() {
     // The seed VM has 8Gi (TCG allocates it lazily).
     let node = start_node("node-1", images.path(), &["--allocatable-memory", "32Gi"]).await;
     let ctl = Controller::start(&[&node], settings());
-    ctl.create::<VMTemplate>(guest_template(images.path()))
-        .await
-        .unwrap();
-    ctl.create::<VirtualMachine>(example("vm-my-vm.yaml"))
-        .await
-        .unwrap();
+    ctl.create_seed_vm(images.path()).await;
     let api = api_phases(ctl.vms());
     let actions = Access {
         actions: true,

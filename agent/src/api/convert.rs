@@ -225,6 +225,7 @@ fn networks(networks: Vec<pb::Network>) -> Result<Vec<Network>, FieldError> {
             check_name(&format!("spec.networks[{i}].name"), &n.name)?;
             let backend = match n.backend {
                 Some(pb::network::Backend::User(_)) | None => NetworkBackend::User,
+                Some(pb::network::Backend::Bridge(_)) => NetworkBackend::Bridge,
             };
             Ok(Network {
                 name: n.name,
@@ -303,6 +304,9 @@ impl From<&VmSpec> for pb::VmSpec {
                     name: n.name.clone(),
                     backend: Some(match n.backend {
                         NetworkBackend::User => pb::network::Backend::User(pb::UserNetwork {}),
+                        NetworkBackend::Bridge => {
+                            pb::network::Backend::Bridge(pb::BridgeNetwork {})
+                        }
                     }),
                 })
                 .collect(),

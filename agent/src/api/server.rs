@@ -73,6 +73,8 @@ pub enum StartupError {
     NoTlsFiles(Address),
     #[error(transparent)]
     Tls(#[from] ServerTlsError),
+    #[error("node network: {0}")]
+    Network(#[from] crate::network::NetworkError),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -217,8 +219,29 @@ fn context(config: &Config, data_dir: &Path) -> Result<(Arc<Context>, NodeFacts)
         virtio_mem: qemu.virtio_mem,
         fence: Arc::new(Hold::load(data_dir)),
         ovmf_dir: config.ovmf_dir.clone(),
+        network: network(config, data_dir)?,
+        consoles: Default::default(),
     };
     Ok((Arc::new(ctx), facts))
+}
+
+/// The node network (--bridge): the bridge set up and its DHCP server running.
+fn network(
+    config: &Config,
+    data_dir: &Path,
+) -> Result<Option<Arc<crate::network::serve::NodeNet>>, StartupError> {
+    let Some(net) = config.network()? else {
+        info!("no node network (--bridge): VMs' bridge networks are refused");
+        return Ok(None);
+    };
+    let net = crate::network::serve::NodeNet::open(net, &data_dir.join("network"))?;
+    let dhcp = net.clone();
+    tokio::spawn(async move {
+        if let Err(e) = dhcp.serve_dhcp().await {
+            tracing::error!("DHCP server for the node network: {e}");
+        }
+    });
+    Ok(Some(net))
 }
 
 /// The node's QEMU: where it is, its version, and whether it has virtio-mem.

@@ -11,6 +11,7 @@ use hypersdk_tls::server::ServerTls;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::pipe::ByteStream;
 use super::{EventStream, watch_stream};
 use crate::host::node::NodeFacts;
 use crate::migration::encrypt;
@@ -64,6 +65,7 @@ impl AgentService for Service {
         let allocated = self.vms.allocated().await;
         let lease = self.vms.context().fence.view();
         let mut node = self.node.to_proto(&meminfo, allocated, lease);
+        node.network = self.vms.context().network.as_ref().map(|n| n.to_proto());
         if let Some(facts) = self.tls.as_ref().map(|t| t.facts()) {
             node.tls_not_after = facts
                 .not_after
@@ -412,6 +414,26 @@ impl AgentService for Service {
             .call_for(&r.name, |freed| Op::DeleteSnapshot { snapshot, freed })
             .await?;
         Ok(Response::new(pb::DeleteSnapshotResponse { freed_bytes }))
+    }
+
+    type ConsoleStream = ByteStream<pb::ConsoleOutput>;
+
+    async fn console(
+        &self,
+        req: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        Ok(Response::new(super::attach::console(&self.vms, req).await?))
+    }
+
+    type PortForwardStream = ByteStream<pb::PortForwardOutput>;
+
+    async fn port_forward(
+        &self,
+        req: Request<tonic::Streaming<pb::PortForwardInput>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        Ok(Response::new(
+            super::attach::port_forward(&self.vms, req).await?,
+        ))
     }
 }
 

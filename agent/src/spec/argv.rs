@@ -19,6 +19,8 @@ pub struct VmFiles {
     pub qmp_socket: PathBuf,
     pub qga_socket: PathBuf,
     pub serial_log: PathBuf,
+    /// The serial console's socket (QEMU listens; `Console` connects), beside the log.
+    pub console_socket: PathBuf,
     /// The cloud-init NoCloud volume, written before each launch of a VM that has one.
     pub cidata: PathBuf,
     /// The UEFI variable store (NVRAM) of a VM booted with OVMF.
@@ -33,10 +35,18 @@ impl VmFiles {
             qmp_socket: dir.join("qmp.sock"),
             qga_socket: dir.join("qga.sock"),
             serial_log: dir.join("serial.log"),
+            console_socket: dir.join("console.sock"),
             cidata: dir.join("cidata.img"),
             uefi_vars: dir.join(crate::firmware::NVRAM_FILE),
             migration_tls: dir.join("migration-tls"),
         }
+    }
+
+    /// The tap of NIC `nic` of a `bridge` network (named after the VM's directory, so that it is
+    /// unique on the host, see [`crate::network::tap_name`]).
+    pub fn tap(&self, nic: usize) -> String {
+        let dir = self.qmp_socket.parent().unwrap_or(Path::new("/"));
+        crate::network::tap_name(dir, nic)
     }
 }
 
@@ -81,7 +91,7 @@ pub fn build(spec: &VmSpec, files: &VmFiles, accel: Accel, loader: &Loader) -> V
     if spec.cloud_init.is_some() {
         a.cidata(files);
     }
-    a.networks(spec);
+    a.networks(spec, files);
     a.0
 }
 
@@ -140,11 +150,16 @@ impl Argv {
         }
     }
 
-    /// The serial log, QMP and the guest agent's channel.
+    /// The serial console (a socket for `Console`, which also appends all output to the log,
+    /// whether a client is attached or not), QMP and the guest agent's channel.
     fn channels(&mut self, files: &VmFiles) {
         self.push(&[
             "-chardev",
-            &format!("file,id=serial0,path={},append=on", path(&files.serial_log)),
+            &format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+                path(&files.console_socket),
+                path(&files.serial_log)
+            ),
             "-serial",
             "chardev:serial0",
         ]);
@@ -236,10 +251,19 @@ impl Argv {
         self.push(&["-device", "virtio-blk-pci,id=vcidata,drive=cidata"]);
     }
 
-    fn networks(&mut self, spec: &VmSpec) {
+    fn networks(&mut self, spec: &VmSpec, files: &VmFiles) {
         for (i, net) in spec.networks.iter().enumerate() {
             match net.backend {
                 NetworkBackend::User => self.push(&["-netdev", &format!("user,id=net{i}")]),
+                // The agent made the tap and put it on the bridge; QEMU only opens it (and may
+                // not run scripts: -sandbox spawn=deny).
+                NetworkBackend::Bridge => self.push(&[
+                    "-netdev",
+                    &format!(
+                        "tap,id=net{i},ifname={},script=no,downscript=no",
+                        files.tap(i)
+                    ),
+                ]),
             }
             self.push(&[
                 "-device",
@@ -358,6 +382,44 @@ mod tests {
         assert!(
             value_of(&argv, "-chardev")
                 .contains(&"socket,id=qga0,path=/d/qga.sock,server=on,wait=off")
+        );
+    }
+
+    #[test]
+    fn the_serial_port_is_a_console_socket_that_keeps_the_log() {
+        let argv = build(&spec(), &VmFiles::in_dir(Path::new("/d")), Accel::Tcg);
+        assert!(value_of(&argv, "-chardev").contains(
+            &"socket,id=serial0,path=/d/console.sock,server=on,wait=off,logfile=/d/serial.log,logappend=on"
+        ));
+        assert_eq!(value_of(&argv, "-serial"), ["chardev:serial0"]);
+    }
+
+    #[test]
+    fn a_bridge_network_opens_the_vms_own_tap() {
+        let mut s = spec();
+        s.networks.push(Network {
+            name: "node".into(),
+            backend: NetworkBackend::Bridge,
+        });
+        let files = VmFiles::in_dir(Path::new("/d/vms/web-1"));
+        let argv = build(&s, &files, Accel::Tcg);
+        let tap = files.tap(1);
+        assert_eq!(
+            value_of(&argv, "-netdev"),
+            [
+                "user,id=net0".to_string(),
+                format!("tap,id=net1,ifname={tap},script=no,downscript=no")
+            ]
+        );
+        assert_ne!(tap, files.tap(0));
+        assert!(
+            value_of(&argv, "-device").contains(
+                &format!(
+                    "virtio-net-pci,id=nic1,netdev=net1,mac={}",
+                    mac_address("web-1", 1)
+                )
+                .as_str()
+            )
         );
     }
 

@@ -200,7 +200,10 @@ pub struct Network {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkBackend {
+    /// QEMU's user-mode networking (SLIRP): NAT inside QEMU, no node setup.
     User,
+    /// A tap on the node's bridge (see `crate::network`).
+    Bridge,
 }
 
 /// Checks a DNS-1123 label: what Kubernetes accepts as a name, and safe in paths and argv.

@@ -21,11 +21,40 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the guest agent said last.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestView {
     pub connected: bool,
     pub cpus: u32,
     pub memory_bytes: u64,
+    /// The guest's network interfaces, loopback left out.
+    pub interfaces: Vec<GuestNic>,
+}
+
+/// A network interface as the guest sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestNic {
+    pub name: String,
+    /// Lowercase, as QEMU gives it (`52:54:00:..`); empty for interfaces without one.
+    pub mac: String,
+    /// With their prefix length, `10.254.0.2/24`.
+    pub ips: Vec<String>,
+}
+
+/// The interfaces from `guest-network-get-interfaces`, without loopback.
+fn nics(list: Vec<qapi::qga::GuestNetworkInterface>) -> Vec<GuestNic> {
+    list.into_iter()
+        .filter(|i| i.name != "lo")
+        .map(|i| GuestNic {
+            name: i.name,
+            mac: i.hardware_address.unwrap_or_default().to_ascii_lowercase(),
+            ips: i
+                .ip_addresses
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| crate::network::with_prefix(&a.ip_address, a.prefix))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Asks the watcher to look now: once (the guest runs again after a move or a restore), or
@@ -111,7 +140,8 @@ async fn fsfreeze(conn: &mut Option<Qga>, freeze: bool) -> Result<(), GuestError
 /// What the guest reports now. `memory_before` is the last memory figure seen: listing memory
 /// blocks fails now and then while the guest adds or removes them (a block's sysfs entry goes
 /// away under the guest agent), and that is no reason to report no memory at all.
-async fn view(qga: &mut Qga, probe: bool, memory_before: u64) -> Result<GuestView, QgaError> {
+async fn view(qga: &mut Qga, probe: bool, before: &GuestView) -> Result<GuestView, QgaError> {
+    let memory_before = before.memory_bytes;
     qga.sync(if probe { PROBE_TIMEOUT } else { TIMEOUT })
         .await?;
     qga.execute(qapi::qga::guest_ping {}, TIMEOUT).await?;
@@ -130,10 +160,20 @@ async fn view(qga: &mut Qga, probe: bool, memory_before: u64) -> Result<GuestVie
         }
         _ => memory_before,
     };
+    // A guest agent built without network support answers with an error: no interfaces known.
+    let interfaces = match qga
+        .execute(qapi::qga::guest_network_get_interfaces {}, TIMEOUT)
+        .await
+    {
+        Ok(list) => nics(list),
+        Err(e @ QgaError::Timeout(_)) => return Err(e),
+        Err(_) => before.interfaces.clone(),
+    };
     Ok(GuestView {
         connected: true,
         cpus: cpus.iter().filter(|c| c.online).count() as u32,
         memory_bytes,
+        interfaces,
     })
 }
 
@@ -152,10 +192,10 @@ pub async fn watch(
             conn = Qga::connect(&socket).await.ok();
         }
         let now = match &mut conn {
-            Some(qga) => match view(qga, !last.connected, last.memory_bytes).await {
+            Some(qga) => match view(qga, !last.connected, &last).await {
                 Ok(v) => v,
                 // It answered, with an error: a passing one (the guest is changing), not news.
-                Err(QgaError::Command { .. }) if last.connected => last,
+                Err(QgaError::Command { .. }) if last.connected => last.clone(),
                 Err(QgaError::Timeout(_) | QgaError::Command { .. }) => GuestView::default(),
                 Err(_) => {
                     conn = None;
@@ -164,14 +204,15 @@ pub async fn watch(
             },
             None => GuestView::default(),
         };
+        let connected = now.connected;
         if now != last {
-            last = now;
+            last = now.clone();
             if tx.send(now).await.is_err() {
                 return;
             }
         }
         let attentive = tokio::time::Instant::now() < attentive_until;
-        let pause = match (now.connected, attentive) {
+        let pause = match (connected, attentive) {
             (true, true) => ATTENTIVE_INTERVAL,
             (true, false) => HEALTHY_INTERVAL,
             (false, _) => RETRY,

@@ -79,8 +79,7 @@ impl Supervisor {
     }
 
     pub(crate) fn on_guest_view(&mut self, view: GuestView) {
-        let was = self.status.guest;
-        self.status.guest = view;
+        let was = std::mem::replace(&mut self.status.guest, view.clone());
         self.status.agent_connected = view.connected;
         if let (true, Some(Some(launched))) =
             (view.connected, self.running.as_ref().map(|r| r.launched))

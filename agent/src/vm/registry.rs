@@ -174,6 +174,7 @@ impl Vms {
     /// allocatable memory, and creates the VM (not started).
     async fn register(&self, spec: pb::VmSpec, reason: Reason) -> Result<VmHandle, AgentError> {
         let mut spec = VmSpec::try_from(spec)?;
+        crate::network::check_bridge_nics(&spec, self.ctx.network.is_some())?;
         spec.memory_hotplug =
             spec.memory_hotplug
                 .resolve(spec.memory, spec.max_memory, self.ctx.virtio_mem)?;

@@ -109,7 +109,7 @@ impl Supervisor {
         }
         let deadline = tokio::time::Instant::now() + GUEST_RESIZE_TIMEOUT;
         loop {
-            let g = self.status.guest;
+            let g = self.status.guest.clone();
             if g.cpus == cpus && g.memory_bytes.abs_diff(memory) < GUEST_MEMORY_BLOCK {
                 return Ok(());
             }

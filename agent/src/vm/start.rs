@@ -72,6 +72,7 @@ impl Supervisor {
                 .and_then(|v| std::fs::write(&self.files.cidata, v))
                 .map_err(|e| self.qemu_error(format!("writing the cloud-init volume: {e}")))?;
         }
+        self.plug_nics(resolved)?;
         let loader = nvram::resolve(resolved.firmware, &self.ctx.ovmf_dir)?;
         nvram::ensure(&loader, &self.files.uefi_vars).map_err(|e| {
             self.qemu_error(format!(
@@ -81,7 +82,11 @@ impl Supervisor {
         })?;
         let mut argv = argv::build(resolved, &self.files, self.ctx.accel.accel, &loader);
         argv.extend(extra.iter().map(|a| a.to_string()));
-        for sock in [&self.files.qmp_socket, &self.files.qga_socket] {
+        for sock in [
+            &self.files.qmp_socket,
+            &self.files.qga_socket,
+            &self.files.console_socket,
+        ] {
             let _ = std::fs::remove_file(sock);
         }
         let stderr_from = process::stderr_len(&self.dir);

@@ -72,6 +72,28 @@ impl Supervisor {
         }
     }
 
+    /// The guest's interfaces, each named after the spec's network whose NIC has its MAC.
+    fn interfaces(&self) -> Vec<pb::GuestInterface> {
+        let macs: Vec<String> = (0..self.spec.networks.len())
+            .map(|i| crate::spec::argv::mac_address(&self.spec.name, i))
+            .collect();
+        self.status
+            .guest
+            .interfaces
+            .iter()
+            .map(|nic| pb::GuestInterface {
+                network: macs
+                    .iter()
+                    .position(|m| *m == nic.mac)
+                    .map(|i| self.spec.networks[i].name.clone())
+                    .unwrap_or_default(),
+                interface_name: nic.name.clone(),
+                mac: nic.mac.clone(),
+                ip_addresses: nic.ips.clone(),
+            })
+            .collect()
+    }
+
     pub(crate) fn snapshot(&self) -> pb::Vm {
         let s = &self.status;
         pb::Vm {
@@ -99,6 +121,7 @@ impl Supervisor {
                 },
                 guest_cpus: s.guest.cpus,
                 guest_memory_bytes: s.guest.memory_bytes,
+                interfaces: self.interfaces(),
                 migration: s.migration.clone(),
                 import: s.import.clone(),
             }),

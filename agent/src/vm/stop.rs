@@ -186,6 +186,7 @@ impl Supervisor {
         if let Ok(cg) = &self.ctx.cgroups {
             cg.remove(&self.spec.name);
         }
+        self.unplug_nics();
         self.ctx
             .store
             .remove(&self.spec.name)

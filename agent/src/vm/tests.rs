@@ -82,6 +82,8 @@ async fn node(script: Script) -> Node {
         virtio_mem: true,
         fence: Arc::new(crate::fence::hold::Hold::load(root)),
         ovmf_dir: root.join("ovmf"),
+        network: None,
+        consoles: Default::default(),
     });
     let vm_dir = ctx.store.vm_dir("vm1");
     tokio::spawn(serve(vm_dir.join("qmp.sock"), vm_dir, script));

@@ -24,6 +24,11 @@ pub enum Reason {
     /// The node could not make a disk (image import failed, size below the image's).
     DiskFailed,
     UserNetworking,
+    /// Every NIC on the node network has an address the guest reports.
+    AddressAssigned,
+    WaitingForAddress,
+    /// The VM's QEMU does not run, so no NIC is attached.
+    NotRunning,
     GuestAgentConnected,
     GuestAgentNotConnected,
     /// RestartRequired: fields of the spec that apply at the next start.
@@ -81,6 +86,9 @@ impl Reason {
             R::Importing => "Importing",
             R::DiskFailed => "DiskFailed",
             R::UserNetworking => "UserNetworking",
+            R::AddressAssigned => "AddressAssigned",
+            R::WaitingForAddress => "WaitingForAddress",
+            R::NotRunning => "NotRunning",
             R::GuestAgentConnected => "GuestAgentConnected",
             R::GuestAgentNotConnected => "GuestAgentNotConnected",
             R::Phase(p) => p.as_str(),

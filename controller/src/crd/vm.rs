@@ -142,7 +142,9 @@ pub struct Network {
     pub type_: NetworkType,
 }
 
-/// How a NIC reaches the outside. Both are NAT through the node (QEMU user networking) today.
+/// How a NIC reaches the outside: `pod-network` is the node network (a tap on the node's
+/// bridge, DHCP and NAT from the agent; QEMU user networking on a node without one), `user`
+/// is QEMU's user-mode NAT.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetworkType {
@@ -231,6 +233,29 @@ pub struct VirtualMachineStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The guest's network interfaces, as its guest agent reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<Interface>,
+}
+
+/// A network interface of the guest (KubeVirt's shape).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Interface {
+    /// The spec's network whose NIC this is; absent for the guest's own interfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The guest's name for it, e.g. eth0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The first IPv4 address (without its prefix length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    /// Every address, without prefix lengths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -250,12 +250,30 @@ fn root_disk(t: &VMTemplateSpec, name: &str, entry: Option<&Disk>) -> Result<pb:
     })
 }
 
-/// Every network is NAT through the node (QEMU user networking) today.
+/// `pod-network` is the node network (a bridge NIC); [`on_node`] turns it into QEMU user
+/// networking on a node that has none.
 fn network(n: &Network) -> pb::Network {
+    use crate::crd::vm::NetworkType;
     pb::Network {
         name: n.name.clone(),
-        backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
+        backend: Some(match n.type_ {
+            NetworkType::PodNetwork => pb::network::Backend::Bridge(pb::BridgeNetwork {}),
+            NetworkType::User => pb::network::Backend::User(pb::UserNetwork {}),
+        }),
     }
+}
+
+/// The spec as a node runs it: on a node without a node network (its agent has no --bridge),
+/// `pod-network` NICs are QEMU user networking, and NetworkReady says so.
+pub fn on_node(mut spec: pb::VmSpec, node: Option<&pb::Node>) -> pb::VmSpec {
+    if node.and_then(|n| n.network.as_ref()).is_none() {
+        for n in &mut spec.networks {
+            if matches!(n.backend, Some(pb::network::Backend::Bridge(_))) {
+                n.backend = Some(pb::network::Backend::User(pb::UserNetwork {}));
+            }
+        }
+    }
+    spec
 }
 
 fn restart_policy(vm: &VirtualMachineSpec) -> pb::RestartPolicy {

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod clone;
 pub mod evict;
 pub mod migrate;
+pub mod network;
 pub mod operation;
 pub mod snapshot;
 pub mod template;

@@ -363,4 +363,22 @@ impl AgentService for FakeAgent {
     ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
         Err(Status::unimplemented("backups are tested with real agents"))
     }
+
+    type ConsoleStream = Stream_<pb::ConsoleOutput>;
+
+    async fn console(
+        &self,
+        _: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        Err(Status::unimplemented("the fake agent has no consoles"))
+    }
+
+    type PortForwardStream = Stream_<pb::PortForwardOutput>;
+
+    async fn port_forward(
+        &self,
+        _: Request<tonic::Streaming<pb::PortForwardInput>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        Err(Status::unimplemented("the fake agent has no guest network"))
+    }
 }

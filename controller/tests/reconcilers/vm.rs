@@ -25,8 +25,12 @@ fn node_of(v: &VirtualMachine) -> String {
 async fn a_vm_runs_on_its_node_and_reports_what_the_agent_reports() {
     let c = Cluster::start(&["node-1", "node-2"]).await;
     c.create::<VMTemplate>(template()).await;
-    c.create::<VirtualMachine>(vm("a", json!({"cpus": 2, "memory": "512Mi"})))
-        .await;
+    let nets = json!([{"name": "default", "type": "pod-network"}]);
+    c.create::<VirtualMachine>(vm(
+        "a",
+        json!({"cpus": 2, "memory": "512Mi", "networks": nets}),
+    ))
+    .await;
     let a = c.running("a").await;
     let status = a.status.clone().unwrap();
     assert_eq!(
@@ -47,6 +51,15 @@ async fn a_vm_runs_on_its_node_and_reports_what_the_agent_reports() {
     let node = c.node(&node_of(&a));
     assert_eq!(node.phase(&on_agent("a")).await, Some(pb::VmPhase::Running));
     let on_node = node.vm(&on_agent("a")).await.unwrap().spec.unwrap();
+    // These agents have no node network: pod-network runs as QEMU user networking there.
+    assert!(
+        matches!(
+            on_node.networks[0].backend,
+            Some(pb::network::Backend::User(_))
+        ),
+        "{:?}",
+        on_node.networks
+    );
     let image = on_node.disks[0]
         .image
         .as_ref()

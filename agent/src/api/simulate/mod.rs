@@ -438,6 +438,27 @@ impl AgentService for Simulator {
         Err(no_snapshots())
     }
 
+    type ConsoleStream = crate::api::pipe::ByteStream<pb::ConsoleOutput>;
+
+    async fn console(
+        &self,
+        _: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        Err(Status::unimplemented(
+            "a simulated agent (--simulate) has no consoles",
+        ))
+    }
+
+    type PortForwardStream = crate::api::pipe::ByteStream<pb::PortForwardOutput>;
+
+    async fn port_forward(
+        &self,
+        _: Request<tonic::Streaming<pb::PortForwardInput>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        Err(Status::unimplemented(
+            "a simulated agent (--simulate) has no guest network",
+        ))
+    }
     type BackupVmStream = crate::api::service::BackupStream;
 
     async fn backup_vm(

@@ -261,7 +261,7 @@ async fn create(
     }
     info!(node, "creating VM on agent");
     let req = pb::CreateVmRequest {
-        spec: Some(built.spec.clone()),
+        spec: Some(spec::on_node(built.spec.clone(), agent.node().as_ref())),
         start: vm.spec.running,
     };
     let created = match client.create_vm(req).await {
@@ -321,13 +321,6 @@ fn report_devices(pass: &mut Pass<'_>, built: &Built) {
         );
         pass.set(DISK_READY, Status::False, Reason::NotProvisioned, msg);
     }
-    let nets = built.spec.networks.len();
-    pass.set(
-        NETWORK_READY,
-        Status::True,
-        Reason::UserNetworking,
-        format!("{nets} network(s) attached with NAT through the node"),
-    );
 }
 
 /// The VM's node, placing it first if needed; None while it cannot (or need not) be placed.
@@ -578,6 +571,10 @@ fn report(pass: &mut Pass<'_>, vm: &pb::Vm) {
             "no guest agent answers",
         );
     }
+    pass.status.interfaces = super::network::interfaces(&status);
+    let (ok, reason, message) = super::network::readiness(vm, live);
+    let ok = if ok { Status::True } else { Status::False };
+    pass.set(NETWORK_READY, ok, reason, message);
     match phase {
         VmPhase::Running => pass.set(READY, Status::True, Reason::Phase(phase), "the VM runs"),
         other => pass.set(READY, Status::False, Reason::Phase(other), status.message),
