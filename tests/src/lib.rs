@@ -648,13 +648,19 @@ pub fn last_counter(serial: &str) -> Option<u64> {
     all_counters(serial).last().copied()
 }
 
-/// Every counter value the guest printed, in order.
-pub fn all_counters(serial: &str) -> Vec<u64> {
+/// The numbers after `marker` in the serial log, in order. A marker may follow the console
+/// shell's prompt on its line.
+fn numbers_after(serial: &str, marker: &str) -> Vec<u64> {
     serial
         .lines()
-        .filter_map(|l| l.trim().strip_prefix(COUNTER_MARKER.trim_end()))
+        .filter_map(|l| l.split_once(marker).map(|(_, n)| n))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
+}
+
+/// Every counter value the guest printed, in order.
+pub fn all_counters(serial: &str) -> Vec<u64> {
+    numbers_after(serial, COUNTER_MARKER)
 }
 
 /// Waits until the guest's counter passes `n`.
@@ -717,11 +723,7 @@ pub fn disk_counters_in(serial: &str) -> Vec<u64> {
 }
 
 fn disk_counters(serial: &str) -> Vec<u64> {
-    serial
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("HYPERSDK-DISK "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
+    numbers_after(serial, "HYPERSDK-DISK ")
 }
 
 /// Waits for the first boot after byte `from` of the serial log; returns the counter it found
