@@ -131,7 +131,9 @@ async fn drive(pass: &mut Pass<'_>, ns: &str, ctx: &Context) -> Result<Action> {
             Err(action) => return Ok(action),
         },
     };
-    let current = converge(pass, &node, client, current, &built, ctx).await?;
+    // The spec as this node runs it (its networks), which edits are measured against.
+    let desired = spec::on_node(built.spec.clone(), agent.node().as_ref());
+    let current = converge(pass, &node, client, current, &desired, ctx).await?;
     agent.observe(current.clone());
     report(pass, &current);
     if !pass
@@ -457,7 +459,7 @@ async fn converge(
     node: &str,
     mut client: Client,
     current: pb::Vm,
-    built: &Built,
+    desired: &pb::VmSpec,
     ctx: &Context,
 ) -> Result<pb::Vm> {
     let phase = agent_phase(&current);
@@ -469,13 +471,13 @@ async fn converge(
     let edit = current
         .spec
         .as_ref()
-        .map(|s| edit::plan(&built.spec, s))
+        .map(|s| edit::plan(desired, s))
         .unwrap_or_default();
     report_edit(pass, &edit);
     let running = pass.vm.spec.running;
     use pb::VmPhase as P;
     if running && phase == P::Stopped && !edit.restart.is_empty() {
-        return recreate(pass, node, client, built, &edit, ctx).await;
+        return recreate(pass, node, client, desired, &edit, ctx).await;
     }
     if running && phase == P::Running && edit.live() {
         return resize(pass, node, client, current, edit, ctx).await;

@@ -11,7 +11,6 @@ use crate::context::Context;
 use crate::crd::{Reason, Status};
 use crate::error::{Error, Result};
 use crate::nodes::Client;
-use crate::nodes::spec::Built;
 
 /// RestartRequired: the fields that change at the next start, or none.
 pub(in crate::reconcile::vm) fn report_edit(pass: &mut Pass<'_>, edit: &Edit) {
@@ -39,19 +38,19 @@ pub(in crate::reconcile::vm) async fn recreate(
     pass: &mut Pass<'_>,
     node: &str,
     mut client: Client,
-    built: &Built,
+    desired: &pb::VmSpec,
     edit: &Edit,
     ctx: &Context,
 ) -> Result<pb::Vm> {
     info!(node, fields = ?edit.restart, "making the VM again with its edited spec");
-    let name = built.spec.name.clone();
+    let name = desired.name.clone();
     let keep = pb::DeleteVmRequest {
         name,
         keep_disks: true,
     };
     call(node, client.delete_vm(keep).await)?;
     let create = pb::CreateVmRequest {
-        spec: Some(built.spec.clone()),
+        spec: Some(desired.clone()),
         start: true,
     };
     let vm = call(node, client.create_vm(create).await)?;
