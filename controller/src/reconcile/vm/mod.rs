@@ -590,6 +590,18 @@ fn call<T>(node: &str, r: std::result::Result<tonic::Response<T>, tonic::Status>
 
 /// Removes the VM from its agent. An unreachable agent cannot hold deletion hostage: the VM is
 /// forgotten with a warning event (the agent keeps it until someone deletes it there).
+/// How long a deletion waits for an unreachable agent before it forgets the VM there.
+const CLEANUP_GRACE: Duration = Duration::from_secs(60);
+
+/// Since when deletion was asked for (zero if the server gave no time).
+fn deleting_for(vm: &VirtualMachine) -> Duration {
+    let Some(t) = &vm.metadata.deletion_timestamp else {
+        return Duration::ZERO;
+    };
+    let since = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+    Duration::try_from(since).unwrap_or(Duration::ZERO)
+}
+
 async fn cleanup(vm: &VirtualMachine, ns: &str, ctx: &Context) -> Result<Action> {
     let key = (ns.to_string(), vm.name_any());
     if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
@@ -614,9 +626,15 @@ async fn cleanup(vm: &VirtualMachine, ns: &str, ctx: &Context) -> Result<Action>
                 agent.forget(&agent_name);
                 info!(node, "deleted from agent");
             }
+            // Just after a controller start (or a blip) the agent may not be connected yet:
+            // give it a while before the VM is forgotten there.
+            None if deleting_for(vm) < CLEANUP_GRACE => {
+                info!(node, "agent not reachable yet; deletion waits for it");
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
             None => {
                 let msg = format!(
-                    "agent on node {node} does not answer; VM {agent_name} may remain there"
+                    "agent on node {node} did not answer for {CLEANUP_GRACE:?}; VM {agent_name} may remain there"
                 );
                 warn!("{msg}");
                 ctx.event(&vm.object_ref(&()), true, Reason::CleanupSkipped, msg)
