@@ -280,15 +280,8 @@ impl Agent {
                 initrd: self.guest.initrd.to_string_lossy().into(),
                 cmdline: GUEST_CMDLINE.into(),
             }),
-            disks: vec![pb::Disk {
-                name: "root".into(),
-                path: disk.to_string_lossy().into(),
-                ..Default::default()
-            }],
-            networks: vec![pb::Network {
-                name: "default".into(),
-                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
-            }],
+            disks: vec![root_disk(&disk)],
+            networks: vec![user_nic()],
             labels: Default::default(),
             restart_policy: pb::RestartPolicy::Never as i32,
             memory_hotplug: pb::MemoryHotplug::Auto as i32,
@@ -320,15 +313,8 @@ impl Agent {
             cpus: 1,
             memory: "512Mi".into(),
             firmware: firmware as i32,
-            disks: vec![pb::Disk {
-                name: "root".into(),
-                path: disk.to_string_lossy().into(),
-                ..Default::default()
-            }],
-            networks: vec![pb::Network {
-                name: "default".into(),
-                backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
-            }],
+            disks: vec![root_disk(&disk)],
+            networks: vec![user_nic()],
             restart_policy: pb::RestartPolicy::Never as i32,
             ..Default::default()
         }
@@ -400,6 +386,23 @@ pub fn print_serial_tails(node: &str, data_dir: &Path) {
             "--- {node} serial of {:?} (tail) ---\n{tail}",
             dir.file_name()
         );
+    }
+}
+
+/// A guest's root disk at `path`.
+fn root_disk(path: &Path) -> pb::Disk {
+    pb::Disk {
+        name: "root".into(),
+        path: path.to_string_lossy().into(),
+        ..Default::default()
+    }
+}
+
+/// One NIC on QEMU's user networking.
+fn user_nic() -> pb::Network {
+    pb::Network {
+        name: "default".into(),
+        backend: Some(pb::network::Backend::User(pb::UserNetwork {})),
     }
 }
 
